@@ -1,0 +1,188 @@
+"""The noise stream, version 1: the single definition of every random number we use.
+
+Every number is a pure function of ``(seed, param_key, effective_epoch, noise_index,
+element)``:
+
+* Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011)
+  with key ``(seed & 0xffffffff, (seed >> 32) & 0xffffffff)`` and counter
+  ``(element // 4, noise_index, param_key, effective_epoch)``; lane ``element % 4``.
+* uniform from a 32-bit word ``x``: ``((x >> 8) + 0.5) * 2**-24``, rounded once to float32.
+* normals by Box–Muller on the lane pairs (0, 1) and (2, 3): ``r = sqrt(-2 ln u_a)``,
+  ``theta = 2 pi u_b``; the even lane gets ``r cos theta``, the odd lane ``r sin theta``.
+* a weight of shape ``(m, n)`` and rank ``r`` owns the factor block ``F`` of shape
+  ``(n + m, r)``, row-major (``element = row * r + k``): rows ``0..n-1`` are ``B0``, rows
+  ``n..n+m-1`` are ``A0``. A 1-D parameter of length ``L`` owns elements ``0..L-1``.
+
+This module is the plain-torch reference: integer-exact Philox words and float64
+Box–Muller rounded to float32. The Triton kernels in ``evotorch_eggroll.kernels`` follow it
+and are tested against it. Changing anything here is a new stream version, never an edit.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "STREAM_VERSION",
+    "param_key",
+    "effective_epoch",
+    "noise_index",
+    "member_sign",
+    "philox4x32",
+    "uniform_from_words",
+    "normals_from_words",
+    "philox_words",
+    "normal_stream",
+    "lowrank_factors",
+]
+
+STREAM_VERSION = 1
+
+MASK32 = 0xFFFFFFFF
+PHILOX_M0 = 0xD2511F53  # round multiplier for counter word 0
+PHILOX_M1 = 0xCD9E8D57  # round multiplier for counter word 2
+PHILOX_W0 = 0x9E3779B9  # key schedule (golden ratio)
+PHILOX_W1 = 0xBB67AE85  # key schedule (sqrt(3) - 1)
+PHILOX_ROUNDS = 10
+
+
+def param_key(name: str) -> int:
+    """Stream key of a parameter: CRC-32 of its dotted name (UTF-8), an unsigned 32-bit int."""
+    if not isinstance(name, str):
+        raise TypeError(f"parameter names are strings, got {type(name).__name__}")
+    return zlib.crc32(name.encode("utf-8")) & MASK32
+
+
+def effective_epoch(epoch: int, noise_reuse: int) -> int:
+    """Epoch that keys the noise: 0 when ``noise_reuse == 0``, else ``epoch // noise_reuse``."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if noise_reuse < 0:
+        raise ValueError(f"noise_reuse must be >= 0, got {noise_reuse}")
+    return 0 if noise_reuse == 0 else epoch // noise_reuse
+
+
+def noise_index(member: int, antithetic: bool) -> int:
+    """Which noise draw a member uses: members 2k and 2k+1 share draw k when antithetic."""
+    return member // 2 if antithetic else member
+
+
+def member_sign(member: int, antithetic: bool) -> int:
+    """+1 for even members (and every member without antithetic sampling), -1 for odd ones."""
+    return -1 if (antithetic and member % 2 == 1) else 1
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of ``a * b`` for a 32-bit constant ``a`` and int64 ``b``.
+
+    ``b`` is split into 16-bit halves so that no intermediate leaves the int64 range.
+    """
+    b_hi = b >> 16
+    b_lo = b & 0xFFFF
+    p = a * b_hi  # < 2**48
+    q = a * b_lo  # < 2**48
+    hi = (p + (q >> 16)) >> 16
+    lo = (((p & 0xFFFF) << 16) + q) & MASK32
+    return hi, lo
+
+
+def philox4x32(
+    c0: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    c3: torch.Tensor,
+    seed: int,
+    rounds: int = PHILOX_ROUNDS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 on int64 tensors holding unsigned 32-bit values; returns the 4 words."""
+    k0 = int(seed) & MASK32
+    k1 = (int(seed) >> 32) & MASK32
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & MASK32 for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + PHILOX_W0) & MASK32
+        k1 = (k1 + PHILOX_W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def uniform_from_words(x: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in (0, 1] from 32-bit words: ``((x >> 8) + 0.5) * 2**-24``."""
+    return ((x >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+
+
+def normals_from_words(
+    w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Box–Muller on the lane pairs (0, 1) and (2, 3); float64 math, float32 result."""
+    out = []
+    for wa, wb in ((w0, w1), (w2, w3)):
+        ua = uniform_from_words(wa).to(torch.float64)
+        ub = uniform_from_words(wb).to(torch.float64)
+        radius = torch.sqrt(-2.0 * torch.log(ua))
+        theta = (2.0 * math.pi) * ub
+        out += [(radius * torch.cos(theta)).float(), (radius * torch.sin(theta)).float()]
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _as_index_tensor(values: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.int64).reshape(-1).cpu()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > MASK32):
+        raise ValueError("noise indices must lie in [0, 2**32)")
+    return t
+
+
+def philox_words(
+    seed: int,
+    key: int,
+    epoch: int,
+    noise_indices: int | Sequence[int] | torch.Tensor,
+    numel: int,
+) -> torch.Tensor:
+    """The raw 32-bit word of every element: int64 tensor of shape ``(K, numel)``.
+
+    ``key`` is a :func:`param_key`, ``epoch`` the effective epoch.
+    """
+    idx = _as_index_tensor(noise_indices)[:, None]  # (K, 1)
+    elem = torch.arange(numel, dtype=torch.int64)[None, :]  # (1, E)
+    words = philox4x32(elem // 4, idx, torch.tensor(key), torch.tensor(epoch), seed)
+    stacked = torch.stack(words, dim=0)  # (4, K, E)
+    lane = (elem % 4).expand_as(words[0])[None]
+    return torch.gather(stacked, 0, lane)[0]
+
+
+def normal_stream(
+    seed: int,
+    key: int,
+    epoch: int,
+    noise_indices: int | Sequence[int] | torch.Tensor,
+    numel: int,
+) -> torch.Tensor:
+    """Standard normals of elements ``0..numel-1`` for each noise index: ``(K, numel)`` float32."""
+    idx = _as_index_tensor(noise_indices)[:, None]  # (K, 1)
+    quads = (numel + 3) // 4
+    q = torch.arange(quads, dtype=torch.int64)[None, :]  # (1, Q)
+    words = philox4x32(q, idx, torch.tensor(key), torch.tensor(epoch), seed)
+    z = torch.stack(normals_from_words(*words), dim=-1)  # (K, Q, 4)
+    return z.reshape(idx.shape[0], quads * 4)[:, :numel].contiguous()
+
+
+def lowrank_factors(
+    seed: int,
+    key: int,
+    epoch: int,
+    noise_indices: int | Sequence[int] | torch.Tensor,
+    m: int,
+    n: int,
+    rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled factors of a ``(m, n)`` weight: ``A0`` ``(K, m, r)`` and ``B0`` ``(K, n, r)``."""
+    block = normal_stream(seed, key, epoch, noise_indices, (n + m) * rank)
+    block = block.reshape(-1, n + m, rank)
+    return block[:, n:].contiguous(), block[:, :n].contiguous()

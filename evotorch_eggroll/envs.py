@@ -1,0 +1,308 @@
+"""Batched reinforcement-learning environments on torch tensors.
+
+These environments keep their whole state in torch tensors on one device, so that a
+population of thousands of policies can be evaluated on a GPU without a round trip to the
+host per step. They follow Gymnasium's (>= 1.0) vector-environment interface: ``reset``
+returns ``(obs, info)``, ``step`` returns ``(obs, reward, terminated, truncated, info)``,
+and ``num_envs``, ``single_observation_space``, ``single_action_space``,
+``observation_space`` and ``action_space`` describe the batch. Observations, rewards and
+flags are torch tensors on the environment's device (not numpy arrays).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Union
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector.utils import batch_space
+
+try:  # Gymnasium >= 1.1 names its autoreset modes; 1.0 always resets on the next step.
+    from gymnasium.vector import AutoresetMode
+except ImportError:  # pragma: no cover - Gymnasium 1.0
+    AutoresetMode = None  # type: ignore[assignment]
+
+__all__ = ["CartPole"]
+
+TensorLike = Union[torch.Tensor, np.ndarray, list, tuple]
+
+
+def _autoreset_value(name: str) -> Any:
+    """Gymnasium's metadata value for an autoreset mode (the enum when it exists)."""
+    if AutoresetMode is None:
+        return name
+    return AutoresetMode.NEXT_STEP if name == "next_step" else AutoresetMode.DISABLED
+
+
+class CartPole(gym.vector.VectorEnv):
+    """A batch of CartPole-v1 environments whose state lives in torch tensors.
+
+    The dynamics, termination thresholds (|x| > 2.4, |theta| > 12 degrees), reward (+1 on
+    every step, the terminating one included), initial-state distribution (each of the four
+    state variables uniform in [-0.05, 0.05)) and the 500-step truncation are those of
+    Gymnasium's ``CartPole-v1`` (Barto, Sutton & Anderson, 1983; explicit Euler with
+    ``tau = 0.02``). The state is integrated in ``dtype`` (float64 by default, which is what
+    Gymnasium uses, so trajectories agree with Gymnasium's to rounding); observations are
+    float32 like Gymnasium's.
+
+    Autoreset (``autoreset_mode``):
+
+    * ``"next_step"`` (default, Gymnasium's default): the step on which an environment
+      returns ``terminated or truncated`` ends its episode. On the following ``step`` call
+      that environment ignores its action, draws a fresh initial state and returns that
+      state's observation with ``reward = 0`` and ``terminated = truncated = False``; its
+      next episode starts from there. Other environments are not affected.
+    * ``"disabled"``: nothing is reset automatically. Reset finished environments with
+      ``reset(options={"reset_mask": mask})``. An environment stepped after its episode
+      ended keeps integrating the dynamics, earns reward 0 and reports ``terminated``
+      from the thresholds and ``truncated`` from its step counter.
+
+    ``reset(options={"reset_mask": mask})`` works in both modes: only the environments
+    where ``mask`` is True get a new initial state (and a cleared pending autoreset); the
+    others keep theirs, and the returned observation holds every environment's current
+    observation.
+
+    Randomness comes from a ``torch.Generator`` on the environment's device, seeded by
+    ``reset(seed=...)`` (or by the constructor's ``seed``); the same seed on the same
+    device gives the same initial states.
+
+    Example:
+        >>> env = CartPole(4, device="cpu")
+        >>> obs, info = env.reset(seed=0)                    # obs: (4, 4) float32
+        >>> obs, reward, terminated, truncated, info = env.step(torch.tensor([0, 1, 1, 0]))
+
+    Args:
+        num_envs: Number of environments in the batch.
+        device: Device holding the state (default: CUDA when available, else the CPU).
+        dtype: Floating dtype of the integrated state (default ``torch.float64``).
+        max_episode_steps: Truncation length (default 500, as in CartPole-v1).
+        autoreset_mode: ``"next_step"`` or ``"disabled"`` (see above).
+        seed: Seed used by the first ``reset`` when that call gives none. ``None`` draws
+            one from the operating system.
+    """
+
+    metadata = {"render_modes": [], "autoreset_mode": _autoreset_value("next_step")}
+
+    gravity = 9.8
+    masscart = 1.0
+    masspole = 0.1
+    total_mass = masspole + masscart
+    length = 0.5  # half the pole's length
+    polemass_length = masspole * length
+    force_mag = 10.0
+    tau = 0.02  # seconds per step
+    theta_threshold_radians = 12 * 2 * math.pi / 360
+    x_threshold = 2.4
+
+    def __init__(
+        self,
+        num_envs: int,
+        *,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: torch.dtype = torch.float64,
+        max_episode_steps: int = 500,
+        autoreset_mode: str = "next_step",
+        seed: Optional[int] = None,
+    ) -> None:
+        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        if not (isinstance(max_episode_steps, (int, np.integer)) and max_episode_steps >= 1):
+            raise ValueError(f"max_episode_steps must be a positive integer, got {max_episode_steps!r}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        mode = str(getattr(autoreset_mode, "value", autoreset_mode)).lower().replace("-", "_")
+        mode = {"nextstep": "next_step", "next_step": "next_step", "disabled": "disabled"}.get(mode)
+        if mode is None:
+            raise ValueError(
+                f"autoreset_mode must be 'next_step' or 'disabled', got {autoreset_mode!r}"
+            )
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+
+        self.num_envs = int(num_envs)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_episode_steps = int(max_episode_steps)
+        self.autoreset_mode = mode
+        self.metadata = {**type(self).metadata, "autoreset_mode": _autoreset_value(mode)}
+
+        high = np.array(
+            [self.x_threshold * 2, np.inf, self.theta_threshold_radians * 2, np.inf],
+            dtype=np.float32,
+        )
+        self.single_observation_space = gym.spaces.Box(-high, high, dtype=np.float32)
+        self.single_action_space = gym.spaces.Discrete(2)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+
+        self._initial_seed = seed
+        self._generator: Optional[torch.Generator] = None
+        self._low, self._high = -0.05, 0.05
+        self.state: Optional[torch.Tensor] = None  # (num_envs, 4): x, x_dot, theta, theta_dot
+        self.steps = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
+        self.prev_done = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+
+    # ------------------------------------------------------------------ randomness
+
+    def _seed(self, seed: Optional[int]) -> None:
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(int(seed))
+
+    def _initial_states(self) -> torch.Tensor:
+        """Fresh initial states for every environment: ``(num_envs, 4)`` uniform in [low, high)."""
+        u = torch.rand(
+            (self.num_envs, 4), generator=self._generator, dtype=self.dtype, device=self.device
+        )
+        return self._low + (self._high - self._low) * u
+
+    def _as_mask(self, mask: TensorLike) -> torch.Tensor:
+        m = torch.as_tensor(mask, device=self.device)
+        if m.dtype != torch.bool or m.shape != (self.num_envs,):
+            raise ValueError(
+                f"reset_mask must be a boolean array of shape ({self.num_envs},), "
+                f"got dtype {m.dtype} and shape {tuple(m.shape)}"
+            )
+        return m
+
+    # ------------------------------------------------------------------ interface
+
+    def reset(
+        self, *, seed: Optional[int] = None, options: Optional[dict] = None
+    ) -> tuple[torch.Tensor, dict]:
+        """Draw initial states.
+
+        Args:
+            seed: Reseeds the environment's generator first (None keeps the current one; the
+                very first reset without a seed uses the constructor's ``seed``).
+            options: Optional ``"low"``/``"high"`` bounds of the initial-state distribution
+                (kept for later autoresets, as in Gymnasium) and ``"reset_mask"`` (bool array
+                ``(num_envs,)``, torch or numpy): reset only those environments.
+
+        Returns:
+            ``obs (num_envs, 4)`` float32 on the device, and an empty info dict.
+        """
+        options = dict(options or {})
+        mask = options.pop("reset_mask", None)
+        low = float(options.pop("low", self._low))
+        high = float(options.pop("high", self._high))
+        if options:
+            raise ValueError(f"unknown reset options: {sorted(options)}")
+        if low > high:
+            raise ValueError(f"Lower bound ({low}) must be lower than higher bound ({high}).")
+        if seed is not None:
+            self._seed(seed)
+        elif self._generator is None:
+            self._seed(self._initial_seed)
+        self._low, self._high = low, high
+
+        fresh = self._initial_states()
+        if mask is None or self.state is None:
+            if mask is not None:
+                raise RuntimeError("reset_mask needs a full reset() first")
+            self.state = fresh
+            self.steps.zero_()
+            self.prev_done.zero_()
+        else:
+            m = self._as_mask(mask)
+            self.state = torch.where(m[:, None], fresh, self.state)
+            self.steps.masked_fill_(m, 0)
+            self.prev_done.masked_fill_(m, False)
+        return self.state.to(torch.float32), {}
+
+    def _as_actions(self, actions: TensorLike) -> torch.Tensor:
+        a = torch.as_tensor(actions)
+        if a.dim() == 2 and a.shape[1] == 1:
+            a = a[:, 0]
+        if a.shape != (self.num_envs,):
+            raise ValueError(
+                f"expected one action per environment, shape ({self.num_envs},); got {tuple(a.shape)}"
+            )
+        if a.is_floating_point() or a.is_complex():
+            raise TypeError(f"CartPole actions are integers in {{0, 1}}, got dtype {a.dtype}")
+        return a.to(self.device, non_blocking=True)
+
+    def step(
+        self, actions: TensorLike
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """Advance every environment by one step.
+
+        Args:
+            actions: ``(num_envs,)`` integers (or bools): 1 pushes the cart right, 0 left.
+                Torch tensors (any device), numpy arrays and lists are accepted. Values are
+                not checked on the device: anything positive pushes right, as in Gymnasium's
+                vectorised CartPole.
+
+        Returns:
+            ``obs (num_envs, 4)`` float32, ``reward (num_envs,)`` float32, ``terminated`` and
+            ``truncated`` ``(num_envs,)`` bool, and an empty info dict; all on the device.
+        """
+        if self.state is None:
+            raise RuntimeError("call reset() before step()")
+        a = self._as_actions(actions)
+        x, x_dot, theta, theta_dot = self.state.unbind(dim=1)
+        force = torch.where(a > 0, self.force_mag, -self.force_mag).to(self.dtype)
+        costheta = torch.cos(theta)
+        sintheta = torch.sin(theta)
+
+        # Same expressions, in the same order, as Gymnasium's CartPole (float64 there).
+        temp = (force + self.polemass_length * (theta_dot * theta_dot) * sintheta) / self.total_mass
+        thetaacc = (self.gravity * sintheta - costheta * temp) / (
+            self.length * (4.0 / 3.0 - self.masspole * (costheta * costheta) / self.total_mass)
+        )
+        xacc = temp - self.polemass_length * thetaacc * costheta / self.total_mass
+
+        x = x + self.tau * x_dot
+        x_dot = x_dot + self.tau * xacc
+        theta = theta + self.tau * theta_dot
+        theta_dot = theta_dot + self.tau * thetaacc
+        state = torch.stack((x, x_dot, theta, theta_dot), dim=1)  # (num_envs, 4)
+
+        terminated = (
+            (x < -self.x_threshold)
+            | (x > self.x_threshold)
+            | (theta < -self.theta_threshold_radians)
+            | (theta > self.theta_threshold_radians)
+        )
+        self.steps += 1
+        truncated = self.steps >= self.max_episode_steps
+        reward = torch.ones(self.num_envs, dtype=torch.float32, device=self.device)
+
+        if self.autoreset_mode == "next_step":
+            # Environments whose episode ended on the previous step start a new one now.
+            # A fresh draw for every environment keeps the generator's stream independent of
+            # which ones ended (and avoids a device-to-host synchronisation).
+            restart = self.prev_done
+            state = torch.where(restart[:, None], self._initial_states(), state)
+            self.steps.masked_fill_(restart, 0)
+            reward.masked_fill_(restart, 0.0)
+            terminated = terminated & ~restart
+            truncated = truncated & ~restart
+            self.prev_done = terminated | truncated
+        else:
+            # Without autoreset an ended episode pays nothing until it is reset.
+            reward.masked_fill_(self.prev_done, 0.0)
+            self.prev_done = self.prev_done | terminated | truncated
+
+        self.state = state
+        return state.to(torch.float32), reward, terminated, truncated, {}
+
+    def set_state(self, state: TensorLike) -> None:
+        """Overwrite the physical state ``(num_envs, 4)`` (x, x_dot, theta, theta_dot).
+
+        Step counters and pending autoresets are left as they are.
+        """
+        s = torch.as_tensor(state, dtype=self.dtype, device=self.device)
+        if s.shape != (self.num_envs, 4):
+            raise ValueError(f"state must have shape ({self.num_envs}, 4), got {tuple(s.shape)}")
+        self.state = s.clone()
+
+    def __repr__(self) -> str:
+        return (
+            f"CartPole(num_envs={self.num_envs}, device={self.device}, dtype={self.dtype}, "
+            f"autoreset_mode={self.autoreset_mode!r})"
+        )

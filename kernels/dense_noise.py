@@ -1,0 +1,182 @@
+"""Dense (full-rank) noise of 1-D parameters and OpenES: per-row add and weighted sum.
+
+A parameter of ``L`` elements owns stream elements ``0..L-1`` directly.
+
+* :func:`dense_noise_add_`: ``out[j, e] += sign_j * scale * eps_j[e]`` for every batch row
+  (a perturbed bias, per row). Consecutive rows of one noise index reuse the generated
+  chunk.
+* :func:`dense_update`: ``g[e] = sum_k coeffs[k] * eps_k[e]``, the ES gradient of a dense
+  parameter, regenerating the noise chunk by chunk (no workspace); the sum runs over ``k``
+  in order, so it is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from evotorch_eggroll.kernels.philox import (
+    device_guard,
+    normal_run,
+    rows_per_program,
+    split_seed,
+    stream_seed,
+)
+
+BLOCK_E = 1024  # elements per program (a multiple of 4)
+MAX_BLOCK_ROWS = 16  # batch rows per program, upper bound
+NUM_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch", "scale"])
+def _dense_noise_add_kernel(
+    out_ptr,
+    ids_ptr,
+    n_rows,
+    D,
+    stride_om,
+    stride_od,
+    stride_ids,
+    seed_lo,
+    seed_hi,
+    key,
+    epoch,
+    scale,
+    BLOCK_E: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    ANTITHETIC: tl.constexpr,
+):
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
+    first = tl.program_id(1).to(tl.int64) * BLOCK_E
+    seed = stream_seed(seed_lo, seed_hi)
+    elem = first + tl.arange(0, BLOCK_E).to(tl.int64)
+    elem_ok = elem < D
+    eps = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    current = row0 * 0 - 1  # noise index of the chunk in hand (none yet)
+    for i in range(BLOCK_ROWS):
+        row = row0 + i
+        row_ok = row < n_rows
+        member = tl.load(ids_ptr + row * stride_ids, mask=row_ok, other=0).to(tl.int64)
+        if ANTITHETIC:
+            noise_index = member // 2
+            sign = 1.0 - 2.0 * (member % 2).to(tl.float32)
+        else:
+            noise_index = member
+            sign = 1.0
+        if row_ok & (noise_index != current):
+            eps = normal_run(seed, first // 4, noise_index, key, epoch, BLOCK_E // 4)
+            current = noise_index
+        ptrs = out_ptr + row * stride_om + elem * stride_od
+        mask = elem_ok & row_ok
+        base = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, (base.to(tl.float32) + (sign * scale) * eps).to(base.dtype), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch"])
+def _dense_update_kernel(
+    idx_ptr,
+    coef_ptr,
+    g_ptr,
+    K,
+    numel,
+    seed_lo,
+    seed_hi,
+    key,
+    epoch,
+    BLOCK_E: tl.constexpr,
+):
+    first = tl.program_id(0).to(tl.int64) * BLOCK_E
+    seed = stream_seed(seed_lo, seed_hi)
+    elem = first + tl.arange(0, BLOCK_E).to(tl.int64)
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    k = K * 0
+    while k < K:  # a while loop: runtime loop bounds trip Triton's interpreter
+        noise_index = tl.load(idx_ptr + k)
+        coef = tl.load(coef_ptr + k).to(tl.float32)
+        acc += coef * normal_run(seed, first // 4, noise_index, key, epoch, BLOCK_E // 4)
+        k += 1
+    tl.store(g_ptr + elem, acc, mask=elem < numel)
+
+
+def _block_e(numel: int) -> int:
+    return min(BLOCK_E, max(16, triton.next_power_of_2(numel)))
+
+
+def dense_noise_add_(
+    out: torch.Tensor,
+    member_ids: torch.Tensor,
+    *,
+    seed: int,
+    key: int,
+    epoch: int,
+    scale: float,
+    antithetic: bool,
+    block_rows: int | None = None,
+) -> torch.Tensor:
+    """In place: ``out[j, e] += sign_j * scale * eps_j[e]``.
+
+    Args:
+        out: ``(rows, D)`` floating tensor, any strides.
+        member_ids: ``(rows,)`` integer tensor.
+        seed, key, epoch: stream coordinates of the parameter.
+        scale: multiplier (e.g. ``sigma``).
+        antithetic: members ``2k``, ``2k + 1`` share noise index ``k``, signs ``+1``/``-1``.
+        block_rows: batch rows per program (power of two); None picks one.
+
+    Returns:
+        ``out``.
+    """
+    rows, d = out.shape
+    if rows == 0 or d == 0:
+        return out
+    block_e = _block_e(d)
+    if block_rows is None:
+        block_rows = rows_per_program(rows, out.device, MAX_BLOCK_ROWS)
+    seed_lo, seed_hi = split_seed(seed)
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(d, block_e))
+    with device_guard(out):
+        _dense_noise_add_kernel[grid](
+            out, member_ids, rows, d, out.stride(0), out.stride(1), member_ids.stride(0),
+            seed_lo, seed_hi, key, epoch, float(scale),
+            BLOCK_E=block_e, BLOCK_ROWS=block_rows, ANTITHETIC=bool(antithetic),
+            num_warps=NUM_WARPS,
+        )
+    return out
+
+
+def dense_update(
+    numel: int,
+    *,
+    seed: int,
+    key: int,
+    epoch: int,
+    noise_indices: torch.Tensor,
+    coeffs: torch.Tensor,
+) -> torch.Tensor:
+    """``g = sum_k coeffs[k] * eps_k``.
+
+    Args:
+        numel: elements of the parameter.
+        seed, key, epoch: stream coordinates of the parameter.
+        noise_indices: ``(K,)`` integer tensor.
+        coeffs: ``(K,)`` floating tensor.
+
+    Returns:
+        ``(numel,)`` float32 on ``noise_indices.device``.
+    """
+    idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
+    coef = coeffs.reshape(-1).to(device=idx.device, dtype=torch.float32).contiguous()
+    g = torch.empty((numel,), dtype=torch.float32, device=idx.device)
+    if numel == 0:
+        return g
+    if idx.numel() == 0:
+        return g.zero_()
+    block_e = _block_e(numel)
+    seed_lo, seed_hi = split_seed(seed)
+    with device_guard(g):
+        _dense_update_kernel[(triton.cdiv(numel, block_e),)](
+            idx, coef, g, idx.numel(), numel, seed_lo, seed_hi, key, epoch,
+            BLOCK_E=block_e, num_warps=NUM_WARPS,
+        )
+    return g

@@ -1,0 +1,138 @@
+"""Low-rank project: ``t[j] = v[j] @ F_j[row_offset : row_offset + D]`` for every batch row.
+
+``F_j`` is the ``(total_rows, R)`` factor block of row ``j``'s member (rows ``0..n-1`` are
+``B0``, rows ``n..n+m-1`` are ``A0``), generated inside the kernel and never stored. The
+forward projects ``x`` through ``B0`` (``row_offset = 0``); the backward projects the output
+gradient through ``A0`` (``row_offset = n``).
+
+One program walks ``BLOCK_ROWS`` consecutive batch rows over all of ``D``, chunk by chunk:
+a chunk's factor tile is generated once and reused by every following row of the same
+noise index (members ``2k`` and ``2k + 1`` share one with antithetic sampling). Each row's
+reduction is the same sequence of chunk sums whatever the program, so results do not
+depend on the batch size, the row order or ``BLOCK_ROWS``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from evotorch_eggroll.kernels.philox import (
+    device_guard,
+    normal_tile,
+    row_tile_plan,
+    rows_per_program,
+    split_seed,
+    stream_seed,
+)
+
+BLOCK_E = 1024  # normals generated per chunk (tile of about BLOCK_E / R rows)
+MAX_BLOCK_ROWS = 16  # batch rows per program, upper bound
+NUM_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch", "row_offset"])
+def _lowrank_project_kernel(
+    v_ptr,
+    ids_ptr,
+    t_ptr,
+    n_rows,
+    D,
+    stride_vm,
+    stride_vd,
+    stride_ids,
+    stride_tm,
+    seed_lo,
+    seed_hi,
+    key,
+    epoch,
+    row_offset,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    ROWS: tl.constexpr,
+    TILE_ROWS: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    DIRECT: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    ANTITHETIC: tl.constexpr,
+):
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
+    seed = stream_seed(seed_lo, seed_hi)
+    tile_row = tl.arange(0, TILE_ROWS)
+    col = tl.arange(0, RP)
+    slot = tl.arange(0, BLOCK_ROWS)
+    acc = tl.zeros((BLOCK_ROWS, RP), dtype=tl.float32)
+    factors = tl.zeros((TILE_ROWS, RP), dtype=tl.float32)
+    d0 = D * 0
+    while d0 < D:  # a while loop: runtime loop bounds trip Triton's interpreter
+        d = d0 + tile_row  # (TILE_ROWS,)
+        d_ok = (tile_row < ROWS) & (d < D)
+        current = row0 * 0 - 1  # noise index of the factor tile in hand (none yet)
+        for i in range(BLOCK_ROWS):
+            row = row0 + i
+            row_ok = row < n_rows
+            member = tl.load(ids_ptr + row * stride_ids, mask=row_ok, other=0).to(tl.int64)
+            if ANTITHETIC:
+                noise_index = member // 2
+            else:
+                noise_index = member
+            if row_ok & (noise_index != current):
+                factors = normal_tile(seed, noise_index, key, epoch, row_offset + d0,
+                                      R, RP, ROWS, TILE_ROWS, BLOCK_Q, DIRECT)
+                current = noise_index
+            v = tl.load(v_ptr + row * stride_vm + d.to(tl.int64) * stride_vd,
+                        mask=d_ok & row_ok, other=0.0).to(tl.float32)  # (TILE_ROWS,)
+            part = tl.sum(v[:, None] * factors, axis=0)  # (RP,)
+            acc = tl.where(slot[:, None] == i, acc + part[None, :], acc)
+        d0 += ROWS
+    rows = row0 + slot
+    mask = (rows[:, None] < n_rows) & (col[None, :] < R)
+    tl.store(t_ptr + rows[:, None] * stride_tm + col[None, :], acc, mask=mask)
+
+
+def lowrank_project(
+    v: torch.Tensor,
+    member_ids: torch.Tensor,
+    *,
+    seed: int,
+    key: int,
+    epoch: int,
+    rank: int,
+    row_offset: int,
+    antithetic: bool,
+    block_rows: int | None = None,
+) -> torch.Tensor:
+    """``t[j] = v[j] @ F_j[row_offset : row_offset + D]``.
+
+    Args:
+        v: ``(rows, D)`` floating tensor, any strides.
+        member_ids: ``(rows,)`` integer tensor, member of each row.
+        seed, key, epoch: stream coordinates (``key``, ``epoch`` in ``[0, 2**32)``).
+        rank: factor rank ``R``.
+        row_offset: first factor-block row used.
+        antithetic: members ``2k``, ``2k + 1`` share noise index ``k`` when True.
+        block_rows: batch rows per program (power of two); None picks one.
+
+    Returns:
+        ``(rows, R)`` float32.
+    """
+    rows, d = v.shape
+    t = torch.empty((rows, rank), dtype=torch.float32, device=v.device)
+    if rows == 0:
+        return t
+    if d == 0:
+        return t.zero_()
+    plan = row_tile_plan(rank, row_offset, d, BLOCK_E)
+    if block_rows is None:
+        block_rows = rows_per_program(rows, v.device, MAX_BLOCK_ROWS)
+    seed_lo, seed_hi = split_seed(seed)
+    grid = (triton.cdiv(rows, block_rows),)
+    with device_guard(v):
+        _lowrank_project_kernel[grid](
+            v, member_ids, t, rows, d,
+            v.stride(0), v.stride(1), member_ids.stride(0), t.stride(0),
+            seed_lo, seed_hi, key, epoch, row_offset,
+            **plan, BLOCK_ROWS=block_rows, ANTITHETIC=bool(antithetic), num_warps=NUM_WARPS,
+        )
+    return t

@@ -1,0 +1,64 @@
+"""Normal block: the stream's normals of elements ``0..numel-1`` for K noise indices.
+
+``out[k, e]`` is the normal of element ``e`` of noise index ``noise_indices[k]``. This is
+what inspection and the reference-facing tests read; the fused kernels produce the same
+numbers through the same helpers (:mod:`evotorch_eggroll.kernels.philox`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from evotorch_eggroll.kernels.philox import device_guard, normal_run, split_seed, stream_seed
+
+BLOCK_E = 1024  # elements per program (a multiple of 4)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch"])
+def _normal_block_kernel(
+    idx_ptr,
+    out_ptr,
+    numel,
+    seed_lo,
+    seed_hi,
+    key,
+    epoch,
+    BLOCK_E: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    seed = stream_seed(seed_lo, seed_hi)
+    noise_index = tl.load(idx_ptr + pid_k)
+    first = pid_e.to(tl.int64) * BLOCK_E
+    z = normal_run(seed, first // 4, noise_index, key, epoch, BLOCK_E // 4)  # (BLOCK_E,)
+    elem = first + tl.arange(0, BLOCK_E).to(tl.int64)
+    tl.store(out_ptr + pid_k.to(tl.int64) * numel + elem, z, mask=elem < numel)
+
+
+def normal_block(
+    seed: int, key: int, epoch: int, noise_indices: torch.Tensor, numel: int
+) -> torch.Tensor:
+    """Normals of elements ``0..numel-1`` for each noise index.
+
+    Args:
+        seed: stream seed (Python int).
+        key: parameter key in ``[0, 2**32)``.
+        epoch: effective epoch in ``[0, 2**32)``.
+        noise_indices: ``(K,)`` integer tensor with values in ``[0, 2**32)``.
+        numel: elements per noise index (``4 * 2**32`` at most).
+
+    Returns:
+        ``(K, numel)`` float32 on ``noise_indices.device``.
+    """
+    idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty((idx.numel(), numel), dtype=torch.float32, device=idx.device)
+    if out.numel() == 0:
+        return out
+    seed_lo, seed_hi = split_seed(seed)
+    block_e = min(BLOCK_E, max(16, triton.next_power_of_2(numel)))
+    grid = (idx.numel(), triton.cdiv(numel, block_e))
+    with device_guard(out):
+        _normal_block_kernel[grid](idx, out, numel, seed_lo, seed_hi, key, epoch, BLOCK_E=block_e)
+    return out

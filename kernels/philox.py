@@ -1,0 +1,255 @@
+"""Noise stream v1 inside Triton: Philox4x32-10 words, uniforms and Box–Muller normals.
+
+Every random number is a pure function of ``(seed, key, epoch, noise_index, element)``:
+Philox4x32-10 with key ``(seed_lo, seed_hi)`` and counter
+``(element // 4, noise_index, key, epoch)`` gives four 32-bit words per *quad* of
+elements; lane ``element % 4`` picks the word. Uniforms are ``((w >> 8) + 0.5) * 2**-24``
+and Box–Muller runs on the lane pairs (0, 1) and (2, 3): the even lane gets
+``r cos(theta)``, the odd lane ``r sin(theta)``.
+
+One Philox call and one log/sqrt/cos/sin set always serve a whole quad (four elements),
+so generating ``E`` normals costs ``E / 4`` Philox calls and ``E / 2`` of each
+transcendental. The helpers here are shared by every kernel, so the factors the forward
+uses, the inspected factors and the update's factors are produced by the same code.
+
+Scalar arguments of the helpers: ``seed`` is the 64-bit key built by :func:`stream_seed`;
+``noise_index``, ``key`` and ``epoch`` are integer scalars below ``2**32`` (int64 when they
+arrive as kernel arguments of ``2**31`` or more, so they are cast to uint32 here).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PHILOX_ROUNDS = tl.constexpr(10)
+MASK32 = 0xFFFFFFFF
+_WORD_MASK = tl.constexpr(0xFFFFFFFF)
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """Philox key words ``(seed & 0xffffffff, (seed >> 32) & 0xffffffff)`` of a Python int."""
+    seed = int(seed)
+    return seed & MASK32, (seed >> 32) & MASK32
+
+
+@triton.jit
+def stream_seed(seed_lo, seed_hi):
+    """The 64-bit ``tl.philox`` seed whose (low, high) halves are our Philox key."""
+    return (seed_hi.to(tl.uint64) << 32) | seed_lo.to(tl.uint64)
+
+
+@triton.jit
+def philox_quads(seed, quad, noise_index, key, epoch):
+    """Philox4x32-10 words of the quads ``quad`` (int64 block): four uint32 blocks."""
+    c0 = quad.to(tl.uint32)
+    zero = c0 * 0
+    c1 = zero + noise_index.to(tl.uint32)
+    c2 = zero + key.to(tl.uint32)
+    c3 = zero + epoch.to(tl.uint32)
+    return tl.philox(seed, c0, c1, c2, c3, PHILOX_ROUNDS)
+
+
+@triton.jit
+def uniform_from_word(w):
+    """float32 uniform in (0, 1] from a uint32 word: ``((w >> 8) + 0.5) * 2**-24``."""
+    return ((w >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+
+
+@triton.jit
+def box_muller(wa, wb):
+    """Two normals from the words of one lane pair: ``(r cos(theta), r sin(theta))``."""
+    radius = tl.sqrt(-2.0 * tl.log(uniform_from_word(wa)))
+    theta = 6.283185307179586 * uniform_from_word(wb)
+    return radius * tl.cos(theta), radius * tl.sin(theta)
+
+
+@triton.jit
+def normal_quads(seed, quad, noise_index, key, epoch):
+    """The four normals (lanes 0..3) of each quad in ``quad``: four float32 blocks."""
+    w0, w1, w2, w3 = philox_quads(seed, quad, noise_index, key, epoch)
+    z0, z1 = box_muller(w0, w1)
+    z2, z3 = box_muller(w2, w3)
+    return z0, z1, z2, z3
+
+
+@triton.jit
+def normal_run(seed, first_quad, noise_index, key, epoch, BLOCK_Q: tl.constexpr):
+    """Normals of elements ``4*first_quad .. 4*(first_quad + BLOCK_Q) - 1``: ``[4*BLOCK_Q]``."""
+    quad = first_quad + tl.arange(0, BLOCK_Q).to(tl.int64)
+    z0, z1, z2, z3 = normal_quads(seed, quad, noise_index, key, epoch)
+    # interleave(interleave(z0, z2), interleave(z1, z3)) = z0[0], z1[0], z2[0], z3[0], z0[1], ...
+    return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+
+
+@triton.jit
+def normal_tile(
+    seed,
+    noise_index,
+    key,
+    epoch,
+    first_row,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    ROWS: tl.constexpr,
+    TILE_ROWS: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    DIRECT: tl.constexpr,
+):
+    """Rows ``first_row .. first_row + ROWS - 1`` of a row-major ``(rows, R)`` normal block.
+
+    Element ``(row, k)`` is stream element ``row * R + k``. The quads covering the rows are
+    generated once (``BLOCK_Q`` of them, starting at the quad of the first element) and laid
+    out as a ``[TILE_ROWS, RP]`` tile; entries with ``k >= R`` or tile row ``>= ROWS`` are 0.
+
+    ``DIRECT`` (launcher's promise): ``R == RP``, ``ROWS == TILE_ROWS``,
+    ``ROWS * R == 4 * BLOCK_Q`` and ``first_row * R`` is a multiple of 4, so the run of
+    normals is the tile itself. Otherwise the run is gathered into the tile, which needs
+    ``(first_row * R) % 4 + ROWS * R <= 4 * BLOCK_Q``.
+    """
+    first = first_row.to(tl.int64) * R
+    first_quad = first // 4
+    z = normal_run(seed, first_quad, noise_index, key, epoch, BLOCK_Q)  # (4*BLOCK_Q,)
+    if DIRECT:
+        tile = tl.reshape(z, (TILE_ROWS, RP))
+    else:
+        skew = (first - first_quad * 4).to(tl.int32)  # first element's lane
+        rows = tl.arange(0, TILE_ROWS)[:, None]
+        cols = tl.arange(0, RP)[None, :]
+        pos = skew + rows * R + cols  # (TILE_ROWS, RP) position in the run
+        valid = (rows < ROWS) & (cols < R) & (pos < 4 * BLOCK_Q)
+        pos = tl.where(valid, pos, 0)
+        picked = tl.gather(z, tl.reshape(pos, (TILE_ROWS * RP,)), 0)
+        tile = tl.where(valid, tl.reshape(picked, (TILE_ROWS, RP)), 0.0)
+    return tile
+
+
+# ----------------------------------------------------------------------------------------
+# Debug kernel: raw Philox words of the stream (tests compare them bit-exactly).
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch"])
+def _philox_words_kernel(
+    idx_ptr,
+    out_ptr,
+    numel,
+    seed_lo,
+    seed_hi,
+    key,
+    epoch,
+    BLOCK_Q: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    seed = stream_seed(seed_lo, seed_hi)
+    noise_index = tl.load(idx_ptr + pid_k)
+    quad = pid_e.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    w0, w1, w2, w3 = philox_quads(seed, quad, noise_index, key, epoch)
+    words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3)).to(tl.int64) & _WORD_MASK
+    elem = pid_e.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q).to(tl.int64)
+    tl.store(out_ptr + pid_k.to(tl.int64) * numel + elem, words, mask=elem < numel)
+
+
+def philox_words(
+    seed: int, key: int, epoch: int, noise_indices: torch.Tensor, numel: int
+) -> torch.Tensor:
+    """The raw 32-bit word of every element: ``(K, numel)`` int64 on ``noise_indices``' device.
+
+    Args:
+        seed: stream seed (any Python int; its low 64 bits form the Philox key).
+        key: parameter key in ``[0, 2**32)``.
+        epoch: effective epoch in ``[0, 2**32)``.
+        noise_indices: ``(K,)`` integer tensor, values in ``[0, 2**32)``.
+        numel: number of elements per noise index.
+    """
+    idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty((idx.numel(), numel), dtype=torch.int64, device=idx.device)
+    if out.numel() == 0:
+        return out
+    seed_lo, seed_hi = split_seed(seed)
+    block_q = 64
+    grid = (idx.numel(), triton.cdiv(numel, 4 * block_q))
+    with device_guard(out):
+        _philox_words_kernel[grid](idx, out, numel, seed_lo, seed_hi, key, epoch, BLOCK_Q=block_q)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Launch planning shared by the factor kernels (pure Python).
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= ``max(n, 1)``."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def row_tile_plan(rank: int, row_offset: int, num_rows: int, block_e: int) -> dict:
+    """How a kernel walks ``num_rows`` rows of an ``(rows, rank)`` normal block.
+
+    Rows ``row_offset .. row_offset + num_rows - 1`` are visited in chunks of ``ROWS``
+    rows; each chunk generates ``4 * BLOCK_Q`` consecutive normals (about ``block_e``) once
+    and lays them out as a ``[TILE_ROWS, RP]`` tile (see :func:`normal_tile`). The plan
+    depends only on the layer's shape, never on the number of batch rows, so every batch
+    row's reductions run in the same order at any batch size.
+
+    Returns:
+        Constexpr keyword arguments ``R, RP, ROWS, TILE_ROWS, BLOCK_Q, DIRECT``.
+    """
+    rp = next_power_of_2(rank)
+    lo = max(16, 4 * rp)
+    block_e = max(lo, min(next_power_of_2(num_rows * rank + 3), max(block_e, lo)))
+    direct = rp == rank and (row_offset * rank) % 4 == 0
+    if direct:
+        rows = tile_rows = block_e // rank
+    else:
+        rows = (block_e - 3) // rank
+        tile_rows = next_power_of_2(rows)
+    return dict(R=rank, RP=rp, ROWS=rows, TILE_ROWS=tile_rows, BLOCK_Q=block_e // 4,
+                DIRECT=direct)
+
+
+def bias_tile_plan(rows: int, tile_rows: int) -> dict:
+    """Plan for a 1-D noise chunk of ``rows`` elements starting at a multiple of ``rows``.
+
+    Returns:
+        Constexpr keyword arguments ``BIAS_BLOCK_Q, BIAS_DIRECT`` for :func:`normal_tile`
+        with ``R = RP = 1``.
+    """
+    if rows == tile_rows and rows % 4 == 0:
+        return dict(BIAS_BLOCK_Q=rows // 4, BIAS_DIRECT=True)
+    return dict(BIAS_BLOCK_Q=next_power_of_2(triton.cdiv(rows + 3, 4)), BIAS_DIRECT=False)
+
+
+_SM_COUNT: dict = {}
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def rows_per_program(num_rows: int, device: torch.device, cap: int) -> int:
+    """Batch rows one program walks (a power of two in ``[1, cap]``).
+
+    Consecutive rows of one noise index share the generated factors, so more rows per
+    program means less generation when rows share members; fewer rows per program means
+    more programs. Results never depend on this choice (each row's arithmetic is the same).
+    """
+    target = num_rows // (4 * multiprocessor_count(device))
+    block = 1
+    while block * 2 <= min(target, cap):
+        block *= 2
+    return block
+
+
+def device_guard(t: torch.Tensor):
+    """Context that makes ``t``'s CUDA device current for a launch (no-op on the CPU)."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -1,0 +1,895 @@
+"""EvoTorch problem adapters for neuroevolution with EGGROLL.
+
+Each adapter is a valid ``evotorch.Problem`` whose decision vector is the concatenation of
+the network's evolved parameters, so stock EvoTorch searchers (PGPE, SNES, CMA-ES, ...) run
+on it through the usual materialised path: every solution vector is loaded into the network
+and evaluated. Next to that, every adapter offers a low-rank side channel that the
+:class:`~evotorch_eggroll.algorithms.EGGROLL` searcher uses:
+:meth:`EggrollNEProblem.evaluate_population` evaluates a whole population inside an
+``EggrollStrategy`` perturbation context, where each network call is one
+``pop.batched_forward`` over the rows of all members and no member's weights are ever
+materialised.
+
+Both paths run the same evaluation code. An adapter describes its evaluation once, in
+:meth:`EggrollNEProblem._evaluate_members`, in terms of a :class:`PopulationForward` (a
+callable that runs the network for many members at once, one member per input row); the
+searcher decides whether that callable is backed by low-rank perturbations or by
+materialised parameter vectors.
+
+Adapters:
+
+* :class:`EggrollNEProblem`: the base class (give ``batched_eval_func`` or
+  ``network_eval_func``, or subclass and override ``_evaluate_members``).
+* :class:`EggrollSupervisedNE`: minimise a loss over minibatches of a dataset.
+* :class:`EggrollVecGymNE`: maximise the episode return in a Gymnasium vector environment
+  (or the torch-native :class:`~evotorch_eggroll.envs.CartPole`), one environment per member.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import zlib
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import gymnasium as gym
+import numpy as np
+import torch
+from evotorch import Solution, SolutionBatch
+from evotorch.neuroevolution.baseneproblem import BaseNEProblem
+from torch import nn
+
+from .envs import CartPole
+
+try:  # Gymnasium >= 1.1
+    from gymnasium.vector import AutoresetMode
+except ImportError:  # pragma: no cover - Gymnasium 1.0 always resets on the next step
+    AutoresetMode = None  # type: ignore[assignment]
+
+__all__ = [
+    "PopulationForward",
+    "EggrollNEProblem",
+    "EggrollSupervisedNE",
+    "EggrollVecGymNE",
+    "RunningObsNorm",
+]
+
+NetworkLike = Union[nn.Module, Callable[..., nn.Module]]
+DeviceLike = Optional[Union[str, torch.device]]
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 31-bit seed derived deterministically from integers (no Python ``hash``)."""
+    data = b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts)
+    return zlib.crc32(data) & 0x7FFFFFFF
+
+
+def _call_with_accepted(fn: Callable, available: Mapping[str, Any], extra: Mapping[str, Any]) -> Any:
+    """Call ``fn(**extra, **subset)`` where the subset holds the ``available`` keywords ``fn`` accepts."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(**extra)
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in available.items() if (accepts_any or k in params) and k not in extra}
+    return fn(**kwargs, **extra)
+
+
+class PopulationForward:
+    """Runs the network for several population members at once, one member per input row.
+
+    Instances are handed to :meth:`EggrollNEProblem._evaluate_members`. Inside the EGGROLL
+    searcher a call is one ``pop.batched_forward`` of the strategy's perturbation context;
+    for stock EvoTorch searchers it runs the network with each member's materialised
+    parameter vector. Calls are made under ``torch.no_grad()``.
+
+    Attributes:
+        member_ids: ``(K,)`` int64 ids of the members being evaluated, on the network's
+            device. These are the only ids a call may use.
+        num_members: ``K``.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], member_ids: torch.Tensor):
+        self._fn = fn
+        self.member_ids = member_ids
+
+    @property
+    def num_members(self) -> int:
+        return int(self.member_ids.shape[0])
+
+    def __call__(self, x: torch.Tensor, member_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Forward ``x`` with row ``j`` computed by member ``member_ids[j]``.
+
+        Args:
+            x: ``(rows, *in)`` network input.
+            member_ids: ``(rows,)`` ids taken from :attr:`member_ids`; default: row ``j`` is
+                member ``self.member_ids[j]`` (then ``rows`` must equal ``num_members``).
+
+        Returns:
+            ``(rows, *out)`` network output.
+        """
+        if member_ids is None:
+            member_ids = self.member_ids
+            if x.shape[0] != member_ids.shape[0]:
+                raise ValueError(
+                    f"without member_ids, x needs one row per member ({member_ids.shape[0]}), "
+                    f"got {x.shape[0]} rows"
+                )
+        else:
+            member_ids = torch.as_tensor(member_ids, dtype=torch.int64, device=self.member_ids.device)
+            if member_ids.shape != (x.shape[0],):
+                raise ValueError(
+                    f"member_ids must have shape ({x.shape[0]},) (one id per row of x), "
+                    f"got {tuple(member_ids.shape)}"
+                )
+        return self._fn(x, member_ids)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member on the same input: ``x (B, *in)`` -> ``(K, B, *out)``."""
+        k, b = self.num_members, x.shape[0]
+        rows = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])  # (K*B, *in)
+        out = self._fn(rows, self.member_ids.repeat_interleave(b))
+        return out.reshape(k, b, *out.shape[1:])
+
+    def per_member(self, x: torch.Tensor) -> torch.Tensor:
+        """Member ``k`` on its own rows ``x[k]``: ``x (K, B, *in)`` -> ``(K, B, *out)``."""
+        k, b = x.shape[0], x.shape[1]
+        if k != self.num_members:
+            raise ValueError(f"x must have one leading slice per member ({self.num_members}), got {k}")
+        out = self._fn(x.reshape(k * b, *x.shape[2:]), self.member_ids.repeat_interleave(b))
+        return out.reshape(k, b, *out.shape[1:])
+
+
+class EggrollNEProblem(BaseNEProblem):
+    """Base EvoTorch problem over a network's evolved parameters, with a low-rank side channel.
+
+    The decision vector concatenates the evolved parameters (``requires_grad=True``, in
+    ``named_parameters()`` order, filtered by ``include``/``exclude``), flattened row-major,
+    so ``solution_length`` is their total number of elements. Frozen parameters and
+    buffers keep the network's values.
+
+    Describe the evaluation in one of two ways:
+
+    * batched (preferred): ``batched_eval_func(forward) -> fitness (K,)`` or override
+      :meth:`_evaluate_members`, where ``forward`` is a :class:`PopulationForward` for the
+      ``K`` members to evaluate. Under EGGROLL each network call evaluates all members in
+      one ``batched_forward``.
+    * per network: ``network_eval_func(net) -> fitness`` or override
+      :meth:`_evaluate_network`, called once per member with a network computing that
+      member's function (under EGGROLL, via the perturbation context's ``iterate``).
+
+    Example:
+        >>> def fitness(forward):
+        ...     x = torch.linspace(-1, 1, 32, device=forward.member_ids.device)[:, None]
+        ...     y = forward.shared(x)                           # (K, 32, 1)
+        ...     return -((y[..., 0] - x[:, 0].sin()) ** 2).mean(dim=1)
+        >>> problem = EggrollNEProblem("max", nn.Linear(1, 1), batched_eval_func=fitness)
+
+    Args:
+        objective_sense: ``"min"`` or ``"max"``.
+        network: An ``nn.Module`` (copied) or a callable returning one (called with the
+            keywords of ``network_args`` and any of :meth:`_network_constants` it accepts).
+        batched_eval_func: ``forward -> (K,)`` fitnesses, see above.
+        network_eval_func: ``net -> fitness`` (a scalar), see above.
+        network_args: Keyword arguments for a callable ``network``.
+        include: Names of the only parameters to evolve (default: all trainable ones).
+        exclude: Names of parameters not to evolve.
+        initial_bounds: Bounds for EvoTorch's uniform initial solutions. Default None: the
+            network's own initial parameters are the initial solution (EvoTorch searchers'
+            ``center_init``).
+        eval_dtype: dtype of fitnesses (default: float32).
+        device: Device of the network and of populations (default: CUDA when available).
+        seed: Seed of the problem's own randomness (data order, environment resets);
+            None draws one.
+        num_actors, actor_config, num_gpus_per_actor, num_subbatches, subbatch_size:
+            forwarded to ``evotorch.Problem`` (Ray-parallel materialised evaluation).
+    """
+
+    def __init__(
+        self,
+        objective_sense: str,
+        network: NetworkLike,
+        *,
+        batched_eval_func: Optional[Callable[[PopulationForward], torch.Tensor]] = None,
+        network_eval_func: Optional[Callable[[nn.Module], Any]] = None,
+        network_args: Optional[Mapping[str, Any]] = None,
+        include: Optional[Iterable[str]] = None,
+        exclude: Optional[Iterable[str]] = None,
+        initial_bounds: Optional[tuple] = None,
+        eval_dtype: Optional[Any] = None,
+        device: DeviceLike = None,
+        seed: Optional[int] = None,
+        num_actors: Optional[Union[int, str]] = None,
+        actor_config: Optional[dict] = None,
+        num_gpus_per_actor: Optional[Union[int, float, str]] = None,
+        num_subbatches: Optional[int] = None,
+        subbatch_size: Optional[int] = None,
+    ) -> None:
+        device = _default_device() if device is None else torch.device(device)
+        self._batched_eval_func = batched_eval_func
+        self._network_eval_func = network_eval_func
+        if not (self._has_batched_evaluation() or self._has_network_evaluation()):
+            raise TypeError(
+                f"{type(self).__name__} does not know how to evaluate a network: pass "
+                "batched_eval_func=(forward -> fitnesses) or network_eval_func=(net -> fitness), "
+                "or override _evaluate_members / _evaluate_network in a subclass"
+            )
+        self._network_args = dict(network_args or {})
+        self._network = self._build_network(network).to(device)
+        self._evolved_names = self._select_evolved(include, exclude)
+        self._seed_value = int.from_bytes(os.urandom(4), "little") >> 1 if seed is None else int(seed)
+        self._eval_network: Optional[nn.Module] = None
+
+        params = dict(self._network.named_parameters())
+        first = params[self._evolved_names[0]]
+        super().__init__(
+            objective_sense=objective_sense,
+            initial_bounds=initial_bounds,
+            solution_length=self.num_evolved,
+            dtype=first.dtype,
+            eval_dtype=torch.float32 if eval_dtype is None else eval_dtype,
+            device=device,
+            seed=seed,
+            num_actors=num_actors,
+            actor_config=actor_config,
+            num_gpus_per_actor=num_gpus_per_actor,
+            num_subbatches=num_subbatches,
+            subbatch_size=subbatch_size,
+        )
+        with torch.no_grad():
+            self._initial_vector = self.parameters_to_vector(self._network).to(self.device)
+
+    # ------------------------------------------------------------------ network
+
+    @property
+    def _network_constants(self) -> dict:
+        """Keywords a callable ``network`` may accept (extended by subclasses)."""
+        return {}
+
+    def _build_network(self, network: NetworkLike) -> nn.Module:
+        if isinstance(network, nn.Module):
+            return copy.deepcopy(network)
+        if not callable(network):
+            raise TypeError(f"network must be an nn.Module or a callable returning one, got {network!r}")
+        net = _call_with_accepted(network, self._network_constants, self._network_args)
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"the network callable returned {type(net).__name__}, expected an nn.Module")
+        return net
+
+    def _select_evolved(self, include: Optional[Iterable[str]], exclude: Optional[Iterable[str]]) -> list[str]:
+        named = [(n, p) for n, p in self._network.named_parameters() if p.requires_grad]
+        names = [n for n, _ in named]
+        for label, given in (("include", include), ("exclude", exclude)):
+            unknown = sorted(set(given or ()) - set(dict(self._network.named_parameters())))
+            if unknown:
+                raise ValueError(f"{label} names parameters the network does not have: {unknown}")
+        if include is not None:
+            keep = set(include)
+            names = [n for n in names if n in keep]
+        if exclude is not None:
+            drop = set(exclude)
+            names = [n for n in names if n not in drop]
+        if not names:
+            raise ValueError("the network has no parameters to evolve (none trainable after include/exclude)")
+        return names
+
+    @property
+    def network(self) -> nn.Module:
+        """The problem's network (its evolved parameters hold the initial solution)."""
+        return self._network
+
+    @property
+    def evolved_parameter_names(self) -> list[str]:
+        """Dotted names of the evolved parameters, in decision-vector order."""
+        return list(self._evolved_names)
+
+    @property
+    def num_evolved(self) -> int:
+        """Number of evolved scalars (``solution_length``)."""
+        params = dict(self._network.named_parameters())
+        return sum(params[n].numel() for n in self._evolved_names)
+
+    @property
+    def network_device(self) -> torch.device:
+        """Where networks run: the problem's device (a Ray actor's auxiliary device remotely)."""
+        return self.device if self.is_main else torch.device(self.aux_device)
+
+    def parameters_to_vector(self, net: nn.Module) -> torch.Tensor:
+        """The evolved parameters of ``net`` (same architecture) as one ``(L,)`` vector."""
+        params = dict(net.named_parameters())
+        return torch.cat([params[n].detach().reshape(-1) for n in self._evolved_names])
+
+    def _split_vector(self, vector: torch.Tensor, net: nn.Module) -> dict[str, torch.Tensor]:
+        params = dict(net.named_parameters())
+        out, start = {}, 0
+        for n in self._evolved_names:
+            p = params[n]
+            out[n] = vector[start : start + p.numel()].view(p.shape).to(p.dtype)
+            start += p.numel()
+        if start != vector.shape[-1]:
+            raise ValueError(f"expected a vector of length {start}, got {vector.shape[-1]}")
+        return out
+
+    @torch.no_grad()
+    def vector_to_parameters(self, vector: torch.Tensor, net: nn.Module) -> None:
+        """Copy ``vector (L,)`` into the evolved parameters of ``net`` (in place)."""
+        params = dict(net.named_parameters())
+        vector = torch.as_tensor(vector).to(next(iter(params.values())).device)
+        for n, v in self._split_vector(vector, net).items():
+            params[n].copy_(v)
+
+    def make_net(self, solution: Union[Solution, torch.Tensor, Iterable]) -> nn.Module:
+        """A new copy of the network holding ``solution``'s parameters."""
+        if isinstance(solution, Solution):
+            solution = solution.values
+        vector = torch.as_tensor(solution)
+        if type(vector) is not torch.Tensor:  # EvoTorch's read-only tensors
+            vector = vector.as_subclass(torch.Tensor)
+        vector = vector.reshape(-1)
+        net = copy.deepcopy(self._network)
+        self.vector_to_parameters(vector, net)
+        return net
+
+    def _fill(self, values: torch.Tensor) -> None:
+        if self.initial_lower_bounds is not None and self.initial_upper_bounds is not None:
+            return super()._fill(values)
+        values[:] = self._initial_vector.to(values.device, values.dtype)
+
+    @property
+    def _nonserialized_attribs(self) -> list[str]:
+        return super()._nonserialized_attribs + ["_eval_network"]
+
+    # ------------------------------------------------------------------ evaluation hooks
+
+    def _has_batched_evaluation(self) -> bool:
+        return self._batched_eval_func is not None or (
+            type(self)._evaluate_members is not EggrollNEProblem._evaluate_members
+        )
+
+    def _has_network_evaluation(self) -> bool:
+        return self._network_eval_func is not None or (
+            type(self)._evaluate_network is not EggrollNEProblem._evaluate_network
+        )
+
+    def _evaluate_members(self, forward: PopulationForward) -> torch.Tensor:
+        """Fitnesses of the members ``forward.member_ids``: a ``(K,)`` tensor (or sequence).
+
+        Override in subclasses (or pass ``batched_eval_func``). Runs under ``no_grad``.
+        """
+        if self._batched_eval_func is None:
+            raise NotImplementedError
+        return self._batched_eval_func(forward)
+
+    def _evaluate_network(self, net: nn.Module) -> Any:
+        """Fitness of one network (a scalar). Override or pass ``network_eval_func``."""
+        if self._network_eval_func is None:
+            raise NotImplementedError
+        return self._network_eval_func(net)
+
+    def _lowrank_status(self) -> dict:
+        """The problem status reported after a low-rank population evaluation."""
+        return {}
+
+    def _as_fitness(self, values: Any, k: int) -> torch.Tensor:
+        fit = torch.as_tensor(values) if not isinstance(values, torch.Tensor) else values
+        fit = fit.detach()
+        if fit.dim() == 2 and fit.shape[1] == 1:
+            fit = fit[:, 0]
+        if fit.shape != (k,):
+            raise ValueError(f"the evaluation returned fitnesses of shape {tuple(fit.shape)}, expected ({k},)")
+        return fit
+
+    # ------------------------------------------------------------------ materialised path
+
+    def _materialised_forward(self, net: nn.Module, values: torch.Tensor) -> PopulationForward:
+        """A PopulationForward whose member ``i`` is the solution vector ``values[i]``."""
+        member_params = [self._split_vector(v, net) for v in values]
+
+        def fn(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            uniq = torch.unique(ids).tolist()
+            if len(uniq) == 1:
+                return torch.func.functional_call(net, member_params[uniq[0]], (x,))
+            out = None
+            for m in uniq:
+                rows = (ids == m).nonzero().squeeze(1)
+                o = torch.func.functional_call(net, member_params[m], (x[rows],))
+                if out is None:
+                    out = o.new_empty((x.shape[0], *o.shape[1:]))
+                out[rows] = o
+            return out
+
+        ids = torch.arange(values.shape[0], dtype=torch.int64, device=values.device)
+        return PopulationForward(fn, ids)
+
+    def _evaluate_batch(self, batch: SolutionBatch) -> None:
+        device = self.network_device
+        if next(self._network.parameters()).device != device:
+            self._network.to(device)
+        values = batch.values.to(device)
+        if type(values) is not torch.Tensor:
+            values = values.as_subclass(torch.Tensor)
+        with torch.no_grad():
+            if self._has_batched_evaluation():
+                fit = self._as_fitness(self._evaluate_members(self._materialised_forward(self._network, values)), len(batch))
+            else:
+                if self._eval_network is None:
+                    self._eval_network = copy.deepcopy(self._network)
+                results = []
+                for v in values:
+                    self.vector_to_parameters(v, self._eval_network)
+                    results.append(torch.as_tensor(self._evaluate_network(self._eval_network), dtype=torch.float64))
+                fit = torch.stack(results)
+        batch.set_evals(fit.to(batch.device, self.eval_dtype))
+
+    # ------------------------------------------------------------------ low-rank side channel
+
+    def evaluate_population(
+        self, pop: Any, network: nn.Module, member_ids: Optional[Union[torch.Tensor, Sequence[int]]] = None
+    ) -> torch.Tensor:
+        """Evaluate population members through an EGGROLL perturbation context.
+
+        Args:
+            pop: The open context of ``strategy.perturb(N)`` for a strategy set up on
+                ``network``.
+            network: The network the strategy evolves (same architecture as
+                :attr:`network`; it holds the search center).
+            member_ids: Members to evaluate (default: ``pop.local_member_ids()``).
+
+        Returns:
+            ``(K,)`` fitnesses in the problem's own sense (not negated), float32 on the
+            network's device, one per member id.
+        """
+        if member_ids is None:
+            member_ids = pop.local_member_ids()
+        device = next(network.parameters()).device
+        ids = torch.as_tensor(list(member_ids) if not isinstance(member_ids, torch.Tensor) else member_ids)
+        ids = ids.to(device=device, dtype=torch.int64)
+        with torch.no_grad():
+            if self._has_batched_evaluation():
+                fwd = PopulationForward(lambda x, rid: pop.batched_forward(network, x, member_ids=rid), ids)
+                fit = self._as_fitness(self._evaluate_members(fwd), ids.shape[0])
+            else:
+                wanted = {int(i): j for j, i in enumerate(ids.tolist())}
+                values: list = [None] * len(wanted)
+                for k in pop.iterate():
+                    if k in wanted:
+                        values[wanted[k]] = torch.as_tensor(self._evaluate_network(network), dtype=torch.float64)
+                fit = torch.stack(values)
+        self._after_eval_status = self._lowrank_status()
+        return fit.to(device=device, dtype=torch.float32)
+
+
+class EggrollSupervisedNE(EggrollNEProblem):
+    """Minimise a supervised loss: fitness = mean loss over ``num_minibatches`` minibatches.
+
+    Mirrors ``evotorch.neuroevolution.SupervisedNE`` (objective ``"min"``). Each network call
+    evaluates the whole population on a minibatch: with ``common_minibatch=True`` all members
+    see the same minibatches (drawn once per evaluation), otherwise every member draws its
+    own. Minibatches are drawn without replacement from a seeded shuffle of the dataset
+    (the incomplete tail of an epoch is skipped so that all minibatches have the same size),
+    so runs are reproducible and resume exactly after pickling.
+
+    Args:
+        dataset: An indexable dataset of ``(x, y)`` pairs (e.g. ``TensorDataset``).
+        network: ``nn.Module`` or a callable returning one.
+        loss_func: ``loss(y_hat (B, ...), y (B, ...)) -> scalar``; or override ``_loss``.
+            Evaluated for all members at once with ``torch.func.vmap`` when possible,
+            otherwise member by member.
+        minibatch_size: Rows per minibatch (default None: the whole dataset).
+        num_minibatches: Minibatches per evaluation (default 1).
+        common_minibatch: Whether all members share the minibatches (default True).
+        device: Device of the network and data (default: CUDA when available).
+        **kwargs: Further :class:`EggrollNEProblem` keywords (``include``, ``exclude``,
+            ``seed``, ``network_args``, ``num_actors``, ...).
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        network: NetworkLike,
+        loss_func: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        *,
+        minibatch_size: Optional[int] = None,
+        num_minibatches: int = 1,
+        common_minibatch: bool = True,
+        device: DeviceLike = None,
+        **kwargs: Any,
+    ) -> None:
+        if minibatch_size is not None and int(minibatch_size) < 1:
+            raise ValueError(f"minibatch_size must be a positive integer, got {minibatch_size!r}")
+        if int(num_minibatches) < 1:
+            raise ValueError(f"num_minibatches must be a positive integer, got {num_minibatches!r}")
+        if len(dataset) < 1:
+            raise ValueError("the dataset is empty")
+        self.dataset = dataset
+        self._loss_func = loss_func
+        self._minibatch_size = None if minibatch_size is None else min(int(minibatch_size), len(dataset))
+        self._num_minibatches = int(num_minibatches)
+        self._common_minibatch = bool(common_minibatch)
+        self._data_epoch = 0
+        self._data_pos = 0
+        self._perm: Optional[torch.Tensor] = None
+        self._vmap_ok: Optional[bool] = None
+        if loss_func is None and type(self)._loss is EggrollSupervisedNE._loss:
+            raise TypeError("pass loss_func=(y_hat, y -> loss) or override _loss in a subclass")
+        super().__init__("min", network, device=device, **kwargs)
+
+    @property
+    def _nonserialized_attribs(self) -> list[str]:
+        return super()._nonserialized_attribs + ["_perm"]
+
+    def _loss(self, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of one member on one minibatch (a scalar)."""
+        raise NotImplementedError
+
+    def loss(self, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``loss_func(y_hat, y)`` if given, else ``self._loss(y_hat, y)``."""
+        return self._loss(y_hat, y) if self._loss_func is None else self._loss_func(y_hat, y)
+
+    def _indices(self, size: int) -> torch.Tensor:
+        n = len(self.dataset)
+        if self._data_pos + size > n:
+            self._data_epoch += 1
+            self._data_pos = 0
+            self._perm = None
+        if self._perm is None:
+            g = torch.Generator().manual_seed(_mix_seed(self._seed_value, self._data_epoch))
+            self._perm = torch.randperm(n, generator=g)
+        idx = self._perm[self._data_pos : self._data_pos + size]
+        self._data_pos += size
+        return idx
+
+    def get_minibatch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next minibatch ``(x, y)`` on the network's device."""
+        size = len(self.dataset) if self._minibatch_size is None else self._minibatch_size
+        idx = self._indices(size)
+        tensors = getattr(self.dataset, "tensors", None)
+        if tensors is not None:
+            batch = [t[idx] for t in tensors]
+        else:
+            batch = torch.utils.data.default_collate([self.dataset[i] for i in idx.tolist()])
+        x, y = batch
+        return x.to(self.network_device), y.to(self.network_device)
+
+    def _member_losses(self, y_hat: torch.Tensor, y: torch.Tensor, shared_y: bool) -> torch.Tensor:
+        """Loss per member: ``y_hat (K, B, ...)``, ``y (B, ...)`` or ``(K, B, ...)`` -> ``(K,)``."""
+        if self._vmap_ok is not False:
+            try:
+                out = torch.func.vmap(self.loss, in_dims=(0, None if shared_y else 0))(y_hat, y)
+                self._vmap_ok = True
+                return out.reshape(-1).float()
+            except Exception:
+                if self._vmap_ok:
+                    raise
+                self._vmap_ok = False
+        losses = [self.loss(y_hat[k], y if shared_y else y[k]) for k in range(y_hat.shape[0])]
+        return torch.stack([torch.as_tensor(v, device=y_hat.device).reshape(()) for v in losses]).float()
+
+    def _evaluate_members(self, forward: PopulationForward) -> torch.Tensor:
+        k = forward.num_members
+        total = torch.zeros(k, dtype=torch.float32, device=forward.member_ids.device)
+        for _ in range(self._num_minibatches):
+            if self._common_minibatch:
+                x, y = self.get_minibatch()
+                losses = self._member_losses(forward.shared(x), y, shared_y=True)
+            else:
+                pairs = [self.get_minibatch() for _ in range(k)]
+                xs = torch.stack([p[0] for p in pairs])  # (K, B, *in)
+                ys = torch.stack([p[1] for p in pairs])  # (K, B, *out)
+                losses = self._member_losses(forward.per_member(xs), ys, shared_y=False)
+            total += losses.to(total.device) / self._num_minibatches
+        return total
+
+
+class RunningObsNorm:
+    """Running mean and variance of observations, kept on one device in float64.
+
+    ``normalize(obs) = (obs - mean) / sqrt(var + eps)`` with the population variance of
+    every observation seen so far.
+    """
+
+    def __init__(self, shape: Sequence[int], device: DeviceLike = None, eps: float = 1e-8) -> None:
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum = torch.zeros(tuple(shape), dtype=torch.float64, device=device)
+        self.sum_of_squares = torch.zeros(tuple(shape), dtype=torch.float64, device=device)
+        self.eps = float(eps)
+
+    def update(self, obs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """Add the rows of ``obs (E, *shape)`` (only those where ``mask (E,)`` is True)."""
+        x = obs.to(torch.float64)
+        if mask is not None:
+            w = mask.to(torch.float64).reshape(-1, *([1] * (x.dim() - 1)))
+            self.count += w.sum()
+            self.sum += (x * w).sum(0)
+            self.sum_of_squares += (x * x * w).sum(0)
+        else:
+            self.count += x.shape[0]
+            self.sum += x.sum(0)
+            self.sum_of_squares += (x * x).sum(0)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count.clamp_min(1.0)
+
+    @property
+    def stdev(self) -> torch.Tensor:
+        var = (self.sum_of_squares / self.count.clamp_min(1.0) - self.mean**2).clamp_min(0.0)
+        return torch.sqrt(var + self.eps)
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        return ((obs.to(torch.float64) - self.mean) / self.stdev).to(obs.dtype)
+
+    def to(self, device: DeviceLike) -> "RunningObsNorm":
+        """A copy on ``device``."""
+        out = copy.copy(self)
+        out.count, out.sum, out.sum_of_squares = (t.to(device) for t in (self.count, self.sum, self.sum_of_squares))
+        return out
+
+
+class _ObsNormPolicy(nn.Module):
+    """A policy network preceded by fixed observation normalisation."""
+
+    def __init__(self, net: nn.Module, mean: torch.Tensor, stdev: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("obs_mean", mean.float().clone())
+        self.register_buffer("obs_stdev", stdev.float().clone())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net((obs - self.obs_mean) / self.obs_stdev)
+
+
+class EggrollVecGymNE(EggrollNEProblem):
+    """Maximise the mean episode return in a vectorised environment, one environment per member.
+
+    Mirrors ``evotorch.neuroevolution.VecGymNE``. For ``K`` members, ``K`` environments run
+    side by side; every step, the policy network computes all members' actions in one call
+    (under EGGROLL, one ``batched_forward``). An environment's return stops accumulating at
+    the end of its first episode (``terminated or truncated``, or ``episode_length`` steps):
+    whatever the environment does afterwards (Gymnasium's next-step or same-step autoreset,
+    or stepping past the end with autoreset disabled) is ignored. With ``num_episodes > 1``
+    all environments are reset together for each further episode, and the fitness is the
+    mean return over the episodes.
+
+    Actions: for a ``Discrete(n)`` action space the network outputs ``n`` scores and the
+    action is their argmax (with ``n == 2`` a single output ``> 0`` also works); for a
+    ``Box`` space the output is reshaped to the action shape and clipped to the bounds.
+
+    Every evaluation resets the environments with a fresh seed derived from ``seed`` and an
+    episode counter, so results are reproducible and pickled problems resume exactly.
+
+    Args:
+        env: A Gymnasium id (built with ``gymnasium.make_vec(env, num_envs=K, **env_config)``),
+            a callable ``(num_envs=K, **env_config) -> VectorEnv`` (it also gets
+            ``device=`` when it accepts one and ``env_config`` has none, e.g. the
+            :class:`~evotorch_eggroll.envs.CartPole` class), or a ``VectorEnv`` instance with
+            at least as many environments as members (extra environments are run but
+            ignored).
+        network: ``nn.Module`` or a callable returning one; a callable may accept
+            ``obs_length``, ``act_length``, ``obs_shape``, ``act_shape``, ``obs_space``,
+            ``act_space``.
+        env_config: Keyword arguments for building the environment.
+        num_episodes: Episodes per member and evaluation (default 1).
+        episode_length: Optional cap on the steps of each episode.
+        observation_normalization: Normalise observations with running statistics of all
+            observations seen by active members (updated during evaluation).
+        device: Device of the network (default: CUDA when available). Observations are moved
+            there; torch-native environments should live there too.
+        **kwargs: Further :class:`EggrollNEProblem` keywords (``include``, ``exclude``,
+            ``seed``, ``network_args``, ...).
+    """
+
+    def __init__(
+        self,
+        env: Union[str, Callable[..., gym.vector.VectorEnv], gym.vector.VectorEnv],
+        network: NetworkLike,
+        *,
+        env_config: Optional[Mapping[str, Any]] = None,
+        num_episodes: int = 1,
+        episode_length: Optional[int] = None,
+        observation_normalization: bool = False,
+        device: DeviceLike = None,
+        **kwargs: Any,
+    ) -> None:
+        if int(num_episodes) < 1:
+            raise ValueError(f"num_episodes must be a positive integer, got {num_episodes!r}")
+        if episode_length is not None and int(episode_length) < 1:
+            raise ValueError(f"episode_length must be a positive integer, got {episode_length!r}")
+        if observation_normalization and kwargs.get("num_actors") not in (None, 0):
+            raise ValueError("observation_normalization is not supported together with num_actors")
+        self._device_for_env = _default_device() if device is None else torch.device(device)
+        self._env_maker = env
+        self._env_config = dict(env_config or {})
+        self._num_episodes = int(num_episodes)
+        self._episode_length = None if episode_length is None else int(episode_length)
+        self._observation_normalization = bool(observation_normalization)
+        self._env: Optional[gym.vector.VectorEnv] = env if isinstance(env, gym.vector.VectorEnv) else None
+        probe = self._env if self._env is not None else self._make_env(1)
+        self._obs_space = probe.single_observation_space
+        self._act_space = probe.single_action_space
+        if probe is not self._env:
+            probe.close()
+        if not isinstance(self._obs_space, gym.spaces.Box):
+            raise TypeError(f"only Box observation spaces are supported, got {self._obs_space}")
+        if not isinstance(self._act_space, (gym.spaces.Discrete, gym.spaces.Box)):
+            raise TypeError(f"only Discrete and Box action spaces are supported, got {self._act_space}")
+        self._obs_stats: Optional[RunningObsNorm] = None
+        self._interaction_count = 0
+        self._episode_count = 0
+        self._num_resets = 0
+        super().__init__("max", network, device=device, **kwargs)
+        self.after_eval_hook.append(self._extra_status)
+
+    # ------------------------------------------------------------------ environment
+
+    @property
+    def _network_constants(self) -> dict:
+        act = self._act_space
+        act_length = int(act.n) if isinstance(act, gym.spaces.Discrete) else int(np.prod(act.shape))
+        return {
+            "obs_length": int(np.prod(self._obs_space.shape)),
+            "act_length": act_length,
+            "obs_shape": tuple(self._obs_space.shape),
+            "act_shape": tuple(act.shape),
+            "obs_space": self._obs_space,
+            "act_space": act,
+        }
+
+    def _make_env(self, num_envs: int) -> gym.vector.VectorEnv:
+        maker = self._env_maker
+        if isinstance(maker, str):
+            env = gym.make_vec(maker, num_envs=num_envs, **self._env_config)
+        elif callable(maker):
+            cfg = dict(self._env_config)
+            try:
+                takes_device = "device" in inspect.signature(maker).parameters
+            except (TypeError, ValueError):
+                takes_device = False
+            if takes_device and "device" not in cfg:
+                cfg["device"] = self._device_for_env
+            env = maker(num_envs=num_envs, **cfg)
+        else:
+            raise TypeError(f"env must be a Gymnasium id, a callable or a VectorEnv, got {maker!r}")
+        if not isinstance(env, gym.vector.VectorEnv):
+            raise TypeError(f"the environment maker returned {type(env).__name__}, expected a gymnasium VectorEnv")
+        if env.num_envs != num_envs:
+            raise ValueError(f"asked for {num_envs} environments, got {env.num_envs}")
+        return env
+
+    def _get_env(self, num_members: int) -> gym.vector.VectorEnv:
+        if isinstance(self._env_maker, gym.vector.VectorEnv):
+            if self._env_maker.num_envs < num_members:
+                raise ValueError(
+                    f"the environment has {self._env_maker.num_envs} sub-environments but {num_members} "
+                    "members are evaluated: give a Gymnasium id or a callable, or a larger VectorEnv"
+                )
+            return self._env_maker
+        if self._env is None or self._env.num_envs != num_members:
+            if self._env is not None:
+                self._env.close()
+            self._env = self._make_env(num_members)
+        return self._env
+
+    @property
+    def _nonserialized_attribs(self) -> list[str]:
+        return super()._nonserialized_attribs + ["_env"]
+
+    def get_env(self) -> Optional[gym.vector.VectorEnv]:
+        """The environment of the most recent evaluation (None before the first)."""
+        return self._env
+
+    # ------------------------------------------------------------------ counters and stats
+
+    @property
+    def observation_normalization(self) -> bool:
+        return self._observation_normalization
+
+    def get_observation_stats(self) -> Optional[RunningObsNorm]:
+        """The running observation statistics (None before any observation)."""
+        if not self._observation_normalization:
+            raise ValueError("observation statistics exist only with observation_normalization=True")
+        return self._obs_stats
+
+    @property
+    def interaction_count(self) -> int:
+        """Environment steps taken by active members so far."""
+        return self._interaction_count
+
+    @property
+    def episode_count(self) -> int:
+        """Episodes completed so far."""
+        return self._episode_count
+
+    def _extra_status(self, batch: Any = None) -> dict:
+        return {"total_interaction_count": self._interaction_count, "total_episode_count": self._episode_count}
+
+    def _lowrank_status(self) -> dict:
+        return self._extra_status()
+
+    def to_policy(self, solution: Union[Solution, torch.Tensor, Iterable]) -> nn.Module:
+        """A standalone policy module for ``solution`` (observation normalisation included)."""
+        net = self.make_net(solution)
+        if self._observation_normalization and self._obs_stats is not None:
+            return _ObsNormPolicy(net, self._obs_stats.mean, self._obs_stats.stdev)
+        return net
+
+    # ------------------------------------------------------------------ rollouts
+
+    def _to_actions(self, out: torch.Tensor, num_envs: int, torch_env: bool) -> Any:
+        k = out.shape[0]
+        space = self._act_space
+        if isinstance(space, gym.spaces.Discrete):
+            if space.n == 2 and out.reshape(k, -1).shape[1] == 1:
+                act = (out.reshape(k) > 0).to(torch.int64)
+            else:
+                scores = out.reshape(k, -1)
+                if scores.shape[1] != space.n:
+                    raise ValueError(
+                        f"the network outputs {scores.shape[1]} values per member; "
+                        f"the Discrete({space.n}) action space needs {space.n}"
+                    )
+                act = scores.argmax(dim=1)
+            act = act + int(space.start)
+        else:
+            act = out.reshape(k, *space.shape)
+            low = torch.as_tensor(space.low, dtype=act.dtype, device=act.device)
+            high = torch.as_tensor(space.high, dtype=act.dtype, device=act.device)
+            act = torch.maximum(torch.minimum(act, high), low)
+        if num_envs > k:
+            act = torch.cat([act, act[:1].expand(num_envs - k, *act.shape[1:])])
+        if torch_env:
+            return act
+        act = act.cpu().numpy()
+        return act.astype(space.dtype) if isinstance(space, gym.spaces.Box) else act
+
+    def _obs_tensor(self, obs: Any, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(obs, device=self.network_device).to(dtype)
+
+    def _normalize(self, obs: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        if not self._observation_normalization:
+            return obs
+        if self._obs_stats is None:
+            self._obs_stats = RunningObsNorm(obs.shape[1:], device=obs.device)
+        self._obs_stats.update(obs, active)
+        return self._obs_stats.normalize(obs)
+
+    def _evaluate_members(self, forward: PopulationForward) -> torch.Tensor:
+        k = forward.num_members
+        env = self._get_env(k)
+        e = env.num_envs
+        device = self.network_device
+        dtype = next(self._network.parameters()).dtype
+        returns = torch.zeros(e, dtype=torch.float64, device=device)
+        steps_taken = torch.zeros((), dtype=torch.int64, device=device)
+        for _ in range(self._num_episodes):
+            seed = _mix_seed(self._seed_value, self._num_resets)
+            self._num_resets += 1
+            obs, _ = env.reset(seed=seed)
+            torch_env = isinstance(obs, torch.Tensor)
+            check_every = 8 if (torch_env and obs.device.type == "cuda") else 1
+            active = torch.zeros(e, dtype=torch.bool, device=device)
+            active[:k] = True
+            t = 0
+            while True:
+                x = self._normalize(self._obs_tensor(obs, dtype), active)
+                out = forward(x[:k])
+                obs, reward, terminated, truncated, _ = env.step(self._to_actions(out, e, torch_env))
+                reward = torch.as_tensor(reward, device=device).to(torch.float64)
+                done = torch.as_tensor(terminated, device=device) | torch.as_tensor(truncated, device=device)
+                returns += torch.where(active, reward, torch.zeros_like(reward))
+                steps_taken += active.sum()
+                t += 1
+                active = active & ~done.to(torch.bool)
+                if self._episode_length is not None and t >= self._episode_length:
+                    break
+                if t % check_every == 0 and not bool(active.any()):
+                    break
+        self._interaction_count += int(steps_taken)
+        self._episode_count += k * self._num_episodes
+        return (returns[:k] / self._num_episodes).to(torch.float32)

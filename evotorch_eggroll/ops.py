@@ -2,7 +2,8 @@
 
 Everything here takes stream coordinates (``seed``, parameter ``key``, effective ``epoch``)
 and per-row member ids, and regenerates noise from the stream of
-:mod:`evotorch_eggroll.noise`; nothing is stored between calls.
+:mod:`evotorch_eggroll.noise` inside Triton kernels (:mod:`evotorch_eggroll.kernels`);
+nothing is stored between calls.
 
 Conventions (SPEC §3): a weight ``(m, n)`` of rank ``r`` owns the factor block
 ``F (n + m, r)``; rows ``0..n-1`` are ``B0`` and rows ``n..n+m-1`` are ``A0``. Member ``j``
@@ -10,18 +11,24 @@ uses noise index ``j // 2`` and sign ``(-1)**j`` when ``antithetic``, else index
 sign ``+1``. Its weight perturbation is ``sign * sigma / sqrt(r) * A0 @ B0.T``; a 1-D
 parameter's is ``sign * sigma * eps``.
 
-NOTE: the bodies below are plain-torch stand-ins built on the reference stream; the Triton
-launchers replace them with identical signatures.
+Every op checks its tensors' device first: CUDA tensors run the kernels on the GPU; CPU
+tensors are accepted only while Triton's interpreter is active (``TRITON_INTERPRET=1`` set
+before Triton is imported), otherwise the GPU-required RuntimeError is raised. Member ids
+are used as stream counters only (never as memory offsets): they must lie in
+``[0, 2**32)`` (``[0, 2**33)`` with antithetic sampling); the caller validates them.
+
+Numerics: noise is generated in float32; the kernels accumulate in float32 and write the
+input's dtype. ``lowrank_update`` runs its matrix products in IEEE float32 (never TF32).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import operator
+import os
+from typing import NamedTuple, Optional
 
 import torch
-
-from . import noise as _noise
 
 __all__ = [
     "normal_block",
@@ -32,31 +39,187 @@ __all__ = [
     "perturbed_linear",
     "lowrank_update",
     "dense_update",
+    "interpreter_active",
+    "check_kernel_device",
+    "GPU_REQUIRED_MESSAGE",
 ]
 
+_WORD = 1 << 32  # counters are 32-bit words
+_MAX_ELEMENTS = 4 * _WORD  # element // 4 must fit a counter word
 
-def _member_noise(member_ids: torch.Tensor, antithetic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = member_ids.to(torch.int64)
-    if antithetic:
-        return ids // 2, 1.0 - 2.0 * (ids % 2).to(torch.float32)
-    return ids, torch.ones_like(ids, dtype=torch.float32)
+GPU_REQUIRED_MESSAGE = (
+    "EGGROLL needs a CUDA GPU: its noise is generated inside Triton kernels, in parallel for "
+    "every population member, and that is only fast on a GPU. Move the model and inputs to "
+    "a CUDA device (e.g. model.cuda()); on a machine without one, use a GPU instance or "
+    "Colab. For debugging only, setting TRITON_INTERPRET=1 before Triton is imported runs "
+    "the same kernels on the CPU through Triton's interpreter (slow)."
+)
+
+
+def interpreter_active() -> bool:
+    """True when Triton's interpreter runs our kernels (``TRITON_INTERPRET=1`` at import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_kernel_device(t: torch.Tensor, what: str = "tensor") -> None:
+    """Raise the GPU-required RuntimeError for CPU tensors unless the interpreter is active."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and interpreter_active():
+        return
+    raise RuntimeError(f"{what} is on {t.device}. {GPU_REQUIRED_MESSAGE}")
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def _check_tensor(t: object, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    check_kernel_device(t, what)
+    return t
+
+
+def _check_integer(t: torch.Tensor, what: str) -> None:
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{what} must be an integer tensor, got {t.dtype}")
+
+
+def _check_floating(t: torch.Tensor, what: str) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_same_device(*pairs: tuple[str, torch.Tensor]) -> None:
+    first_name, first = pairs[0]
+    for name, t in pairs[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def _check_word(value: object, what: str) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
+    if not 0 <= value < _WORD:
+        raise ValueError(f"{what} must lie in [0, 2**32), got {value}")
+    return value
+
+
+def _check_stream(seed: object, key: object, epoch: object) -> tuple[int, int, int]:
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}") from None
+    return seed, _check_word(key, "key"), _check_word(epoch, "epoch")
+
+
+def _check_count(value: object, what: str, minimum: int) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_member_ids(member_ids: torch.Tensor, rows: int, ref: tuple[str, torch.Tensor]) -> None:
+    _check_tensor(member_ids, "member_ids")
+    _check_integer(member_ids, "member_ids")
+    if member_ids.dim() != 1 or member_ids.shape[0] != rows:
+        raise ValueError(
+            f"member_ids must have shape ({rows},) (one member per row), got "
+            f"{tuple(member_ids.shape)}"
+        )
+    _check_same_device(ref, ("member_ids", member_ids))
+
+
+def _check_noise_indices(noise_indices: torch.Tensor) -> torch.Tensor:
+    _check_tensor(noise_indices, "noise_indices")
+    _check_integer(noise_indices, "noise_indices")
+    if noise_indices.dim() > 1:
+        raise ValueError(
+            f"noise_indices must be 1-D (K,), got shape {tuple(noise_indices.shape)}"
+        )
+    return noise_indices.reshape(-1)
+
+
+def _check_rows(rank: int, row_offset: int, d: int, total_rows: int) -> None:
+    if row_offset < 0 or row_offset + d > total_rows:
+        raise ValueError(
+            f"rows [{row_offset}, {row_offset + d}) do not lie in the factor block of "
+            f"{total_rows} rows"
+        )
+    if total_rows * rank > _MAX_ELEMENTS:
+        raise ValueError(f"factor block of {total_rows} x {rank} elements exceeds 2**34")
+
+
+class _KernelModules(NamedTuple):
+    dense_noise: object
+    lowrank_expand: object
+    lowrank_project: object
+    lowrank_update: object
+    normal_block: object
+
+
+_KERNELS: list = []
+
+
+def _kernels() -> _KernelModules:
+    """The kernel modules, imported on first use (so Triton is imported only then)."""
+    if not _KERNELS:
+        from .kernels import dense_noise, lowrank_expand, lowrank_project, lowrank_update
+        from .kernels import normal_block as normal_block_kernel
+
+        _KERNELS.append(_KernelModules(dense_noise, lowrank_expand, lowrank_project,
+                                       lowrank_update, normal_block_kernel))
+    return _KERNELS[0]
+
+
+# -- noise inspection ---------------------------------------------------------------------
 
 
 def normal_block(
     seed: int, key: int, epoch: int, noise_indices: torch.Tensor, numel: int
 ) -> torch.Tensor:
-    """Normals of elements ``0..numel-1`` for each noise index: ``(K, numel)`` float32 on
-    ``noise_indices.device``."""
-    out = _noise.normal_stream(seed, key, epoch, noise_indices.cpu(), numel)
-    return out.to(noise_indices.device)
+    """Normals of elements ``0..numel-1`` for each noise index.
+
+    Args:
+        seed: stream seed (Python int).
+        key: parameter key in ``[0, 2**32)``.
+        epoch: effective epoch in ``[0, 2**32)``.
+        noise_indices: ``(K,)`` integer tensor, values in ``[0, 2**32)``.
+        numel: elements per noise index.
+
+    Returns:
+        ``(K, numel)`` float32 on ``noise_indices.device``.
+    """
+    idx = _check_noise_indices(noise_indices)
+    seed, key, epoch = _check_stream(seed, key, epoch)
+    numel = _check_count(numel, "numel", 0)
+    if numel > _MAX_ELEMENTS:
+        raise ValueError(f"numel must be at most 2**34, got {numel}")
+    return _kernels().normal_block.normal_block(seed, key, epoch, idx, numel)
 
 
 def lowrank_factors(
     seed: int, key: int, epoch: int, noise_indices: torch.Tensor, m: int, n: int, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unscaled factors ``A0 (K, m, r)``, ``B0 (K, n, r)`` (float32) of a ``(m, n)`` weight."""
+    """Unscaled factors of a ``(m, n)`` weight, exactly those the forward and update use.
+
+    Returns:
+        ``A0 (K, m, r)`` and ``B0 (K, n, r)``, float32 views of one ``(K, n + m, r)`` block.
+    """
+    m = _check_count(m, "m", 0)
+    n = _check_count(n, "n", 0)
+    rank = _check_count(rank, "rank", 1)
     block = normal_block(seed, key, epoch, noise_indices, (n + m) * rank).view(-1, n + m, rank)
     return block[:, n:], block[:, :n]
+
+
+# -- per-row noise ------------------------------------------------------------------------
 
 
 def lowrank_project(
@@ -73,14 +236,23 @@ def lowrank_project(
 ) -> torch.Tensor:
     """``t[j] = v[j] @ F_j[row_offset : row_offset + D]`` for ``v (rows, D)``: ``(rows, r)`` float32.
 
-    ``F_j`` is member ``j``'s unscaled factor block of ``total_rows = n + m`` rows.
+    ``F_j`` is member ``j``'s unscaled factor block of ``total_rows = n + m`` rows, generated
+    inside the kernel. ``v`` may have any strides and a floating dtype (math in float32).
     """
-    idx, _ = _member_noise(member_ids, antithetic)
-    d = v.shape[1]
-    uniq, inv = torch.unique(idx, return_inverse=True)
-    block = normal_block(seed, key, epoch, uniq, total_rows * rank).view(-1, total_rows, rank)
-    f = block[:, row_offset : row_offset + d][inv]  # (rows, D, r)
-    return torch.einsum("jd,jdr->jr", v.float(), f)
+    _check_tensor(v, "v")
+    _check_floating(v, "v")
+    if v.dim() != 2:
+        raise ValueError(f"v must be 2-D (rows, D), got shape {tuple(v.shape)}")
+    _check_member_ids(member_ids, v.shape[0], ("v", v))
+    seed, key, epoch = _check_stream(seed, key, epoch)
+    rank = _check_count(rank, "rank", 1)
+    row_offset = _check_count(row_offset, "row_offset", 0)
+    total_rows = _check_count(total_rows, "total_rows", 0)
+    _check_rows(rank, row_offset, v.shape[1], total_rows)
+    return _kernels().lowrank_project.lowrank_project(
+        v, member_ids, seed=seed, key=key, epoch=epoch, rank=rank, row_offset=row_offset,
+        antithetic=bool(antithetic),
+    )
 
 
 def lowrank_expand_(
@@ -97,15 +269,30 @@ def lowrank_expand_(
     scale: float,
     antithetic: bool,
 ) -> torch.Tensor:
-    """In place: ``out[j] += sign_j * scale * F_j[row_offset : row_offset + D] @ t[j]``."""
-    idx, sign = _member_noise(member_ids, antithetic)
-    d = out.shape[1]
-    uniq, inv = torch.unique(idx, return_inverse=True)
-    block = normal_block(seed, key, epoch, uniq, total_rows * rank).view(-1, total_rows, rank)
-    f = block[:, row_offset : row_offset + d][inv]  # (rows, D, r)
-    delta = torch.einsum("jdr,jr->jd", f, t.float()) * (sign * scale)[:, None]
-    out.add_(delta.to(out.dtype))
-    return out
+    """In place: ``out[j] += sign_j * scale * F_j[row_offset : row_offset + D] @ t[j]``.
+
+    ``out (rows, D)`` floating, any strides (float32 math, one rounding to ``out``'s dtype);
+    ``t (rows, r)``. Returns ``out``.
+    """
+    _check_tensor(out, "out")
+    _check_floating(out, "out")
+    if out.dim() != 2:
+        raise ValueError(f"out must be 2-D (rows, D), got shape {tuple(out.shape)}")
+    rank = _check_count(rank, "rank", 1)
+    _check_tensor(t, "t")
+    _check_floating(t, "t")
+    if tuple(t.shape) != (out.shape[0], rank):
+        raise ValueError(f"t must have shape ({out.shape[0]}, {rank}), got {tuple(t.shape)}")
+    _check_same_device(("out", out), ("t", t))
+    _check_member_ids(member_ids, out.shape[0], ("out", out))
+    seed, key, epoch = _check_stream(seed, key, epoch)
+    row_offset = _check_count(row_offset, "row_offset", 0)
+    total_rows = _check_count(total_rows, "total_rows", 0)
+    _check_rows(rank, row_offset, out.shape[1], total_rows)
+    return _kernels().lowrank_expand.lowrank_expand_(
+        out, t, member_ids, seed=seed, key=key, epoch=epoch, rank=rank, row_offset=row_offset,
+        scale=float(scale), antithetic=bool(antithetic),
+    )
 
 
 def dense_noise_add_(
@@ -118,12 +305,102 @@ def dense_noise_add_(
     scale: float,
     antithetic: bool,
 ) -> torch.Tensor:
-    """In place: ``out[j] += sign_j * scale * eps_j[0..D)`` (1-D parameter noise, per row)."""
-    idx, sign = _member_noise(member_ids, antithetic)
-    uniq, inv = torch.unique(idx, return_inverse=True)
-    eps = normal_block(seed, key, epoch, uniq, out.shape[1])[inv]
-    out.add_((eps * (sign * scale)[:, None]).to(out.dtype))
-    return out
+    """In place: ``out[j] += sign_j * scale * eps_j[0..D)`` (1-D parameter noise, per row).
+
+    ``out (rows, D)`` floating, any strides. Returns ``out``.
+    """
+    _check_tensor(out, "out")
+    _check_floating(out, "out")
+    if out.dim() != 2:
+        raise ValueError(f"out must be 2-D (rows, D), got shape {tuple(out.shape)}")
+    _check_member_ids(member_ids, out.shape[0], ("out", out))
+    seed, key, epoch = _check_stream(seed, key, epoch)
+    if out.shape[1] > _MAX_ELEMENTS:
+        raise ValueError(f"at most 2**34 elements per row, got {out.shape[1]}")
+    return _kernels().dense_noise.dense_noise_add_(
+        out, member_ids, seed=seed, key=key, epoch=epoch, scale=float(scale),
+        antithetic=bool(antithetic),
+    )
+
+
+# -- the perturbed linear layer -----------------------------------------------------------
+
+
+class _LinearNoise(NamedTuple):
+    seed: int
+    weight_key: Optional[int]
+    bias_key: Optional[int]
+    epoch: int
+    rank: int
+    scale: float  # sigma / sqrt(rank), the low-rank term's scale
+    sigma: float  # the bias noise's scale
+    antithetic: bool
+
+
+class _PerturbedLinear(torch.autograd.Function):
+    """``out = x W^T + b + s sigma/sqrt(r) (x B0) A0^T + s sigma eps_b``, per row.
+
+    Backward: ``dx = g W + s sigma/sqrt(r) (g A0) B0^T`` (the mirrored project/expand);
+    ``dW = g^T x`` and ``db = sum_rows g`` (the noise does not depend on W or b).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, member_ids, noise: _LinearNoise):
+        m, n = weight.shape
+        kern = _kernels()
+        out = torch.nn.functional.linear(x, weight, bias)  # (rows, m)
+        bias_key = noise.bias_key if bias is not None else None
+        common = dict(seed=noise.seed, epoch=noise.epoch, antithetic=noise.antithetic)
+        if noise.weight_key is not None:
+            t = kern.lowrank_project.lowrank_project(
+                x, member_ids, key=noise.weight_key, rank=noise.rank, row_offset=0, **common)
+            kern.lowrank_expand.lowrank_expand_(
+                out, t, member_ids, key=noise.weight_key, rank=noise.rank, row_offset=n,
+                scale=noise.scale, bias_key=bias_key, bias_scale=noise.sigma, **common)
+        elif bias_key is not None:
+            kern.dense_noise.dense_noise_add_(out, member_ids, key=bias_key, scale=noise.sigma,
+                                              **common)
+        ctx.save_for_backward(x, weight, member_ids)
+        ctx.noise = noise
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, member_ids = ctx.saved_tensors
+        noise: _LinearNoise = ctx.noise
+        m, n = weight.shape
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.mm(weight)  # (rows, n)
+            if noise.weight_key is not None:
+                kern = _kernels()
+                common = dict(seed=noise.seed, key=noise.weight_key, epoch=noise.epoch,
+                              rank=noise.rank, antithetic=noise.antithetic)
+                u = kern.lowrank_project.lowrank_project(grad_out, member_ids, row_offset=n,
+                                                         **common)  # (rows, r)
+                kern.lowrank_expand.lowrank_expand_(grad_x, u, member_ids, row_offset=0,
+                                                    scale=noise.scale, **common)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.t().mm(x)  # (m, n)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0)  # (m,)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _rows_and_ids(x: torch.Tensor, member_ids: torch.Tensor) -> torch.Tensor:
+    """Member id of every row of ``x.reshape(-1, n)``: ``(rows,)``."""
+    lead = tuple(x.shape[:-1])
+    if tuple(member_ids.shape) == lead:
+        return member_ids.reshape(-1)
+    if len(lead) >= 2 and member_ids.dim() == 1 and member_ids.shape[0] == lead[0]:
+        # one member per leading row, shared by the inner dimensions (e.g. a sequence)
+        view = member_ids.view(-1, *([1] * (len(lead) - 1)))
+        return view.expand(lead).reshape(-1)
+    raise ValueError(
+        f"member_ids of shape {tuple(member_ids.shape)} do not match the rows of x "
+        f"{tuple(x.shape)}: expected {lead}" + (f" or ({lead[0]},)" if len(lead) >= 2 else "")
+    )
 
 
 def perturbed_linear(
@@ -145,19 +422,70 @@ def perturbed_linear(
     ``x (rows, n)``, ``weight (m, n)``, ``bias (m,)`` or None, ``member_ids (rows,)``.
     ``weight_key``/``bias_key`` None means that parameter is not perturbed. Differentiable
     with respect to ``x``, ``weight`` and ``bias``.
+
+    ``x`` may also be ``(..., n)`` with ``member_ids`` of shape ``x.shape[:-1]``, or of
+    shape ``(x.shape[0],)`` when every inner row of a leading row uses the same member;
+    the output is then ``(..., m)``. The base product is ``F.linear`` (cuBLAS); the low-rank
+    term and the bias noise are added by the kernels in float32, with one rounding to the
+    input dtype. Under ``torch.no_grad()`` the output has no ``grad_fn``.
     """
+    _check_tensor(x, "x")
+    _check_tensor(weight, "weight")
+    _check_floating(x, "x")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (m, n), got shape {tuple(weight.shape)}")
     m, n = weight.shape
-    out = torch.nn.functional.linear(x, weight, bias)
+    if x.dim() < 1 or x.shape[-1] != n:
+        raise ValueError(f"x must have shape (rows, {n}), got {tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
+    _check_same_device(("weight", weight), ("x", x))
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        if tuple(bias.shape) != (m,):
+            raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must share a dtype")
+        _check_same_device(("weight", weight), ("bias", bias))
+    _check_tensor(member_ids, "member_ids")
+    _check_integer(member_ids, "member_ids")
+    ids = _rows_and_ids(x, member_ids)
+    _check_member_ids(ids, ids.shape[0], ("x", x))
+    seed, _, epoch = _check_stream(seed, 0, epoch)
     if weight_key is not None:
-        common = dict(seed=seed, key=weight_key, epoch=epoch, rank=rank, total_rows=n + m,
-                      antithetic=antithetic)
-        t = lowrank_project(x, member_ids, row_offset=0, **common)
-        out = out.clone()
-        lowrank_expand_(out, t, member_ids, row_offset=n, scale=sigma / math.sqrt(rank), **common)
-    if bias is not None and bias_key is not None:
-        dense_noise_add_(out, member_ids, seed=seed, key=bias_key, epoch=epoch, scale=sigma,
-                         antithetic=antithetic)
-    return out
+        weight_key = _check_word(weight_key, "weight_key")
+        rank = _check_count(rank, "rank", 1)
+        _check_rows(rank, 0, n + m, n + m)
+    if bias_key is not None:
+        bias_key = _check_word(bias_key, "bias_key")
+    sigma = float(sigma)
+    if not math.isfinite(sigma):
+        raise ValueError(f"sigma must be finite, got {sigma}")
+    if sigma == 0.0:  # every perturbation is exactly zero
+        weight_key = bias_key = None
+    if weight_key is None:
+        rank = 1  # unused
+    noise = _LinearNoise(seed, weight_key, bias_key, epoch, rank, sigma / math.sqrt(rank), sigma,
+                         bool(antithetic))
+    x2 = x.reshape(-1, n)
+    out = _PerturbedLinear.apply(x2, weight, bias, ids, noise)
+    return out.reshape(*x.shape[:-1], m)
+
+
+# -- the update ---------------------------------------------------------------------------
+
+
+def _check_update_inputs(noise_indices: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    idx = _check_noise_indices(noise_indices)
+    _check_tensor(coeffs, "coeffs")
+    _check_floating(coeffs, "coeffs")
+    if coeffs.reshape(-1).shape[0] != idx.shape[0] or coeffs.dim() > 1:
+        raise ValueError(
+            f"coeffs must have shape ({idx.shape[0]},) like noise_indices, got "
+            f"{tuple(coeffs.shape)}"
+        )
+    _check_same_device(("noise_indices", idx), ("coeffs", coeffs))
+    return idx
 
 
 def lowrank_update(
@@ -171,10 +499,21 @@ def lowrank_update(
     noise_indices: torch.Tensor,
     coeffs: torch.Tensor,
 ) -> torch.Tensor:
-    """``G = sum_k coeffs[k] * A0_k @ B0_k^T``: ``(m, n)`` float32 (scales are the caller's)."""
-    a0, b0 = lowrank_factors(seed, key, epoch, noise_indices, m, n, rank)
-    a = a0 * coeffs.float().view(-1, 1, 1)
-    return torch.einsum("kmr,knr->mn", a, b0)
+    """``G = sum_k coeffs[k] * A0_k @ B0_k^T``: ``(m, n)`` float32 (scales are the caller's).
+
+    The factors are regenerated in chunks of noise indices (bounded memory) and each chunk
+    is one ``(m, K_chunk r) @ (K_chunk r, n)`` product in IEEE float32.
+    """
+    idx = _check_update_inputs(noise_indices, coeffs)
+    seed, key, epoch = _check_stream(seed, key, epoch)
+    m = _check_count(m, "m", 0)
+    n = _check_count(n, "n", 0)
+    rank = _check_count(rank, "rank", 1)
+    _check_rows(rank, 0, n + m, n + m)
+    return _kernels().lowrank_update.lowrank_update(
+        m, n, seed=seed, key=key, epoch=epoch, rank=rank, noise_indices=idx,
+        coeffs=coeffs.reshape(-1),
+    )
 
 
 def dense_update(
@@ -186,31 +525,12 @@ def dense_update(
     noise_indices: torch.Tensor,
     coeffs: torch.Tensor,
 ) -> torch.Tensor:
-    """``g = sum_k coeffs[k] * eps_k``: ``(numel,)`` float32."""
-    eps = normal_block(seed, key, epoch, noise_indices, numel)
-    return coeffs.float() @ eps
-
-
-GPU_REQUIRED_MESSAGE = (
-    "EGGROLL needs a CUDA GPU: its noise is generated inside Triton kernels, in parallel for "
-    "every population member, and that is only fast on a GPU. Move the model and inputs to "
-    "a CUDA device (e.g. model.cuda()); on a machine without one, use a GPU instance or "
-    "Colab. For debugging only, setting TRITON_INTERPRET=1 before Triton is imported runs "
-    "the same kernels on the CPU through Triton's interpreter (slow)."
-)
-
-
-def interpreter_active() -> bool:
-    """True when Triton's interpreter runs our kernels (``TRITON_INTERPRET=1`` at import)."""
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def check_kernel_device(t: torch.Tensor, what: str = "tensor") -> None:
-    """Raise the GPU-required RuntimeError for CPU tensors unless the interpreter is active."""
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and interpreter_active():
-        return
-    raise RuntimeError(f"{what} is on {t.device}. {GPU_REQUIRED_MESSAGE}")
+    """``g = sum_k coeffs[k] * eps_k``: ``(numel,)`` float32, summed over ``k`` in order."""
+    idx = _check_update_inputs(noise_indices, coeffs)
+    seed, key, epoch = _check_stream(seed, key, epoch)
+    numel = _check_count(numel, "numel", 0)
+    if numel > _MAX_ELEMENTS:
+        raise ValueError(f"numel must be at most 2**34, got {numel}")
+    return _kernels().dense_noise.dense_update(
+        numel, seed=seed, key=key, epoch=epoch, noise_indices=idx, coeffs=coeffs.reshape(-1),
+    )

@@ -81,6 +81,12 @@ def _call_with_accepted(fn: Callable, available: Mapping[str, Any], extra: Mappi
     return fn(**kwargs, **extra)
 
 
+def _autoreset_disabled(env: gym.vector.VectorEnv) -> bool:
+    """True when the vector environment does not reset ended sub-environments itself."""
+    mode = env.metadata.get("autoreset_mode")
+    return str(getattr(mode, "value", mode)).lower() == "disabled"
+
+
 class PopulationForward:
     """Runs the network for several population members at once, one member per input row.
 
@@ -872,6 +878,7 @@ class EggrollVecGymNE(EggrollNEProblem):
             self._num_resets += 1
             obs, _ = env.reset(seed=seed)
             torch_env = isinstance(obs, torch.Tensor)
+            manual_reset = _autoreset_disabled(env)
             check_every = 8 if (torch_env and obs.device.type == "cuda") else 1
             active = torch.zeros(e, dtype=torch.bool, device=device)
             active[:k] = True
@@ -886,6 +893,10 @@ class EggrollVecGymNE(EggrollNEProblem):
                 steps_taken += active.sum()
                 t += 1
                 active = active & ~done.to(torch.bool)
+                if manual_reset and bool(done.any()):
+                    # Without autoreset, an ended sub-environment may not be stepped again.
+                    mask = done if torch_env else done.cpu().numpy()
+                    obs, _ = env.reset(options={"reset_mask": mask})
                 if self._episode_length is not None and t >= self._episode_length:
                     break
                 if t % check_every == 0 and not bool(active.any()):

@@ -1,0 +1,285 @@
+"""EvoTorch problem adapters: decision vectors, materialised evaluation, rollouts."""
+
+import pickle
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from evotorch import SolutionBatch
+from evotorch.algorithms import PGPE, SNES
+from torch import nn
+
+from evotorch_eggroll.envs import CartPole
+from evotorch_eggroll.neuroevolution import (
+    EggrollNEProblem,
+    EggrollSupervisedNE,
+    EggrollVecGymNE,
+    PopulationForward,
+    _mix_seed,
+)
+
+
+def _policy(obs_length, act_length):
+    return nn.Sequential(nn.Linear(obs_length, 4), nn.Tanh(), nn.Linear(4, act_length))
+
+
+def _regression_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.3
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def _batch(problem, vectors):
+    batch = SolutionBatch(problem, popsize=len(vectors), empty=True, device=problem.device)
+    batch.set_values(torch.stack(list(vectors)))
+    return batch
+
+
+def test_decision_vector_layout_and_roundtrip():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    net[2].bias.requires_grad_(False)
+    problem = EggrollNEProblem("max", net, batched_eval_func=lambda fwd: torch.zeros(fwd.num_members), device="cpu")
+    assert problem.evolved_parameter_names == ["0.weight", "0.bias", "2.weight"]
+    assert problem.solution_length == 15 + 5 + 10
+    v = torch.arange(30, dtype=torch.float32)
+    copy = problem.make_net(v)
+    assert torch.equal(problem.parameters_to_vector(copy), v)
+    assert torch.equal(copy[2].bias, net[2].bias)  # frozen parameters keep their values
+    # The initial solution is the network's own parameters.
+    assert torch.equal(problem.generate_values(2)[1], problem.parameters_to_vector(net))
+
+    excl = EggrollNEProblem("max", net, network_eval_func=lambda n: 0.0, exclude=["0.bias"], device="cpu")
+    assert excl.evolved_parameter_names == ["0.weight", "2.weight"]
+    incl = EggrollNEProblem("max", net, network_eval_func=lambda n: 0.0, include=["2.weight"], device="cpu")
+    assert incl.solution_length == 10
+
+
+def test_constructor_errors():
+    with pytest.raises(TypeError, match="batched_eval_func"):
+        EggrollNEProblem("max", nn.Linear(2, 2), device="cpu")
+    with pytest.raises(ValueError, match="does not have"):
+        EggrollNEProblem("max", nn.Linear(2, 2), network_eval_func=lambda n: 0.0, exclude=["nope"], device="cpu")
+    with pytest.raises(TypeError, match="loss_func"):
+        EggrollSupervisedNE(_regression_data(), nn.Linear(3, 1), device="cpu")
+    with pytest.raises(ValueError, match="num_episodes"):
+        EggrollVecGymNE(CartPole, _policy, num_episodes=0, device="cpu")
+
+
+def test_batched_and_per_network_evaluation_agree():
+    torch.manual_seed(0)
+    x = torch.randn(7, 2)
+
+    def batched(fwd: PopulationForward):
+        return fwd.shared(x).pow(2).mean(dim=(1, 2))
+
+    def single(net):
+        return net(x).pow(2).mean()
+
+    net = nn.Linear(2, 3)
+    a = EggrollNEProblem("min", net, batched_eval_func=batched, device="cpu")
+    b = EggrollNEProblem("min", net, network_eval_func=single, device="cpu")
+    vectors = [torch.randn(a.solution_length) for _ in range(5)]
+    ba, bb = _batch(a, vectors), _batch(b, vectors)
+    a.evaluate(ba)
+    b.evaluate(bb)
+    torch.testing.assert_close(ba.evals, bb.evals)
+
+
+def test_population_forward_modes():
+    torch.manual_seed(0)
+    net = nn.Linear(2, 1)
+    problem = EggrollNEProblem("min", net, batched_eval_func=lambda f: torch.zeros(f.num_members), device="cpu")
+    values = torch.randn(3, problem.solution_length)
+    fwd = problem._materialised_forward(net, values)
+    nets = [problem.make_net(v) for v in values]
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(fwd(x), torch.cat([nets[i](x[i : i + 1]) for i in range(3)]))
+    xs = torch.randn(4, 2)
+    torch.testing.assert_close(fwd.shared(xs), torch.stack([n(xs) for n in nets]))
+    xm = torch.randn(3, 4, 2)
+    torch.testing.assert_close(fwd.per_member(xm), torch.stack([nets[i](xm[i]) for i in range(3)]))
+    ids = torch.tensor([2, 2, 0])
+    torch.testing.assert_close(fwd(x, ids), torch.cat([nets[j](x[i : i + 1]) for i, j in enumerate([2, 2, 0])]))
+    with pytest.raises(ValueError, match="one row per member"):
+        fwd(torch.randn(2, 2))
+
+
+def test_supervised_fitness_is_the_loss():
+    data = _regression_data()
+    torch.manual_seed(0)
+    problem = EggrollSupervisedNE(data, nn.Linear(3, 1), nn.functional.mse_loss, device="cpu", seed=0)
+    vectors = [torch.randn(problem.solution_length) for _ in range(4)]
+    batch = _batch(problem, vectors)
+    problem.evaluate(batch)
+    x, y = data.tensors
+    expected = torch.stack([nn.functional.mse_loss(problem.make_net(v)(x), y) for v in vectors])
+    torch.testing.assert_close(batch.evals[:, 0], expected)
+    assert problem.objective_sense == "min"
+
+
+@pytest.mark.parametrize("common", [True, False])
+def test_supervised_minibatches_are_reproducible(common):
+    data = _regression_data(50)
+    make = lambda: EggrollSupervisedNE(  # noqa: E731
+        data, nn.Linear(3, 1), nn.functional.mse_loss, minibatch_size=8, num_minibatches=2,
+        common_minibatch=common, device="cpu", seed=3,
+    )
+    p1, p2 = make(), make()
+    torch.manual_seed(1)
+    vectors = [torch.randn(p1.solution_length) for _ in range(6)]
+    for _ in range(5):  # crosses dataset epochs (50 rows, 8 per minibatch)
+        b1, b2 = _batch(p1, vectors), _batch(p2, vectors)
+        p1.evaluate(b1)
+        p2.evaluate(b2)
+        assert torch.equal(b1.evals, b2.evals)
+    p3 = pickle.loads(pickle.dumps(p1))
+    b1, b3 = _batch(p1, vectors), _batch(p3, vectors)
+    p1.evaluate(b1)
+    p3.evaluate(b3)
+    assert torch.equal(b1.evals, b3.evals)
+    if common:  # every member on the same minibatch: equal vectors give equal losses
+        b = _batch(p1, [vectors[0]] * 3)
+        p1.evaluate(b)
+        assert len(set(b.evals[:, 0].tolist())) == 1
+
+
+def test_stock_pgpe_improves_supervised():
+    problem = EggrollSupervisedNE(
+        _regression_data(), nn.Linear(3, 1), nn.functional.mse_loss, minibatch_size=32, device="cpu", seed=0
+    )
+    searcher = PGPE(problem, popsize=16, center_learning_rate=0.1, stdev_learning_rate=0.1, stdev_init=0.2)
+    searcher.step()
+    first = searcher.status["mean_eval"]
+    searcher.run(40)
+    assert searcher.status["mean_eval"] < 0.5 * first
+
+
+def _constant_policy_vector(problem, action):
+    """A policy that always picks ``action`` (zero weights, a bias on that action)."""
+    net = problem.make_net(torch.zeros(problem.solution_length))
+    with torch.no_grad():
+        net[-1].bias[action] = 1.0
+    return problem.parameters_to_vector(net)
+
+
+def _first_episode_lengths(env_id, config, seed, actions):
+    """Reference: each sub-environment's first-episode length under constant ``actions``."""
+    env = gym.make_vec(env_id, num_envs=len(actions), **config)
+    env.reset(seed=seed)
+    lengths = [None] * len(actions)
+    t = 0
+    while any(v is None for v in lengths):
+        t += 1
+        _, _, term, trunc, _ = env.step(np.array(actions))
+        for i in np.flatnonzero(term | trunc):
+            if lengths[i] is None:
+                lengths[i] = t
+        if (term | trunc).any() and str(env.metadata.get("autoreset_mode")).lower().endswith("disabled"):
+            env.reset(options={"reset_mask": term | trunc})
+    env.close()
+    return lengths
+
+
+def _autoreset_modes():
+    modes = [("CartPole-v1", {})]
+    try:
+        from gymnasium.vector import AutoresetMode
+
+        modes += [
+            ("CartPole-v1", {"vectorization_mode": "sync", "vector_kwargs": {"autoreset_mode": AutoresetMode.NEXT_STEP}}),
+            ("CartPole-v1", {"vectorization_mode": "sync", "vector_kwargs": {"autoreset_mode": AutoresetMode.SAME_STEP}}),
+            ("CartPole-v1", {"vectorization_mode": "sync", "vector_kwargs": {"autoreset_mode": AutoresetMode.DISABLED}}),
+        ]
+    except ImportError:
+        pass
+    return modes
+
+
+@pytest.mark.parametrize("env_id,config", _autoreset_modes())
+def test_episode_end_stops_accumulating(env_id, config):
+    """Members whose episode ends early get exactly that episode's return, whatever the
+    environment does afterwards (autoreset), while others keep running."""
+    problem = EggrollVecGymNE(env_id, _policy, env_config=config, device="cpu", seed=7)
+    right = _constant_policy_vector(problem, 1)
+    left = _constant_policy_vector(problem, 0)
+    batch = _batch(problem, [right, left, right, left, right])
+    problem.evaluate(batch)
+    expected = _first_episode_lengths(env_id, config, _mix_seed(7, 0), [1, 0, 1, 0, 1])
+    assert len(set(expected)) > 1
+    assert batch.evals[:, 0].tolist() == [float(e) for e in expected]
+    assert problem.interaction_count == sum(expected)
+    assert problem.status["total_episode_count"] == 5
+
+
+def test_torch_cartpole_matches_gymnasium_returns_and_multiple_episodes():
+    problem = EggrollVecGymNE(CartPole, _policy, device="cpu", seed=1, num_episodes=2)
+    problem_gym = EggrollVecGymNE("CartPole-v1", _policy, device="cpu", seed=1, num_episodes=2)
+    torch.manual_seed(0)
+    vectors = [torch.randn(problem.solution_length) for _ in range(6)]
+    b1, b2 = _batch(problem, vectors), _batch(problem_gym, vectors)
+    problem.evaluate(b1)
+    problem_gym.evaluate(b2)
+    # Different initial-state generators, same physics: both returns are episode lengths.
+    for b in (b1, b2):
+        assert ((b.evals >= 8) & (b.evals <= 500)).all()
+    assert problem.episode_count == 12
+
+
+def test_episode_length_cap_and_observation_normalization():
+    problem = EggrollVecGymNE(
+        CartPole, _policy, device="cpu", seed=0, episode_length=5, observation_normalization=True
+    )
+    right = _constant_policy_vector(problem, 1)
+    batch = _batch(problem, [right, right, right])
+    problem.evaluate(batch)
+    assert batch.evals[:, 0].tolist() == [5.0, 5.0, 5.0]
+    stats = problem.get_observation_stats()
+    assert float(stats.count) == 15.0
+    policy = problem.to_policy(batch[0])
+    out = policy(torch.zeros(1, 4))
+    assert out.shape == (1, 2)
+    assert problem.status["total_interaction_count"] == 15
+
+
+def test_env_instance_with_spare_environments():
+    env = CartPole(6, device="cpu")
+    problem = EggrollVecGymNE(env, _policy, device="cpu", seed=0, episode_length=20)
+    torch.manual_seed(0)
+    batch = _batch(problem, [torch.randn(problem.solution_length) for _ in range(4)])
+    problem.evaluate(batch)
+    assert problem.interaction_count == int(batch.evals.sum())
+    with pytest.raises(ValueError, match="sub-environments"):
+        problem.evaluate(_batch(problem, [torch.randn(problem.solution_length) for _ in range(7)]))
+
+
+def test_stock_searchers_run_on_rl_adapter_and_pickle():
+    problem = EggrollVecGymNE(CartPole, _policy, device="cpu", seed=0, episode_length=30)
+    searcher = SNES(problem, popsize=8, stdev_init=0.3)
+    searcher.run(2)
+    assert isinstance(searcher.status["mean_eval"], float)
+    clone = pickle.loads(pickle.dumps(problem))
+    torch.manual_seed(0)
+    vectors = [torch.randn(problem.solution_length) for _ in range(4)]
+    b1, b2 = _batch(problem, vectors), _batch(clone, vectors)
+    problem.evaluate(b1)
+    clone.evaluate(b2)
+    assert torch.equal(b1.evals, b2.evals)
+
+
+def test_torch_cartpole_autoreset_modes_give_the_same_returns():
+    torch.manual_seed(0)
+    problems = [
+        EggrollVecGymNE(CartPole, _policy, env_config={"autoreset_mode": mode}, device="cpu", seed=4)
+        for mode in ("next_step", "disabled")
+    ]
+    vectors = [torch.randn(problems[0].solution_length) for _ in range(6)]
+    evals = []
+    for p in problems:
+        b = _batch(p, vectors)
+        p.evaluate(b)
+        evals.append(b.evals)
+    assert torch.equal(evals[0], evals[1])
+    assert len(set(evals[0][:, 0].tolist())) > 1

@@ -7,3 +7,32 @@ forward, and is regenerated for the update.
 """
 
 __version__ = "0.1.0"
+
+from .context import PerturbationContext
+from .module import ESModule
+from .perturbation import Perturbation, PerturbationSequence
+from .shaping import (
+    antithetic_baseline,
+    antithetic_fold,
+    centered_rank,
+    rank_transform,
+    shape_fitnesses,
+    zscore,
+)
+from .strategy import EggrollStrategy, EvolutionStrategy, OpenESStrategy
+
+__all__ = [
+    "EggrollStrategy",
+    "OpenESStrategy",
+    "EvolutionStrategy",
+    "ESModule",
+    "PerturbationContext",
+    "Perturbation",
+    "PerturbationSequence",
+    "shape_fitnesses",
+    "zscore",
+    "rank_transform",
+    "centered_rank",
+    "antithetic_baseline",
+    "antithetic_fold",
+]

@@ -1,0 +1,296 @@
+"""The perturbation context: ``with strategy.perturb(N, epoch) as pop``.
+
+Inside the context the model keeps its base parameters. ``pop.batched_forward`` evaluates
+many members in one call of the model's own forward (see :mod:`evotorch_eggroll.routing`);
+``pop.iterate`` writes one member's perturbed values into the parameters at a time for
+plain ``model(x)`` calls. On exit every evolved parameter is restored bit-exactly from a
+copy saved on entry, whatever happened inside.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
+from .routing import RowPerturbationMode
+
+__all__ = ["PerturbationContext"]
+
+
+class PerturbationContext:
+    """Evaluation of one population (SPEC §2). Built by ``strategy.perturb``; enter once.
+
+    Attributes:
+        population_size: N.
+        epoch: the requested epoch (noise uses the effective epoch ``coords.epoch``).
+        coords: stream coordinates of this population's noise.
+    """
+
+    def __init__(
+        self,
+        owner,
+        evolved: EvolvedSet,
+        coords: NoiseCoords,
+        population_size: int,
+        epoch: int,
+        local_members: range,
+    ):
+        self._owner = owner
+        self._evolved = evolved
+        self.coords = coords
+        self.population_size = int(population_size)
+        self.epoch = int(epoch)
+        self._local = local_members
+        self._saved: Optional[list[torch.Tensor]] = None
+        self._active = False
+        self._used = False
+        self._iter_token: Optional[object] = None
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else ("exited" if self._used else "not entered")
+        return (f"PerturbationContext(population_size={self.population_size}, "
+                f"epoch={self.epoch}, {state})")
+
+    # -- population -------------------------------------------------------------------
+
+    @property
+    def local_population_size(self) -> int:
+        """Number of members this rank evaluates (N when not distributed)."""
+        return len(self._local)
+
+    def local_member_ids(self) -> torch.Tensor:
+        """This rank's contiguous slice of member ids: ``(local_population_size,)`` int64 on
+        the CPU (index any tensor with it; ``batched_forward`` moves it as needed)."""
+        return torch.arange(self._local.start, self._local.stop, dtype=torch.int64)
+
+    # -- enter / exit -------------------------------------------------------------------
+
+    def __enter__(self) -> "PerturbationContext":
+        if self._used:
+            raise RuntimeError("a perturbation context can be entered only once; call "
+                               "strategy.perturb(...) again for a new one")
+        self._owner._context_enter(self)
+        self._used = True
+        with torch.no_grad():
+            self._saved = [e.param.detach().clone() for e in self._evolved]
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self._restore()
+        finally:
+            self._active = False
+            self._iter_token = None
+            self._saved = None
+            self._owner._context_exit(self)
+        return False  # never swallow exceptions
+
+    def _restore(self) -> None:
+        """Write the saved base values back (bit-exact copy; ``.data`` so that autograd
+        graphs recorded inside the context stay valid)."""
+        if self._saved is None:
+            return
+        with torch.no_grad():
+            for e, saved in zip(self._evolved, self._saved):
+                e.param.data.copy_(saved)
+
+    def _require_active(self, what: str) -> None:
+        if not self._active:
+            raise RuntimeError(f"{what} is only available inside the `with strategy.perturb(...)"
+                               f" as pop:` block")
+
+    # -- batched evaluation --------------------------------------------------------------
+
+    def _resolve_member_ids(self, member_ids, rows: int, device: torch.device) -> torch.Tensor:
+        n = self.population_size
+        if member_ids is None:
+            start = self._local.start
+            if start + rows > n:
+                raise ValueError(
+                    f"batched_forward got {rows} rows, but the population has only {n} "
+                    f"members (rows map to members {start}..{start + rows - 1} by default); "
+                    f"pass member_ids to map several rows to one member"
+                )
+            return torch.arange(start, start + rows, device=device, dtype=torch.int64)
+        ids = torch.as_tensor(member_ids)
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"member_ids must be integers, got dtype {ids.dtype}")
+        if ids.dim() != 1 or ids.shape[0] != rows:
+            raise ValueError(f"member_ids must have shape ({rows},) (one member per input row), "
+                             f"got {tuple(ids.shape)}")
+        ids = ids.to(device=device, dtype=torch.int64)
+        if rows:
+            lo, hi = torch.aminmax(ids)
+            if int(lo) < 0 or int(hi) >= n:
+                raise ValueError(f"member ids must lie in [0, {n}) (the population size), got "
+                                 f"values in [{int(lo)}, {int(hi)}]")
+        return ids
+
+    def batched_forward(self, model: nn.Module, x: torch.Tensor,
+                        member_ids: Optional[Union[torch.Tensor, Sequence[int]]] = None
+                        ) -> torch.Tensor:
+        """Run ``model(x)`` with row ``j`` of every evolved layer using member ``member_ids[j]``.
+
+        For a linear layer ``out_j = x_j W^T + b + s_j sigma/sqrt(r) (x_j B0_j) A0_j^T +
+        s_j sigma eps_b_j``. The model's own forward runs; ops that consume evolved
+        parameters are routed to per-row perturbed kernels for this call only.
+
+        Args:
+            model: the strategy's model or a submodule of it.
+            x: ``(R, ...)`` input; may be non-contiguous or expanded.
+            member_ids: ``(R,)`` ints in ``[0, N)``; default row ``j`` -> member ``j`` (of
+                this rank's slice when distributed).
+
+        Returns:
+            The model's output. Differentiable with respect to ``x`` (also after the
+            context exited); no graph under ``torch.no_grad()``.
+
+        Raises:
+            RuntimeError: outside the context, during ``iterate``, CPU input without the
+                interpreter, or an evolved parameter the forward did not consume through a
+                routed op.
+            ValueError: member ids of the wrong shape or outside ``[0, N)``.
+        """
+        self._require_active("batched_forward")
+        if self._iter_token is not None:
+            raise RuntimeError("batched_forward cannot run while pop.iterate() holds a member's "
+                               "values in the parameters; finish or break the loop first")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"batched_forward takes a Tensor input, got {type(x).__name__}")
+        ops.check_kernel_device(x, "the batched_forward input")
+        for e in self._evolved:
+            ops.check_kernel_device(e.param, f"parameter {e.name!r}")
+        if x.dim() == 0:
+            raise ValueError("batched_forward needs an input with a leading batch dimension")
+        ids = self._resolve_member_ids(member_ids, x.shape[0], x.device)
+        own = [self._evolved.lookup(p) for p in model.parameters()]
+        own = [e for e in own if e is not None]
+        if not own:
+            raise RuntimeError("the model given to batched_forward holds none of this "
+                               "strategy's evolved parameters; pass the model given to setup "
+                               "(or a submodule of it)")
+        mode = RowPerturbationMode(self._evolved, self.coords, ids)
+        with mode:
+            out = model(x)
+        missing = [e.name for e in own if id(e.param) not in mode.consumed]
+        if missing:
+            raise RuntimeError(
+                f"evolved parameter(s) {missing} were not consumed by any op batched_forward "
+                f"perturbs per row during this forward, so they would have been evaluated "
+                f"unperturbed. Make the forward use them (through F.linear, F.conv1d/2d, "
+                f"F.embedding, norm affines or elementwise ops with the activation), or leave "
+                f"them out with setup(model, exclude={missing!r})."
+            )
+        return out
+
+    def vmap_forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Same as ``batched_forward(model, x)`` (kept for callers of a vmap-style API)."""
+        return self.batched_forward(model, x)
+
+    # -- sequential evaluation -----------------------------------------------------------
+
+    def iterate(self) -> Iterator[int]:
+        """Yield this rank's member ids (``0..N-1`` when not distributed); while member ``k``
+        is current, plain ``model(x)`` computes member ``k``'s perturbed function (its
+        perturbation is written into the parameters). Base values come back when the loop
+        ends, breaks or raises.
+        """
+        self._require_active("iterate")
+        if self._iter_token is not None:
+            raise RuntimeError("pop.iterate() is already running")
+        token = object()
+        self._iter_token = token
+        return self._iterate(token)
+
+    def _iterate(self, token: object) -> Iterator[int]:
+        try:
+            for k in self._local:
+                if self._iter_token is not token:
+                    return
+                self._write_member(k)
+                yield k
+        finally:
+            if self._active and self._iter_token is token:
+                self._restore()
+                self._iter_token = None
+
+    def _write_member(self, k: int) -> None:
+        with torch.no_grad():
+            for e, saved in zip(self._evolved, self._saved):
+                ids = torch.tensor([k], dtype=torch.int64, device=saved.device)
+                p = e.perturbations(self.coords, ids)[0]  # (*shape) float32
+                e.param.data.copy_((saved.float() + p).to(saved.dtype))
+
+    def _with_base_values(self):
+        """Context manager used by ``strategy.eval()``: base values while iterating."""
+        ctx = self
+
+        class _Base:
+            def __enter__(self_inner):
+                self_inner.member = None
+                if ctx._active and ctx._iter_token is not None:
+                    self_inner.member = [e.param.detach().clone() for e in ctx._evolved]
+                    ctx._restore()
+
+            def __exit__(self_inner, *exc):
+                if self_inner.member is not None and ctx._active:
+                    with torch.no_grad():
+                        for e, v in zip(ctx._evolved, self_inner.member):
+                            e.param.data.copy_(v)
+                return False
+
+        return _Base()
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def get_factors(self, member_id: int, param_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factors of one member's perturbation of one weight.
+
+        Returns:
+            ``A (m, r)`` with sign and ``sigma / sqrt(r)`` folded in and ``B (n, r)``, in the
+            parameter's dtype and device, so ``A @ B.T`` is exactly the additive
+            perturbation (reshaped to the parameter for conv weights).
+
+        Raises:
+            ValueError: member outside ``[0, N)`` or a parameter with dense noise.
+            KeyError: unknown parameter name.
+        """
+        k = _check_member(member_id, self.population_size)
+        e = _lookup_name(self._evolved, param_name)
+        if not e.lowrank:
+            raise ValueError(f"parameter {e.name!r} has dense (full-rank) noise and no low-rank "
+                             f"factors; use strategy._get_perturbation({e.name!r}, member, "
+                             f"epoch).as_matrix()")
+        ids = torch.tensor([k], dtype=torch.int64, device=e.param.device)
+        a, b = e.factors(self.coords, ids)
+        return a[0].to(e.param.dtype), b[0].to(e.param.dtype)
+
+
+def _check_member(member_id, population_size: Optional[int] = None) -> int:
+    """Validate a member id (an integer, >= 0, below ``population_size`` if given)."""
+    if isinstance(member_id, bool):
+        raise TypeError("member ids are integers, got bool")
+    try:
+        k = operator.index(member_id)
+    except TypeError:
+        raise TypeError(f"member ids are integers, got {type(member_id).__name__}") from None
+    if k < 0 or (population_size is not None and k >= population_size):
+        bound = f"[0, {population_size})" if population_size is not None else ">= 0"
+        raise ValueError(f"member id {k} out of range: must lie in {bound}")
+    return k
+
+
+def _lookup_name(evolved: EvolvedSet, name: str) -> EvolvedParam:
+    e = evolved.by_name.get(name)
+    if e is None and isinstance(name, str) and name.startswith("module."):
+        e = evolved.by_name.get(name[len("module."):])
+    if e is None:
+        raise KeyError(f"{name!r} is not an evolved parameter; evolved: "
+                       f"{list(evolved.by_name)}")
+    return e

@@ -1,0 +1,187 @@
+"""What is evolved and where its noise comes from.
+
+An :class:`EvolvedParam` pairs a parameter with its stream coordinates (the CRC-32 key of
+its dotted name) and its noise kind: low-rank for weights (dim >= 2, viewed as a matrix
+``(m, n) = (shape[0], numel // shape[0])``) under EGGROLL, dense for 1-D parameters and for
+every parameter under OpenES. :class:`NoiseCoords` holds the rest of a draw's coordinates.
+All noise is regenerated through :mod:`evotorch_eggroll.ops`, so inspection, forward and
+update see the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+from . import noise as _noise
+from . import ops
+
+__all__ = ["NoiseCoords", "EvolvedParam", "EvolvedSet", "member_noise"]
+
+
+@dataclass(frozen=True)
+class NoiseCoords:
+    """Coordinates shared by every parameter's noise in one perturbation context.
+
+    Attributes:
+        seed: integer key of all noise.
+        epoch: the effective epoch (``epoch // noise_reuse``, or 0).
+        sigma: noise scale.
+        rank: low-rank r (unused for dense noise).
+        antithetic: mirrored pairs ``(2k, 2k+1)`` share draw ``k``.
+    """
+
+    seed: int
+    epoch: int
+    sigma: float
+    rank: int
+    antithetic: bool
+
+    @property
+    def lowrank_scale(self) -> float:
+        """``sigma / sqrt(r)``, the scale of ``A0 @ B0.T``."""
+        return self.sigma / math.sqrt(self.rank)
+
+
+def member_noise(member_ids: torch.Tensor, antithetic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise index ``(rows,)`` int64 and sign ``(rows,)`` float32 of each member id."""
+    ids = member_ids.to(torch.int64)
+    if antithetic:
+        return ids // 2, 1.0 - 2.0 * (ids % 2).to(torch.float32)
+    return ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+
+
+class EvolvedParam:
+    """One evolved parameter and the layout of its noise.
+
+    Attributes:
+        name: dotted name (keys the noise stream).
+        param: the Parameter object itself.
+        key: ``noise.param_key(name)``.
+        lowrank: True for low-rank weight noise, False for dense noise.
+        m, n: the matrix view ``(shape[0], numel // shape[0])`` (``(numel, 1)`` when 1-D).
+    """
+
+    __slots__ = ("name", "param", "key", "lowrank", "m", "n")
+
+    def __init__(self, name: str, param: torch.nn.Parameter, lowrank: bool):
+        self.name = name
+        self.param = param
+        self.key = _noise.param_key(name)
+        self.lowrank = bool(lowrank and param.dim() >= 2)
+        numel = param.numel()
+        self.m = int(param.shape[0]) if param.dim() >= 1 else 1
+        self.n = numel // max(self.m, 1)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.param.shape
+
+    def __repr__(self) -> str:
+        kind = "low-rank" if self.lowrank else "dense"
+        return f"EvolvedParam({self.name!r}, shape={tuple(self.shape)}, {kind})"
+
+    # -- noise of given members -------------------------------------------------------
+
+    def factors(
+        self, coords: NoiseCoords, member_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled factors of a low-rank weight for each member.
+
+        Args:
+            coords: stream coordinates.
+            member_ids: ``(K,)`` int64 member ids on the parameter's device.
+
+        Returns:
+            ``A (K, m, r)`` with sign and ``sigma / sqrt(r)`` folded in, ``B (K, n, r)``;
+            float32.
+        """
+        assert self.lowrank
+        idx, sign = member_noise(member_ids, coords.antithetic)
+        a0, b0 = ops.lowrank_factors(coords.seed, self.key, coords.epoch, idx, self.m, self.n,
+                                     coords.rank)
+        a = a0 * (sign * coords.lowrank_scale).view(-1, 1, 1)
+        return a, b0
+
+    def dense(self, coords: NoiseCoords, member_ids: torch.Tensor) -> torch.Tensor:
+        """Dense noise ``s * sigma * eps`` of each member: ``(K, *shape)`` float32."""
+        assert not self.lowrank
+        idx, sign = member_noise(member_ids, coords.antithetic)
+        eps = ops.normal_block(coords.seed, self.key, coords.epoch, idx, self.param.numel())
+        return (eps * (sign * coords.sigma)[:, None]).view(-1, *self.shape)
+
+    def perturbations(self, coords: NoiseCoords, member_ids: torch.Tensor) -> torch.Tensor:
+        """Materialised perturbations ``(K, *shape)`` float32 (small parameters, ``iterate``)."""
+        if not self.lowrank:
+            return self.dense(coords, member_ids)
+        a, b = self.factors(coords, member_ids)
+        return torch.bmm(a, b.transpose(1, 2)).view(-1, *self.shape)
+
+    def row_deltas(self, coords: NoiseCoords, member_ids: torch.Tensor) -> torch.Tensor:
+        """Per-row perturbation ``(rows, *shape)`` float32 for rows mapped to ``member_ids``.
+
+        Dense noise is written by ``ops.dense_noise_add_`` directly per row; low-rank noise
+        is materialised once per distinct member and gathered.
+        """
+        rows = member_ids.shape[0]
+        if not self.lowrank:
+            out = torch.zeros(rows, self.param.numel(), dtype=torch.float32,
+                              device=member_ids.device)
+            ops.dense_noise_add_(out, member_ids, seed=coords.seed, key=self.key,
+                                 epoch=coords.epoch, scale=coords.sigma,
+                                 antithetic=coords.antithetic)
+            return out.view(rows, *self.shape)
+        uniq, inv = torch.unique(member_ids, return_inverse=True)
+        return self.perturbations(coords, uniq)[inv]
+
+    # -- the update ---------------------------------------------------------------------
+
+    def gradient(
+        self, coords: NoiseCoords, noise_indices: torch.Tensor, coeffs: torch.Tensor
+    ) -> torch.Tensor:
+        """``sum_k coeffs[k] * P0_k`` with ``P0_k`` draw k's unsigned perturbation.
+
+        Args:
+            coords: stream coordinates.
+            noise_indices: ``(K,)`` int64 draws on the parameter's device.
+            coeffs: ``(K,)`` float32 coefficients (signs already folded in).
+
+        Returns:
+            float32 tensor of the parameter's shape.
+        """
+        if self.lowrank:
+            g = ops.lowrank_update(self.m, self.n, seed=coords.seed, key=self.key,
+                                   epoch=coords.epoch, rank=coords.rank,
+                                   noise_indices=noise_indices,
+                                   coeffs=coeffs * coords.lowrank_scale)
+        else:
+            g = ops.dense_update(self.param.numel(), seed=coords.seed, key=self.key,
+                                 epoch=coords.epoch, noise_indices=noise_indices,
+                                 coeffs=coeffs * coords.sigma)
+        return g.reshape(self.shape)
+
+
+class EvolvedSet:
+    """The evolved parameters of one strategy, in ``named_parameters()`` order, with
+    lookups by identity and by name."""
+
+    def __init__(self, entries: Iterable[EvolvedParam]):
+        self.entries: list[EvolvedParam] = list(entries)
+        self.by_id: dict[int, EvolvedParam] = {id(e.param): e for e in self.entries}
+        self.by_name: dict[str, EvolvedParam] = {e.name: e for e in self.entries}
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, obj: object) -> Optional[EvolvedParam]:
+        """The entry of a Parameter object (by identity), else None."""
+        return self.by_id.get(id(obj))
+
+    def without(self, name: str) -> "EvolvedSet":
+        return EvolvedSet(e for e in self.entries if e.name != name)

@@ -1,0 +1,277 @@
+"""Fitness shaping: pure functions from raw fitnesses to the weights of the ES gradient.
+
+Every function takes a 1-D tensor of fitnesses (higher is better), on any device and of
+any real dtype, and returns a float64 tensor of the same length on the same device unless
+stated otherwise. Nothing here knows about models or noise, so the strategy and the
+EvoTorch searcher share these functions.
+
+Conventions (SPEC §4):
+
+* ``"normalize"``: ``(f - mean) / sqrt(var + eps)`` with the population variance
+  (divide by N), in float64, finite for one element, constant input and ``|f|`` up to 1e30.
+* ``"rank"`` / ``"centered_rank"``: tie-averaged ranks ``0..N-1`` mapped to ``[-0.5, 0.5]``
+  by ``rank / (N - 1) - 0.5``. Both names give the same numbers; tie averaging makes equal
+  fitnesses get equal weights, so an antithetic pair with equal fitness contributes
+  exactly nothing.
+* ``"none"``: the raw fitnesses.
+* a callable ``Tensor -> Tensor``: its output is used exactly as returned.
+* ``baseline="antithetic"`` subtracts the mean of each mirrored pair ``(2k, 2k+1)`` instead
+  of the population mean, i.e. member ``2k`` gets ``+(f_2k - f_2k+1) / 2`` before scaling.
+* ``group_size=k > 0``: the built-in transforms run within consecutive groups of ``k``
+  members (several samples of one prompt, say); N must be a multiple of ``k``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+
+__all__ = [
+    "FITNESS_TRANSFORMS",
+    "BASELINES",
+    "FitnessTransform",
+    "check_fitness_transform",
+    "check_baseline",
+    "zscore",
+    "rank_transform",
+    "centered_rank",
+    "antithetic_baseline",
+    "shape_fitnesses",
+    "antithetic_fold",
+]
+
+FITNESS_TRANSFORMS = ("normalize", "rank", "centered_rank", "none")
+BASELINES = ("mean", "antithetic")
+
+FitnessTransform = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def check_fitness_transform(transform: FitnessTransform) -> FitnessTransform:
+    """Return ``transform`` if it is a known name or a callable.
+
+    Raises:
+        ValueError: an unknown name.
+        TypeError: neither a string nor a callable.
+    """
+    if isinstance(transform, str):
+        if transform not in FITNESS_TRANSFORMS:
+            raise ValueError(
+                f"unknown fitness_transform {transform!r}; expected one of "
+                f"{', '.join(map(repr, FITNESS_TRANSFORMS))} or a callable Tensor -> Tensor"
+            )
+        return transform
+    if callable(transform):
+        return transform
+    raise TypeError(
+        "fitness_transform must be one of "
+        f"{', '.join(map(repr, FITNESS_TRANSFORMS))} or a callable Tensor -> Tensor, "
+        f"got {type(transform).__name__}"
+    )
+
+
+def check_baseline(baseline: str) -> str:
+    """Return ``baseline`` if it is ``"mean"`` or ``"antithetic"``, else raise ValueError."""
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; expected 'mean' or 'antithetic'")
+    return baseline
+
+
+def _as_fitness_vector(f: torch.Tensor) -> torch.Tensor:
+    f = torch.as_tensor(f)
+    if f.dim() != 1:
+        raise ValueError(f"fitnesses must be a 1-D tensor (one value per population member), "
+                         f"got shape {tuple(f.shape)}")
+    if f.dtype.is_complex or f.dtype == torch.bool:
+        raise TypeError(f"fitnesses must be real numbers, got dtype {f.dtype}")
+    return f.to(torch.float64)
+
+
+def _groups(f: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View ``f (N,)`` as ``(N // k, k)``; ``group_size=0`` means one group of N."""
+    n = f.shape[0]
+    if group_size < 0:
+        raise ValueError(f"group_size must be >= 0, got {group_size}")
+    if group_size == 0:
+        return f.view(1, n)
+    if n % group_size:
+        raise ValueError(
+            f"population size {n} is not a multiple of group_size={group_size}"
+        )
+    return f.view(n // group_size, group_size)
+
+
+def _pair_means(f: torch.Tensor) -> torch.Tensor:
+    """Mean of each mirrored pair ``(2k, 2k+1)``, repeated per member; an unpaired last
+    member (odd N) is its own mean."""
+    n = f.shape[0]
+    out = f.clone()
+    even = (n // 2) * 2
+    if even:
+        pairs = f[:even].view(-1, 2)
+        out[:even] = pairs.mean(dim=1).repeat_interleave(2)
+    return out
+
+
+def zscore(f: torch.Tensor, eps: float = 1e-8, group_size: int = 0,
+           center: torch.Tensor | None = None) -> torch.Tensor:
+    """Z-score with the population variance: ``(f - mean) / sqrt(var + eps)``.
+
+    Computed in float64 after dividing by ``max|f|`` (so ``|f|`` up to 1e30 neither
+    overflows nor loses the ``eps`` term); a constant group gives exact zeros.
+
+    Args:
+        f: ``(N,)`` fitnesses.
+        eps: added to the variance.
+        group_size: 0 for the whole population, else size of consecutive groups.
+        center: optional ``(N,)`` values subtracted instead of the (group) mean.
+
+    Returns:
+        ``(N,)`` float64 on ``f.device``.
+    """
+    f = _as_fitness_vector(f)
+    if f.numel() == 0:
+        return f
+    g = _groups(f, group_size)  # (G, k)
+    scale = g.abs().amax(dim=1, keepdim=True)  # (G, 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    gs = g / scale
+    mean = gs.mean(dim=1, keepdim=True)
+    var = ((gs - mean) ** 2).mean(dim=1, keepdim=True)
+    if center is None:
+        num = gs - mean
+    else:
+        num = _as_fitness_vector(center).view_as(g)
+        num = gs - num / scale
+    out = num / torch.sqrt(var + eps / (scale * scale))
+    constant = g.amax(dim=1, keepdim=True) == g.amin(dim=1, keepdim=True)
+    if center is None:
+        out = torch.where(constant, torch.zeros_like(out), out)
+    return out.reshape(-1)
+
+
+def _tie_averaged_ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ranks ``0..k-1`` of a 1-D float64 tensor; equal values share their average rank."""
+    k = v.shape[0]
+    sorted_v, order = torch.sort(v, stable=True)
+    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True,
+                                                  return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts  # first sorted position of each tie group
+    avg = starts.to(torch.float64) + (counts.to(torch.float64) - 1.0) / 2.0
+    ranks = torch.empty(k, dtype=torch.float64, device=v.device)
+    ranks[order] = avg[inverse]
+    return ranks
+
+
+def rank_transform(f: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """Tie-averaged ranks mapped to ``[-0.5, 0.5]``: ``rank / (k - 1) - 0.5``.
+
+    Args:
+        f: ``(N,)`` fitnesses.
+        group_size: 0 for the whole population, else size of consecutive groups.
+
+    Returns:
+        ``(N,)`` float64; a group of one member gets 0.
+    """
+    f = _as_fitness_vector(f)
+    if f.numel() == 0:
+        return f
+    g = _groups(f, group_size)
+    k = g.shape[1]
+    if k == 1:
+        return torch.zeros_like(f)
+    out = torch.stack([_tie_averaged_ranks(row) for row in g]) / (k - 1) - 0.5
+    return out.reshape(-1)
+
+
+def centered_rank(f: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """``rank / (N - 1) - 0.5`` with tie-averaged ranks (same numbers as :func:`rank_transform`)."""
+    return rank_transform(f, group_size)
+
+
+def antithetic_baseline(w: torch.Tensor) -> torch.Tensor:
+    """Subtract each mirrored pair's mean: member ``2k`` gets ``(w_2k - w_2k+1) / 2`` and
+    member ``2k+1`` its negative; an unpaired last member gets 0."""
+    w = _as_fitness_vector(w)
+    return w - _pair_means(w)
+
+
+def shape_fitnesses(
+    fitnesses: torch.Tensor,
+    transform: FitnessTransform = "normalize",
+    *,
+    baseline: str = "mean",
+    eps: float = 1e-8,
+    group_size: int = 0,
+) -> torch.Tensor:
+    """Apply a fitness transform and baseline (see the module docstring).
+
+    Args:
+        fitnesses: ``(N,)`` raw fitnesses, any real dtype and device.
+        transform: ``"normalize"``, ``"rank"``, ``"centered_rank"``, ``"none"`` or a callable.
+        baseline: ``"mean"`` or ``"antithetic"``.
+        eps: z-score epsilon.
+        group_size: 0, or the size of consecutive groups shaped independently.
+
+    Returns:
+        ``(N,)`` float64 on the input's device. A callable's output is returned as given
+        (converted to float64).
+
+    Raises:
+        ValueError: non-finite fitnesses, a bad ``group_size`` or a callable returning the
+            wrong shape.
+    """
+    check_fitness_transform(transform)
+    check_baseline(baseline)
+    f = _as_fitness_vector(fitnesses)
+    if not bool(torch.isfinite(f).all()):
+        raise ValueError("fitnesses contain NaN or inf")
+    if callable(transform) and not isinstance(transform, str):
+        out = transform(torch.as_tensor(fitnesses))
+        out = torch.as_tensor(out)
+        if out.shape != f.shape:
+            raise ValueError(f"fitness_transform returned shape {tuple(out.shape)}, "
+                             f"expected {tuple(f.shape)} (one value per population member)")
+        return out.to(device=f.device, dtype=torch.float64)
+    if f.numel() == 0:
+        return f
+    _groups(f, group_size)  # validates group_size against N
+    pairwise = baseline == "antithetic"
+    if transform == "normalize":
+        if pairwise:
+            return zscore(f, eps, group_size, center=_pair_means(f))
+        return zscore(f, eps, group_size)
+    if transform in ("rank", "centered_rank"):
+        r = rank_transform(f, group_size)
+        return r - _pair_means(r) if pairwise else r
+    # "none"
+    return f - _pair_means(f) if pairwise else f.clone()
+
+
+def antithetic_fold(
+    weights: torch.Tensor, antithetic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold shaped fitnesses onto noise draws.
+
+    With antithetic sampling members ``2k`` (sign +1) and ``2k+1`` (sign -1) share draw
+    ``k``, so ``sum_i w_i s_i P_{k(i)} = sum_k (w_2k - w_2k+1) P_k``: the pair coefficient is
+    the plain difference, exactly zero when the two weights are equal. An unpaired last
+    member (odd N) keeps its own weight on draw ``N // 2``.
+
+    Args:
+        weights: ``(N,)`` shaped fitnesses.
+        antithetic: whether members are mirrored pairs.
+
+    Returns:
+        ``noise_indices (K,)`` int64 and ``coeffs (K,)`` float64, on ``weights.device``.
+    """
+    w = _as_fitness_vector(weights)
+    n = w.shape[0]
+    if not antithetic:
+        return torch.arange(n, device=w.device), w.clone()
+    even = (n // 2) * 2
+    pairs = w[:even].view(-1, 2)
+    coeffs = pairs[:, 0] - pairs[:, 1]
+    if n % 2:
+        coeffs = torch.cat([coeffs, w[-1:]])
+    return torch.arange(coeffs.shape[0], device=w.device), coeffs

@@ -1,0 +1,803 @@
+"""EGGROLL and OpenES: evolution strategies over a PyTorch model's parameters.
+
+EGGROLL ("Evolution Strategies at the Hyperscale", Sarkar et al., 2025) perturbs every
+weight matrix of member ``i`` by ``P_i = s_i sigma / sqrt(r) A0 B0^T`` (rank r, never
+materialised in the batched forward) and every 1-D parameter by ``s_i sigma eps``. OpenES
+(Salimans et al., 2017) is the same algorithm with full-rank noise on every parameter.
+Both share one implementation, :class:`EvolutionStrategy`; the two public classes only
+choose the noise kind.
+
+One generation::
+
+    with strategy.perturb(population_size=N) as pop:
+        out = pop.batched_forward(model, x)        # all members in one forward
+        fitnesses = evaluate(out)                  # (N,), higher is better
+    metrics = strategy.step(fitnesses)
+
+The update regenerates the noise from its coordinates (seed, parameter name, effective
+epoch, noise index): ``g = (1/sqrt(N)) sum_i w_i P_i`` with shaped fitnesses ``w``, and
+``-g`` goes to a torch optimizer as the gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import inspect
+import math
+import numbers
+import operator
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import noise as _noise
+from . import ops
+from .context import PerturbationContext, _check_member, _lookup_name
+from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
+from .module import ESModule
+from .perturbation import Perturbation, PerturbationSequence
+from .routing import check_supported_modules
+from .shaping import (
+    FitnessTransform,
+    antithetic_fold,
+    check_baseline,
+    check_fitness_transform,
+    shape_fitnesses,
+)
+
+__all__ = ["EvolutionStrategy", "EggrollStrategy", "OpenESStrategy"]
+
+_OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+_EVENTS = ("on_step", "on_perturb")
+_STATE_KEYS = ("algorithm", "noise_stream_version", "sigma", "lr", "epoch", "total_steps",
+               "seed", "rank", "antithetic", "noise_reuse", "optimizer", "parameters")
+
+
+# -- argument checks ---------------------------------------------------------------------------
+
+def _real(name: str, value: Any, *, allow_zero: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _population_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"population_size must be a positive integer, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise ValueError(f"population_size must be a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise ValueError(f"population_size must be a positive integer, got {n}")
+    return n
+
+
+def _optimizer_class(optimizer: Any) -> type:
+    if isinstance(optimizer, str):
+        cls = _OPTIMIZERS.get(optimizer.lower())
+        if cls is None:
+            raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd', 'adam', 'adamw' "
+                             f"or a torch.optim.Optimizer subclass")
+        return cls
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        return optimizer
+    raise TypeError(f"optimizer must be 'sgd', 'adam', 'adamw' or a torch.optim.Optimizer "
+                    f"subclass, got {optimizer!r}")
+
+
+class EvolutionStrategy:
+    """The shared implementation of :class:`EggrollStrategy` and :class:`OpenESStrategy`.
+
+    Subclasses set ``_full_rank`` (dense noise on every parameter) and ``_algorithm``
+    (the name stored in checkpoints). See :class:`EggrollStrategy` for the arguments.
+    """
+
+    _full_rank: bool = False
+    _algorithm: str = "eggroll"
+
+    def __init__(
+        self,
+        sigma: float = 0.1,
+        lr: float = 0.01,
+        rank: int = 4,
+        optimizer: Union[str, type] = "adam",
+        optimizer_kwargs: Optional[Mapping] = None,
+        antithetic: bool = True,
+        noise_reuse: int = 1,
+        seed: int = 0,
+        fitness_transform: FitnessTransform = "normalize",
+        baseline: str = "mean",
+        fitness_eps: float = 1e-8,
+        group_size: int = 0,
+        evolve_bias: bool = True,
+        max_grad_norm: Optional[float] = None,
+        distributed: bool = False,
+    ):
+        self._sigma = _real("sigma", sigma)
+        self._lr = _real("lr", lr)
+        self._rank = _integer("rank", rank, 1)
+        self._optimizer_cls = _optimizer_class(optimizer)
+        if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
+            raise TypeError(f"optimizer_kwargs must be a mapping, got "
+                            f"{type(optimizer_kwargs).__name__}")
+        self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        if "lr" in self.optimizer_kwargs:
+            raise ValueError("pass the learning rate as lr=..., not in optimizer_kwargs")
+        self.antithetic = bool(antithetic)
+        self.noise_reuse = _integer("noise_reuse", noise_reuse, 0)
+        self._seed = _integer("seed", seed, 0)
+        if self._seed >= 1 << 64:
+            raise ValueError(f"seed must be < 2**64, got {self._seed}")
+        self.fitness_transform = check_fitness_transform(fitness_transform)
+        self.baseline = check_baseline(baseline)
+        self.fitness_eps = _real("fitness_eps", fitness_eps)
+        self.group_size = _integer("group_size", group_size, 0)
+        self.evolve_bias = bool(evolve_bias)
+        self.max_grad_norm = (None if max_grad_norm is None
+                              else _real("max_grad_norm", max_grad_norm, allow_zero=False))
+        self.distributed = bool(distributed)
+
+        self.model: Optional[nn.Module] = None
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._evolved = EvolvedSet([])
+        self._pending_freeze: set[str] = set()
+        self.epoch = 0
+        self.total_steps = 0
+        self._active: Optional[PerturbationContext] = None
+        self._last: Optional[tuple[int, int, NoiseCoords]] = None
+        self._callbacks: dict[str, list[Callable]] = {e: [] for e in _EVENTS}
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def _config_names(cls) -> tuple:
+        return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "EvolutionStrategy":
+        """Build from a dataclass, mapping or attribute bag holding constructor argument
+        names; unknown names are ignored."""
+        names = cls._config_names()
+        if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+            items = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        elif isinstance(cfg, Mapping):
+            items = dict(cfg)
+        else:
+            items = {k: getattr(cfg, k) for k in names if hasattr(cfg, k)}
+        return cls(**{k: v for k, v in items.items() if k in names})
+
+    def __repr__(self) -> str:
+        state = (f"{len(self._evolved)} evolved parameters" if self.model is not None
+                 else "not set up")
+        rank = "" if self._full_rank else f", rank={self._rank}"
+        return (f"{type(self).__name__}(sigma={self._sigma}, lr={self._lr}{rank}, "
+                f"antithetic={self.antithetic}, noise_reuse={self.noise_reuse}, "
+                f"seed={self._seed}, epoch={self.epoch}; {state})")
+
+    # -- attributes -----------------------------------------------------------------------
+
+    @property
+    def sigma(self) -> float:
+        """Noise scale (>= 0)."""
+        return self._sigma
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        self._sigma = _real("sigma", value)
+
+    @property
+    def lr(self) -> float:
+        """Learning rate; setting it updates the optimizer's param groups."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = _real("lr", value)
+        if self._optimizer is not None:
+            for group in self._optimizer.param_groups:
+                group["lr"] = self._lr
+
+    @property
+    def seed(self) -> int:
+        """Integer key of all noise."""
+        return self._seed
+
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        """The torch optimizer over the evolved parameters (built in ``setup``)."""
+        return self._optimizer
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _require_setup(self, what: str) -> None:
+        if self.model is None:
+            raise RuntimeError(f"{what} needs a model: call strategy.setup(model) first")
+
+    def _world_info(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of the process group, ``(0, 1)`` when not distributed."""
+        if not self.distributed:
+            return 0, 1
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("distributed=True needs an initialized torch.distributed process "
+                               "group: call torch.distributed.init_process_group(...) first "
+                               "(e.g. under torchrun)")
+        return dist.get_rank(), dist.get_world_size()
+
+    def setup(self, model: nn.Module, include: Optional[Iterable[str]] = None,
+              exclude: Optional[Iterable[str]] = None) -> "EvolutionStrategy":
+        """Discover the evolved parameters of ``model`` and build the optimizer.
+
+        Evolved: parameters with ``requires_grad=True`` in ``named_parameters()`` order,
+        restricted to ``include`` and minus ``exclude`` (exact dotted names), minus frozen
+        ones (``freeze``, ``ESModule.freeze_parameter``), minus 1-D ones when
+        ``evolve_bias=False``. Nothing is installed on the model.
+
+        Args:
+            model: the model, every parameter on a CUDA device (or on the CPU under
+                ``TRITON_INTERPRET=1``). Kept as ``self.model``, never wrapped.
+            include: names to evolve (default: all).
+            exclude: names not to evolve.
+
+        Returns:
+            self.
+
+        Raises:
+            RuntimeError: CPU parameters without the interpreter; inside a perturb context.
+            ValueError: unknown names, nothing to evolve, or a parameter owned by a module
+                type whose forward cannot be perturbed per row (``exclude`` it).
+        """
+        if self._active is not None:
+            raise RuntimeError("setup() cannot run inside a perturb context")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"setup takes an nn.Module, got {type(model).__name__}")
+        base = model.module if isinstance(model, ESModule) else model
+        frozen = set(model.frozen_parameters) if isinstance(model, ESModule) else set()
+        named = list(base.named_parameters())
+        if not named:
+            raise ValueError("the model has no parameters to evolve")
+        for name, p in named:
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                raise ValueError(f"parameter {name!r} is uninitialized (a lazy module): run one "
+                                 f"forward pass before setup")
+            ops.check_kernel_device(p, f"parameter {name!r}")
+        known = [n for n, _ in named]
+
+        def names_of(arg: Optional[Iterable[str]], what: str) -> Optional[set]:
+            if arg is None:
+                return None
+            if isinstance(arg, str):
+                arg = [arg]
+            out = set()
+            for n in arg:
+                if n not in known and isinstance(n, str) and n.startswith("module.") \
+                        and n[len("module."):] in known:
+                    n = n[len("module."):]
+                if n not in known:
+                    raise ValueError(f"{what} names unknown parameter {n!r}; parameters: {known}")
+                out.add(n)
+            return out
+
+        inc, exc = names_of(include, "include"), names_of(exclude, "exclude") or set()
+        pending = names_of(self._pending_freeze, "freeze") or set()
+        chosen = [
+            (n, p) for n, p in named
+            if p.requires_grad and (inc is None or n in inc) and n not in exc
+            and n not in frozen and n not in pending and (self.evolve_bias or p.dim() >= 2)
+        ]
+        if not chosen:
+            raise ValueError("no parameters to evolve (check requires_grad, include/exclude, "
+                             "frozen parameters and evolve_bias)")
+        for n, p in chosen:
+            if not p.is_floating_point():
+                raise ValueError(f"parameter {n!r} has dtype {p.dtype}; only floating-point "
+                                 f"parameters can be evolved")
+        check_supported_modules(base, [n for n, _ in chosen])
+        self._world_info()  # a distributed strategy needs its process group now
+        evolved = EvolvedSet(EvolvedParam(n, p, lowrank=not self._full_rank) for n, p in chosen)
+        optimizer = self._optimizer_cls([e.param for e in evolved], lr=self._lr,
+                                        **self.optimizer_kwargs)
+        self.model = model
+        self._evolved = evolved
+        self._optimizer = optimizer
+        self.epoch = 0
+        self.total_steps = 0
+        self._last = None
+        return self
+
+    # -- parameters -------------------------------------------------------------------------
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(dotted name, Parameter)`` of every evolved parameter."""
+        self._require_setup("named_parameters()")
+        return [(e.name, e.param) for e in self._evolved]
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The evolved Parameter objects."""
+        return [p for _, p in self.named_parameters()]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Evolved parameters with dim >= 2."""
+        return [p for p in self.parameters() if p.dim() >= 2]
+
+    def bias_parameters(self) -> list[nn.Parameter]:
+        """Evolved 1-D parameters."""
+        return [p for p in self.parameters() if p.dim() == 1]
+
+    def freeze(self, name: str) -> None:
+        """Exclude one more parameter (dotted name) from evolution.
+
+        Before ``setup`` the name is remembered and applied there; after it, the parameter
+        leaves the evolved set and the optimizer (with its optimizer state).
+        """
+        if self._active is not None:
+            raise RuntimeError("freeze() cannot run inside a perturb context")
+        if not isinstance(name, str):
+            raise TypeError(f"parameter names are strings, got {type(name).__name__}")
+        if self.model is None:
+            self._pending_freeze.add(name)
+            return
+        try:
+            e = _lookup_name(self._evolved, name)
+        except KeyError as err:
+            raise ValueError(err.args[0]) from None
+        if len(self._evolved) == 1:
+            raise ValueError(f"cannot freeze {e.name!r}: it is the last evolved parameter")
+        self._pending_freeze.add(e.name)
+        self._evolved = self._evolved.without(e.name)
+        for group in self._optimizer.param_groups:
+            group["params"] = [q for q in group["params"] if q is not e.param]
+        self._optimizer.state.pop(e.param, None)
+
+    # -- noise coordinates ----------------------------------------------------------------
+
+    def _coords(self, epoch: int, sigma: Optional[float] = None) -> NoiseCoords:
+        eff = _noise.effective_epoch(epoch, self.noise_reuse)
+        return NoiseCoords(seed=self._seed, epoch=eff,
+                           sigma=self._sigma if sigma is None else sigma,
+                           rank=1 if self._full_rank else self._rank,
+                           antithetic=self.antithetic)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def perturb(self, population_size: int, epoch: Optional[int] = None) -> PerturbationContext:
+        """A context manager evaluating a population of ``population_size`` members.
+
+        Args:
+            population_size: N > 0.
+            epoch: the noise epoch (default ``self.epoch``).
+
+        Raises:
+            RuntimeError: before setup, nested in another context of this strategy, CPU
+                parameters without the interpreter.
+            ValueError: N <= 0, or N not divisible by the world size when distributed.
+        """
+        self._require_setup("perturb()")
+        n = _population_size(population_size)
+        if self._active is not None:
+            raise RuntimeError("perturbation contexts of one strategy cannot be nested")
+        epoch = self.epoch if epoch is None else _integer("epoch", epoch, 0)
+        rank, world = self._world_info()
+        if n % world:
+            raise ValueError(f"population_size {n} must be divisible by the world size "
+                             f"{world} (every rank evaluates an equal slice)")
+        for e in self._evolved:
+            ops.check_kernel_device(e.param, f"parameter {e.name!r}")
+        if self.antithetic and n % 2:
+            warnings.warn(
+                f"antithetic sampling with an odd population_size ({n}): the last member has "
+                f"no mirrored partner", UserWarning, stacklevel=2)
+        per = n // world
+        return PerturbationContext(self, self._evolved, self._coords(epoch), n, epoch,
+                                   range(rank * per, (rank + 1) * per))
+
+    def _context_enter(self, ctx: PerturbationContext) -> None:
+        if self._active is not None:
+            raise RuntimeError("perturbation contexts of one strategy cannot be nested")
+        self._active = ctx
+        try:
+            for fn in self._callbacks["on_perturb"]:
+                fn(ctx.population_size, ctx.epoch)
+        except BaseException:
+            self._active = None
+            raise
+
+    def _context_exit(self, ctx: PerturbationContext) -> None:
+        if self._active is ctx:
+            self._active = None
+        self._last = (ctx.population_size, ctx.epoch, ctx.coords)
+
+    def eval(self):
+        """Context manager under which ``model(x)`` is the plain, unperturbed model (also
+        inside ``pop.iterate()``). ``model.training`` is not touched."""
+        if self._active is None:
+            return contextlib.nullcontext()
+        return self._active._with_base_values()
+
+    # -- fitness shaping ------------------------------------------------------------------
+
+    def _shape(self, f: torch.Tensor) -> torch.Tensor:
+        return shape_fitnesses(f, self.fitness_transform, baseline=self.baseline,
+                               eps=self.fitness_eps, group_size=self.group_size)
+
+    def normalize_fitnesses(self, fitnesses: torch.Tensor) -> torch.Tensor:
+        """The configured fitness transform (works before setup, on any device).
+
+        Returns:
+            Same shape and device as ``fitnesses``; its floating dtype (float32 for
+            integer input).
+        """
+        f = torch.as_tensor(fitnesses)
+        dtype = f.dtype if f.is_floating_point() else torch.get_default_dtype()
+        return self._shape(f.reshape(-1).to(dtype)).to(dtype).reshape(f.shape)
+
+    # -- the update -------------------------------------------------------------------------
+
+    def _all_gather_fitnesses(self, local: torch.Tensor, world: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        device = (self._evolved.entries[0].param.device if dist.get_backend() == "nccl"
+                  else torch.device("cpu"))
+        t = local.to(device=device, dtype=torch.float64).contiguous()
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    def _collect_fitnesses(self, fitnesses: Any, n: int) -> torch.Tensor:
+        f = torch.as_tensor(fitnesses)
+        if f.dtype == torch.bool or f.is_complex():
+            raise TypeError(f"fitnesses must be real numbers, got dtype {f.dtype}")
+        if not f.is_floating_point():
+            f = f.to(torch.float64)
+        if f.dim() != 1 and sum(s != 1 for s in f.shape) <= 1:
+            f = f.reshape(-1)
+        if f.dim() != 1:
+            raise ValueError(f"fitnesses must be 1-D (one value per population member), got "
+                             f"shape {tuple(f.shape)}")
+        _, world = self._world_info()
+        if world > 1 and f.shape[0] == n // world:
+            f = self._all_gather_fitnesses(f, world)
+        if f.shape[0] != n:
+            raise ValueError(f"got {f.shape[0]} fitness values for a population of {n} members "
+                             f"(the population_size of the last perturb context)")
+        return f
+
+    def step(self, fitnesses: Any, prenormalized: bool = False) -> dict:
+        """Update the parameters from the fitnesses of the last perturb context's members.
+
+        Everything is validated before anything changes. Then: shape the fitnesses (unless
+        ``prenormalized``), fold antithetic pairs, regenerate the noise, form
+        ``g = (1/sqrt(N)) sum_i w_i P_i`` per parameter, clip its global norm
+        (``max_grad_norm``), hand ``-g`` to the optimizer as ``.grad`` (the parameters' own
+        ``.grad`` are restored afterwards), advance ``epoch`` and ``total_steps``, fire
+        ``on_step``.
+
+        Args:
+            fitnesses: ``(N,)`` values, higher is better (this rank's ``(N / world,)`` slice
+                when distributed; they are all-gathered).
+            prenormalized: use the fitnesses as the weights ``w`` as given.
+
+        Returns:
+            Metrics (plain Python numbers): ``grad_norm`` (after clipping),
+            ``param_delta_norm``, ``fitness_mean``/``std`` (population std)/``max``/``min``
+            (raw), ``normalized_fitness_mean``, ``epoch`` (of the evaluated population),
+            ``lr``, ``sigma``, ``population_size``.
+
+        Raises:
+            RuntimeError: before setup, inside a perturb context, without a preceding one.
+            ValueError: wrong number of fitnesses, NaN/inf, N not a multiple of group_size.
+        """
+        self._require_setup("step()")
+        if self._active is not None:
+            raise RuntimeError("step() cannot run inside a perturb context; call it after the "
+                               "`with strategy.perturb(...)` block")
+        if self._last is None:
+            raise RuntimeError("step() needs a preceding perturb context: evaluate the "
+                               "population in `with strategy.perturb(N) as pop:` first")
+        n, epoch, coords = self._last
+        for e in self._evolved:
+            ops.check_kernel_device(e.param, f"parameter {e.name!r}")
+        f = self._collect_fitnesses(fitnesses, n)
+        f64 = f.detach().to(device="cpu", dtype=torch.float64)
+        if not bool(torch.isfinite(f64).all()):
+            raise ValueError("fitnesses contain NaN or inf; nothing was updated")
+        if self.group_size and n % self.group_size:
+            raise ValueError(f"population size {n} is not a multiple of group_size="
+                             f"{self.group_size}")
+        w = f64 if prenormalized else self._shape(f.detach()).to("cpu", torch.float64)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("shaped fitnesses contain NaN or inf; nothing was updated")
+
+        idx, coeffs = antithetic_fold(w, self.antithetic)
+        coeffs = coeffs / math.sqrt(n)
+        grads = []
+        for e in self._evolved:
+            dev = e.param.device
+            grads.append(e.gradient(coords, idx.to(dev), coeffs.to(dev, torch.float32)))
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        if self.max_grad_norm is not None and norm > self.max_grad_norm:
+            factor = self.max_grad_norm / (norm + 1e-6)
+            grads = [g * factor for g in grads]
+            norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+
+        params = [e.param for e in self._evolved]
+        with torch.no_grad():
+            before = [p.detach().clone() for p in params]
+        own_grads = [p.grad for p in params]
+        try:
+            for p, g in zip(params, grads):
+                p.grad = (-g).to(p.dtype).view_as(p)
+            self._optimizer.step()
+        finally:
+            for p, g in zip(params, own_grads):
+                p.grad = g
+        with torch.no_grad():
+            if self._lr == 0.0:
+                # lr = 0 promises bit-identical parameters (an optimizer adding a signed zero
+                # could flip -0.0 to +0.0)
+                for p, b in zip(params, before):
+                    p.copy_(b)
+            delta = math.sqrt(sum(float((p.double() - b.double()).pow(2).sum())
+                                  for p, b in zip(params, before)))
+
+        self.epoch += 1
+        self.total_steps += 1
+        self._last = None
+        metrics = {
+            "grad_norm": float(norm),
+            "param_delta_norm": float(delta),
+            "fitness_mean": float(f64.mean()),
+            "fitness_std": float(f64.std(unbiased=False)) if n > 1 else 0.0,
+            "fitness_max": float(f64.max()),
+            "fitness_min": float(f64.min()),
+            "normalized_fitness_mean": float(w.mean()),
+            "epoch": int(epoch),
+            "lr": float(self._lr),
+            "sigma": float(self._sigma),
+            "population_size": int(n),
+        }
+        for fn in self._callbacks["on_step"]:
+            fn(dict(metrics))
+        return metrics
+
+    # -- callbacks --------------------------------------------------------------------------
+
+    def register_callback(self, event: str, fn: Callable) -> None:
+        """``"on_step"``: ``fn(metrics)`` once per step; ``"on_perturb"``:
+        ``fn(population_size, epoch)`` once per perturb context."""
+        if event not in _EVENTS:
+            raise ValueError(f"unknown event {event!r}; expected 'on_step' or 'on_perturb'")
+        if not callable(fn):
+            raise TypeError(f"callback must be callable, got {type(fn).__name__}")
+        self._callbacks[event].append(fn)
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a bit-identical resume needs: hyperparameters that key the noise,
+        counters, optimizer state and evolved parameter values. Tensors, numbers, strings,
+        lists and dicts only (``torch.load(..., weights_only=True)`` works)."""
+        self._require_setup("state_dict()")
+        return {
+            "algorithm": self._algorithm,
+            "noise_stream_version": _noise.STREAM_VERSION,
+            "sigma": float(self._sigma),
+            "lr": float(self._lr),
+            "epoch": int(self.epoch),
+            "total_steps": int(self.total_steps),
+            "seed": int(self._seed),
+            "rank": 0 if self._full_rank else int(self._rank),
+            "antithetic": bool(self.antithetic),
+            "noise_reuse": int(self.noise_reuse),
+            "optimizer": copy.deepcopy(self._optimizer.state_dict()),
+            "parameters": {e.name: e.param.detach().clone() for e in self._evolved},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a :meth:`state_dict` (the loaded seed, rank, antithetic and noise_reuse
+        override the constructor's). Validated before anything changes."""
+        self._require_setup("load_state_dict()")
+        if self._active is not None:
+            raise RuntimeError("load_state_dict() cannot run inside a perturb context")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise KeyError(f"state_dict misses {missing}")
+        if state["algorithm"] != self._algorithm:
+            raise ValueError(f"state_dict is from {state['algorithm']!r}, this strategy is "
+                             f"{self._algorithm!r}")
+        if state["noise_stream_version"] != _noise.STREAM_VERSION:
+            raise ValueError(f"state_dict uses noise stream version "
+                             f"{state['noise_stream_version']}, this library "
+                             f"{_noise.STREAM_VERSION}")
+        sigma = _real("sigma", state["sigma"])
+        lr = _real("lr", state["lr"])
+        epoch = _integer("epoch", state["epoch"], 0)
+        total_steps = _integer("total_steps", state["total_steps"], 0)
+        seed = _integer("seed", state["seed"], 0)
+        rank = _integer("rank", state["rank"], 0)
+        if not self._full_rank and rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        noise_reuse = _integer("noise_reuse", state["noise_reuse"], 0)
+        values = state["parameters"]
+        names = [e.name for e in self._evolved]
+        if not isinstance(values, Mapping) or sorted(values) != sorted(names):
+            got = sorted(values) if isinstance(values, Mapping) else type(values).__name__
+            raise ValueError(f"state_dict parameters {got} do not match the evolved "
+                             f"parameters {sorted(names)}")
+        for e in self._evolved:
+            v = values[e.name]
+            if not isinstance(v, torch.Tensor) or v.shape != e.param.shape:
+                raise ValueError(f"state_dict value of {e.name!r} has shape "
+                                 f"{getattr(v, 'shape', None)}, expected {tuple(e.param.shape)}")
+        optimizer_state = copy.deepcopy(state["optimizer"])
+        self._optimizer.load_state_dict(optimizer_state)  # validates before changing
+        with torch.no_grad():
+            for e in self._evolved:
+                e.param.copy_(values[e.name].to(e.param.device))
+        self._sigma = sigma
+        self.lr = lr
+        self.epoch = epoch
+        self.total_steps = total_steps
+        self._seed = seed
+        if not self._full_rank:
+            self._rank = rank
+        self.antithetic = bool(state["antithetic"])
+        self.noise_reuse = noise_reuse
+        self._last = None
+
+    # -- inspection -------------------------------------------------------------------------
+
+    def _entry(self, param: Union[torch.Tensor, str]) -> EvolvedParam:
+        self._require_setup("inspection")
+        if isinstance(param, str):
+            return _lookup_name(self._evolved, param)
+        e = self._evolved.lookup(param) if isinstance(param, torch.Tensor) else None
+        if e is None:
+            raise ValueError("param is not one of this strategy's evolved Parameter objects "
+                             "(looked up by identity); see strategy.parameters()")
+        return e
+
+    def _perturbation(self, e: EvolvedParam, member_id: int, epoch: Optional[int]) -> Perturbation:
+        k = _check_member(member_id)
+        epoch = self.epoch if epoch is None else _integer("epoch", epoch, 0)
+        coords = self._coords(epoch)
+        ids = torch.tensor([k], dtype=torch.int64, device=e.param.device)
+        if e.lowrank:
+            a, b = e.factors(coords, ids)
+            factors: Any = (a[0].to(e.param.dtype), b[0].to(e.param.dtype))
+            rank: Optional[int] = self._rank
+        else:
+            factors = e.dense(coords, ids)[0].to(e.param.dtype)
+            rank = None
+        return Perturbation(param_name=e.name, shape=tuple(e.param.shape), factors=factors,
+                            rank=rank, member_id=k, epoch=epoch,
+                            sign=_noise.member_sign(k, self.antithetic))
+
+    def _sample_perturbation(self, param: torch.Tensor, member_id: int,
+                             epoch: Optional[int] = None) -> Perturbation:
+        """Member ``member_id``'s perturbation of ``param`` (an evolved Parameter object) at
+        ``epoch`` (default ``self.epoch``): exactly the noise forward and update use."""
+        return self._perturbation(self._entry(param), member_id, epoch)
+
+    def sample_perturbations(self, param: torch.Tensor, population_size: int,
+                             epoch: Optional[int] = None) -> PerturbationSequence:
+        """The perturbations of members ``0..N-1`` of ``param``: a lazy sequence."""
+        e = self._entry(param)
+        n = _population_size(population_size)
+        epoch = self.epoch if epoch is None else _integer("epoch", epoch, 0)
+        return PerturbationSequence(lambda k: self._perturbation(e, k, epoch), n)
+
+    def _get_perturbation(self, param_name: str, member_id: int,
+                          epoch: Optional[int] = None) -> Perturbation:
+        """Like :meth:`_sample_perturbation`, by dotted parameter name."""
+        if not isinstance(param_name, str):
+            raise TypeError(f"param_name must be a string, got {type(param_name).__name__}")
+        return self._perturbation(self._entry(param_name), member_id, epoch)
+
+    def get_antithetic_partner(self, member_id: int) -> int:
+        """The mirrored partner of a member: ``member_id ^ 1``."""
+        return _check_member(member_id) ^ 1
+
+    def is_positive_perturbation(self, member_id: int) -> bool:
+        """True for even members when antithetic; always True otherwise."""
+        return _noise.member_sign(_check_member(member_id), self.antithetic) > 0
+
+
+class EggrollStrategy(EvolutionStrategy):
+    """EGGROLL: low-rank evolution strategy (SPEC §1).
+
+    Args:
+        sigma: noise scale (0 is legal: all perturbations exactly zero).
+        lr: learning rate of the optimizer (0 leaves parameters bit-identical).
+        rank: rank r >= 1 of the weight noise ``A0 B0^T``.
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or a ``torch.optim.Optimizer``
+            subclass.
+        optimizer_kwargs: forwarded to the optimizer (``lr`` is passed separately).
+        antithetic: mirrored sampling: members ``2k`` and ``2k+1`` share noise with signs
+            +1 and -1.
+        noise_reuse: 0 = one noise draw for every epoch; n >= 1 = fresh noise every n epochs.
+        seed: integer key of all noise (``0 <= seed < 2**64``).
+        fitness_transform: ``"normalize"``, ``"rank"``, ``"centered_rank"``, ``"none"`` or a
+            callable ``Tensor -> Tensor``.
+        baseline: ``"mean"`` or ``"antithetic"`` (pairwise).
+        fitness_eps: epsilon of the z-score denominator.
+        group_size: 0, or shape within consecutive groups of this many members.
+        evolve_bias: False leaves 1-D parameters alone.
+        max_grad_norm: clip the global norm of the ES gradient.
+        distributed: shard the population over ``torch.distributed`` ranks.
+
+    Note:
+        AdamW applies its (decoupled) weight decay, 0.01 by default, even when the ES
+        gradient is zero; pass ``optimizer_kwargs={"weight_decay": 0.0}`` to avoid it.
+    """
+
+    _full_rank = False
+    _algorithm = "eggroll"
+
+    @property
+    def rank(self) -> int:
+        """The rank r of the weight noise."""
+        return self._rank
+
+
+class OpenESStrategy(EvolutionStrategy):
+    """OpenES: the same interface and conventions as :class:`EggrollStrategy` without
+    ``rank``: every parameter gets full-rank noise ``s_i sigma eps`` (materialised per
+    member in the forward, by nature)."""
+
+    _full_rank = True
+    _algorithm = "openes"
+
+    def __init__(
+        self,
+        sigma: float = 0.1,
+        lr: float = 0.01,
+        optimizer: Union[str, type] = "adam",
+        optimizer_kwargs: Optional[Mapping] = None,
+        antithetic: bool = True,
+        noise_reuse: int = 1,
+        seed: int = 0,
+        fitness_transform: FitnessTransform = "normalize",
+        baseline: str = "mean",
+        fitness_eps: float = 1e-8,
+        group_size: int = 0,
+        evolve_bias: bool = True,
+        max_grad_norm: Optional[float] = None,
+        distributed: bool = False,
+    ):
+        super().__init__(sigma=sigma, lr=lr, rank=1, optimizer=optimizer,
+                         optimizer_kwargs=optimizer_kwargs, antithetic=antithetic,
+                         noise_reuse=noise_reuse, seed=seed,
+                         fitness_transform=fitness_transform, baseline=baseline,
+                         fitness_eps=fitness_eps, group_size=group_size,
+                         evolve_bias=evolve_bias, max_grad_norm=max_grad_norm,
+                         distributed=distributed)

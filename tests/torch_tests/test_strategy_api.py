@@ -1,0 +1,634 @@
+"""The strategy interface contract (SPEC §1, §5, §6, §8, §9, §10): constructor, attributes,
+setup and parameter discovery, the perturb/step cycle, metrics, callbacks, inspection,
+checkpoints and the error table. Models are tiny; CPU runs go through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+from evotorch_eggroll import (
+    EggrollStrategy,
+    ESModule,
+    OpenESStrategy,
+    Perturbation,
+)
+
+METRIC_KEYS = {
+    "grad_norm", "param_delta_norm", "fitness_mean", "fitness_std", "fitness_max",
+    "fitness_min", "normalized_fitness_mean", "epoch", "lr", "sigma", "population_size",
+}
+
+
+def make_mlp(device, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(device)
+
+
+def generation(strategy, model, x, n: int, epoch=None):
+    """One perturb/evaluate/step cycle with a fixed smooth fitness; returns metrics."""
+    with strategy.perturb(n, epoch) as pop:
+        out = pop.batched_forward(model, x[:n])
+        fit = -(out - 0.5).pow(2).sum(dim=1)
+    return strategy.step(fit)
+
+
+def snapshot(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a, b))
+
+
+# -- constructor ------------------------------------------------------------------------------
+
+def test_constructor_defaults_need_no_model_and_no_gpu():
+    s = EggrollStrategy()
+    assert s.sigma == 0.1 and type(s.sigma) is float
+    assert s.lr == 0.01 and type(s.lr) is float
+    assert s.rank == 4 and s.seed == 0
+    assert s.antithetic is True and s.noise_reuse == 1
+    assert s.fitness_transform == "normalize" and s.baseline == "mean"
+    assert s.fitness_eps == 1e-8 and s.group_size == 0
+    assert s.evolve_bias is True and s.max_grad_norm is None and s.distributed is False
+    assert s.model is None and s.optimizer is None
+
+
+def test_sigma_and_lr_are_python_floats():
+    s = EggrollStrategy(sigma=1, lr=torch.tensor(0.5).item())
+    assert type(s.sigma) is float and type(s.lr) is float
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    ({"optimizer": "lbfgs-ish"}, ValueError),
+    ({"optimizer": 3}, TypeError),
+    ({"fitness_transform": "zscore-ish"}, ValueError),
+    ({"fitness_transform": 3}, TypeError),
+    ({"baseline": "median"}, ValueError),
+    ({"rank": 0}, ValueError),
+    ({"sigma": -0.1}, ValueError),
+    ({"lr": float("nan")}, ValueError),
+    ({"noise_reuse": -1}, ValueError),
+    ({"group_size": -2}, ValueError),
+    ({"optimizer_kwargs": {"lr": 0.1}}, ValueError),
+])
+def test_bad_constructor_arguments_fail_at_construction(kwargs, error):
+    with pytest.raises(error):
+        EggrollStrategy(**kwargs)
+
+
+@pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                      ("adamw", torch.optim.AdamW),
+                                      (torch.optim.RMSprop, torch.optim.RMSprop)])
+def test_optimizer_choices_build_real_torch_optimizers(device, name, cls):
+    model = make_mlp(device)
+    s = EggrollStrategy(optimizer=name, lr=0.03, optimizer_kwargs={"weight_decay": 0.0})
+    s.setup(model)
+    assert isinstance(s.optimizer, cls)
+    params = [p for g in s.optimizer.param_groups for p in g["params"]]
+    assert [id(p) for p in params] == [id(p) for p in s.parameters()]
+    assert all(g["lr"] == 0.03 and g["weight_decay"] == 0.0 for g in s.optimizer.param_groups)
+
+
+def test_optimizer_kwargs_are_forwarded(device):
+    s = EggrollStrategy(optimizer="sgd", optimizer_kwargs={"momentum": 0.9, "nesterov": True})
+    s.setup(make_mlp(device))
+    assert s.optimizer.param_groups[0]["momentum"] == 0.9
+    assert s.optimizer.param_groups[0]["nesterov"] is True
+
+
+def test_from_config_accepts_dataclass_mapping_and_attribute_bag():
+    @dataclasses.dataclass
+    class Cfg:
+        sigma: float = 0.2
+        rank: int = 3
+        batch_size: int = 64  # unknown: ignored
+
+    s1 = EggrollStrategy.from_config(Cfg())
+    s2 = EggrollStrategy.from_config({"sigma": 0.2, "rank": 3, "epochs": 10})
+    s3 = EggrollStrategy.from_config(types.SimpleNamespace(sigma=0.2, rank=3, foo="bar"))
+    for s in (s1, s2, s3):
+        assert isinstance(s, EggrollStrategy)
+        assert s.sigma == 0.2 and s.rank == 3 and s.lr == 0.01
+    o = OpenESStrategy.from_config({"sigma": 0.3, "rank": 7})  # rank is not an OpenES name
+    assert isinstance(o, OpenESStrategy) and o.sigma == 0.3
+
+
+# -- setup and parameters ------------------------------------------------------------------------
+
+def test_setup_returns_self_and_keeps_the_model_object(device):
+    model = make_mlp(device)
+    s = EggrollStrategy()
+    assert s.setup(model) is s
+    assert s.model is model
+    assert s.epoch == 0 and s.total_steps == 0
+
+
+def test_parameter_discovery_order_and_kinds(device):
+    model = make_mlp(device)
+    model[0].bias.requires_grad_(False)
+    s = EggrollStrategy().setup(model)
+    names = [n for n, _ in s.named_parameters()]
+    assert names == ["0.weight", "2.weight", "2.bias"]
+    assert all(p is dict(model.named_parameters())[n] for n, p in s.named_parameters())
+    assert [id(p) for p in s.parameters()] == [id(p) for _, p in s.named_parameters()]
+    assert [id(p) for p in s.weight_parameters()] == [id(model[0].weight), id(model[2].weight)]
+    assert [id(p) for p in s.bias_parameters()] == [id(model[2].bias)]
+
+
+def test_include_exclude_and_evolve_bias(device):
+    model = make_mlp(device)
+    s = EggrollStrategy().setup(model, include=["0.weight", "2.bias"])
+    assert [n for n, _ in s.named_parameters()] == ["0.weight", "2.bias"]
+    s = EggrollStrategy().setup(model, exclude=["0.weight"])
+    assert [n for n, _ in s.named_parameters()] == ["0.bias", "2.weight", "2.bias"]
+    s = EggrollStrategy(evolve_bias=False).setup(model)
+    assert [n for n, _ in s.named_parameters()] == ["0.weight", "2.weight"]
+    with pytest.raises(ValueError, match="nope"):
+        EggrollStrategy().setup(model, exclude=["nope"])
+
+
+def test_evolve_bias_false_neither_perturbs_nor_updates_biases(device):
+    model = make_mlp(device)
+    s = EggrollStrategy(sigma=0.5, lr=0.1, evolve_bias=False, optimizer="sgd").setup(model)
+    x = torch.randn(4, 3, device=device)
+    biases = [model[0].bias.detach().clone(), model[2].bias.detach().clone()]
+    generation(s, model, x, 4)
+    assert torch.equal(model[0].bias, biases[0]) and torch.equal(model[2].bias, biases[1])
+    # with only the bias-free first layer perturbed away, a zero input sees the plain bias
+    with s.perturb(4) as pop:
+        out = pop.batched_forward(model[0], torch.zeros(4, 3, device=device))
+    assert torch.equal(out, model[0].bias.expand(4, -1))
+
+
+def test_freeze_removes_a_parameter_from_evolution(device):
+    model = make_mlp(device)
+    s = EggrollStrategy(optimizer="sgd", lr=0.1).setup(model)
+    s.freeze("2.bias")
+    assert "2.bias" not in dict(s.named_parameters())
+    assert all(p is not model[2].bias for g in s.optimizer.param_groups for p in g["params"])
+    before = model[2].bias.detach().clone()
+    generation(s, model, torch.randn(4, 3, device=device), 4)
+    assert torch.equal(model[2].bias, before)
+    with pytest.raises(ValueError):
+        s.freeze("not.a.param")
+    pre = EggrollStrategy()
+    pre.freeze("0.bias")  # before setup: applied at setup
+    pre.setup(model)
+    assert "0.bias" not in dict(pre.named_parameters())
+
+
+def test_model_outside_a_context_is_unchanged_and_nothing_is_installed(device):
+    model = make_mlp(device)
+    x = torch.randn(5, 3, device=device)
+    ref = model(x)
+    hooks_before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    s1 = EggrollStrategy(seed=1).setup(model)
+    s2 = EggrollStrategy(seed=2).setup(model, exclude=["0.weight"])
+    assert torch.equal(model(x), ref)
+    with s1.perturb(4) as pop:
+        pop.batched_forward(model, x[:4])
+        assert torch.equal(model(x), ref)  # base values inside the context too
+    with s2.perturb(4) as pop:
+        pop.batched_forward(model, x[:4])
+    assert torch.equal(model(x), ref)
+    hooks_after = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    assert hooks_before == hooks_after
+    assert type(model) is nn.Sequential and type(model[0]) is nn.Linear
+
+
+def test_setup_rejects_cpu_models_without_the_interpreter(monkeypatch):
+    model = make_mlp("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError) as err:
+        EggrollStrategy().setup(model)
+    msg = str(err.value)
+    assert "CUDA" in msg and "GPU" in msg and "TRITON_INTERPRET=1" in msg
+
+
+def test_cpu_model_is_accepted_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    s = EggrollStrategy().setup(make_mlp("cpu"))
+    assert len(s.parameters()) == 4
+
+
+def test_model_moved_to_cpu_later_and_cpu_inputs_raise(device, monkeypatch):
+    model = make_mlp(device)
+    s = EggrollStrategy().setup(model)
+    with s.perturb(2) as pop:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="CUDA"):
+            pop.batched_forward(model, torch.randn(2, 3))  # a CPU input
+    model.cpu()
+    with pytest.raises(RuntimeError, match="GPU"):
+        s.perturb(2)
+
+
+# -- the perturb/step cycle --------------------------------------------------------------------------
+
+def test_perturb_and_step_before_setup_raise():
+    s = EggrollStrategy()
+    with pytest.raises(RuntimeError, match="setup"):
+        s.perturb(4)
+    with pytest.raises(RuntimeError, match="setup"):
+        s.step(torch.zeros(4))
+
+
+def test_step_without_a_context_or_inside_one_raises(device):
+    model = make_mlp(device)
+    s = EggrollStrategy().setup(model)
+    with pytest.raises(RuntimeError):
+        s.step(torch.zeros(4))
+    with s.perturb(4):
+        with pytest.raises(RuntimeError):
+            s.step(torch.zeros(4))
+    s.step(torch.zeros(4))
+    with pytest.raises(RuntimeError):  # the context was used up by that step
+        s.step(torch.zeros(4))
+
+
+def test_epoch_and_total_steps_advance_and_perturb_defaults_to_current_epoch(device):
+    model = make_mlp(device)
+    s = EggrollStrategy().setup(model)
+    x = torch.randn(4, 3, device=device)
+    seen = []
+    s.register_callback("on_perturb", lambda n, e: seen.append((n, e)))
+    for i in range(3):
+        m = generation(s, model, x, 4)
+        assert m["epoch"] == i
+        assert s.epoch == i + 1 and s.total_steps == i + 1
+    generation(s, model, x, 2, epoch=10)  # an explicit epoch keys the noise; counters go on
+    assert seen == [(4, 0), (4, 1), (4, 2), (2, 10)]
+    assert s.epoch == 4 and s.total_steps == 4
+
+
+def test_step_metrics_are_plain_python_numbers(device):
+    model = make_mlp(device)
+    s = EggrollStrategy(lr=0.02, sigma=0.3).setup(model)
+    with s.perturb(6) as pop:
+        pop.batched_forward(model, torch.randn(6, 3, device=device))
+    fit = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 9.0], device=device)
+    m = s.step(fit)
+    assert set(m) == METRIC_KEYS
+    assert all(type(v) in (int, float) for v in m.values())
+    assert type(m["epoch"]) is int and type(m["population_size"]) is int
+    assert m["population_size"] == 6 and m["epoch"] == 0
+    assert m["lr"] == 0.02 and m["sigma"] == 0.3
+    assert m["fitness_mean"] == pytest.approx(4.0)
+    assert m["fitness_std"] == pytest.approx(float(fit.cpu().double().std(unbiased=False)))
+    assert m["fitness_max"] == 9.0 and m["fitness_min"] == 1.0
+    assert abs(m["normalized_fitness_mean"]) < 1e-12
+    assert m["grad_norm"] > 0 and m["param_delta_norm"] > 0
+
+
+def test_param_delta_norm_measures_the_change(device):
+    model = make_mlp(device)
+    s = EggrollStrategy(lr=0.05, optimizer="sgd").setup(model)
+    before = snapshot(model)
+    m = generation(s, model, torch.randn(4, 3, device=device), 4)
+    delta = math.sqrt(sum(float((a.double() - b.double()).pow(2).sum())
+                          for a, b in zip(snapshot(model), before)))
+    assert m["param_delta_norm"] == pytest.approx(delta, rel=1e-6)
+    # plain SGD: the step is lr * g
+    assert m["param_delta_norm"] == pytest.approx(0.05 * m["grad_norm"], rel=1e-5)
+
+
+def test_lr_setter_updates_the_optimizer_and_zero_lr_is_bit_identical(device):
+    model = make_mlp(device)
+    s = EggrollStrategy(lr=0.1).setup(model)
+    s.lr = 0.0
+    assert all(g["lr"] == 0.0 for g in s.optimizer.param_groups)
+    before = snapshot(model)
+    m = generation(s, model, torch.randn(4, 3, device=device), 4)
+    assert same_bits(snapshot(model), before)
+    assert m["param_delta_norm"] == 0.0 and m["lr"] == 0.0
+    s.sigma = 0.25
+    assert s.sigma == 0.25
+    with pytest.raises(ValueError):
+        s.lr = -1.0
+
+
+def test_sigma_zero_means_no_perturbation_and_no_update(device):
+    model = make_mlp(device)
+    s = EggrollStrategy(sigma=0.0, lr=0.1, optimizer="sgd").setup(model)
+    x = torch.randn(4, 3, device=device)
+    with s.perturb(4) as pop:
+        out = pop.batched_forward(model, x)
+    assert torch.allclose(out, model(x), atol=1e-6)
+    before = snapshot(model)
+    s.step(torch.arange(4.0, device=device))
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(model), before))
+
+
+def test_max_grad_norm_clips_the_es_gradient(device):
+    model = make_mlp(device)
+    free = EggrollStrategy(seed=3, optimizer="sgd").setup(model)
+    x = torch.randn(4, 3, device=device)
+    with free.perturb(4) as pop:
+        pop.batched_forward(model, x)
+    g_free = free.step(torch.tensor([0.0, 10.0, 3.0, -5.0], device=device))["grad_norm"]
+    model = make_mlp(device)
+    clipped = EggrollStrategy(seed=3, optimizer="sgd", lr=0.1, max_grad_norm=0.1).setup(model)
+    assert g_free > 0.1
+    with clipped.perturb(4) as pop:
+        pop.batched_forward(model, x)
+    m = clipped.step(torch.tensor([0.0, 10.0, 3.0, -5.0], device=device))
+    assert m["grad_norm"] == pytest.approx(0.1, rel=1e-4)
+    assert m["param_delta_norm"] == pytest.approx(0.1 * 0.1, rel=1e-4)
+
+
+def test_parameters_own_grad_is_restored_after_step(device):
+    model = make_mlp(device)
+    s = EggrollStrategy(lr=0.1).setup(model)
+    model[0].weight.grad = torch.full_like(model[0].weight, 7.0)
+    model[2].bias.grad = None
+    generation(s, model, torch.randn(4, 3, device=device), 4)
+    assert torch.equal(model[0].weight.grad, torch.full_like(model[0].weight, 7.0))
+    assert model[2].bias.grad is None
+
+
+def test_normalize_fitnesses_works_before_setup_on_cpu():
+    s = EggrollStrategy()
+    f = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = s.normalize_fitnesses(f)
+    assert out.shape == f.shape and out.device == f.device and out.dtype == f.dtype
+    assert abs(float(out.mean())) < 1e-6
+    assert float(out.double().var(unbiased=False)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_eval_context_gives_the_plain_model_even_while_iterating(device):
+    model = make_mlp(device)
+    s = EggrollStrategy(sigma=0.5).setup(model)
+    x = torch.randn(3, 3, device=device)
+    ref = model(x)
+    with s.eval():
+        assert torch.equal(model(x), ref)
+    with s.perturb(2) as pop:
+        for k in pop.iterate():
+            perturbed = model(x)
+            with s.eval():
+                assert torch.equal(model(x), ref)
+            assert torch.equal(model(x), perturbed)
+    assert torch.equal(model(x), ref)
+
+
+def test_callbacks(device):
+    model = make_mlp(device)
+    s = EggrollStrategy().setup(model)
+    steps, perturbs = [], []
+    s.register_callback("on_step", steps.append)
+    s.register_callback("on_perturb", lambda n, e: perturbs.append((n, e)))
+    with pytest.raises(ValueError):
+        s.register_callback("on_epoch_end", print)
+    m = generation(s, model, torch.randn(4, 3, device=device), 4)
+    assert perturbs == [(4, 0)]
+    assert len(steps) == 1 and steps[0] == m
+
+
+# -- errors of SPEC §8 ----------------------------------------------------------------------------
+
+def test_fitness_length_must_match_the_population(device):
+    model = make_mlp(device)
+    s = EggrollStrategy().setup(model)
+    with s.perturb(4):
+        pass
+    with pytest.raises(ValueError, match="population"):
+        s.step(torch.zeros(5))
+    with pytest.raises(ValueError, match="population"):
+        s.step(torch.zeros(3))
+    s.step(torch.zeros(4))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_fitness_changes_nothing(device, bad):
+    model = make_mlp(device)
+    s = EggrollStrategy(lr=0.1).setup(model)
+    x = torch.randn(4, 3, device=device)
+    generation(s, model, x, 4)  # so that the optimizer has state
+    state = s.state_dict()
+    with s.perturb(4):
+        pass
+    with pytest.raises(ValueError):
+        s.step(torch.tensor([1.0, bad, 0.0, 2.0]))
+    after = s.state_dict()
+    assert s.epoch == 1 and s.total_steps == 1
+    for k in ("epoch", "total_steps", "lr", "sigma"):
+        assert after[k] == state[k]
+    for n, v in state["parameters"].items():
+        assert torch.equal(after["parameters"][n], v)
+    for i, st in state["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(after["optimizer"]["state"][i][k], v)
+    s.step(torch.tensor([1.0, 3.0, 0.0, 2.0]))  # the context is still there to step on
+    assert s.epoch == 2
+
+
+def test_population_size_must_be_positive(device):
+    s = EggrollStrategy().setup(make_mlp(device))
+    for bad in (0, -3, 2.5, "8"):
+        with pytest.raises(ValueError, match="population_size must be a positive integer"):
+            s.perturb(bad)
+
+
+# -- inspection and perturbation objects (SPEC §9) ---------------------------------------------
+
+def test_inspection_returns_the_noise_of_forward_and_update(device):
+    model = make_mlp(device)
+    s = EggrollStrategy(sigma=0.2, rank=2).setup(model)
+    w = model[0].weight
+    p1 = s._sample_perturbation(w, 3, 0)
+    p2 = s._sample_perturbation(param=w, member_id=3, epoch=0)
+    p3 = s._get_perturbation("0.weight", 3, 0)
+    p4 = s._get_perturbation(param_name="0.weight", member_id=3, epoch=0)
+    for p in (p2, p3, p4):
+        assert torch.equal(p.as_matrix(), p1.as_matrix())
+    x = torch.randn(4, 3, device=device)
+    with s.perturb(4, epoch=0) as pop:
+        a, b = pop.get_factors(3, "0.weight")
+        out = pop.batched_forward(model[0], x)
+    assert torch.equal(a, p1.factors[0]) and torch.equal(b, p1.factors[1])
+    expected = x[3] @ (w + p1.as_matrix()).T + model[0].bias + \
+        s._get_perturbation("0.bias", 3, 0).as_matrix()
+    torch.testing.assert_close(out[3], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_perturbation_fields_and_storage_stats(device):
+    model = nn.Linear(6, 5).to(device)
+    s = EggrollStrategy(sigma=0.1, rank=2).setup(model)
+    p = s._sample_perturbation(model.weight, 1, 4)
+    assert isinstance(p, Perturbation)
+    a, b = p.factors
+    assert a.shape == (5, 2) and b.shape == (6, 2)
+    assert a.dtype == model.weight.dtype and a.device == model.weight.device
+    assert p.rank == 2 and p.member_id == 1 and p.epoch == 4 and p.sign == -1
+    assert p.as_matrix().shape == model.weight.shape
+    torch.testing.assert_close(p.as_matrix(), a @ b.T)
+    stats = p.storage_stats()
+    assert stats["full_rank_elements"] == 30 and stats["low_rank_elements"] == 2 * 11
+    assert stats["savings_ratio"] == pytest.approx(30 / 22)
+    bias = s._sample_perturbation(model.bias, 1, 4)
+    assert isinstance(bias.factors, torch.Tensor) and bias.factors.shape == (5,)
+    assert bias.as_matrix().shape == (5,)
+
+
+def test_perturbations_are_immutable_and_have_an_informative_repr(device):
+    model = nn.Linear(6, 5).to(device)
+    s = EggrollStrategy(rank=3).setup(model)
+    p = s._sample_perturbation(model.weight, 1, 2)
+    for field in ("factors", "rank", "member_id", "epoch", "sign"):
+        with pytest.raises(AttributeError):
+            setattr(p, field, None)
+    text = repr(p)
+    for part in ("weight", "(5, 6)", "rank=3", "member=1", "epoch=2", "sign=-"):
+        assert part in text
+
+
+def test_sample_perturbations_is_a_sequence(device):
+    model = nn.Linear(4, 3).to(device)
+    s = EggrollStrategy(rank=1).setup(model)
+    seq = s.sample_perturbations(model.weight, 4, 0)
+    assert len(seq) == 4
+    items = list(seq)
+    assert [p.member_id for p in items] == [0, 1, 2, 3]
+    assert torch.equal(seq[2].as_matrix(), items[2].as_matrix())
+    assert torch.equal(seq[-1].as_matrix(), items[3].as_matrix())
+    assert [p.member_id for p in seq[1:3]] == [1, 2]
+    with pytest.raises(IndexError):
+        seq[4]
+    single = s.sample_perturbations(param=model.weight, population_size=4, epoch=0)
+    assert torch.equal(single[1].as_matrix(), s._sample_perturbation(model.weight, 1, 0).as_matrix())
+
+
+def test_inspection_rejects_foreign_parameters(device):
+    model = nn.Linear(4, 3).to(device)
+    s = EggrollStrategy().setup(model)
+    with pytest.raises(ValueError):
+        s._sample_perturbation(nn.Parameter(torch.zeros(3, 4)), 0, 0)
+    with pytest.raises(KeyError):
+        s._get_perturbation("missing.weight", 0, 0)
+
+
+def test_antithetic_partner_and_sign_helpers():
+    s = EggrollStrategy()
+    assert [s.get_antithetic_partner(i) for i in range(6)] == [1, 0, 3, 2, 5, 4]
+    assert [s.is_positive_perturbation(i) for i in range(4)] == [True, False, True, False]
+    plain = EggrollStrategy(antithetic=False)
+    assert all(plain.is_positive_perturbation(i) for i in range(4))
+
+
+# -- checkpoints (SPEC §6) -------------------------------------------------------------------------
+
+def test_state_dict_keys_are_stable_and_load_with_weights_only(device):
+    model = make_mlp(device)
+    s = EggrollStrategy(optimizer="adam").setup(model)
+    keys0 = set(s.state_dict())
+    for k in ("sigma", "lr", "epoch", "total_steps", "seed", "rank", "antithetic",
+              "noise_reuse", "optimizer", "parameters"):
+        assert k in keys0
+    generation(s, model, torch.randn(4, 3, device=device), 4)
+    sd = s.state_dict()
+    assert set(sd) == keys0
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert loaded["epoch"] == 1 and loaded["seed"] == 0
+
+
+def test_resume_from_checkpoint_is_bit_identical(device):
+    x = torch.randn(6, 3, device=device, generator=None)
+    kwargs = dict(sigma=0.2, lr=0.05, rank=2, optimizer="adam", seed=11)
+
+    model_a = make_mlp(device)
+    a = EggrollStrategy(**kwargs).setup(model_a)
+    metrics_a = [generation(a, model_a, x, 6) for _ in range(4)]
+
+    model_b = make_mlp(device)
+    b = EggrollStrategy(**kwargs).setup(model_b)
+    for _ in range(2):
+        generation(b, model_b, x, 6)
+    buf = io.BytesIO()
+    torch.save(b.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    model_c = make_mlp(device, seed=99)  # different initial values: the checkpoint wins
+    c = EggrollStrategy(sigma=0.9, lr=0.5, rank=2, optimizer="adam", seed=5).setup(model_c)
+    c.load_state_dict(state)
+    assert c.seed == 11 and c.sigma == 0.2 and c.lr == 0.05 and c.epoch == 2
+    metrics_c = [generation(c, model_c, x, 6) for _ in range(2)]
+    assert same_bits(snapshot(model_c), snapshot(model_a))
+    assert metrics_c == metrics_a[2:]
+    assert c.total_steps == a.total_steps == 4
+
+
+def test_state_dict_is_a_snapshot(device):
+    model = make_mlp(device)
+    s = EggrollStrategy(optimizer="adam").setup(model)
+    x = torch.randn(4, 3, device=device)
+    generation(s, model, x, 4)
+    sd = s.state_dict()
+    frozen = {n: v.clone() for n, v in sd["parameters"].items()}
+    exp_avg = sd["optimizer"]["state"][0]["exp_avg"].clone()
+    generation(s, model, x, 4)
+    assert all(torch.equal(sd["parameters"][n], v) for n, v in frozen.items())
+    assert torch.equal(sd["optimizer"]["state"][0]["exp_avg"], exp_avg)
+
+
+def test_load_state_dict_validates_before_changing(device):
+    model = make_mlp(device)
+    s = EggrollStrategy().setup(model)
+    sd = s.state_dict()
+    bad = dict(sd, parameters={"0.weight": sd["parameters"]["0.weight"]})
+    before = snapshot(model)
+    with pytest.raises(ValueError):
+        s.load_state_dict(bad)
+    with pytest.raises(KeyError):
+        s.load_state_dict({k: v for k, v in sd.items() if k != "epoch"})
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(model), before))
+
+
+# -- OpenES and ESModule (SPEC §10) ------------------------------------------------------------------
+
+def test_openes_has_the_same_interface_with_full_rank_noise(device):
+    model = make_mlp(device)
+    s = OpenESStrategy(sigma=0.1, lr=0.05, seed=4)
+    assert not hasattr(s, "rank")
+    s.setup(model)
+    p = s._sample_perturbation(model[0].weight, 2, 0)
+    assert p.rank is None and p.factors.shape == model[0].weight.shape
+    assert torch.linalg.matrix_rank(p.as_matrix().float()) == 3  # full rank (4 x 3)
+    mirror = s._sample_perturbation(model[0].weight, 3, 0)
+    assert torch.equal(mirror.as_matrix(), -p.as_matrix())
+    x = torch.randn(4, 3, device=device)
+    with s.perturb(4) as pop:
+        out = pop.batched_forward(model, x)
+        ref = torch.cat([model(x[k:k + 1]) for k in pop.iterate()])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    m = s.step(-(out - 0.5).pow(2).sum(1))
+    assert set(m) == METRIC_KEYS and s.epoch == 1
+    assert s.state_dict()["rank"] == 0
+
+
+def test_strategy_on_esmodule_respects_its_choices(device):
+    inner = make_mlp(device)
+    es = ESModule(inner)
+    es.freeze_parameter("0.bias")
+    es.freeze_parameter("module.2.bias")
+    s = EggrollStrategy().setup(es)
+    assert s.model is es
+    assert [n for n, _ in s.named_parameters()] == ["0.weight", "2.weight"]
+    x = torch.randn(4, 3, device=device)
+    assert torch.equal(es(x), inner(x))
+    with s.perturb(4) as pop:
+        out = pop.batched_forward(es, x)
+        a, _ = pop.get_factors(0, "0.weight")
+    assert out.shape == (4, 2) and a.shape == (4, s.rank)

@@ -42,6 +42,7 @@ from evotorch.neuroevolution.baseneproblem import BaseNEProblem
 from torch import nn
 
 from .envs import CartPole
+from .module import ESModule
 
 try:  # Gymnasium >= 1.1
     from gymnasium.vector import AutoresetMode
@@ -227,7 +228,13 @@ class EggrollNEProblem(BaseNEProblem):
                 "or override _evaluate_members / _evaluate_network in a subclass"
             )
         self._network_args = dict(network_args or {})
-        self._network = self._build_network(network).to(device)
+        network = self._build_network(network)
+        self._frozen_names: frozenset = frozenset()
+        if isinstance(network, ESModule):
+            # Evolve what the wrapper says, under the wrapped module's own parameter names.
+            self._frozen_names = network.frozen_parameters
+            network = network.module
+        self._network = network.to(device)
         self._evolved_names = self._select_evolved(include, exclude)
         self._seed_value = int.from_bytes(os.urandom(4), "little") >> 1 if seed is None else int(seed)
         self._eval_network: Optional[nn.Module] = None
@@ -269,7 +276,9 @@ class EggrollNEProblem(BaseNEProblem):
         return net
 
     def _select_evolved(self, include: Optional[Iterable[str]], exclude: Optional[Iterable[str]]) -> list[str]:
-        named = [(n, p) for n, p in self._network.named_parameters() if p.requires_grad]
+        named = [
+            (n, p) for n, p in self._network.named_parameters() if p.requires_grad and n not in self._frozen_names
+        ]
         names = [n for n, _ in named]
         for label, given in (("include", include), ("exclude", exclude)):
             unknown = sorted(set(given or ()) - set(dict(self._network.named_parameters())))

@@ -1,0 +1,506 @@
+"""EGGROLL as an EvoTorch search algorithm.
+
+EGGROLL ("Evolution Strategies at the Hyperscale", Sarkar et al., 2025) is an evolution
+strategy whose weight perturbations are low-rank products ``A @ B.T`` that are never
+materialised: noise is regenerated from a counter-based Philox stream inside the batched
+forward and again for the update.
+
+:class:`EGGROLL` plugs into EvoTorch through ``SearchAlgorithm._step``, so EvoTorch's
+loggers (``StdOutLogger``, ``PandasLogger``, ``PicklingLogger``) and status keys work as
+with PGPE or SNES. It runs in one of two modes, chosen from the problem:
+
+* **low-rank** (an :class:`~evotorch_eggroll.neuroevolution.EggrollNEProblem`): an internal
+  :class:`~evotorch_eggroll.strategy.EggrollStrategy` evolves a copy of the problem's
+  network, and each generation is evaluated through the problem's side channel inside one
+  perturbation context (each network call is one ``batched_forward`` for all members).
+* **dense** (any other EvoTorch ``Problem`` with a numeric decision vector): the center is a
+  1-D vector; the population is materialised in chunks as ``SolutionBatch`` objects with
+  full-rank noise from the same Philox stream (the dense noise of a 1-D parameter named
+  ``"center"``) and evaluated with ``problem.evaluate``, so EvoTorch's Ray actors
+  (``num_actors``) spread the work as usual.
+
+In both modes a generation is: sample ``popsize`` members around the center, evaluate them,
+shape the fitnesses with ``ranking_method`` (better is larger, whatever the objective
+sense), and hand the ES gradient ``g = (1/sqrt(N)) sum_i w_i P_i`` (``P_i`` the member's
+perturbation) to a torch optimizer as ``-g``. Status values after a step describe the
+population just evaluated (sampled around the center before the update); ``center`` is the
+updated center.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Optional, Union
+
+import torch
+from evotorch import Problem, Solution, SolutionBatch
+from evotorch.algorithms import SearchAlgorithm
+from evotorch.tools.hook import Hook
+
+from . import noise as _noise
+from . import ops, shaping
+from .neuroevolution import EggrollNEProblem
+
+__all__ = ["EGGROLL", "RANKING_METHODS", "rank_fitnesses"]
+
+RANKING_METHODS = ("centered", "linear", "nes", "normalized", "raw")
+_ALIASES = {
+    None: "raw",
+    "centered_rank": "centered",
+    "rank": "centered",
+    "normalize": "normalized",
+    "none": "raw",
+}
+_OPTIMIZERS = ("sgd", "adam", "adamw")
+CENTER_NAME = "center"  # the name that keys the dense noise of plain vector problems
+
+
+def _nes_utilities(f: torch.Tensor) -> torch.Tensor:
+    """NES utilities (Wierstra et al., 2014) of ``f (N,)``, larger is better; ties averaged."""
+    n = f.shape[0]
+    order = torch.argsort(f, stable=True)  # ascending: position n-1 is the best
+    k = torch.arange(n, 0, -1, dtype=torch.float64, device=f.device)  # 1 = best
+    u = torch.clamp(math.log(n / 2.0 + 1.0) - torch.log(k), min=0.0)
+    u = u / u.sum() - 1.0 / n
+    sorted_f = f[order]
+    _, inverse, counts = torch.unique_consecutive(sorted_f, return_inverse=True, return_counts=True)
+    tie_mean = torch.zeros(counts.shape[0], dtype=torch.float64, device=f.device).index_add_(0, inverse, u)
+    u = (tie_mean / counts.to(torch.float64))[inverse]
+    out = torch.empty_like(u)
+    out[order] = u
+    return out
+
+
+def rank_fitnesses(fitnesses: torch.Tensor, ranking_method: Optional[str], *, higher_is_better: bool) -> torch.Tensor:
+    """Shape raw fitnesses into ES weights; better members get larger weights.
+
+    Args:
+        fitnesses: ``(N,)`` raw fitnesses.
+        ranking_method: EvoTorch's names: ``"centered"`` (tie-averaged ranks in
+            [-0.5, 0.5]), ``"linear"`` (ranks in [0, 1]), ``"nes"`` (NES log utilities),
+            ``"normalized"`` (z-score with the population variance), ``"raw"`` or None
+            (the fitnesses, negated when lower is better). Our strategy's names
+            ``"centered_rank"``, ``"rank"``, ``"normalize"`` and ``"none"`` are accepted too.
+        higher_is_better: False for minimisation.
+
+    Returns:
+        ``(N,)`` float64 weights on the input's device.
+    """
+    method = _ALIASES.get(ranking_method, ranking_method)
+    if method not in RANKING_METHODS:
+        raise ValueError(f"unknown ranking_method {ranking_method!r}; expected one of {RANKING_METHODS} or None")
+    f = torch.as_tensor(fitnesses).reshape(-1).to(torch.float64)
+    if not bool(torch.isfinite(f).all()):
+        raise ValueError("fitnesses contain NaN or inf")
+    if not higher_is_better:
+        f = -f
+    if method == "centered":
+        return shaping.centered_rank(f)
+    if method == "linear":
+        return shaping.rank_transform(f) + 0.5
+    if method == "nes":
+        return _nes_utilities(f)
+    if method == "normalized":
+        return shaping.zscore(f)
+    return f
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _nonnegative_float(name: str, value: Any) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _make_optimizer(params: list, optimizer: Any, lr: float, config: Optional[dict]) -> torch.optim.Optimizer:
+    kwargs = dict(config or {})
+    if isinstance(optimizer, str):
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(optimizer.lower())
+        if cls is None:
+            raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {_OPTIMIZERS} or a torch.optim.Optimizer subclass")
+    elif isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        cls = optimizer
+    else:
+        raise TypeError(f"optimizer must be one of {_OPTIMIZERS} or a torch.optim.Optimizer subclass, got {optimizer!r}")
+    return cls(params, lr=lr, **kwargs)
+
+
+class EGGROLL(SearchAlgorithm):
+    """EGGROLL: evolution strategies with low-rank perturbations, for EvoTorch problems.
+
+    Example:
+        >>> problem = EggrollVecGymNE(CartPole, policy, episode_length=200)
+        >>> searcher = EGGROLL(problem, popsize=2048, sigma=0.05, lr=0.03, rank=1)
+        >>> StdOutLogger(searcher, interval=10)
+        >>> searcher.run(100)
+        >>> searcher.status["center"]          # the evolved parameters as one vector
+
+    Status keys: ``center`` (``(L,)`` tensor), ``sigma`` and ``stdev`` (the noise scale,
+    a float), ``mean_eval``, ``median_eval``, ``pop_best_eval``, ``best_eval`` (floats, in
+    the problem's own units), ``pop_best`` and ``best`` (EvoTorch ``Solution`` objects,
+    built on first read for that one member only), plus EvoTorch's ``iter`` and whatever
+    the problem reports.
+
+    Pickling: the searcher pickles (problem, center, optimizer and strategy state
+    included) and a loaded copy continues bit-identically. Hooks, and so attached loggers,
+    are not pickled: attach new ones after loading.
+
+    Args:
+        problem: An :class:`~evotorch_eggroll.neuroevolution.EggrollNEProblem` (low-rank
+            mode) or any single-objective, numeric, unbounded EvoTorch ``Problem`` (dense
+            mode).
+        popsize: Population size N.
+        sigma: Noise scale (default 0.1).
+        lr: Learning rate of the optimizer (default 0.01).
+        rank: Rank of the weight perturbations (default 4; low-rank mode only).
+        optimizer: ``"adam"`` (default), ``"sgd"``, ``"adamw"`` or a
+            ``torch.optim.Optimizer`` subclass.
+        optimizer_config: Keyword arguments for the optimizer (``lr`` is given separately).
+        ranking_method: ``"centered"`` (default), ``"linear"``, ``"nes"``,
+            ``"normalized"``, ``"raw"`` (see :func:`rank_fitnesses`).
+        antithetic: Mirrored sampling: members ``2k`` and ``2k+1`` share noise with
+            opposite signs (default True).
+        noise_reuse: 0 = one fixed noise draw for every generation; n >= 1 = fresh noise
+            every n generations (default 1).
+        seed: Integer key of all noise (default 0).
+        center_init: Initial center ``(L,)``; default: the network's own parameters
+            (low-rank mode) or ``problem.generate_values(1)`` (dense mode).
+        distributed: Shard the population over ``torch.distributed`` ranks. Not supported
+            yet: raises NotImplementedError.
+        chunk_size: Dense mode: members materialised per ``SolutionBatch`` (default: as
+            many as fit in 2**24 values, at most ``popsize``).
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        popsize: int,
+        sigma: float = 0.1,
+        lr: float = 0.01,
+        rank: int = 4,
+        optimizer: Union[str, type] = "adam",
+        optimizer_config: Optional[dict] = None,
+        ranking_method: Optional[str] = "centered",
+        antithetic: bool = True,
+        noise_reuse: int = 1,
+        seed: int = 0,
+        center_init: Optional[Any] = None,
+        distributed: bool = False,
+        chunk_size: Optional[int] = None,
+    ) -> None:
+        if not isinstance(problem, Problem):
+            raise TypeError(f"problem must be an evotorch Problem, got {type(problem).__name__}")
+        if distributed:
+            raise NotImplementedError(
+                "EGGROLL(distributed=True) is not supported yet; use EggrollStrategy(distributed=True) "
+                "with torch.distributed directly, or num_actors on a plain problem"
+            )
+        problem.ensure_single_objective()
+        problem.ensure_numeric()
+        problem.ensure_unbounded()
+        self._popsize = _positive_int("popsize", popsize)
+        self._sigma = _nonnegative_float("sigma", sigma)
+        self._lr = _nonnegative_float("lr", lr)
+        self._rank = _positive_int("rank", rank)
+        self._noise_reuse = _positive_int("noise_reuse", noise_reuse, minimum=0)
+        self._seed = int(seed)
+        self._antithetic = bool(antithetic)
+        rank_fitnesses(torch.zeros(2), ranking_method, higher_is_better=True)  # validates the name
+        self._ranking_method = ranking_method
+        self._optimizer_spec = optimizer
+        self._optimizer_config = dict(optimizer_config or {})
+        self._higher_is_better = problem.senses[0] == "max"
+        self._lowrank = isinstance(problem, EggrollNEProblem)
+
+        SearchAlgorithm.__init__(
+            self,
+            problem,
+            center=self._get_center,
+            sigma=self._get_sigma,
+            stdev=self._get_sigma,
+            mean_eval=self._get_mean_eval,
+            median_eval=self._get_median_eval,
+            pop_best_eval=self._get_pop_best_eval,
+            best_eval=self._get_best_eval,
+            pop_best=self._get_pop_best,
+            best=self._get_best,
+        )
+
+        # What the latest generation and the best member so far need to be rebuilt lazily.
+        self._last: Optional[dict] = None
+        self._best_record: Optional[dict] = None
+        self._best_solution: Optional[Solution] = None
+
+        if self._lowrank:
+            self._init_lowrank(problem, center_init)
+        else:
+            self._init_dense(problem, center_init, chunk_size)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _strategy_kwargs(self) -> dict:
+        return dict(
+            sigma=self._sigma,
+            lr=self._lr,
+            rank=self._rank,
+            optimizer=self._optimizer_spec,
+            optimizer_kwargs=dict(self._optimizer_config) or None,
+            antithetic=self._antithetic,
+            noise_reuse=self._noise_reuse,
+            seed=self._seed,
+            fitness_transform="none",
+        )
+
+    def _build_strategy(self) -> Any:
+        from .strategy import EggrollStrategy
+
+        if isinstance(self._optimizer_spec, str) and self._optimizer_spec.lower() not in _OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self._optimizer_spec!r}; expected one of {_OPTIMIZERS} "
+                "or a torch.optim.Optimizer subclass"
+            )
+        strategy = EggrollStrategy(**self._strategy_kwargs())
+        names = self._problem.evolved_parameter_names
+        strategy.setup(self._network, include=names)
+        got = [n for n, _ in strategy.named_parameters()]
+        if got != names:
+            raise RuntimeError(
+                f"the strategy evolves {got} but the problem's decision vector is made of {names}; "
+                "use the problem's include/exclude to choose the evolved parameters"
+            )
+        return strategy
+
+    def _init_lowrank(self, problem: EggrollNEProblem, center_init: Optional[Any]) -> None:
+        self._network = copy.deepcopy(problem.network).to(problem.device)
+        if center_init is not None:
+            center = problem.ensure_tensor_length_and_dtype(center_init, allow_scalar=False, about="center_init")
+            problem.vector_to_parameters(center, self._network)
+        self._strategy = self._build_strategy()
+
+    def _init_dense(self, problem: Problem, center_init: Optional[Any], chunk_size: Optional[int]) -> None:
+        if center_init is None:
+            center = problem.generate_values(1).reshape(-1)
+        else:
+            center = problem.ensure_tensor_length_and_dtype(center_init, allow_scalar=False, about="center_init")
+        if type(center) is not torch.Tensor:
+            center = center.as_subclass(torch.Tensor)
+        self._center = torch.nn.Parameter(center.detach().clone().to(problem.device), requires_grad=True)
+        self._optimizer = _make_optimizer([self._center], self._optimizer_spec, self._lr, self._optimizer_config)
+        self._epoch = 0
+        length = int(problem.solution_length)
+        if chunk_size is None:
+            chunk_size = max(1, min(self._popsize, (1 << 24) // max(length, 1)))
+        self._chunk_size = _positive_int("chunk_size", chunk_size)
+        self._center_key = _noise.param_key(CENTER_NAME)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def popsize(self) -> int:
+        """Population size."""
+        return self._popsize
+
+    @property
+    def sigma(self) -> float:
+        """Noise scale."""
+        return self._strategy.sigma if self._lowrank else self._sigma
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that moves the center."""
+        return self._strategy.optimizer if self._lowrank else self._optimizer
+
+    @property
+    def strategy(self) -> Any:
+        """The internal ``EggrollStrategy`` (low-rank mode), else None."""
+        return self._strategy if self._lowrank else None
+
+    @property
+    def network(self) -> Optional[torch.nn.Module]:
+        """Low-rank mode: the network holding the current center (updated in place)."""
+        return self._network if self._lowrank else None
+
+    @property
+    def epoch(self) -> int:
+        """Generations completed (the noise epoch of the next generation)."""
+        return int(self._strategy.epoch) if self._lowrank else self._epoch
+
+    # ------------------------------------------------------------------ the step
+
+    def _center_vector(self) -> torch.Tensor:
+        if self._lowrank:
+            with torch.no_grad():
+                return self._problem.parameters_to_vector(self._network).clone()
+        return self._center.detach().clone()
+
+    def _step(self) -> None:
+        if self._lowrank:
+            fitnesses, record = self._step_lowrank()
+        else:
+            fitnesses, record = self._step_dense()
+        self._remember(fitnesses, record)
+
+    def _step_lowrank(self) -> tuple[torch.Tensor, dict]:
+        strategy = self._strategy
+        record = dict(center=self._center_vector(), epoch=int(strategy.epoch), sigma=float(strategy.sigma))
+        with strategy.perturb(self._popsize) as pop:
+            fitnesses = self._problem.evaluate_population(pop, self._network)
+        weights = rank_fitnesses(fitnesses, self._ranking_method, higher_is_better=self._higher_is_better)
+        strategy.step(weights.to(fitnesses.device), prenormalized=True)
+        return fitnesses, record
+
+    def _dense_normals(self, noise_indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Standard normals ``(K, L)`` float32 of the center's noise draws."""
+        length = self._center.numel()
+        if self._center.is_cuda:
+            return ops.normal_block(self._seed, self._center_key, epoch, noise_indices, length)
+        out = _noise.normal_stream(self._seed, self._center_key, epoch, noise_indices.cpu(), length)
+        return out.to(self._center.device)
+
+    def _dense_member_noise(self, member_ids: torch.Tensor, epoch: int, sigma: float) -> torch.Tensor:
+        """Perturbations ``s_i * sigma * eps_i``: ``(K, L)`` float32."""
+        ids = member_ids.to(torch.int64)
+        if self._antithetic:
+            idx, sign = ids // 2, 1.0 - 2.0 * (ids % 2).to(torch.float32)
+        else:
+            idx, sign = ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        return self._dense_normals(idx, epoch) * (sign * sigma)[:, None]
+
+    def _step_dense(self) -> tuple[torch.Tensor, dict]:
+        problem = self._problem
+        n = self._popsize
+        epoch = _noise.effective_epoch(self._epoch, self._noise_reuse)
+        center = self._center.detach()
+        record = dict(center=center.clone(), epoch=self._epoch, sigma=self._sigma)
+        device = center.device
+        if self._antithetic and n % 2:
+            import warnings
+
+            warnings.warn(f"antithetic sampling with an odd popsize ({n}): the last member has no mirror", UserWarning)
+
+        parts = []
+        for start in range(0, n, self._chunk_size):
+            ids = torch.arange(start, min(n, start + self._chunk_size), device=device)
+            values = (center.float() + self._dense_member_noise(ids, epoch, self._sigma)).to(center.dtype)
+            batch = SolutionBatch(problem, popsize=int(ids.shape[0]), device=problem.device, empty=True)
+            batch.set_values(values.to(problem.device))
+            problem.evaluate(batch)
+            evals = batch.evals[:, 0]
+            parts.append(evals.as_subclass(torch.Tensor).clone().to(device))
+        fitnesses = torch.cat(parts).float()
+
+        weights = rank_fitnesses(fitnesses, self._ranking_method, higher_is_better=self._higher_is_better)
+        noise_indices, coeffs = shaping.antithetic_fold(weights, self._antithetic)
+        grad = torch.zeros(center.numel(), dtype=torch.float32, device=device)
+        for start in range(0, noise_indices.shape[0], self._chunk_size):
+            idx = noise_indices[start : start + self._chunk_size].to(device)
+            grad += coeffs[start : start + self._chunk_size].to(device, torch.float32) @ self._dense_normals(idx, epoch)
+        grad *= self._sigma / math.sqrt(n)
+
+        self._optimizer.zero_grad(set_to_none=True)
+        self._center.grad = (-grad).to(self._center.dtype)
+        self._optimizer.step()
+        self._center.grad = None
+        self._epoch += 1
+        return fitnesses, record
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self._higher_is_better else a < b
+
+    def _remember(self, fitnesses: torch.Tensor, record: dict) -> None:
+        fitnesses = fitnesses.detach()
+        i = int(torch.argmax(fitnesses) if self._higher_is_better else torch.argmin(fitnesses))
+        value = float(fitnesses[i])
+        self._last = dict(record, fitnesses=fitnesses, member=i, eval=value)
+        if self._best_record is None or self._better(value, self._best_record["eval"]):
+            self._best_record = self._last
+            self._best_solution = None
+
+    # ------------------------------------------------------------------ materialising one member
+
+    def _member_vector(self, record: dict) -> torch.Tensor:
+        """The decision vector of ``record["member"]`` in the generation ``record`` describes."""
+        member = record["member"]
+        if not self._lowrank:
+            epoch = _noise.effective_epoch(record["epoch"], self._noise_reuse)
+            ids = torch.tensor([member], device=record["center"].device)
+            delta = self._dense_member_noise(ids, epoch, record["sigma"])[0]
+            return (record["center"].float() + delta).to(record["center"].dtype)
+        strategy = self._strategy
+        saved_sigma = strategy.sigma
+        parts = []
+        try:
+            strategy.sigma = record["sigma"]
+            for _, param in strategy.named_parameters():
+                pert = strategy._sample_perturbation(param, member, record["epoch"])
+                parts.append(pert.as_matrix().reshape(-1).to(record["center"].dtype))
+        finally:
+            strategy.sigma = saved_sigma
+        return record["center"] + torch.cat(parts).to(record["center"].device)
+
+    def _solution(self, values: torch.Tensor, evaluation: float) -> Solution:
+        problem = self._problem
+        batch = SolutionBatch(problem, popsize=1, device=problem.device, empty=True)
+        batch.set_values(values.reshape(1, -1).to(problem.device, problem.dtype))
+        batch.set_evals(torch.tensor([evaluation], dtype=problem.eval_dtype, device=problem.device))
+        return batch[0]
+
+    # ------------------------------------------------------------------ status getters
+
+    def _get_center(self) -> torch.Tensor:
+        return self._center_vector()
+
+    def _get_sigma(self) -> float:
+        return float(self.sigma)
+
+    def _get_mean_eval(self) -> Optional[float]:
+        return None if self._last is None else float(self._last["fitnesses"].double().mean())
+
+    def _get_median_eval(self) -> Optional[float]:
+        return None if self._last is None else float(torch.median(self._last["fitnesses"]))
+
+    def _get_pop_best_eval(self) -> Optional[float]:
+        return None if self._last is None else self._last["eval"]
+
+    def _get_best_eval(self) -> Optional[float]:
+        return None if self._best_record is None else self._best_record["eval"]
+
+    def _get_pop_best(self) -> Optional[Solution]:
+        if self._last is None:
+            return None
+        if self._last is self._best_record:
+            return self._get_best()
+        return self._solution(self._member_vector(self._last), self._last["eval"])
+
+    def _get_best(self) -> Optional[Solution]:
+        if self._best_record is None:
+            return None
+        if self._best_solution is None:
+            self._best_solution = self._solution(self._member_vector(self._best_record), self._best_record["eval"])
+        return self._best_solution
+
+    # ------------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in ("_before_step_hook", "_after_step_hook", "_log_hook", "_end_of_run_hook"):
+            state[name] = Hook()
+        if self._lowrank:
+            state["_strategy"] = None
+            state["_strategy_state"] = self._strategy.state_dict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        strategy_state = state.pop("_strategy_state", None)
+        self.__dict__.update(state)
+        if self._lowrank:
+            self._strategy = self._build_strategy()
+            self._strategy.load_state_dict(strategy_state)

@@ -1,0 +1,308 @@
+"""The EvoTorch searcher EGGROLL: plain problems (dense mode) and our adapters (low-rank)."""
+
+import pickle
+
+import pytest
+import torch
+from evotorch import Problem, Solution
+from evotorch.logging import PandasLogger, PicklingLogger, StdOutLogger
+from torch import nn
+
+from evotorch_eggroll.algorithms import EGGROLL, rank_fitnesses
+from evotorch_eggroll.envs import CartPole
+from evotorch_eggroll.neuroevolution import EggrollNEProblem, EggrollSupervisedNE, EggrollVecGymNE
+
+STATUS_KEYS = ("center", "sigma", "stdev", "mean_eval", "median_eval", "pop_best_eval", "best_eval", "pop_best", "best")
+
+
+def _sphere(x):
+    return (x**2).sum(-1)
+
+
+def _negated_sphere(x):
+    return -(x**2).sum(-1)
+
+
+def _sphere_problem(sense="min", seed=0, length=8):
+    return Problem(
+        sense, _sphere if sense == "min" else _negated_sphere, solution_length=length, initial_bounds=(-3, 3),
+        vectorized=True, seed=seed,
+    )
+
+
+def _regression_problem(seed=0, **kwargs):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 3, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.3
+    data = torch.utils.data.TensorDataset(x, y)
+    torch.manual_seed(seed)
+    kwargs.setdefault("minibatch_size", 8)
+    return EggrollSupervisedNE(data, nn.Linear(3, 1), nn.functional.mse_loss, device="cpu", seed=seed, **kwargs), x, y
+
+
+def _policy(obs_length, act_length):
+    return nn.Sequential(nn.Linear(obs_length, 4), nn.Tanh(), nn.Linear(4, act_length))
+
+
+def _rl_problem(**kwargs):
+    torch.manual_seed(0)
+    return EggrollVecGymNE(CartPole, _policy, device="cpu", seed=0, episode_length=8, **kwargs)
+
+
+def _check_status(searcher, problem):
+    status = dict(searcher.status)
+    for key in STATUS_KEYS:
+        assert key in status, key
+    assert isinstance(status["center"], torch.Tensor) and status["center"].shape == (problem.solution_length,)
+    for key in ("sigma", "stdev", "mean_eval", "median_eval", "pop_best_eval", "best_eval"):
+        assert isinstance(status[key], float), key
+    for key in ("pop_best", "best"):
+        assert isinstance(status[key], Solution), key
+        assert status[key].values.shape == (problem.solution_length,)
+        assert status[key].is_evaluated
+    assert status["iter"] == searcher.step_count
+    return status
+
+
+# ---------------------------------------------------------------------------- ranking
+
+
+def test_rank_fitnesses_methods():
+    f = torch.tensor([3.0, 1.0, 2.0, 2.0])
+    assert rank_fitnesses(f, "centered", higher_is_better=True).tolist() == [0.5, -0.5, 0.0, 0.0]
+    assert rank_fitnesses(f, "centered", higher_is_better=False).tolist() == [-0.5, 0.5, 0.0, 0.0]
+    assert rank_fitnesses(f, "linear", higher_is_better=True).tolist() == [1.0, 0.0, 0.5, 0.5]
+    assert rank_fitnesses(f, "raw", higher_is_better=False).tolist() == [-3.0, -1.0, -2.0, -2.0]
+    assert rank_fitnesses(f, None, higher_is_better=True).tolist() == f.tolist()
+    z = rank_fitnesses(f, "normalized", higher_is_better=True)
+    assert abs(float(z.mean())) < 1e-12 and abs(float(z.std(unbiased=False)) - 1) < 1e-6
+    nes = rank_fitnesses(torch.tensor([1.0, 4.0, 2.0, 3.0]), "nes", higher_is_better=True)
+    assert abs(float(nes.sum())) < 1e-12 and int(nes.argmax()) == 1 and nes[2] == nes[0]
+    assert torch.equal(rank_fitnesses(f, "rank", higher_is_better=True), rank_fitnesses(f, "centered", higher_is_better=True))
+    with pytest.raises(ValueError, match="ranking_method"):
+        rank_fitnesses(f, "bogus", higher_is_better=True)
+    with pytest.raises(ValueError, match="NaN"):
+        rank_fitnesses(torch.tensor([1.0, float("nan")]), "centered", higher_is_better=True)
+
+
+# ---------------------------------------------------------------------------- dense mode
+
+
+@pytest.mark.parametrize("sense", ["min", "max"])
+def test_sphere_improves_in_both_senses(sense):
+    problem = _sphere_problem(sense)
+    searcher = EGGROLL(problem, popsize=20, sigma=0.3, lr=0.1)
+    searcher.step()
+    first = searcher.status["mean_eval"]
+    searcher.run(80)
+    last = searcher.status["mean_eval"]
+    if sense == "min":
+        assert last < 0.2 * first
+    else:
+        assert last > 0.2 * first  # fitness is negative: closer to 0 is better
+    assert float((searcher.status["center"] ** 2).sum()) < 0.5
+    _check_status(searcher, problem)
+
+
+def test_min_equals_max_of_negation():
+    a = EGGROLL(_sphere_problem("min"), popsize=10, sigma=0.3, lr=0.1)
+    b = EGGROLL(_sphere_problem("max"), popsize=10, sigma=0.3, lr=0.1)
+    a.run(5)
+    b.run(5)
+    assert torch.equal(a.status["center"], b.status["center"])
+    assert a.status["best_eval"] == -b.status["best_eval"]
+
+
+@pytest.mark.parametrize("method", ["centered", "linear", "nes", "normalized", "raw"])
+def test_every_ranking_method_runs(method):
+    searcher = EGGROLL(_sphere_problem(), popsize=12, sigma=0.3, lr=0.05, ranking_method=method)
+    searcher.run(3)
+    assert torch.isfinite(searcher.status["center"]).all()
+
+
+def test_dense_best_solutions_are_the_evaluated_members():
+    problem = _sphere_problem()
+    searcher = EGGROLL(problem, popsize=10, sigma=0.3, lr=0.1, optimizer="sgd")
+    searcher.run(4)
+    for key in ("pop_best", "best"):
+        sol = searcher.status[key]
+        value = float((sol.values**2).sum())
+        assert value == pytest.approx(float(sol.evals[0]), rel=1e-5)
+    assert searcher.status["best_eval"] <= searcher.status["pop_best_eval"]
+    assert searcher.status["best_eval"] == pytest.approx(float(searcher.status["best"].evals[0]))
+
+
+def test_equal_fitness_leaves_center_unchanged():
+    problem = Problem("max", lambda x: torch.zeros(x.shape[0]), solution_length=5, initial_bounds=(-1, 1), vectorized=True, seed=0)
+    searcher = EGGROLL(problem, popsize=8, sigma=0.5, lr=0.5)
+    before = searcher.status["center"].clone()
+    searcher.run(3)
+    assert torch.equal(searcher.status["center"], before)
+
+
+def test_loggers_and_quiet_run(capsys, tmp_path):
+    problem = _sphere_problem()
+    searcher = EGGROLL(problem, popsize=10, sigma=0.3, lr=0.1)
+    capsys.readouterr()
+    searcher.run(2)
+    assert capsys.readouterr().out == ""
+    pandas_logger = PandasLogger(searcher)
+    StdOutLogger(searcher)
+    PicklingLogger(searcher, interval=1, directory=str(tmp_path))
+    searcher.run(3)
+    out = capsys.readouterr().out
+    assert "mean_eval" in out and "best_eval" in out
+    frame = pandas_logger.to_dataframe()
+    assert len(frame) == 3
+    for column in ("sigma", "stdev", "mean_eval", "median_eval", "pop_best_eval", "best_eval"):
+        assert column in frame.columns
+    assert "center" not in frame.columns and "pop_best" not in frame.columns
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_dense_pickle_resumes_bit_identically():
+    straight = EGGROLL(_sphere_problem(), popsize=10, sigma=0.3, lr=0.1)
+    straight.run(6)
+    first = EGGROLL(_sphere_problem(), popsize=10, sigma=0.3, lr=0.1)
+    PandasLogger(first)  # hooks are dropped when pickling
+    first.run(3)
+    resumed = pickle.loads(pickle.dumps(first))
+    resumed.run(3)
+    assert torch.equal(resumed.status["center"], straight.status["center"])
+    assert resumed.status["mean_eval"] == straight.status["mean_eval"]
+    assert resumed.step_count == 6
+
+
+def test_dense_chunks_and_noise_reuse():
+    whole = EGGROLL(_sphere_problem(), popsize=12, sigma=0.3, lr=0.1)
+    chunked = EGGROLL(_sphere_problem(), popsize=12, sigma=0.3, lr=0.1, chunk_size=5)
+    whole.run(3)
+    chunked.run(3)
+    torch.testing.assert_close(whole.status["center"], chunked.status["center"])
+    assert whole.status["mean_eval"] == pytest.approx(chunked.status["mean_eval"])
+
+    fixed = EGGROLL(_sphere_problem(), popsize=6, sigma=0.3, lr=0.0, noise_reuse=0)
+    fixed.step()
+    a = fixed.status["pop_best"].values.clone()
+    fixed.step()
+    assert torch.equal(fixed.status["pop_best"].values, a)  # same noise, unchanged center
+
+
+def test_constructor_validation():
+    problem = _sphere_problem()
+    with pytest.raises(ValueError, match="popsize"):
+        EGGROLL(problem, popsize=0)
+    with pytest.raises(ValueError, match="sigma"):
+        EGGROLL(problem, popsize=4, sigma=-1.0)
+    with pytest.raises(ValueError, match="ranking_method"):
+        EGGROLL(problem, popsize=4, ranking_method="best")
+    with pytest.raises(ValueError, match="optimizer"):
+        EGGROLL(problem, popsize=4, optimizer="clipup")
+    with pytest.raises(NotImplementedError):
+        EGGROLL(problem, popsize=4, distributed=True)
+    with pytest.raises(ValueError):
+        EGGROLL(Problem(["min", "max"], lambda x: x[:, :2], solution_length=3, initial_bounds=(-1, 1), vectorized=True), popsize=4)
+
+
+# ---------------------------------------------------------------------------- low-rank mode
+
+
+def test_supervised_loss_decreases():
+    problem, x, y = _regression_problem()
+    searcher = EGGROLL(problem, popsize=8, sigma=0.1, lr=0.1, rank=1)
+    assert searcher.strategy is not None
+
+    @torch.no_grad()
+    def center_loss():
+        return float(nn.functional.mse_loss(problem.make_net(searcher.status["center"])(x), y))
+
+    before = center_loss()
+    searcher.run(25)
+    assert center_loss() < 0.3 * before
+    _check_status(searcher, problem)
+
+
+def test_lowrank_members_match_materialised_evaluation():
+    """pop_best is the member the low-rank path evaluated: re-evaluating its materialised
+    vector through the EvoTorch path gives the same fitness."""
+    problem, x, y = _regression_problem(minibatch_size=None)
+    searcher = EGGROLL(problem, popsize=6, sigma=0.2, lr=0.05, rank=1)
+    searcher.step()
+    sol = searcher.status["pop_best"]
+    with torch.no_grad():
+        loss = float(nn.functional.mse_loss(problem.make_net(sol.values)(x), y))
+    assert loss == pytest.approx(searcher.status["pop_best_eval"], rel=1e-4, abs=1e-6)
+    assert searcher.status["best"].values.shape == sol.values.shape
+
+
+def test_lowrank_min_equals_max_of_negation():
+    x = torch.linspace(-1, 1, 4)[:, None]
+
+    def loss(forward):
+        return (forward.shared(x)[..., 0] - x[:, 0]).pow(2).mean(dim=1)
+
+    torch.manual_seed(0)
+    net = nn.Linear(1, 1)
+    a = EggrollNEProblem("min", net, batched_eval_func=loss, device="cpu")
+    b = EggrollNEProblem("max", net, batched_eval_func=lambda f: -loss(f), device="cpu")
+    sa = EGGROLL(a, popsize=4, sigma=0.1, lr=0.05, rank=1)
+    sb = EGGROLL(b, popsize=4, sigma=0.1, lr=0.05, rank=1)
+    sa.run(2)
+    sb.run(2)
+    assert torch.equal(sa.status["center"], sb.status["center"])
+    assert sa.status["mean_eval"] == -sb.status["mean_eval"]
+
+
+def test_lowrank_pickle_resumes_bit_identically():
+    straight_problem, _, _ = _regression_problem()
+    straight = EGGROLL(straight_problem, popsize=6, sigma=0.1, lr=0.05, rank=1)
+    straight.run(4)
+    problem, _, _ = _regression_problem()
+    first = EGGROLL(problem, popsize=6, sigma=0.1, lr=0.05, rank=1)
+    first.run(2)
+    resumed = pickle.loads(pickle.dumps(first))
+    resumed.run(2)
+    assert torch.equal(resumed.status["center"], straight.status["center"])
+    assert resumed.status["mean_eval"] == straight.status["mean_eval"]
+    assert resumed.epoch == 4
+
+
+def test_rl_adapter_status_and_loggers(tmp_path):
+    problem = _rl_problem(observation_normalization=True)
+    searcher = EGGROLL(problem, popsize=6, sigma=0.1, lr=0.05, rank=1)
+    pandas_logger = PandasLogger(searcher)
+    PicklingLogger(searcher, interval=2, directory=str(tmp_path))
+    searcher.run(2)
+    status = _check_status(searcher, problem)
+    assert status["total_episode_count"] == 12
+    assert 6 <= status["total_interaction_count"] <= 96
+    assert all(1.0 <= v <= 8.0 for v in (status["mean_eval"], status["pop_best_eval"]))
+    frame = pandas_logger.to_dataframe()
+    assert "total_interaction_count" in frame.columns and len(frame) == 2
+    saved = pickle.loads(next(tmp_path.iterdir()).read_bytes())
+    assert isinstance(saved["policy"], nn.Module)
+    assert saved["policy"](torch.zeros(1, 4)).shape == (1, 2)
+    assert saved["center"].shape == (problem.solution_length,)
+
+
+def test_center_init():
+    problem, _, _ = _regression_problem()
+    init = torch.arange(problem.solution_length, dtype=torch.float32)
+    searcher = EGGROLL(problem, popsize=4, sigma=0.1, lr=0.0, rank=1, center_init=init)
+    assert torch.equal(searcher.status["center"], init)
+    searcher.step()
+    assert torch.equal(searcher.status["center"], init)  # lr = 0 leaves the center alone
+
+
+def test_esmodule_network_and_frozen_parameters():
+    from evotorch_eggroll import ESModule
+
+    torch.manual_seed(0)
+    wrapped = ESModule(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)))
+    wrapped.freeze_parameter("2.bias")
+    x = torch.randn(3, 2)
+    problem = EggrollNEProblem("min", wrapped, batched_eval_func=lambda f: f.shared(x).pow(2).mean(dim=(1, 2)), device="cpu")
+    assert problem.evolved_parameter_names == ["0.weight", "0.bias", "2.weight"]
+    searcher = EGGROLL(problem, popsize=4, sigma=0.1, lr=0.05, rank=1)
+    searcher.step()
+    assert [n for n, _ in searcher.strategy.named_parameters()] == problem.evolved_parameter_names

@@ -1,6 +1,7 @@
-"""Normal block: the stream's normals of elements ``0..numel-1`` for K noise indices.
+"""Normal block: the stream's normals of a run of elements for K noise indices.
 
-``out[k, e]`` is the normal of element ``e`` of noise index ``noise_indices[k]``. This is
+``out[k, i]`` is the normal of element ``first_element + i`` of noise index
+``noise_indices[k]``. This is
 what inspection and the reference-facing tests read; the fused kernels produce the same
 numbers through the same helpers (:mod:`evotorch_eggroll.kernels.philox`).
 """
@@ -16,11 +17,12 @@ from evotorch_eggroll.kernels.philox import device_guard, normal_run, split_seed
 BLOCK_E = 1024  # elements per program (a multiple of 4)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch"])
+@triton.jit(do_not_specialize=["first_quad", "seed_lo", "seed_hi", "key", "epoch"])
 def _normal_block_kernel(
     idx_ptr,
     out_ptr,
     numel,
+    first_quad,
     seed_lo,
     seed_hi,
     key,
@@ -31,27 +33,35 @@ def _normal_block_kernel(
     pid_e = tl.program_id(1)
     seed = stream_seed(seed_lo, seed_hi)
     noise_index = tl.load(idx_ptr + pid_k)
-    first = pid_e.to(tl.int64) * BLOCK_E
-    z = normal_run(seed, first // 4, noise_index, key, epoch, BLOCK_E // 4)  # (BLOCK_E,)
-    elem = first + tl.arange(0, BLOCK_E).to(tl.int64)
-    tl.store(out_ptr + pid_k.to(tl.int64) * numel + elem, z, mask=elem < numel)
+    first = pid_e.to(tl.int64) * BLOCK_E  # position in the output row
+    z = normal_run(seed, first_quad + first // 4, noise_index, key, epoch, BLOCK_E // 4)
+    pos = first + tl.arange(0, BLOCK_E).to(tl.int64)
+    tl.store(out_ptr + pid_k.to(tl.int64) * numel + pos, z, mask=pos < numel)
 
 
 def normal_block(
-    seed: int, key: int, epoch: int, noise_indices: torch.Tensor, numel: int
+    seed: int,
+    key: int,
+    epoch: int,
+    noise_indices: torch.Tensor,
+    numel: int,
+    first_element: int = 0,
 ) -> torch.Tensor:
-    """Normals of elements ``0..numel-1`` for each noise index.
+    """Normals of elements ``first_element .. first_element + numel - 1`` per noise index.
 
     Args:
         seed: stream seed (Python int).
         key: parameter key in ``[0, 2**32)``.
         epoch: effective epoch in ``[0, 2**32)``.
         noise_indices: ``(K,)`` integer tensor with values in ``[0, 2**32)``.
-        numel: elements per noise index (``4 * 2**32`` at most).
+        numel: elements per noise index.
+        first_element: first element, a multiple of 4 (``first_element + numel <= 2**34``).
 
     Returns:
         ``(K, numel)`` float32 on ``noise_indices.device``.
     """
+    if first_element % 4:
+        raise ValueError(f"first_element must be a multiple of 4, got {first_element}")
     idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
     out = torch.empty((idx.numel(), numel), dtype=torch.float32, device=idx.device)
     if out.numel() == 0:
@@ -60,5 +70,6 @@ def normal_block(
     block_e = min(BLOCK_E, max(16, triton.next_power_of_2(numel)))
     grid = (idx.numel(), triton.cdiv(numel, block_e))
     with device_guard(out):
-        _normal_block_kernel[grid](idx, out, numel, seed_lo, seed_hi, key, epoch, BLOCK_E=block_e)
+        _normal_block_kernel[grid](idx, out, numel, first_element // 4, seed_lo, seed_hi, key,
+                                   epoch, BLOCK_E=block_e)
     return out

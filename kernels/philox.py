@@ -129,11 +129,12 @@ def normal_tile(
 # Debug kernel: raw Philox words of the stream (tests compare them bit-exactly).
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch"])
+@triton.jit(do_not_specialize=["first_quad", "seed_lo", "seed_hi", "key", "epoch"])
 def _philox_words_kernel(
     idx_ptr,
     out_ptr,
     numel,
+    first_quad,
     seed_lo,
     seed_hi,
     key,
@@ -144,17 +145,24 @@ def _philox_words_kernel(
     pid_e = tl.program_id(1)
     seed = stream_seed(seed_lo, seed_hi)
     noise_index = tl.load(idx_ptr + pid_k)
-    quad = pid_e.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    quad = first_quad + pid_e.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
     w0, w1, w2, w3 = philox_quads(seed, quad, noise_index, key, epoch)
     words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3)).to(tl.int64) & _WORD_MASK
-    elem = pid_e.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q).to(tl.int64)
-    tl.store(out_ptr + pid_k.to(tl.int64) * numel + elem, words, mask=elem < numel)
+    pos = pid_e.to(tl.int64) * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q).to(tl.int64)
+    tl.store(out_ptr + pid_k.to(tl.int64) * numel + pos, words, mask=pos < numel)
 
 
 def philox_words(
-    seed: int, key: int, epoch: int, noise_indices: torch.Tensor, numel: int
+    seed: int,
+    key: int,
+    epoch: int,
+    noise_indices: torch.Tensor,
+    numel: int,
+    first_element: int = 0,
 ) -> torch.Tensor:
-    """The raw 32-bit word of every element: ``(K, numel)`` int64 on ``noise_indices``' device.
+    """Raw 32-bit words of elements ``first_element ..``: ``(K, numel)`` int64.
+
+    A debug view of the stream (the tests compare it bit-exactly with the reference).
 
     Args:
         seed: stream seed (any Python int; its low 64 bits form the Philox key).
@@ -162,7 +170,13 @@ def philox_words(
         epoch: effective epoch in ``[0, 2**32)``.
         noise_indices: ``(K,)`` integer tensor, values in ``[0, 2**32)``.
         numel: number of elements per noise index.
+        first_element: first element, a multiple of 4.
+
+    Returns:
+        ``(K, numel)`` int64 on ``noise_indices.device``.
     """
+    if first_element % 4:
+        raise ValueError(f"first_element must be a multiple of 4, got {first_element}")
     idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
     out = torch.empty((idx.numel(), numel), dtype=torch.int64, device=idx.device)
     if out.numel() == 0:
@@ -171,7 +185,8 @@ def philox_words(
     block_q = 64
     grid = (idx.numel(), triton.cdiv(numel, 4 * block_q))
     with device_guard(out):
-        _philox_words_kernel[grid](idx, out, numel, seed_lo, seed_hi, key, epoch, BLOCK_Q=block_q)
+        _philox_words_kernel[grid](idx, out, numel, first_element // 4, seed_lo, seed_hi, key,
+                                   epoch, BLOCK_Q=block_q)
     return out
 
 

@@ -1,0 +1,178 @@
+"""The noise stream is deterministic and the same on every path.
+
+Kernel tier: the Triton stream (``evotorch_eggroll.kernels``) against the plain-torch
+reference of ``evotorch_eggroll.noise``. Philox words are compared bit-exactly; normals
+within the per-dtype table below (the reference runs Box–Muller in float64 and rounds once,
+the kernels run it in float32 with the device's log/sqrt/cos/sin). CPU cases run the
+kernels through Triton's interpreter at small sizes; ``gpu`` cases run at real sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evotorch_eggroll import noise, ops
+from evotorch_eggroll.kernels import normal_block as normal_block_kernel
+from evotorch_eggroll.kernels import philox
+
+# Normals vs the float64 reference, per output dtype. Box–Muller in float32: the angle
+# 2*pi*u carries ~4e-7 absolute error and the radius is at most ~5.9.
+NORMAL_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+# (seed, key, epoch): 64-bit and negative seeds, 32-bit keys, epochs up to 2**32 - 1.
+STREAMS = [
+    (0, 0, 0),
+    (1234, noise.param_key("layer.weight"), 3),
+    (2**64 - 1, 2**32 - 1, 2**31),
+    (-7, 2**31, 2**32 - 1),
+    (2**40 + 17, 5, 2**31 - 1),
+]
+# noise indices around the int32 / uint32 limits
+BIG_INDICES = [0, 1, 2**31 - 1, 2**31, 2**32 - 1]
+
+
+def _reference_words(seed, key, epoch, indices, first_element, numel):
+    """Reference words of elements ``first_element ..`` (any element, int64-exact)."""
+    elem = torch.arange(first_element, first_element + numel, dtype=torch.int64)[None, :]
+    idx = torch.as_tensor(indices, dtype=torch.int64)[:, None]
+    words = noise.philox4x32(elem // 4, idx, torch.tensor(key), torch.tensor(epoch), seed)
+    lane = (elem % 4).expand(idx.shape[0], -1)
+    return torch.gather(torch.stack(words), 0, lane[None])[0]
+
+
+def _reference_normals(seed, key, epoch, indices, first_quad, quads):
+    q = torch.arange(first_quad, first_quad + quads, dtype=torch.int64)[None, :]
+    idx = torch.as_tensor(indices, dtype=torch.int64)[:, None]
+    words = noise.philox4x32(q, idx, torch.tensor(key), torch.tensor(epoch), seed)
+    z = torch.stack(noise.normals_from_words(*words), dim=-1)  # (K, Q, 4)
+    return z.reshape(idx.shape[0], quads * 4)
+
+
+@pytest.mark.parametrize("seed,key,epoch", STREAMS)
+@pytest.mark.parametrize(
+    "numel", [1, 3, 7, 33, pytest.param(1 << 20, marks=pytest.mark.gpu)]
+)
+def test_philox_words_bit_exact(device, seed, key, epoch, numel):
+    idx = torch.tensor(BIG_INDICES, device=device)
+    got = philox.philox_words(seed, key, epoch, idx, numel)
+    want = noise.philox_words(seed, key, epoch, BIG_INDICES, numel)
+    assert got.dtype == torch.int64 and got.shape == (len(BIG_INDICES), numel)
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize(
+    "first_element", [2**31 - 8, 2**32 - 8, 2**34 - 16, pytest.param(2**33, marks=pytest.mark.gpu)]
+)
+def test_philox_words_large_elements(device, first_element):
+    """Elements past the int32 / uint32 range (quads up to 2**32 - 1) stay exact."""
+    seed, key, epoch = 99, 2**32 - 1, 2**31 + 5
+    idx = torch.tensor([3, 2**32 - 1], device=device)
+    got = philox.philox_words(seed, key, epoch, idx, 16, first_element=first_element)
+    want = _reference_words(seed, key, epoch, [3, 2**32 - 1], first_element, 16)
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("seed,key,epoch", STREAMS)
+@pytest.mark.parametrize(
+    "numel", [1, 3, 7, 33, 130, pytest.param(4096 * 17, marks=pytest.mark.gpu)]
+)
+def test_normal_block_matches_reference(device, seed, key, epoch, numel):
+    idx = torch.tensor(BIG_INDICES, device=device)
+    got = ops.normal_block(seed, key, epoch, idx, numel)
+    want = noise.normal_stream(seed, key, epoch, BIG_INDICES, numel)
+    assert got.dtype == torch.float32 and got.shape == (len(BIG_INDICES), numel)
+    assert got.device == idx.device
+    torch.testing.assert_close(got.cpu(), want, **NORMAL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("first_element", [2**31 - 8, 2**32 - 8, 2**34 - 32])
+def test_normal_block_large_elements(device, first_element):
+    seed, key, epoch = 5, 11, 2**32 - 1
+    got = normal_block_kernel.normal_block(
+        seed, key, epoch, torch.tensor([0, 2**31], device=device), 32,
+        first_element=first_element,
+    )
+    want = _reference_normals(seed, key, epoch, [0, 2**31], first_element // 4, 8)
+    torch.testing.assert_close(got.cpu(), want, **NORMAL_TOL[torch.float32])
+
+
+def test_normal_block_is_deterministic_and_batch_independent(device):
+    """Same coordinates, same bits: twice in a row and whatever the other noise indices."""
+    idx = torch.tensor([7, 0, 2**32 - 1, 7], device=device)
+    a = ops.normal_block(3, 4, 5, idx, 37)
+    b = ops.normal_block(3, 4, 5, idx, 37)
+    assert torch.equal(a, b)
+    assert torch.equal(a[0], a[3])
+    for k in range(idx.numel()):
+        assert torch.equal(ops.normal_block(3, 4, 5, idx[k:k + 1], 37)[0], a[k])
+    # a prefix of the elements is the same numbers
+    assert torch.equal(ops.normal_block(3, 4, 5, idx, 5), a[:, :5])
+
+
+def test_normal_block_coordinates_matter(device):
+    """Changing any coordinate changes the numbers."""
+    idx = torch.tensor([1], device=device)
+    base = ops.normal_block(1, 2, 3, idx, 64)
+    for seed, key, epoch, i in [(2, 2, 3, 1), (1, 3, 3, 1), (1, 2, 4, 1), (1, 2, 3, 2),
+                                (1 + 2**32, 2, 3, 1)]:
+        other = ops.normal_block(seed, key, epoch, torch.tensor([i], device=device), 64)
+        assert not torch.equal(base, other)
+
+
+def test_normal_block_statistics(device):
+    z = ops.normal_block(0, 1, 0, torch.arange(4, device=device), 4096).double()
+    assert abs(z.mean().item()) < 0.03
+    assert abs(z.std().item() - 1.0) < 0.03
+    assert torch.isfinite(z).all()
+
+
+@pytest.mark.gpu
+def test_normal_block_statistics_large(device):
+    z = ops.normal_block(0, 1, 0, torch.arange(64, device=device), 1 << 20).double()
+    assert abs(z.mean().item()) < 2e-3
+    assert abs(z.std().item() - 1.0) < 2e-3
+    assert torch.isfinite(z).all()
+
+
+def test_lowrank_factors_layout(device):
+    """A0 is rows n..n+m-1 and B0 rows 0..n-1 of the (n + m, r) block (element row*r + k)."""
+    m, n, r = 3, 7, 5
+    idx = torch.tensor([2, 2**31 + 1], device=device)
+    a0, b0 = ops.lowrank_factors(9, 10, 11, idx, m, n, r)
+    assert a0.shape == (2, m, r) and b0.shape == (2, n, r)
+    block = ops.normal_block(9, 10, 11, idx, (n + m) * r).view(2, n + m, r)
+    assert torch.equal(a0, block[:, n:]) and torch.equal(b0, block[:, :n])
+    ra, rb = noise.lowrank_factors(9, 10, 11, [2, 2**31 + 1], m, n, r)
+    torch.testing.assert_close(a0.cpu(), ra, **NORMAL_TOL[torch.float32])
+    torch.testing.assert_close(b0.cpu(), rb, **NORMAL_TOL[torch.float32])
+
+
+def test_empty_requests(device):
+    idx = torch.zeros(0, dtype=torch.int64, device=device)
+    assert ops.normal_block(0, 0, 0, idx, 5).shape == (0, 5)
+    assert ops.normal_block(0, 0, 0, torch.tensor([1], device=device), 0).shape == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        (dict(key=-1), ValueError),
+        (dict(key=2**32), ValueError),
+        (dict(epoch=2**32), ValueError),
+        (dict(epoch=-1), ValueError),
+        (dict(numel=-1), ValueError),
+        (dict(seed=1.5), TypeError),
+    ],
+)
+def test_normal_block_rejects_bad_coordinates(device, bad, error):
+    args = dict(seed=0, key=0, epoch=0, numel=4)
+    args.update(bad)
+    with pytest.raises(error):
+        ops.normal_block(args["seed"], args["key"], args["epoch"],
+                         torch.tensor([0], device=device), args["numel"])
+
+
+def test_normal_block_rejects_float_indices(device):
+    with pytest.raises(TypeError, match="integer"):
+        ops.normal_block(0, 0, 0, torch.tensor([0.0], device=device), 4)

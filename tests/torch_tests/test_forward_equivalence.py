@@ -1,0 +1,276 @@
+"""The perturbed forward equals the explicit formula.
+
+Kernel tier: ``ops.perturbed_linear`` (base ``F.linear`` + in-kernel low-rank term + bias
+noise) against ``x (W + s sigma/sqrt(r) A0 B0^T)^T + b + s sigma eps_b`` with factors from
+the reference stream, over odd shapes, row-to-member maps, antithetic on/off and bias
+choices; bit-equal under row permutation and batch splitting; float32 within 1e-5 of the
+float64 formula, bf16/fp16 within their table entries (GPU tier).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from evotorch_eggroll import noise, ops
+
+SEED, EPOCH = 77, 5
+W_KEY, B_KEY = noise.param_key("fc.weight"), noise.param_key("fc.bias")
+
+# Output tolerance vs the float64 formula, per dtype (at O(1) outputs).
+OUT_TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+}
+
+SHAPES = [  # (m, n, rank, rows)
+    (1, 1, 1, 1),
+    (3, 7, 2, 5),
+    (7, 3, 3, 9),
+    (6, 33, 4, 4),
+    (33, 6, 6, 3),
+    pytest.param(1024, 4096, 16, 256, marks=pytest.mark.gpu),
+    pytest.param(4096, 1024, 64, 64, marks=pytest.mark.gpu),
+    pytest.param(6, 256, 4, 4096, marks=pytest.mark.gpu),
+]
+# row-to-member maps, each with one antithetic setting (both settings appear twice)
+MAPS = [("identity", True), ("repeated", False), ("shuffled", True), ("same", False)]
+
+
+def member_ids(kind: str, rows: int, device) -> torch.Tensor:
+    if kind == "identity":
+        ids = torch.arange(rows)
+    elif kind == "repeated":
+        ids = torch.arange(rows) // 3
+    elif kind == "shuffled":
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randperm(rows, generator=gen) % max(1, rows // 2 + 1)
+    else:
+        ids = torch.full((rows,), 5)
+    return ids.to(device)
+
+
+def layer(m, n, dtype, device, seed=0):
+    """x (rows,) ~ N(0, 1) rows; W ~ N(0, 1/n) so outputs are O(1); b ~ N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(m, n, generator=gen) / math.sqrt(n)).to(device, dtype)
+    b = torch.randn(m, generator=gen).to(device, dtype)
+    return w, b
+
+
+def tol(dtype, n):
+    """Table entry, widened for float32 as the reduction length n grows past 64."""
+    t = OUT_TOL[dtype]
+    if dtype != torch.float32:
+        return t
+    scale = max(1.0, math.sqrt(n) / 8)
+    return dict(atol=t["atol"] * scale, rtol=t["rtol"] * scale)
+
+
+@functools.lru_cache(maxsize=4)
+def reference_factors(indices: tuple, m: int, n: int, rank: int):
+    a0, b0 = noise.lowrank_factors(SEED, W_KEY, EPOCH, list(indices), m, n, rank)
+    return a0.double(), b0.double()
+
+
+def explicit(x, w, b, ids, *, rank, sigma, antithetic, perturb_weight=True, perturb_bias=True):
+    """``x (W + s sigma/sqrt(r) A0 B0^T)^T + b + s sigma eps_b`` in float64 with reference
+    factors: materialised per row at small sizes, in factored form (the same number up to
+    float64 rounding) when the per-row weights would not fit."""
+    ids = ids.cpu().to(torch.int64)
+    idx = ids // 2 if antithetic else ids
+    sign = ((1 - 2 * (ids % 2)) if antithetic else torch.ones_like(ids)).double()
+    m, n = w.shape
+    rows = ids.shape[0]
+    uniq, inv = torch.unique(idx, return_inverse=True)
+    wd = w.detach().double().cpu()
+    xd = x.detach().double().cpu()
+    if perturb_weight:
+        a0, b0 = reference_factors(tuple(uniq.tolist()), m, n, rank)
+        coef = (sign * sigma / math.sqrt(rank))[:, None, None]
+        if rows * m * n <= 1 << 22:
+            pert = torch.bmm(a0, b0.transpose(1, 2))[inv]  # (rows, m, n)
+            out = torch.einsum("jn,jmn->jm", xd, wd + coef * pert)
+        else:
+            t = torch.einsum("jn,jnr->jr", xd, b0[inv])
+            out = xd @ wd.T + (coef[:, :, 0] * torch.einsum("jr,jmr->jm", t, a0[inv]))
+    else:
+        out = xd @ wd.T
+    if b is not None:
+        out = out + b.detach().double().cpu()
+        if perturb_bias:
+            eps = noise.normal_stream(SEED, B_KEY, EPOCH, uniq, m).double()[inv]
+            out = out + (sign * sigma)[:, None] * eps
+    return out
+
+
+def run(x, w, b, ids, *, rank, sigma, antithetic, weight_key=W_KEY, bias_key=B_KEY):
+    return ops.perturbed_linear(x, w, b, ids, seed=SEED, weight_key=weight_key,
+                                bias_key=bias_key, epoch=EPOCH, rank=rank, sigma=sigma,
+                                antithetic=antithetic)
+
+
+@pytest.mark.parametrize("m,n,r,rows", SHAPES)
+@pytest.mark.parametrize("kind,antithetic", MAPS)
+def test_forward_matches_explicit_formula(device, m, n, r, rows, kind, antithetic):
+    w, b = layer(m, n, torch.float32, device)
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(1)).to(device)
+    ids = member_ids(kind, rows, device)
+    sigma = 0.5 / math.sqrt(n)
+    out = run(x, w, b, ids, rank=r, sigma=sigma, antithetic=antithetic)
+    assert out.shape == (rows, m) and out.dtype == torch.float32 and out.device == x.device
+    want = explicit(x, w, b, ids, rank=r, sigma=sigma, antithetic=antithetic)
+    torch.testing.assert_close(out.cpu().double(), want, **tol(torch.float32, n))
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [pytest.param(torch.bfloat16, marks=pytest.mark.gpu),
+     pytest.param(torch.float16, marks=pytest.mark.gpu)],
+)
+@pytest.mark.parametrize(
+    "m,n,r,rows",
+    [pytest.param(1024, 4096, 16, 128, marks=pytest.mark.gpu),
+     pytest.param(33, 7, 3, 9, marks=pytest.mark.gpu)],
+)
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_forward_half_precision(device, dtype, m, n, r, rows, antithetic):
+    """bf16/fp16: fp32 accumulation, output in the input dtype, within the dtype's table."""
+    w, b = layer(m, n, dtype, device)
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    ids = member_ids("repeated", rows, device)
+    sigma = 0.5 / math.sqrt(n)
+    out = run(x, w, b, ids, rank=r, sigma=sigma, antithetic=antithetic)
+    assert out.dtype == dtype
+    want = explicit(x, w, b, ids, rank=r, sigma=sigma, antithetic=antithetic)
+    torch.testing.assert_close(out.cpu().double(), want, **tol(dtype, n))
+
+
+@pytest.mark.parametrize("with_bias", ["none", "fixed", "perturbed"])
+@pytest.mark.parametrize("perturb_weight", [True, False])
+def test_forward_parameter_choices(device, with_bias, perturb_weight):
+    m, n, r, rows = 5, 7, 3, 6
+    w, b = layer(m, n, torch.float32, device)
+    b = None if with_bias == "none" else b
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(2)).to(device)
+    ids = member_ids("identity", rows, device)
+    out = run(x, w, b, ids, rank=r, sigma=0.3, antithetic=True,
+              weight_key=W_KEY if perturb_weight else None,
+              bias_key=B_KEY if with_bias == "perturbed" else None)
+    want = explicit(x, w, b, ids, rank=r, sigma=0.3, antithetic=True,
+                    perturb_weight=perturb_weight, perturb_bias=with_bias == "perturbed")
+    torch.testing.assert_close(out.cpu().double(), want, **OUT_TOL[torch.float32])
+
+
+def test_antithetic_pairs_are_mirrored(device):
+    """Members 2k and 2k+1 perturb by +P and -P: their outputs average to the base."""
+    m, n, r = 4, 6, 2
+    w, b = layer(m, n, torch.float32, device)
+    x = torch.randn(1, n, generator=torch.Generator().manual_seed(3)).to(device).expand(6, n)
+    ids = torch.arange(6, device=device)
+    out = run(x, w, b, ids, rank=r, sigma=0.4, antithetic=True).double()
+    base = torch.nn.functional.linear(x, w, b).double()
+    torch.testing.assert_close((out[0::2] + out[1::2]) / 2, base[0::2], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out[0], out[2])  # different pairs, different noise
+
+
+def test_sigma_zero_is_the_base_layer(device):
+    m, n = 5, 9
+    w, b = layer(m, n, torch.float32, device)
+    x = torch.randn(4, n, generator=torch.Generator().manual_seed(4)).to(device)
+    out = run(x, w, b, torch.arange(4, device=device), rank=2, sigma=0.0, antithetic=True)
+    assert torch.equal(out, torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.parametrize(
+    "m,n,r,rows",
+    [(7, 33, 3, 13), (1, 2, 1, 5), pytest.param(512, 1024, 16, 1024, marks=pytest.mark.gpu)],
+)
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_row_permutation_and_batch_split_are_bit_equal(device, m, n, r, rows, antithetic):
+    """Every row's arithmetic is its own: permuting rows or splitting the batch changes no
+    bit of the noise path. With W = 0 the base product is exactly zero at every batch size,
+    so the whole output is compared bit for bit. With a real W the base product comes from
+    the vendor library (cuBLAS / MKL), whose kernels may round a row differently at another
+    position or batch size: repeated calls are bit-equal, permuted ones equal to 1e-6."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, n, generator=gen).to(device)
+    ids = (torch.arange(rows) // 2).flip(0).to(device)
+    perm = torch.randperm(rows, generator=gen).to(device)
+    _, b = layer(m, n, torch.float32, device)
+    zero = torch.zeros(m, n, device=device)
+    full = run(x, zero, b, ids, rank=r, sigma=0.2, antithetic=antithetic)
+    assert torch.equal(run(x[perm], zero, b, ids[perm], rank=r, sigma=0.2,
+                           antithetic=antithetic), full[perm])
+    for cut in {1, rows // 2}:
+        parts = [run(x[:cut], zero, b, ids[:cut], rank=r, sigma=0.2, antithetic=antithetic),
+                 run(x[cut:], zero, b, ids[cut:], rank=r, sigma=0.2, antithetic=antithetic)]
+        assert torch.equal(torch.cat(parts), full)
+    w, _ = layer(m, n, torch.float32, device)
+    full = run(x, w, b, ids, rank=r, sigma=0.2, antithetic=antithetic)
+    assert torch.equal(run(x, w, b, ids, rank=r, sigma=0.2, antithetic=antithetic), full)
+    torch.testing.assert_close(run(x[perm], w, b, ids[perm], rank=r, sigma=0.2,
+                                   antithetic=antithetic), full[perm], atol=1e-6, rtol=1e-6)
+
+
+def test_no_grad_output_has_no_grad_fn(device):
+    m, n = 3, 4
+    w, b = layer(m, n, torch.float32, device)
+    w.requires_grad_()
+    x = torch.randn(2, n, device=device, requires_grad=True)
+    ids = torch.arange(2, device=device)
+    with torch.no_grad():
+        out = run(x, w, b, ids, rank=2, sigma=0.1, antithetic=False)
+    assert out.grad_fn is None and not out.requires_grad
+    assert run(x, w, b, ids, rank=2, sigma=0.1, antithetic=False).grad_fn is not None
+
+
+def test_leading_dimensions(device):
+    """x (B, T, n) with one member per leading row, or one per (B, T) entry."""
+    m, n, r = 4, 5, 2
+    w, b = layer(m, n, torch.float32, device)
+    x = torch.randn(3, 2, n, generator=torch.Generator().manual_seed(6)).to(device)
+    per_row = torch.tensor([4, 0, 9], device=device)
+    out = run(x, w, b, per_row, rank=r, sigma=0.3, antithetic=True)
+    assert out.shape == (3, 2, m)
+    flat_ids = per_row.repeat_interleave(2)
+    flat = run(x.reshape(6, n), w, b, flat_ids, rank=r, sigma=0.3, antithetic=True)
+    assert torch.equal(out.reshape(6, m), flat)
+    out2 = run(x, w, b, flat_ids.view(3, 2), rank=r, sigma=0.3, antithetic=True)
+    assert torch.equal(out2, out)
+    with pytest.raises(ValueError, match="member_ids"):
+        run(x, w, b, torch.arange(4, device=device), rank=r, sigma=0.3, antithetic=True)
+
+
+def test_expanded_input(device):
+    m, n, rows = 6, 7, 5
+    w, b = layer(m, n, torch.float32, device)
+    x = torch.randn(1, n, generator=torch.Generator().manual_seed(7)).to(device)
+    ids = torch.arange(rows, device=device)
+    out = run(x.expand(rows, n), w, b, ids, rank=3, sigma=0.3, antithetic=False)
+    want = run(x.expand(rows, n).contiguous(), w, b, ids, rank=3, sigma=0.3, antithetic=False)
+    assert torch.equal(out, want)
+
+
+def test_forward_errors(device):
+    w, b = layer(3, 4, torch.float32, device)
+    ids = torch.arange(2, device=device)
+    x = torch.randn(2, 4, device=device)
+    with pytest.raises(ValueError, match="shape"):
+        run(torch.randn(2, 5, device=device), w, b, ids, rank=1, sigma=0.1, antithetic=False)
+    with pytest.raises(TypeError, match="dtype"):
+        run(x.double(), w, b, ids, rank=1, sigma=0.1, antithetic=False)
+    with pytest.raises(ValueError, match="bias"):
+        run(x, w, b[:2], ids, rank=1, sigma=0.1, antithetic=False)
+    with pytest.raises(ValueError, match="weight"):
+        run(x, w[0], b, ids, rank=1, sigma=0.1, antithetic=False)
+    with pytest.raises(ValueError, match="rank"):
+        run(x, w, b, ids, rank=0, sigma=0.1, antithetic=False)
+    with pytest.raises(ValueError, match="sigma"):
+        run(x, w, b, ids, rank=1, sigma=float("nan"), antithetic=False)
+    with pytest.raises(ValueError, match="weight_key"):
+        run(x, w, b, ids, rank=1, sigma=0.1, antithetic=False, weight_key=2**32)

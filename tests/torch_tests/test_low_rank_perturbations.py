@@ -1,0 +1,308 @@
+"""Low-rank and dense perturbations, per batch row.
+
+Kernel tier: ``ops.lowrank_project``, ``ops.lowrank_expand_`` and ``ops.dense_noise_add_``
+against explicit formulas over factors materialised by the reference stream
+(``noise.lowrank_factors`` / ``noise.normal_stream``), over odd shapes, several
+row-to-member maps and antithetic on/off; the factors the kernels use are exactly the
+inspected ones; results do not depend on how rows are grouped into programs; the CPU
+policy. CPU cases run through Triton's interpreter; ``gpu`` cases run at real sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from evotorch_eggroll import noise, ops
+from evotorch_eggroll.kernels import dense_noise, lowrank_expand, lowrank_project
+
+SEED, KEY, BIAS_KEY, EPOCH = 2024, noise.param_key("net.0.weight"), noise.param_key("net.0.bias"), 3
+
+# (m, n, rank, rows): CPU shapes are tiny and odd; GPU shapes are real layers.
+SHAPES = [
+    (1, 1, 1, 1),
+    (3, 7, 2, 5),
+    (7, 3, 3, 9),
+    (5, 33, 4, 6),
+    (33, 5, 5, 4),
+    (4, 6, 4, 3),  # rank = min(m, n)
+    (9, 17, 16, 7),
+    pytest.param(1024, 4096, 16, 256, marks=pytest.mark.gpu),
+    pytest.param(4096, 1024, 64, 32, marks=pytest.mark.gpu),
+    pytest.param(4096, 4096, 1, 64, marks=pytest.mark.gpu),
+    pytest.param(17, 256, 7, 4096, marks=pytest.mark.gpu),
+]
+# row-to-member maps, each with one antithetic setting (both settings appear twice)
+MAPS = [("identity", True), ("repeated", False), ("shuffled", True), ("same", False)]
+
+
+def member_ids(kind: str, rows: int, device, seed: int = 0) -> torch.Tensor:
+    """Row-to-member maps: one member per row, runs of 3 rows, a shuffle, all one member."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "identity":
+        ids = torch.arange(rows)
+    elif kind == "repeated":
+        ids = torch.arange(rows) // 3
+    elif kind == "shuffled":
+        ids = torch.randperm(rows, generator=gen) % max(1, rows // 2 + 1)
+    elif kind == "same":
+        ids = torch.full((rows,), 5)
+    else:
+        raise ValueError(kind)
+    return ids.to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_lowrank(indices: tuple, m: int, n: int, r: int):
+    a0, b0 = noise.lowrank_factors(SEED, KEY, EPOCH, list(indices), m, n, r)
+    return a0.double(), b0.double()
+
+
+def reference_factors(ids, antithetic, m, n, r):
+    """Reference A0 (rows, m, r), B0 (rows, n, r) float64 and signs (rows,) of each row."""
+    ids = ids.cpu().to(torch.int64)
+    idx = ids // 2 if antithetic else ids
+    sign = (1 - 2 * (ids % 2)) if antithetic else torch.ones_like(ids)
+    uniq, inv = torch.unique(idx, return_inverse=True)
+    a0, b0 = _reference_lowrank(tuple(uniq.tolist()), m, n, r)
+    return a0[inv], b0[inv], sign.double()
+
+
+def tol(*sizes):
+    """float32 tolerance: 1e-5 at small sizes, growing with the reduction length."""
+    scale = max(1.0, math.sqrt(max(sizes)) / 8)
+    return dict(atol=1e-5 * scale, rtol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("m,n,r,rows", SHAPES)
+@pytest.mark.parametrize("kind,antithetic", MAPS)
+def test_project_matches_explicit(device, m, n, r, rows, kind, antithetic):
+    gen = torch.Generator().manual_seed(1)
+    ids = member_ids(kind, rows, device)
+    a0, b0, _ = reference_factors(ids, antithetic, m, n, r)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, total_rows=n + m,
+                  antithetic=antithetic)
+    x = torch.randn(rows, n, generator=gen)
+    t = ops.lowrank_project(x.to(device), ids, row_offset=0, **common)
+    assert t.shape == (rows, r) and t.dtype == torch.float32
+    torch.testing.assert_close(t.cpu().double(), torch.einsum("jn,jnr->jr", x.double(), b0),
+                               **tol(n))
+    g = torch.randn(rows, m, generator=gen)
+    u = ops.lowrank_project(g.to(device), ids, row_offset=n, **common)
+    torch.testing.assert_close(u.cpu().double(), torch.einsum("jm,jmr->jr", g.double(), a0),
+                               **tol(m))
+
+
+@pytest.mark.parametrize("m,n,r,rows", SHAPES)
+@pytest.mark.parametrize("kind,antithetic", MAPS)
+def test_expand_matches_explicit(device, m, n, r, rows, kind, antithetic):
+    gen = torch.Generator().manual_seed(2)
+    ids = member_ids(kind, rows, device)
+    a0, b0, sign = reference_factors(ids, antithetic, m, n, r)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, total_rows=n + m,
+                  antithetic=antithetic)
+    t = torch.randn(rows, r, generator=gen)
+    base = torch.randn(rows, m, generator=gen)
+    out = base.to(device, copy=True)
+    assert ops.lowrank_expand_(out, t.to(device), ids, row_offset=n, scale=0.3, **common) is out
+    want = base.double() + 0.3 * sign[:, None] * torch.einsum("jmr,jr->jm", a0, t.double())
+    torch.testing.assert_close(out.cpu().double(), want, **tol(r))
+    out = base[:, :1].expand(rows, n).clone().to(device)  # the mirror: through B0
+    ops.lowrank_expand_(out, t.to(device), ids, row_offset=0, scale=-1.5, **common)
+    want = base[:, :1].double() - 1.5 * sign[:, None] * torch.einsum("jnr,jr->jn", b0,
+                                                                     t.double())
+    torch.testing.assert_close(out.cpu().double(), want, **tol(r))
+
+
+@pytest.mark.parametrize("m,n,r,rows", SHAPES)
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_expand_with_fused_bias_noise(device, m, n, r, rows, antithetic):
+    gen = torch.Generator().manual_seed(3)
+    ids = member_ids("shuffled", rows, device)
+    a0, _, sign = reference_factors(ids, antithetic, m, n, r)
+    idx = ids.cpu() // 2 if antithetic else ids.cpu()
+    eps = noise.normal_stream(SEED, BIAS_KEY, EPOCH, idx, m).double()
+    t = torch.randn(rows, r, generator=gen)
+    out = torch.zeros(rows, m, device=device)
+    lowrank_expand.lowrank_expand_(out, t.to(device), ids, seed=SEED, key=KEY, epoch=EPOCH,
+                                   rank=r, row_offset=n, scale=0.25, antithetic=antithetic,
+                                   bias_key=BIAS_KEY, bias_scale=0.5)
+    want = sign[:, None] * (0.25 * torch.einsum("jmr,jr->jm", a0, t.double()) + 0.5 * eps)
+    torch.testing.assert_close(out.cpu().double(), want, **tol(r))
+
+
+@pytest.mark.parametrize(
+    "rows,d", [(1, 1), (4, 3), (9, 7), (6, 33), (5, 1030),
+               pytest.param(4096, 4096, marks=pytest.mark.gpu)]
+)
+@pytest.mark.parametrize("kind,antithetic", MAPS)
+def test_dense_noise_add_matches_reference(device, rows, d, kind, antithetic):
+    ids = member_ids(kind, rows, device)
+    idx = ids.cpu() // 2 if antithetic else ids.cpu()
+    sign = (1 - 2 * (ids.cpu() % 2)).double() if antithetic else torch.ones(rows).double()
+    base = torch.randn(rows, d, generator=torch.Generator().manual_seed(4))
+    out = base.to(device, copy=True)
+    assert ops.dense_noise_add_(out, ids, seed=SEED, key=BIAS_KEY, epoch=EPOCH, scale=0.7,
+                                antithetic=antithetic) is out
+    eps = noise.normal_stream(SEED, BIAS_KEY, EPOCH, idx, d).double()
+    want = base.double() + 0.7 * sign[:, None] * eps
+    torch.testing.assert_close(out.cpu().double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "m,n,r",
+    [(3, 5, 1), (7, 3, 3), (5, 9, 4), (6, 6, 6), (2, 33, 7),
+     pytest.param(512, 1024, 16, marks=pytest.mark.gpu),
+     pytest.param(255, 129, 64, marks=pytest.mark.gpu)],
+)
+def test_kernel_factors_equal_inspected_factors(device, m, n, r):
+    """Projecting unit vectors reads the factors the forward uses: bit-equal to
+    ``ops.lowrank_factors`` (the same stream helpers), and the expand writes them."""
+    ids = torch.tensor([0, 2**31 + 3, 7], device=device)
+    a0, b0 = ops.lowrank_factors(SEED, KEY, EPOCH, ids, m, n, r)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, total_rows=n + m, antithetic=False)
+    for rows_of, d, off in [(b0, n, 0), (a0, m, n)]:
+        for row in {0, d // 2, d - 1}:
+            v = torch.zeros(3, d, device=device)
+            v[:, row] = 1.0
+            t = ops.lowrank_project(v, ids, row_offset=off, **common)
+            assert torch.equal(t, rows_of[:, row, :])
+        for k in {0, r - 1}:
+            t = torch.zeros(3, r, device=device)
+            t[:, k] = 1.0
+            out = torch.zeros(3, d, device=device)
+            ops.lowrank_expand_(out, t, ids, row_offset=off, scale=1.0, **common)
+            assert torch.equal(out, rows_of[:, :, k])
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_results_do_not_depend_on_rows_per_program(device, antithetic):
+    """Each row's arithmetic is fixed by its own row: any grouping gives the same bits."""
+    m, n, r, rows = 7, 33, 3, 13
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.tensor([4, 4, 5, 5, 5, 0, 9, 4, 1, 1, 2, 3, 3], device=device)
+    x = torch.randn(rows, n, generator=gen).to(device)
+    t = torch.randn(rows, r, generator=gen).to(device)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, antithetic=antithetic)
+    outs, ts, dense = [], [], []
+    for block_rows in (1, 4, 16):
+        ts.append(lowrank_project.lowrank_project(x, ids, row_offset=0, block_rows=block_rows,
+                                                  **common))
+        out = torch.zeros(rows, m, device=device)
+        lowrank_expand.lowrank_expand_(out, t, ids, row_offset=n, scale=0.5,
+                                       bias_key=BIAS_KEY, bias_scale=0.1,
+                                       block_rows=block_rows, **common)
+        outs.append(out)
+        out = torch.zeros(rows, 37, device=device)
+        dense_noise.dense_noise_add_(out, ids, seed=SEED, key=BIAS_KEY, epoch=EPOCH, scale=0.2,
+                                     antithetic=antithetic, block_rows=block_rows)
+        dense.append(out)
+    for results in (ts, outs, dense):
+        for other in results[1:]:
+            assert torch.equal(results[0], other)
+
+
+def test_large_member_ids_and_epochs(device):
+    """Member ids past 2**31 (antithetic: up to 2**33 - 1) and large epochs stay exact."""
+    m, n, r = 3, 5, 2
+    ids = torch.tensor([2**31 - 1, 2**31, 2**32 + 1, 2**33 - 1], device=device)
+    for antithetic, epoch in [(True, 2**31), (True, 2**32 - 1)]:
+        idx = ids.cpu() // 2
+        a0, b0 = noise.lowrank_factors(SEED, KEY, epoch, idx, m, n, r)
+        v = torch.ones(4, n, device=device)
+        t = ops.lowrank_project(v, ids, seed=SEED, key=KEY, epoch=epoch, rank=r, row_offset=0,
+                                total_rows=n + m, antithetic=antithetic)
+        torch.testing.assert_close(t.cpu(), b0.sum(1), atol=1e-5, rtol=1e-5)
+    ids = torch.tensor([2**31 - 1, 2**31, 2**32 - 1], device=device)  # non-antithetic
+    a0, _ = noise.lowrank_factors(SEED, KEY, 7, ids.cpu(), m, n, r)
+    out = torch.zeros(3, m, device=device)
+    ops.lowrank_expand_(out, torch.ones(3, r, device=device), ids, seed=SEED, key=KEY, epoch=7,
+                        rank=r, row_offset=n, total_rows=n + m, scale=1.0, antithetic=False)
+    torch.testing.assert_close(out.cpu(), a0.sum(2), atol=1e-5, rtol=1e-5)
+
+
+def test_noncontiguous_inputs(device):
+    m, n, r, rows = 5, 7, 3, 4
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.arange(rows, device=device)
+    x = torch.randn(n, rows, generator=gen).to(device).t()  # column-major
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, total_rows=n + m, antithetic=True)
+    t = ops.lowrank_project(x, ids, row_offset=0, **common)
+    assert torch.equal(t, ops.lowrank_project(x.contiguous(), ids, row_offset=0, **common))
+    xe = torch.randn(1, n, generator=gen).to(device).expand(rows, n)  # stride 0
+    t = ops.lowrank_project(xe, ids, row_offset=0, **common)
+    assert torch.equal(t, ops.lowrank_project(xe.contiguous(), ids, row_offset=0, **common))
+    big = torch.zeros(rows, 2 * m, device=device)
+    ops.lowrank_expand_(big[:, ::2], t, ids, row_offset=n, scale=1.0, **common)
+    ref = torch.zeros(rows, m, device=device)
+    ops.lowrank_expand_(ref, t, ids, row_offset=n, scale=1.0, **common)
+    assert torch.equal(big[:, ::2], ref) and not big[:, 1::2].any()
+
+
+def test_empty_batches(device):
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=2, total_rows=8, antithetic=True)
+    ids = torch.zeros(0, dtype=torch.int64, device=device)
+    t = ops.lowrank_project(torch.zeros(0, 5, device=device), ids, row_offset=0, **common)
+    assert t.shape == (0, 2)
+    out = torch.zeros(0, 3, device=device)
+    ops.lowrank_expand_(out, t, ids, row_offset=5, scale=1.0, **common)
+    ops.dense_noise_add_(out, ids, seed=0, key=0, epoch=0, scale=1.0, antithetic=False)
+
+
+def test_shape_and_dtype_errors(device):
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=2, total_rows=8, antithetic=False)
+    ids = torch.arange(3, device=device)
+    v = torch.zeros(3, 5, device=device)
+    with pytest.raises(ValueError, match="member_ids"):
+        ops.lowrank_project(v, ids[:2], row_offset=0, **common)
+    with pytest.raises(TypeError, match="integer"):
+        ops.lowrank_project(v, ids.float(), row_offset=0, **common)
+    with pytest.raises(ValueError, match="factor block"):
+        ops.lowrank_project(v, ids, row_offset=4, **common)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.lowrank_project(v[0], ids, row_offset=0, **common)
+    with pytest.raises(ValueError, match="rank"):
+        ops.lowrank_project(v, ids, row_offset=0, **{**common, "rank": 0})
+    with pytest.raises(ValueError, match="t must have shape"):
+        ops.lowrank_expand_(torch.zeros(3, 3, device=device), torch.zeros(3, 4, device=device),
+                            ids, row_offset=5, scale=1.0, **common)
+    with pytest.raises(TypeError, match="floating"):
+        ops.dense_noise_add_(torch.zeros(3, 3, dtype=torch.int32, device=device), ids, seed=0,
+                             key=0, epoch=0, scale=1.0, antithetic=False)
+
+
+def test_cpu_without_interpreter_raises(monkeypatch):
+    """Without the interpreter, CPU tensors are refused before any kernel runs."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not ops.interpreter_active()
+    with pytest.raises(RuntimeError, match="CUDA") as info:
+        ops.check_kernel_device(torch.zeros(1), "x")
+    assert "GPU" in str(info.value) and "TRITON_INTERPRET=1" in str(info.value)
+    ids = torch.zeros(2, dtype=torch.int64)
+    calls = [
+        lambda: ops.normal_block(0, 0, 0, ids, 4),
+        lambda: ops.lowrank_factors(0, 0, 0, ids, 2, 3, 1),
+        lambda: ops.lowrank_project(torch.zeros(2, 3), ids, seed=0, key=0, epoch=0, rank=1,
+                                    row_offset=0, total_rows=5, antithetic=False),
+        lambda: ops.lowrank_expand_(torch.zeros(2, 2), torch.zeros(2, 1), ids, seed=0, key=0,
+                                    epoch=0, rank=1, row_offset=3, total_rows=5, scale=1.0,
+                                    antithetic=False),
+        lambda: ops.dense_noise_add_(torch.zeros(2, 2), ids, seed=0, key=0, epoch=0, scale=1.0,
+                                     antithetic=False),
+        lambda: ops.perturbed_linear(torch.zeros(2, 3), torch.zeros(2, 3), None, ids, seed=0,
+                                     weight_key=0, bias_key=None, epoch=0, rank=1, sigma=0.1,
+                                     antithetic=False),
+        lambda: ops.lowrank_update(2, 3, seed=0, key=0, epoch=0, rank=1, noise_indices=ids,
+                                   coeffs=torch.zeros(2)),
+        lambda: ops.dense_update(4, seed=0, key=0, epoch=0, noise_indices=ids,
+                                 coeffs=torch.zeros(2)),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="GPU"):
+            call()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.interpreter_active()
+    ops.check_kernel_device(torch.zeros(1), "x")

@@ -1,0 +1,142 @@
+"""The ES update regenerates exactly the noise of the forward.
+
+Kernel tier: ``ops.lowrank_update`` (``sum_k c_k A0_k B0_k^T`` as chunked
+``(m, K r) @ (K r, n)`` products in IEEE float32) against an einsum over factors
+materialised by the reference stream; ``ops.dense_update`` against ``c @ eps``; the update's
+factors are bit-equal to the inspected ones; results do not depend on the chunking beyond
+float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evotorch_eggroll import noise, ops
+from evotorch_eggroll.kernels import lowrank_update as lowrank_update_kernel
+
+SEED, EPOCH = 4242, 9
+KEY = noise.param_key("encoder.layers.0.weight")
+
+SHAPES = [  # (m, n, rank, K)
+    (1, 1, 1, 1),
+    (3, 7, 2, 5),
+    (7, 3, 3, 4),
+    (33, 5, 5, 3),
+    (4, 6, 4, 7),
+    (9, 17, 16, 2),
+    pytest.param(1024, 4096, 16, 64, marks=pytest.mark.gpu),
+    pytest.param(4096, 4096, 4, 32, marks=pytest.mark.gpu),
+    pytest.param(256, 512, 64, 300, marks=pytest.mark.gpu),
+]
+
+
+def coefficients(k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(k, generator=torch.Generator().manual_seed(seed))
+
+
+def noise_indices(k: int) -> torch.Tensor:
+    """Distinct indices, a repeat, and indices past 2**31."""
+    idx = torch.arange(k, dtype=torch.int64) * 3
+    if k >= 3:
+        idx[1] = idx[0]
+        idx[2] = 2**32 - 1
+    return idx
+
+
+def tol(m, n, k, r):
+    scale = max(1.0, math.sqrt(k * r) / 8)
+    return dict(atol=1e-5 * scale, rtol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("m,n,r,k", SHAPES)
+def test_lowrank_update_matches_einsum(device, m, n, r, k):
+    idx, c = noise_indices(k), coefficients(k)
+    g = ops.lowrank_update(m, n, seed=SEED, key=KEY, epoch=EPOCH, rank=r,
+                           noise_indices=idx.to(device), coeffs=c.to(device))
+    assert g.shape == (m, n) and g.dtype == torch.float32 and g.device == idx.to(device).device
+    a0, b0 = noise.lowrank_factors(SEED, KEY, EPOCH, idx, m, n, r)
+    want = torch.einsum("k,kmr,knr->mn", c.double(), a0.double(), b0.double())
+    torch.testing.assert_close(g.cpu().double(), want, **tol(m, n, k, r))
+
+
+@pytest.mark.parametrize("m,n,r,k", [(7, 3, 3, 5), (5, 9, 2, 6),
+                                     pytest.param(512, 1024, 16, 40, marks=pytest.mark.gpu)])
+def test_lowrank_update_chunking(device, m, n, r, k):
+    """Chunks of noise indices (bounded memory) add up to the one-shot product."""
+    idx, c = noise_indices(k).to(device), coefficients(k, 1).to(device)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, noise_indices=idx, coeffs=c)
+    whole = lowrank_update_kernel.lowrank_update(m, n, chunk=k, **common)
+    for chunk in (1, 2, 3):
+        part = lowrank_update_kernel.lowrank_update(m, n, chunk=chunk, **common)
+        torch.testing.assert_close(part, whole, atol=1e-5, rtol=1e-5)
+    # deterministic: same call, same bits
+    assert torch.equal(ops.lowrank_update(m, n, **common), ops.lowrank_update(m, n, **common))
+
+
+@pytest.mark.parametrize("m,n,r", [(3, 5, 1), (7, 2, 3), (4, 9, 4),
+                                   pytest.param(300, 200, 64, marks=pytest.mark.gpu)])
+def test_update_factors_equal_inspected_factors(device, m, n, r):
+    """The matrices the update multiplies hold exactly the inspected factors."""
+    idx = torch.tensor([5, 0, 2**31 + 9], device=device)
+    c = torch.tensor([1.0, -2.0, 0.5], device=device)
+    a, b = lowrank_update_kernel.factor_matrices(m, n, seed=SEED, key=KEY, epoch=EPOCH, rank=r,
+                                                 noise_indices=idx, coeffs=c)
+    assert a.shape == (m, 3 * r) and b.shape == (n, 3 * r)
+    a0, b0 = ops.lowrank_factors(SEED, KEY, EPOCH, idx, m, n, r)
+    for k in range(3):
+        assert torch.equal(b[:, k * r:(k + 1) * r], b0[k])
+        assert torch.equal(a[:, k * r:(k + 1) * r], c[k] * a0[k])
+
+
+def test_zero_coefficients_give_an_exactly_zero_update(device):
+    """Equal fitness (folded pair coefficients of 0) leaves the parameters untouched."""
+    idx = torch.tensor([4, 9, 2**32 - 1], device=device)
+    c = torch.zeros(3, device=device)
+    g = ops.lowrank_update(6, 5, seed=SEED, key=KEY, epoch=EPOCH, rank=3, noise_indices=idx,
+                           coeffs=c)
+    assert not g.any()
+    g = ops.dense_update(11, seed=SEED, key=KEY, epoch=EPOCH, noise_indices=idx, coeffs=c)
+    assert not g.any()
+
+
+def test_zero_members(device):
+    idx = torch.zeros(0, dtype=torch.int64, device=device)
+    c = torch.zeros(0, device=device)
+    g = ops.lowrank_update(3, 4, seed=SEED, key=KEY, epoch=EPOCH, rank=2, noise_indices=idx,
+                           coeffs=c)
+    assert g.shape == (3, 4) and not g.any()
+    g = ops.dense_update(5, seed=SEED, key=KEY, epoch=EPOCH, noise_indices=idx, coeffs=c)
+    assert g.shape == (5,) and not g.any()
+
+
+@pytest.mark.parametrize(
+    "numel,k", [(1, 1), (7, 3), (33, 5), (1030, 4),
+                pytest.param(1 << 20, 64, marks=pytest.mark.gpu)]
+)
+def test_dense_update_matches_reference(device, numel, k):
+    idx, c = noise_indices(k), coefficients(k, 2)
+    g = ops.dense_update(numel, seed=SEED, key=KEY, epoch=EPOCH, noise_indices=idx.to(device),
+                         coeffs=c.to(device))
+    assert g.shape == (numel,) and g.dtype == torch.float32
+    want = c.double() @ noise.normal_stream(SEED, KEY, EPOCH, idx, numel).double()
+    scale = max(1.0, math.sqrt(k) / 8)
+    torch.testing.assert_close(g.cpu().double(), want, atol=1e-5 * scale, rtol=1e-5 * scale)
+
+
+def test_update_input_errors(device):
+    idx = torch.arange(3, device=device)
+    with pytest.raises(ValueError, match="coeffs"):
+        ops.lowrank_update(2, 2, seed=0, key=0, epoch=0, rank=1, noise_indices=idx,
+                           coeffs=torch.zeros(2, device=device))
+    with pytest.raises(TypeError, match="floating"):
+        ops.dense_update(2, seed=0, key=0, epoch=0, noise_indices=idx,
+                         coeffs=torch.zeros(3, dtype=torch.int64, device=device))
+    with pytest.raises(TypeError, match="integer"):
+        ops.dense_update(2, seed=0, key=0, epoch=0, noise_indices=idx.float(),
+                         coeffs=torch.zeros(3, device=device))
+    with pytest.raises(ValueError, match="rank"):
+        ops.lowrank_update(2, 2, seed=0, key=0, epoch=0, rank=0, noise_indices=idx,
+                           coeffs=torch.zeros(3, device=device))

@@ -46,9 +46,11 @@ def noise_indices(k: int) -> torch.Tensor:
     return idx
 
 
-def tol(m, n, k, r):
-    scale = max(1.0, math.sqrt(k * r) / 8)
-    return dict(atol=1e-5 * scale, rtol=1e-5 * scale)
+def tol(k, r):
+    """G sums k*r products of two normals, so |G| ~ sqrt(k r); each normal is within ~1e-6
+    of the float64 reference and float32 rounding adds ~1e-7 |G|: absolute error grows like
+    sqrt(k r), and entries near zero are compared absolutely."""
+    return dict(atol=1e-5 * max(1.0, math.sqrt(k * r)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("m,n,r,k", SHAPES)
@@ -59,7 +61,7 @@ def test_lowrank_update_matches_einsum(device, m, n, r, k):
     assert g.shape == (m, n) and g.dtype == torch.float32 and g.device == idx.to(device).device
     a0, b0 = noise.lowrank_factors(SEED, KEY, EPOCH, idx, m, n, r)
     want = torch.einsum("k,kmr,knr->mn", c.double(), a0.double(), b0.double())
-    torch.testing.assert_close(g.cpu().double(), want, **tol(m, n, k, r))
+    torch.testing.assert_close(g.cpu().double(), want, **tol(k, r))
 
 
 @pytest.mark.parametrize("m,n,r,k", [(7, 3, 3, 5), (5, 9, 2, 6),
@@ -71,7 +73,7 @@ def test_lowrank_update_chunking(device, m, n, r, k):
     whole = lowrank_update_kernel.lowrank_update(m, n, chunk=k, **common)
     for chunk in (1, 2, 3):
         part = lowrank_update_kernel.lowrank_update(m, n, chunk=chunk, **common)
-        torch.testing.assert_close(part, whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(part, whole, **tol(k, r))
     # deterministic: same call, same bits
     assert torch.equal(ops.lowrank_update(m, n, **common), ops.lowrank_update(m, n, **common))
 

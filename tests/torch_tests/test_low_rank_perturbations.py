@@ -306,3 +306,66 @@ def test_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ops.interpreter_active()
     ops.check_kernel_device(torch.zeros(1), "x")
+
+
+# -- strategy level: the perturbations a strategy applies -------------------------------------------
+
+import torch.nn as nn  # noqa: E402
+
+from evotorch_eggroll import EggrollStrategy, OpenESStrategy  # noqa: E402
+
+
+@pytest.mark.parametrize("m,n,r", [(6, 5, 1), (6, 5, 2), (8, 3, 3), (4, 6, 4)])  # r = min(m, n) too
+def test_strategy_weight_perturbations_have_rank_r(device, m, n, r):
+    layer = nn.Linear(n, m).to(device)
+    s = EggrollStrategy(sigma=0.3, rank=r).setup(layer)
+    for member in (0, 1, 5):
+        p = s._sample_perturbation(layer.weight, member, 0)
+        a, b = p.factors
+        assert a.shape == (m, r) and b.shape == (n, r)
+        assert int(torch.linalg.matrix_rank(p.as_matrix().double(), atol=1e-5)) == min(r, m, n)
+        stats = p.storage_stats()
+        assert stats["low_rank_elements"] == r * (m + n) and stats["full_rank_elements"] == m * n
+
+
+def test_strategy_perturbation_scale_is_sigma_per_entry(device):
+    """P = sigma/sqrt(r) A0 B0^T has entries of variance sigma^2 whatever the rank."""
+    layer = nn.Linear(32, 32, bias=False).to(device)
+    for r in (1, 4):
+        s = EggrollStrategy(sigma=0.5, rank=r, antithetic=False).setup(layer)
+        mats = torch.stack([p.as_matrix() for p in s.sample_perturbations(layer.weight, 64, 0)])
+        assert float(mats.pow(2).mean()) == pytest.approx(0.25, rel=0.15)
+        assert abs(float(mats.mean())) < 0.05
+
+
+def test_strategy_biases_and_openes_use_dense_noise(device):
+    layer = nn.Linear(5, 4).to(device)
+    s = EggrollStrategy(sigma=0.2).setup(layer)
+    bias = s._sample_perturbation(layer.bias, 0, 0)
+    assert bias.rank is None and bias.factors.shape == (4,)
+    assert bias.storage_stats()["savings_ratio"] == 1.0
+    o = OpenESStrategy(sigma=0.2).setup(layer)
+    dense = o._sample_perturbation(layer.weight, 0, 0)
+    assert dense.rank is None and dense.factors.shape == (4, 5)
+    assert int(torch.linalg.matrix_rank(dense.as_matrix().double())) == 4
+
+
+def test_strategy_conv_weights_are_low_rank_over_out_by_in_times_kernel(device):
+    conv = nn.Conv2d(3, 4, 3).to(device)
+    s = EggrollStrategy(rank=2).setup(conv)
+    p = s._sample_perturbation(conv.weight, 1, 0)
+    a, b = p.factors
+    assert a.shape == (4, 2) and b.shape == (27, 2)
+    assert p.as_matrix().shape == conv.weight.shape
+    assert int(torch.linalg.matrix_rank(p.as_matrix().reshape(4, 27).double(), atol=1e-5)) == 2
+
+
+def test_batched_forward_adds_a_rank_r_term_per_member(device):
+    """All rows of one member: out - base = X P^T has rank r (no bias noise here)."""
+    layer = nn.Linear(7, 6, bias=False).to(device)
+    s = EggrollStrategy(sigma=0.4, rank=2).setup(layer)
+    x = torch.randn(10, 7, device=device)
+    with s.perturb(4) as pop:
+        out = pop.batched_forward(layer, x, member_ids=torch.full((10,), 3, device=device))
+    delta = (out - layer(x)).detach().double()
+    assert int(torch.linalg.matrix_rank(delta, atol=1e-4)) == 2

@@ -176,3 +176,116 @@ def test_normal_block_rejects_bad_coordinates(device, bad, error):
 def test_normal_block_rejects_float_indices(device):
     with pytest.raises(TypeError, match="integer"):
         ops.normal_block(0, 0, 0, torch.tensor([0.0], device=device), 4)
+
+
+# -- strategy level: what keys the noise a strategy uses ---------------------------------------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import torch.nn as nn  # noqa: E402
+
+from evotorch_eggroll import EggrollStrategy  # noqa: E402
+
+
+def _two_layer(device, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4)).to(device)
+
+
+def test_strategy_noise_depends_on_seed_name_epoch_and_member_only(device):
+    model = _two_layer(device)
+    s = EggrollStrategy(seed=5, rank=2).setup(model)
+    ref = s._get_perturbation("1.weight", 2, 3).as_matrix()
+    # parameter values do not matter
+    with torch.no_grad():
+        model[1].weight.mul_(10.0).add_(1.0)
+    assert torch.equal(s._get_perturbation("1.weight", 2, 3).as_matrix(), ref)
+    # another model object of the same architecture, another strategy object
+    other = EggrollStrategy(seed=5, rank=2).setup(_two_layer(device, seed=1))
+    assert torch.equal(other._get_perturbation("1.weight", 2, 3).as_matrix(), ref)
+    # each coordinate does
+    assert not torch.equal(EggrollStrategy(seed=6, rank=2).setup(model)
+                           ._get_perturbation("1.weight", 2, 3).as_matrix(), ref)
+    assert not torch.equal(s._get_perturbation("1.weight", 2, 4).as_matrix(), ref)
+    assert not torch.equal(s._get_perturbation("1.weight", 4, 3).as_matrix(), ref)
+    assert torch.equal(s._get_perturbation("1.weight", 3, 3).as_matrix(), -ref)  # its mirror
+    # two parameters of the same shape get different noise (keyed by name)
+    s2 = EggrollStrategy(seed=5, rank=2).setup(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+                                               .to(device))
+    assert not torch.equal(s2._get_perturbation("0.weight", 2, 3).as_matrix(),
+                           s2._get_perturbation("1.weight", 2, 3).as_matrix())
+
+
+@pytest.mark.parametrize("reuse,same_as_epoch0", [
+    (0, [True, True, True, True, True]),
+    (1, [True, False, False, False, False]),
+    (3, [True, True, True, False, False]),
+])
+def test_noise_reuse_sets_the_effective_epoch(device, reuse, same_as_epoch0):
+    model = _two_layer(device)
+    s = EggrollStrategy(noise_reuse=reuse).setup(model)
+    base = s._get_perturbation("0.weight", 1, 0).as_matrix()
+    for epoch, same in enumerate(same_as_epoch0):
+        p = s._get_perturbation("0.weight", 1, epoch)
+        assert p.epoch == epoch  # the requested epoch, not the effective one
+        assert torch.equal(p.as_matrix(), base) is same
+
+
+def test_noise_reuse_zero_keeps_one_draw_across_training_steps(device):
+    model = _two_layer(device)
+    s = EggrollStrategy(noise_reuse=0, sigma=0.2).setup(model)
+    x = torch.randn(4, 3, device=device)
+    factors = []
+    for _ in range(3):
+        with s.perturb(4) as pop:
+            factors.append(pop.get_factors(1, "1.weight"))
+            pop.batched_forward(model, x)
+        s.step(torch.tensor([1.0, 0.0, 2.0, 3.0]))
+    assert all(torch.equal(f[0], factors[0][0]) and torch.equal(f[1], factors[0][1])
+               for f in factors)
+
+
+def test_two_identical_runs_are_bit_identical(device):
+    def run():
+        model = _two_layer(device)
+        s = EggrollStrategy(sigma=0.2, lr=0.05, seed=8).setup(model)
+        x = torch.randn(4, 3, device=device, generator=None)
+        outs = []
+        for _ in range(2):
+            with s.perturb(4) as pop:
+                out = pop.batched_forward(model, x)
+            outs.append(out)
+            s.step(-out.pow(2).sum(1))
+        return outs, [p.detach().clone() for p in model.parameters()]
+
+    torch.manual_seed(3)
+    outs_a, params_a = run()
+    torch.manual_seed(3)
+    outs_b, params_b = run()
+    assert all(torch.equal(a, b) for a, b in zip(outs_a, outs_b))
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+
+
+def test_noise_does_not_depend_on_python_hash_seed(device):
+    """Noise keys come from CRC-32 of names, not Python's salted hash: a fresh interpreter
+    with another PYTHONHASHSEED reproduces the same perturbation bits."""
+    model = _two_layer(device)
+    s = EggrollStrategy(seed=12, rank=2).setup(model)
+    here = s._get_perturbation("1.weight", 3, 2).as_matrix().cpu()
+    code = (
+        "import torch, torch.nn as nn\n"
+        "from evotorch_eggroll import EggrollStrategy\n"
+        f"m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4)).to('{device.type}')\n"
+        "s = EggrollStrategy(seed=12, rank=2).setup(m)\n"
+        "p = s._get_perturbation('1.weight', 3, 2).as_matrix().cpu()\n"
+        "print(p.view(torch.int32).flatten().tolist())\n"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    if device.type == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300, check=True)
+    bits = [int(v) for v in out.stdout.strip().strip("[]").split(",")]
+    assert bits == here.view(torch.int32).flatten().tolist()

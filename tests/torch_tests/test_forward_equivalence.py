@@ -274,3 +274,71 @@ def test_forward_errors(device):
         run(x, w, b, ids, rank=1, sigma=float("nan"), antithetic=False)
     with pytest.raises(ValueError, match="weight_key"):
         run(x, w, b, ids, rank=1, sigma=0.1, antithetic=False, weight_key=2**32)
+
+
+# -- strategy level: batched_forward against the explicit formula ------------------------------------
+
+import torch.nn as nn  # noqa: E402
+
+from evotorch_eggroll import EggrollStrategy, OpenESStrategy  # noqa: E402
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_batched_forward_matches_the_spec_formula(device, antithetic):
+    """out_j = x_j W^T + b + (x_j B) A^T + s sigma eps_b with the member's factors from
+    pop.get_factors (sign and sigma/sqrt(r) folded into A)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4).to(device)
+    s = EggrollStrategy(sigma=0.3, rank=2, antithetic=antithetic).setup(layer)
+    x = torch.randn(6, 5, device=device)
+    ids = torch.tensor([0, 1, 2, 3, 1, 0], device=device)
+    with s.perturb(4, epoch=7) as pop:
+        out = pop.batched_forward(layer, x, member_ids=ids)
+        factors = {k: pop.get_factors(k, "weight") for k in range(4)}
+    for j, k in enumerate(ids.tolist()):
+        a, b = factors[k]
+        eps_b = s._get_perturbation("bias", k, 7).as_matrix()
+        want = x[j] @ layer.weight.T + layer.bias + (x[j] @ b) @ a.T + eps_b
+        torch.testing.assert_close(out[j], want, rtol=1e-5, atol=1e-5)
+        # the factored form equals the materialised one (which the forward never builds)
+        torch.testing.assert_close(want, x[j] @ (layer.weight + a @ b.T).T + layer.bias + eps_b,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_batched_forward_of_an_mlp_equals_explicit_per_member_weights(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(device)
+    s = EggrollStrategy(sigma=0.2, rank=3).setup(model)
+    x = torch.randn(8, 4, device=device)
+    ids = torch.arange(4, device=device).repeat_interleave(2)
+    with s.perturb(4, epoch=1) as pop:
+        out = pop.batched_forward(model, x, member_ids=ids)
+    for j, k in enumerate(ids.tolist()):
+        p = {n: s._get_perturbation(n, k, 1).as_matrix() for n, _ in s.named_parameters()}
+        h = torch.tanh(x[j] @ (model[0].weight + p["0.weight"]).T + model[0].bias + p["0.bias"])
+        want = h @ (model[2].weight + p["2.weight"]).T + model[2].bias + p["2.bias"]
+        torch.testing.assert_close(out[j], want, rtol=1e-5, atol=1e-5)
+
+
+def test_openes_forward_uses_full_rank_member_weights(device):
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).to(device)
+    s = OpenESStrategy(sigma=0.2).setup(layer)
+    x = torch.randn(5, 4, device=device)
+    ids = torch.tensor([2, 0, 2, 1, 3], device=device)
+    with s.perturb(4) as pop:
+        out = pop.batched_forward(layer, x, member_ids=ids)
+    for j, k in enumerate(ids.tolist()):
+        w = layer.weight + s._get_perturbation("weight", k, 0).as_matrix()
+        b = layer.bias + s._get_perturbation("bias", k, 0).as_matrix()
+        torch.testing.assert_close(out[j], x[j] @ w.T + b, rtol=1e-5, atol=1e-5)
+
+
+def test_sigma_zero_batched_forward_is_the_plain_model(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).to(device)
+    s = EggrollStrategy(sigma=0.0).setup(model)
+    x = torch.randn(4, 4, device=device)
+    with s.perturb(4) as pop:
+        out = pop.batched_forward(model, x)
+    assert torch.equal(out, model(x))

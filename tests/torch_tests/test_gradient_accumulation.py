@@ -177,3 +177,55 @@ def test_backward_runs_later(device):
     gx, _, _ = explicit_grads(x, w, b, ids, g, rank=r, sigma=0.2, antithetic=True)
     out.backward(g)
     torch.testing.assert_close(x.grad.cpu().double(), gx, atol=1e-5, rtol=1e-5)
+
+
+# -- strategy level: high-rank updates from accumulated low-rank perturbations ----------------------
+
+import torch.nn as nn  # noqa: E402
+
+from evotorch_eggroll import EggrollStrategy  # noqa: E402
+
+
+def _update_rank(delta: torch.Tensor) -> int:
+    return int(torch.linalg.matrix_rank(delta.double(), atol=1e-6))
+
+
+@pytest.mark.parametrize("population,rank,expected", [(2, 1, 1), (4, 1, 2), (8, 1, 4),
+                                                      (4, 2, 4), (16, 2, 8)])
+def test_one_update_has_rank_draws_times_r(device, population, rank, expected):
+    """Each member's perturbation has rank r; the update sums N/2 mirrored draws, so its
+    rank is min(N/2 * r, m, n) (generic fitnesses)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 10, bias=False).to(device)
+    s = EggrollStrategy(sigma=0.1, lr=0.1, rank=rank, optimizer="sgd").setup(layer)
+    before = layer.weight.detach().clone()
+    with s.perturb(population) as pop:
+        pop.batched_forward(layer, torch.randn(population, 8, device=device))
+    s.step(torch.linspace(-1.0, 2.0, population) ** 3)
+    assert _update_rank(layer.weight.detach() - before) == min(expected, 8)
+
+
+def test_updates_accumulate_to_full_rank_over_steps(device):
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 6, bias=False).to(device)
+    s = EggrollStrategy(sigma=0.1, lr=0.1, rank=1, optimizer="sgd").setup(layer)
+    start = layer.weight.detach().clone()
+    ranks = []
+    for step in range(3):
+        with s.perturb(4) as pop:
+            pop.batched_forward(layer, torch.randn(4, 6, device=device))
+        s.step(torch.tensor([1.0, -1.0, 0.5, 2.0]) + step)
+        ranks.append(_update_rank(layer.weight.detach() - start))
+    assert ranks == [2, 4, 6]  # fresh noise every epoch (noise_reuse=1) adds new directions
+
+
+def test_reused_noise_keeps_updates_in_one_low_rank_subspace(device):
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 6, bias=False).to(device)
+    s = EggrollStrategy(sigma=0.1, lr=0.1, rank=1, optimizer="sgd", noise_reuse=0).setup(layer)
+    start = layer.weight.detach().clone()
+    for step in range(3):
+        with s.perturb(4) as pop:
+            pop.batched_forward(layer, torch.randn(4, 6, device=device))
+        s.step(torch.tensor([1.0, -1.0, 0.5, 2.0]) * (step + 1))
+    assert _update_rank(layer.weight.detach() - start) == 2

@@ -142,3 +142,87 @@ def test_update_input_errors(device):
     with pytest.raises(ValueError, match="rank"):
         ops.lowrank_update(2, 2, seed=0, key=0, epoch=0, rank=0, noise_indices=idx,
                            coeffs=torch.zeros(3, device=device))
+
+
+# -- strategy level: the ES gradient and the optimizer step -------------------------------------------
+
+import torch.nn as nn  # noqa: E402
+
+from evotorch_eggroll import EggrollStrategy  # noqa: E402
+
+
+def _delta_after_step(device, fitness_of, population, **kwargs):
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4, bias=False).to(device)
+    s = EggrollStrategy(**kwargs).setup(layer)
+    before = layer.weight.detach().clone()
+    x = torch.linspace(-1.0, 1.0, 5, device=device).expand(population, 5)
+    with s.perturb(population) as pop:
+        out = pop.batched_forward(layer, x)
+    metrics = s.step(fitness_of(out))
+    return layer.weight.detach() - before, metrics, s
+
+
+def test_es_update_estimates_the_gradient_of_a_linear_objective(device):
+    """f_i = c . y_i with y_i = W_i x: the gradient in W is c x^T, and the ES update with
+    raw fitnesses is sqrt(N) sigma^2 c x^T in expectation."""
+    c = torch.tensor([1.0, -2.0, 0.5, 1.5], device=device)
+    x = torch.linspace(-1.0, 1.0, 5, device=device)
+    sigma, n = 0.1, 64
+    delta, _, _ = _delta_after_step(device, lambda out: out @ c, n, sigma=sigma, lr=1.0, rank=2,
+                                    optimizer="sgd", fitness_transform="none", seed=1)
+    true = torch.outer(c, x)
+    cosine = float((delta * true).sum() / (delta.norm() * true.norm()))
+    assert cosine > 0.6  # 32 mirrored draws in a 20-dimensional space
+    scale = float((delta * true).sum() / true.pow(2).sum())
+    assert scale == pytest.approx(math.sqrt(n) * sigma ** 2, rel=0.3)
+
+
+def test_negative_es_gradient_is_handed_to_the_optimizer(device):
+    """Adam's first moment after one step is (1 - beta1) * grad, with grad = -g where g is
+    the SGD(lr=1) change of the same run."""
+    fit = lambda out: -(out - 0.3).pow(2).sum(1)  # noqa: E731
+    g, _, _ = _delta_after_step(device, fit, 6, sigma=0.2, lr=1.0, optimizer="sgd", seed=2)
+    _, _, s = _delta_after_step(device, fit, 6, sigma=0.2, lr=0.01, optimizer="adam", seed=2)
+    state = s.optimizer.state[s.parameters()[0]]
+    torch.testing.assert_close(state["exp_avg"], 0.1 * -g, rtol=1e-5, atol=1e-7)
+
+
+def test_steps_ascend_the_fitness(device):
+    """Identity rows read the member's weight matrix: fitness -||W_i - T||^2 rises."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3, bias=False).to(device)
+    target = torch.randn(3, 4, device=device)
+    s = EggrollStrategy(sigma=0.1, lr=0.05, rank=2, seed=0).setup(layer)
+    n = 8
+    eye = torch.eye(4, device=device).repeat(n, 1)  # (n * 4, 4)
+    ids = torch.arange(n, device=device).repeat_interleave(4)
+
+    def distance() -> float:
+        return float((layer.weight - target).pow(2).sum())
+
+    start = distance()
+    for _ in range(15):
+        with s.perturb(n) as pop:
+            w_rows = pop.batched_forward(layer, eye, member_ids=ids).view(n, 4, 3)
+        s.step(-(w_rows - target.T).pow(2).sum(dim=(1, 2)))
+    assert distance() < 0.5 * start
+
+
+def test_update_uses_the_evaluated_noise(device):
+    """The step regenerates the noise of the context it follows: its epoch (here not the
+    strategy's counter) and its sigma (even if sigma changed since)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2, bias=False).to(device)
+    s = EggrollStrategy(sigma=0.2, lr=1.0, rank=1, optimizer="sgd",
+                        fitness_transform="none").setup(layer)
+    before = layer.weight.detach().clone()
+    expected = [s._get_perturbation("weight", k, 5).as_matrix() for k in range(4)]
+    with s.perturb(4, epoch=5) as pop:
+        pop.batched_forward(layer, torch.randn(4, 3, device=device))
+    s.sigma = 0.7
+    fit = torch.tensor([1.0, -0.5, 0.25, 2.0], device=device)
+    m = s.step(fit)
+    g = sum(f * p for f, p in zip(fit.tolist(), expected)) / 2.0  # 1/sqrt(N), N = 4
+    torch.testing.assert_close(layer.weight.detach() - before, g, rtol=1e-5, atol=1e-6)
+    assert m["epoch"] == 5 and m["sigma"] == 0.7 and s.epoch == 1

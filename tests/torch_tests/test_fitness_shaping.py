@@ -208,3 +208,12 @@ def test_normalized_fitness_mean_metric(device):
     assert m["normalized_fitness_mean"] == pytest.approx(4.0)
     _, m = _step(device, torch.tensor([1.0, 2.0, 3.0, 10.0]))
     assert abs(m["normalized_fitness_mean"]) < 1e-12
+
+
+def test_strategy_fitness_eps_and_group_size_reach_the_transform():
+    f = torch.tensor([0.0, 1e-3, 5.0, 7.0], dtype=torch.float64)
+    eps = EggrollStrategy(fitness_eps=1.0).normalize_fitnesses(f)
+    torch.testing.assert_close(eps, zscore(f, eps=1.0))
+    grouped = EggrollStrategy(group_size=2).normalize_fitnesses(f)
+    torch.testing.assert_close(grouped, torch.cat([zscore(f[:2]), zscore(f[2:])]))
+    assert grouped[0] < 0 < grouped[1] and grouped[2] < 0 < grouped[3]

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from . import distributed as _dist
 from . import noise as _noise
 from . import ops
 from .context import PerturbationContext, _check_member, _lookup_name
@@ -243,13 +244,38 @@ class EvolutionStrategy:
         """``(rank, world_size)`` of the process group, ``(0, 1)`` when not distributed."""
         if not self.distributed:
             return 0, 1
-        import torch.distributed as dist
+        return _dist.process_group_info()
 
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("distributed=True needs an initialized torch.distributed process "
-                               "group: call torch.distributed.init_process_group(...) first "
-                               "(e.g. under torchrun)")
-        return dist.get_rank(), dist.get_world_size()
+    def _check_ranks_agree(self, params: Mapping[str, torch.Tensor], *, seed: int,
+                           sigma: float, lr: float, rank: int, antithetic: bool,
+                           noise_reuse: int) -> None:
+        """Distributed only: one tiny collective comparing the settings that key the noise
+        and the update, and the starting values of the evolved parameters, across ranks.
+        Raises the same ValueError on every rank when they differ (nothing is changed)."""
+        if not self.distributed:
+            return
+        transform = self.fitness_transform
+        settings = {
+            "seed": int(seed),
+            "algorithm": self._algorithm,
+            "sigma": float(sigma),
+            "lr": float(lr),
+            "noise rank": 0 if self._full_rank else int(rank),
+            "antithetic": bool(antithetic),
+            "noise_reuse": int(noise_reuse),
+            "fitness_transform": transform if isinstance(transform, str) else "<callable>",
+            "baseline": self.baseline,
+            "group_size": int(self.group_size),
+            "max_grad_norm": self.max_grad_norm,
+            "optimizer": self._optimizer_cls.__name__,
+        }
+        _dist.check_ranks_agree(settings, params, owner=type(self).__name__, hints={
+            "seed": "Pass the same seed on every rank (a fixed number, not one drawn per "
+                    "process): the ranks regenerate each other's noise from it.",
+            "tensors": "Every rank must start from the same parameter values: seed the "
+                       "model's initialisation identically on every rank (torch.manual_seed) "
+                       "or copy rank 0's values (torch.distributed.broadcast) before setup.",
+        })
 
     def setup(self, model: nn.Module, include: Optional[Iterable[str]] = None,
               exclude: Optional[Iterable[str]] = None) -> "EvolutionStrategy":
@@ -273,6 +299,8 @@ class EvolutionStrategy:
             RuntimeError: CPU parameters without the interpreter; inside a perturb context.
             ValueError: unknown names, nothing to evolve, or a parameter owned by a module
                 type whose forward cannot be perturbed per row (``exclude`` it).
+                Distributed: ranks whose seed, settings or starting parameter values differ
+                (raised on every rank, naming each rank's value).
         """
         if self._active is not None:
             raise RuntimeError("setup() cannot run inside a perturb context")
@@ -320,7 +348,10 @@ class EvolutionStrategy:
                 raise ValueError(f"parameter {n!r} has dtype {p.dtype}; only floating-point "
                                  f"parameters can be evolved")
         check_supported_modules(base, [n for n, _ in chosen])
-        self._world_info()  # a distributed strategy needs its process group now
+        # a distributed strategy needs its process group and agreeing ranks now
+        self._check_ranks_agree({n: p for n, p in chosen}, seed=self._seed, sigma=self._sigma,
+                                lr=self._lr, rank=self._rank, antithetic=self.antithetic,
+                                noise_reuse=self.noise_reuse)
         evolved = EvolvedSet(EvolvedParam(n, p, lowrank=not self._full_rank) for n, p in chosen)
         optimizer = self._optimizer_cls([e.param for e in evolved], lr=self._lr,
                                         **self.optimizer_kwargs)
@@ -460,15 +491,10 @@ class EvolutionStrategy:
 
     # -- the update -------------------------------------------------------------------------
 
-    def _all_gather_fitnesses(self, local: torch.Tensor, world: int) -> torch.Tensor:
-        import torch.distributed as dist
-
-        device = (self._evolved.entries[0].param.device if dist.get_backend() == "nccl"
-                  else torch.device("cpu"))
-        t = local.to(device=device, dtype=torch.float64).contiguous()
-        parts = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(parts, t)
-        return torch.cat(parts)
+    def _all_gather_fitnesses(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """The N fitnesses from every rank's slice (one collective; a wrong slice length on
+        any rank raises the same ValueError on every rank)."""
+        return _dist.all_gather_population(local, n, like=self._evolved.entries[0].param.device)
 
     def _collect_fitnesses(self, fitnesses: Any, n: int) -> torch.Tensor:
         f = torch.as_tensor(fitnesses)
@@ -482,8 +508,8 @@ class EvolutionStrategy:
             raise ValueError(f"fitnesses must be 1-D (one value per population member), got "
                              f"shape {tuple(f.shape)}")
         _, world = self._world_info()
-        if world > 1 and f.shape[0] == n // world:
-            f = self._all_gather_fitnesses(f, world)
+        if world > 1 and f.shape[0] != n:
+            f = self._all_gather_fitnesses(f, n)
         if f.shape[0] != n:
             raise ValueError(f"got {f.shape[0]} fitness values for a population of {n} members "
                              f"(the population_size of the last perturb context)")
@@ -500,8 +526,11 @@ class EvolutionStrategy:
         ``on_step``.
 
         Args:
-            fitnesses: ``(N,)`` values, higher is better (this rank's ``(N / world,)`` slice
-                when distributed; they are all-gathered).
+            fitnesses: ``(N,)`` values, higher is better. Distributed: this rank's
+                ``(N / world,)`` slice (``pop.local_member_ids()``), all-gathered in one
+                collective; or all N values, identical on every rank, used as given
+                without communication. Every rank must call ``step`` and pass the same
+                kind (a wrong slice length on any rank raises on every rank).
             prenormalized: use the fitnesses as the weights ``w`` as given.
 
         Returns:
@@ -658,6 +687,9 @@ class EvolutionStrategy:
             if not isinstance(v, torch.Tensor) or v.shape != e.param.shape:
                 raise ValueError(f"state_dict value of {e.name!r} has shape "
                                  f"{getattr(v, 'shape', None)}, expected {tuple(e.param.shape)}")
+        self._check_ranks_agree({e.name: values[e.name] for e in self._evolved}, seed=seed,
+                                sigma=sigma, lr=lr, rank=rank, antithetic=bool(state["antithetic"]),
+                                noise_reuse=noise_reuse)
         optimizer_state = copy.deepcopy(state["optimizer"])
         self._optimizer.load_state_dict(optimizer_state)  # validates before changing
         with torch.no_grad():
@@ -753,7 +785,12 @@ class EggrollStrategy(EvolutionStrategy):
         group_size: 0, or shape within consecutive groups of this many members.
         evolve_bias: False leaves 1-D parameters alone.
         max_grad_norm: clip the global norm of the ES gradient.
-        distributed: shard the population over ``torch.distributed`` ranks.
+        distributed: shard the population over the ranks of the initialized
+            ``torch.distributed`` group (SPEC §7): ``pop.local_member_ids()`` is this rank's
+            contiguous slice, ``step`` all-gathers the N fitnesses and every rank applies
+            the same update. ``setup``, ``step`` and ``load_state_dict`` are then collective
+            (call them on every rank); ``setup`` checks that all ranks agree on the seed,
+            settings and starting parameters.
 
     Note:
         AdamW applies its (decoupled) weight decay, 0.01 by default, even when the ES

@@ -1,9 +1,27 @@
-"""Distribution (SPEC §7), in one process: the sharding of members over ranks, the
-world-size check, and the all-gathered update, with the process group faked through the
-strategy's ``_world_info`` / ``_all_gather_fitnesses`` hooks.
+"""Distribution (SPEC §7).
+
+In one process: the sharding of members over ranks, the world-size check, and the
+all-gathered update, with the process group faked through the strategy's ``_world_info`` /
+``_all_gather_fitnesses`` hooks.
+
+With real process groups: this very file is run as a script by ``WORLD`` subprocesses
+(``python test_distributed.py --worker ...``) that rendezvous through a ``file://`` store in
+the test's temporary directory. On the CPU they use the Gloo backend with Triton's
+interpreter; the ``gpu`` variant uses NCCL with one GPU per rank. Each run has a timeout,
+so a rank left waiting in a collective fails the test instead of stalling it. All checks of
+one backend share one run (process start-up dominates on the CPU); each rank writes what it
+observed to ``result_<rank>.pt`` and the test compares the ranks with each other and with
+the single-process run that every rank also performs.
 """
 
 from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +141,263 @@ def test_all_values_on_every_rank_need_no_gather(device, monkeypatch):
     with s.perturb(4):
         pass
     assert s.step(torch.arange(4.0))["population_size"] == 4
+
+
+# ======================================================================================
+# Real process groups
+# ======================================================================================
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[2]
+WORLD = 2
+PER_RANK = 4  # members per rank: N = WORLD * PER_RANK
+STEPS = 3
+TIMEOUT_S = 240
+
+
+# -- launcher ---------------------------------------------------------------------------
+
+def launch(script: Path, scenario: str, world: int, backend: str, workdir: Path,
+           timeout: float = TIMEOUT_S) -> list[dict]:
+    """Run ``script --worker scenario`` as ``world`` ranks; return each rank's results.
+
+    Gloo runs hide CUDA and switch Triton's interpreter on (set before the workers import
+    Triton). A rank that fails, or a run that outlives ``timeout``, fails the test with
+    every rank's output.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    if backend == "gloo":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    init = f"file://{workdir / 'rendezvous'}"
+    procs = []
+    for rank in range(world):
+        log = open(workdir / f"log_{rank}.txt", "w")
+        cmd = [sys.executable, str(script), "--worker", scenario, "--rank", str(rank),
+               "--world", str(world), "--backend", backend, "--init", init,
+               "--out", str(workdir)]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       cwd=str(REPO)), log))
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    for proc, _ in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            break
+    for proc, log in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    logs = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n"
+                     f"{(workdir / f'log_{r}.txt').read_text()[-4000:]}"
+                     for r, (p, _) in enumerate(procs))
+    if timed_out:
+        pytest.fail(f"distributed run {scenario!r} did not finish within {timeout} s:\n{logs}")
+    if any(p.returncode != 0 for p, _ in procs):
+        pytest.fail(f"distributed run {scenario!r} failed:\n{logs}")
+    return [torch.load(workdir / f"result_{r}.pt", weights_only=True) for r in range(world)]
+
+
+def worker_main(scenarios: dict) -> None:
+    """Entry point of a rank: init the process group, run the scenario, save results."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--init", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if args.backend == "nccl":
+        device = torch.device("cuda", args.rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(args.backend, init_method=args.init, rank=args.rank,
+                            world_size=args.world)
+    try:
+        results = scenarios[args.worker](args.rank, args.world, device)
+        torch.save(results, Path(args.out) / f"result_{args.rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def expect_error(fn, exc_type) -> str:
+    """Run ``fn``; return the message of the ``exc_type`` it raises (fail otherwise)."""
+    try:
+        fn()
+    except exc_type as err:
+        return str(err)
+    raise AssertionError(f"expected {exc_type.__name__}")
+
+
+# -- the scenario run on every rank ------------------------------------------------------
+
+def _model(device, seed=0):
+    import torch.nn as nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
+
+
+def _fitness(out):
+    return -(out - 0.5).pow(2).sum(1)
+
+
+def _params(strategy) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in strategy.named_parameters()}
+
+
+def _train(cls, kwargs, device, n, x, distributed):
+    """``STEPS`` generations; returns outputs of the first, metrics and final params."""
+    model = _model(device)
+    s = cls(sigma=0.1, lr=0.05, optimizer="adam", seed=7, distributed=distributed,
+            **kwargs).setup(model)
+    first, metrics, info = None, [], {}
+    for _ in range(STEPS):
+        with s.perturb(n) as pop:
+            ids = pop.local_member_ids()
+            out = pop.batched_forward(model, x[ids.to(x.device)])
+            if first is None:
+                first = out.detach().cpu()
+                info = dict(ids=ids.clone(), local=pop.local_population_size,
+                            total=pop.population_size,
+                            iterated=torch.tensor(list(pop.iterate())),
+                            explicit=torch.equal(
+                                pop.batched_forward(model, x[ids.to(x.device)], member_ids=ids), out))
+        metrics.append(s.step(_fitness(out)))
+    return dict(first=first, metrics=metrics, params=_params(s), epoch=s.epoch, **info)
+
+
+def scenario_strategy(rank: int, world: int, device: torch.device) -> dict:
+    import warnings
+
+    from evotorch_eggroll import EggrollStrategy, OpenESStrategy
+
+    n = world * PER_RANK
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(1)).to(device)
+    res = {}
+    for name, cls, kwargs in (("eggroll", EggrollStrategy, {"rank": 2}),
+                              ("openes", OpenESStrategy, {})):
+        res[name] = _train(cls, kwargs, device, n, x, distributed=True)
+        res[name + "_single"] = _train(cls, kwargs, device, n, x, distributed=False)
+
+    # population size not divisible by the world size: ValueError, nothing changed
+    model = _model(device)
+    s = EggrollStrategy(sigma=0.1, lr=0.05, rank=2, seed=7, distributed=True).setup(model)
+    before = _params(s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res["bad_world_msg"] = expect_error(lambda: s.perturb(n + 1), ValueError)
+    res["bad_world_untouched"] = (s.epoch == 0 and s._active is None and s._last is None)
+
+    # a wrong slice length on rank 1 only, then NaN on rank 0 only: the same error on
+    # every rank, no hang, nothing changed; afterwards a correct step still works
+    with s.perturb(n) as pop:
+        f = _fitness(pop.batched_forward(model, x[pop.local_member_ids().to(device)]))
+    res["short_msg"] = expect_error(lambda: s.step(f[:-1] if rank == 1 else f), ValueError)
+    nan = f.clone()
+    if rank == 0:
+        nan[0] = float("nan")
+    res["nan_msg"] = expect_error(lambda: s.step(nan), ValueError)
+    after = _params(s)
+    res["errors_untouched"] = (s.epoch == 0 and all(torch.equal(before[k], after[k]) for k in before))
+    s.step(f)
+    res["recovered_epoch"] = s.epoch
+    res["recovered_params"] = _params(s)
+
+    # ranks that disagree: a clear error on every rank at setup, naming each rank's value
+    res["seed_msg"] = expect_error(
+        lambda: EggrollStrategy(seed=100 + rank, distributed=True).setup(_model(device)),
+        ValueError)
+    res["sigma_msg"] = expect_error(
+        lambda: OpenESStrategy(sigma=0.1 * (rank + 1), distributed=True).setup(_model(device)),
+        ValueError)
+    res["param_msg"] = expect_error(
+        lambda: EggrollStrategy(distributed=True).setup(_model(device, seed=rank)), ValueError)
+    # ... and when loading a checkpoint with another seed on one rank (state unchanged)
+    state = s.state_dict()
+    state["seed"] = 7 + rank
+    res["load_msg"] = expect_error(lambda: s.load_state_dict(state), ValueError)
+    res["load_untouched"] = s.seed == 7 and s.epoch == 1
+    return res
+
+
+SCENARIOS = {"strategy": scenario_strategy}
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+def _check_strategy_run(results: list[dict]) -> None:
+    n = WORLD * PER_RANK
+    for name in ("eggroll", "openes"):
+        single = results[0][name + "_single"]
+        for rank, res in enumerate(results):
+            d = res[name]
+            # sharding: a contiguous slice per rank; iterate() walks it
+            assert d["ids"].tolist() == list(range(rank * PER_RANK, (rank + 1) * PER_RANK))
+            assert d["local"] == PER_RANK and d["total"] == n
+            assert d["iterated"].tolist() == d["ids"].tolist()
+            # batched_forward: row j -> local member j, bit-equal to the single-process rows
+            assert d["explicit"]
+            assert torch.equal(d["first"], single["first"][rank * PER_RANK:(rank + 1) * PER_RANK])
+            # the all-gathered fitnesses give the single-process metrics and parameters
+            assert d["metrics"] == single["metrics"], name
+            assert d["epoch"] == STEPS
+            for k, v in single["params"].items():
+                assert torch.equal(d["params"][k], v), (name, rank, k)
+            # reference runs agree on every rank as well
+            assert torch.equal(res[name + "_single"]["first"], single["first"])
+        assert results[0][name]["metrics"][0]["population_size"] == n
+
+
+def _check_error_handling(results: list[dict]) -> None:
+    for res in results:
+        assert "divisible by the world size 2" in res["bad_world_msg"]
+        assert res["bad_world_untouched"]
+        assert "rank 1: 3 values" in res["short_msg"] and "4 values" in res["short_msg"]
+        assert "NaN" in res["nan_msg"]
+        assert res["errors_untouched"]
+        assert res["recovered_epoch"] == 1
+        assert "seed differs across ranks (rank 0: seed=100, rank 1: seed=101)" in res["seed_msg"]
+        assert "same seed on every rank" in res["seed_msg"]
+        assert "sigma differs across ranks (rank 0: sigma=0.1, rank 1: sigma=0.2)" in res["sigma_msg"]
+        assert "'0.weight' differ between rank 0 and rank(s) 1" in res["param_msg"]
+        assert "torch.manual_seed" in res["param_msg"]
+        assert "seed differs across ranks (rank 0: seed=7, rank 1: seed=8)" in res["load_msg"]
+        assert res["load_untouched"]
+    for k, v in results[0]["recovered_params"].items():
+        assert torch.equal(results[1]["recovered_params"][k], v)
+
+
+def test_two_gloo_ranks_match_single_process(tmp_path):
+    """Two Gloo ranks on the CPU: sharding, all-gather, bit-equality with one process,
+    identical parameters on every rank, and the distributed error paths."""
+    results = launch(HERE, "strategy", WORLD, "gloo", tmp_path)
+    _check_strategy_run(results)
+    _check_error_handling(results)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL test needs at least 2 CUDA GPUs")
+def test_two_nccl_ranks_match_single_process(tmp_path):
+    """The same checks with NCCL, one GPU per rank."""
+    results = launch(HERE, "strategy", WORLD, "nccl", tmp_path)
+    _check_strategy_run(results)
+    _check_error_handling(results)
+
+
+if __name__ == "__main__":
+    worker_main(SCENARIOS)

@@ -1,0 +1,292 @@
+"""``torch.distributed`` helpers for sharding a population over ranks (SPEC §7).
+
+EGGROLL needs very little communication: every rank regenerates the same noise from the
+same seed, so after each rank evaluated its contiguous slice of the population only the
+fitnesses (N numbers) must be shared, and every rank then applies the identical update.
+These helpers wrap the few collectives that needs, on the default (world) process group:
+
+* :func:`all_gather_population`: the N fitnesses from each rank's slice, with the slice
+  lengths validated *collectively*, so that a wrong length on one rank gives the same
+  clear error on every rank instead of leaving the others blocked in the collective.
+* :func:`check_ranks_agree`: a tiny collective at set-up time that compares settings
+  (seed, sigma, ...) and fingerprints of the starting parameters across ranks, turning a
+  silent divergence into an error that names every rank's value.
+* :func:`sum_over_ranks` and :func:`broadcast_from_rank0`: running statistics and
+  one-time initial values of the EvoTorch searcher.
+
+Tensors are moved to the device the backend needs: the current CUDA device (or the
+tensor's own CUDA device) for NCCL, the CPU for Gloo and other CPU backends.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import torch
+
+__all__ = [
+    "is_initialized",
+    "process_group_info",
+    "collective_device",
+    "all_gather_population",
+    "check_ranks_agree",
+    "sum_over_ranks",
+    "broadcast_from_rank0",
+]
+
+DeviceLike = Optional[Union[str, torch.device]]
+
+_NO_GROUP = (
+    "distributed=True needs an initialized torch.distributed process group: call "
+    "torch.distributed.init_process_group(...) first (e.g. under torchrun: backend='nccl' "
+    "with one GPU per rank, or 'gloo' on the CPU)"
+)
+
+
+def is_initialized() -> bool:
+    """True when ``torch.distributed`` is available and its default group is initialized."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def process_group_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group.
+
+    Raises:
+        RuntimeError: no initialized process group.
+    """
+    import torch.distributed as dist
+
+    if not is_initialized():
+        raise RuntimeError(_NO_GROUP)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def collective_device(like: DeviceLike = None) -> torch.device:
+    """The device collective tensors must live on for the default group's backend.
+
+    NCCL: ``like`` when it is a CUDA device, else the current CUDA device. A backend that
+    combines NCCL with a CPU backend (``"cpu:gloo,cuda:nccl"``): ``like`` itself (CPU
+    tensors go to the CPU backend). Anything else (Gloo, MPI, ...): the CPU.
+
+    Raises:
+        RuntimeError: NCCL without a CUDA device.
+    """
+    import torch.distributed as dist
+
+    like = None if like is None else torch.device(like)
+    backend = str(dist.get_backend()).lower()
+    if backend == "nccl":
+        if like is not None and like.type == "cuda":
+            return like
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        raise RuntimeError("the NCCL backend needs CUDA tensors, but no CUDA device is available; "
+                           "use backend='gloo' on the CPU")
+    if "nccl" in backend and like is not None:
+        return like
+    return torch.device("cpu")
+
+
+def _all_gather(t: torch.Tensor, world: int) -> torch.Tensor:
+    """``(world, *t.shape)``: every rank's ``t`` (same shape and dtype on every rank)."""
+    import torch.distributed as dist
+
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t)
+    return torch.stack(parts)
+
+
+def all_gather_population(local: torch.Tensor, population_size: int, *,
+                          like: DeviceLike = None) -> torch.Tensor:
+    """The fitnesses of the whole population from every rank's contiguous slice.
+
+    Rank ``k`` holds the values of members ``k * N/W .. (k+1) * N/W - 1``; the result
+    concatenates the slices in rank order. One ``all_gather`` of ``N/W + 1`` float64
+    values per rank (the extra value carries the slice length, so that a wrong length
+    on any rank raises the same error on every rank rather than blocking the others).
+    Values travel as float64, which holds float32/float16/bfloat16 values exactly.
+
+    Args:
+        local: ``(N/W,)`` this rank's values (any real dtype, any device).
+        population_size: N, a multiple of the world size W.
+        like: device whose backend placement to use (default: ``local``'s).
+
+    Returns:
+        ``(N,)`` on ``local``'s device, in ``local``'s dtype; identical on every rank.
+
+    Raises:
+        ValueError: ``N`` not a multiple of the world size, or a rank gave a slice of the
+            wrong length (raised on every rank, naming the ranks and their lengths).
+    """
+    rank, world = process_group_info()
+    n = int(population_size)
+    if n % world:
+        raise ValueError(f"population_size {n} must be divisible by the world size {world} "
+                         f"(every rank evaluates an equal slice)")
+    per = n // world
+    local = torch.as_tensor(local)
+    count = int(local.shape[0]) if local.dim() == 1 else -1
+    device = collective_device(local.device if like is None else like)
+    payload = torch.zeros(per + 1, dtype=torch.float64, device=device)
+    payload[0] = float(count)
+    if count == per:
+        payload[1:] = local.detach().to(device=device, dtype=torch.float64)
+    gathered = _all_gather(payload, world)  # (W, per + 1)
+    counts = [int(c) for c in gathered[:, 0].tolist()]
+    bad = [(r, c) for r, c in enumerate(counts) if c != per]
+    if bad:
+        got = ", ".join(f"rank {r}: {'not 1-D' if c < 0 else f'{c} values'}" for r, c in bad)
+        raise ValueError(
+            f"every rank must pass the fitnesses of its own slice of the population "
+            f"({per} values = population_size {n} / world size {world}, see "
+            f"pop.local_population_size), got {got}; nothing was updated"
+        )
+    return gathered[:, 1:].reshape(n).to(device=local.device, dtype=local.dtype)
+
+
+# -- agreement check --------------------------------------------------------------------
+
+_INT, _FLOAT, _BOOL, _TEXT, _NONE = range(5)
+
+
+def _encode(value: Any) -> tuple[int, int, int]:
+    """A setting as three int64 words: kind, high and low halves of a 64-bit payload."""
+    if value is None:
+        return _NONE, 0, 0
+    if isinstance(value, bool):
+        return _BOOL, 0, int(value)
+    if isinstance(value, int):
+        v = value & 0xFFFFFFFFFFFFFFFF
+        return _INT, v >> 32, v & 0xFFFFFFFF
+    if isinstance(value, float):
+        (v,) = struct.unpack("<Q", struct.pack("<d", value))
+        return _FLOAT, v >> 32, v & 0xFFFFFFFF
+    return _TEXT, 0, zlib.crc32(str(value).encode("utf-8"))
+
+
+def _decode(kind: int, hi: int, lo: int, own: Any) -> str:
+    if kind == _NONE:
+        return "None"
+    if kind == _BOOL:
+        return str(bool(lo))
+    if kind == _INT:
+        return str((hi << 32) | lo)
+    if kind == _FLOAT:
+        (v,) = struct.unpack("<d", struct.pack("<Q", (hi << 32) | lo))
+        return repr(v)
+    if _encode(own) == (kind, hi, lo):
+        return repr(own)
+    return f"<a different value, crc32 {lo:08x}>"
+
+
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """``(3,)`` float64: sum, sum of squares and sum of absolute values of ``t``."""
+    x = t.detach().to(torch.float64)
+    return torch.stack([x.sum(), x.square().sum(), x.abs().sum()])
+
+
+def _same_fingerprint(a: list[float], b: list[float]) -> bool:
+    if all(math.isnan(x) for x in a + b):
+        return True
+    s_a, q_a, m_a = a
+    s_b, q_b, m_b = b
+    scale = max(m_a, m_b)
+    return (abs(s_a - s_b) <= 1e-9 * scale
+            and abs(q_a - q_b) <= 1e-9 * max(q_a, q_b)
+            and abs(m_a - m_b) <= 1e-9 * scale)
+
+
+def check_ranks_agree(settings: Mapping[str, Any],
+                      tensors: Optional[Mapping[str, torch.Tensor]] = None, *,
+                      like: DeviceLike = None, owner: str = "the strategy",
+                      hints: Optional[Mapping[str, str]] = None) -> None:
+    """Raise on every rank unless all ranks hold the same settings and tensors.
+
+    Two tiny ``all_gather`` calls: first three int64 words per setting (plus a checksum of
+    the tensors' names, shapes and dtypes), then, only when those agree, three float64
+    numbers per tensor (sum, sum of squares and sum of absolute values, compared with a
+    relative tolerance of 1e-9). Every rank sees the same gathered data, so every rank
+    raises the same error and none is left waiting in a later collective.
+
+    Args:
+        settings: name -> int, float, bool, str or None (strings are compared by checksum).
+        tensors: name -> tensor whose values must agree (e.g. the starting parameters).
+        like: device for the backend placement (default: the first tensor's, else CPU).
+        owner: what is being checked, for the message.
+        hints: name -> advice appended to the message when that setting differs.
+
+    Raises:
+        ValueError: a setting or tensor differs; the message names every rank's value.
+    """
+    rank, world = process_group_info()
+    tensors = dict(tensors or {})
+    hints = dict(hints or {})
+    if like is None and tensors:
+        like = next(iter(tensors.values())).device
+    device = collective_device(like)
+    layout = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in tensors.items())
+    fields = dict(settings)
+    fields["process rank"] = rank
+    fields["evolved tensors (names, shapes, dtypes)"] = layout
+    names = list(fields)
+    words = torch.tensor([w for k in names for w in _encode(fields[k])], dtype=torch.int64,
+                         device=device)
+    table = _all_gather(words, world).reshape(world, len(names), 3).tolist()
+
+    problems = []
+    for j, name in enumerate(names):
+        if name == "process rank":
+            continue
+        column = [tuple(table[r][j]) for r in range(world)]
+        if len(set(column)) > 1:
+            values = ", ".join(f"rank {r}: {name}={_decode(*column[r], fields[name])}"
+                               for r in range(world))
+            hint = f" {hints[name]}" if name in hints else ""
+            problems.append(f"{name} differs across ranks ({values}).{hint}")
+    if not problems and tensors:
+        prints = torch.cat([_fingerprint(v).to(device) for v in tensors.values()])
+        all_prints = _all_gather(prints, world).reshape(world, len(tensors), 3).tolist()
+        for j, name in enumerate(tensors):
+            differing = [r for r in range(1, world)
+                         if not _same_fingerprint(all_prints[0][j], all_prints[r][j])]
+            if differing:
+                others = ", ".join(str(r) for r in differing)
+                hint = f" {hints['tensors']}" if "tensors" in hints else ""
+                problems.append(f"the values of {name!r} differ between rank 0 and rank(s) "
+                                f"{others}.{hint}")
+                break
+    if problems:
+        raise ValueError(f"{owner} runs with distributed=True over {world} ranks, which must all "
+                         f"agree, but " + " ".join(problems))
+
+
+# -- sums and broadcasts ----------------------------------------------------------------
+
+def sum_over_ranks(t: torch.Tensor, *, like: DeviceLike = None) -> torch.Tensor:
+    """The sum of ``t`` over all ranks, added in rank order (so bit-identical on every
+    rank); same shape, dtype and device as ``t``."""
+    _, world = process_group_info()
+    device = collective_device(t.device if like is None else like)
+    gathered = _all_gather(t.detach().to(device), world)
+    total = gathered[0].clone()
+    for r in range(1, world):
+        total += gathered[r]
+    return total.to(t.device)
+
+
+def broadcast_from_rank0(t: torch.Tensor, *, like: DeviceLike = None) -> torch.Tensor:
+    """Rank 0's value of ``t`` (a new tensor with ``t``'s shape, dtype and device)."""
+    import torch.distributed as dist
+
+    process_group_info()
+    device = collective_device(t.device if like is None else like)
+    buf = t.detach().to(device).clone().contiguous()
+    dist.broadcast(buf, src=0)
+    return buf.to(t.device)

@@ -9,6 +9,7 @@ copy saved on entry, whatever happened inside.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import Iterator, Optional, Sequence, Union
 
@@ -227,25 +228,21 @@ class PerturbationContext:
                 p = e.perturbations(self.coords, ids)[0]  # (*shape) float32
                 e.param.data.copy_((saved.float() + p).to(saved.dtype))
 
-    def _with_base_values(self):
-        """Context manager used by ``strategy.eval()``: base values while iterating."""
-        ctx = self
-
-        class _Base:
-            def __enter__(self_inner):
-                self_inner.member = None
-                if ctx._active and ctx._iter_token is not None:
-                    self_inner.member = [e.param.detach().clone() for e in ctx._evolved]
-                    ctx._restore()
-
-            def __exit__(self_inner, *exc):
-                if self_inner.member is not None and ctx._active:
-                    with torch.no_grad():
-                        for e, v in zip(ctx._evolved, self_inner.member):
-                            e.param.data.copy_(v)
-                return False
-
-        return _Base()
+    @contextlib.contextmanager
+    def _with_base_values(self) -> Iterator[None]:
+        """Base values in the parameters for the duration (used by ``strategy.eval()``):
+        while ``iterate`` holds a member's values they are set aside and written back."""
+        member = None
+        if self._active and self._iter_token is not None:
+            member = [e.param.detach().clone() for e in self._evolved]
+            self._restore()
+        try:
+            yield
+        finally:
+            if member is not None and self._active:
+                with torch.no_grad():
+                    for e, v in zip(self._evolved, member):
+                        e.param.data.copy_(v)
 
     # -- inspection ------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ arrive as kernel arguments of ``2**31`` or more, so they are cast to uint32 here
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -265,6 +267,4 @@ def rows_per_program(num_rows: int, device: torch.device, cap: int) -> int:
 
 def device_guard(t: torch.Tensor):
     """Context that makes ``t``'s CUDA device current for a launch (no-op on the CPU)."""
-    import contextlib
-
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -199,7 +199,7 @@ def test_steps_ascend_the_fitness(device):
     ids = torch.arange(n, device=device).repeat_interleave(4)
 
     def distance() -> float:
-        return float((layer.weight - target).pow(2).sum())
+        return float((layer.weight.detach() - target).pow(2).sum())
 
     start = distance()
     for _ in range(15):

@@ -25,6 +25,14 @@ sense), and hand the ES gradient ``g = (1/sqrt(N)) sum_i w_i P_i`` (``P_i`` the 
 perturbation) to a torch optimizer as ``-g``. Status values after a step describe the
 population just evaluated (sampled around the center before the update); ``center`` is the
 updated center.
+
+With ``distributed=True`` (an initialized ``torch.distributed`` group, e.g. under
+``torchrun``) each rank evaluates the contiguous slice ``rank * N/W .. (rank+1) * N/W - 1``
+of the population (low-rank mode through the side channel, dense mode as SolutionBatch
+chunks), the N fitnesses are all-gathered (one collective of N floats), and every rank
+ranks them and applies the identical update from regenerated noise. Status values are
+global and identical on every rank; attached loggers run on rank 0 only unless
+``log_all_ranks=True``.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from evotorch import Problem, Solution, SolutionBatch
 from evotorch.algorithms import SearchAlgorithm
 from evotorch.tools.hook import Hook
 
+from . import distributed as _dist
 from . import noise as _noise
 from . import ops, shaping
 from .neuroevolution import EggrollNEProblem
@@ -119,6 +128,23 @@ def _nonnegative_float(name: str, value: Any) -> float:
     return value
 
 
+class _RankZeroHook(Hook):
+    """A Hook whose callables run on process rank 0 only (elsewhere a call does nothing).
+
+    Installed as the searcher's ``log_hook`` and ``end_of_run_hook`` in a distributed run,
+    so that loggers attached on every rank print and save once.
+    """
+
+    def __init__(self, rank: int, callables: Optional[list] = None) -> None:
+        super().__init__(callables)
+        self._rank = int(rank)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._rank != 0:
+            return None
+        return super().__call__(*args, **kwargs)
+
+
 def _make_optimizer(params: list, optimizer: Any, lr: float, config: Optional[dict]) -> torch.optim.Optimizer:
     kwargs = dict(config or {})
     if isinstance(optimizer, str):
@@ -172,10 +198,28 @@ class EGGROLL(SearchAlgorithm):
         seed: Integer key of all noise (default 0).
         center_init: Initial center ``(L,)``; default: the network's own parameters
             (low-rank mode) or ``problem.generate_values(1)`` (dense mode).
-        distributed: Shard the population over ``torch.distributed`` ranks. Not supported
-            yet: raises NotImplementedError.
+        distributed: Shard the population over the ranks of the initialized
+            ``torch.distributed`` default group (every rank builds the same problem and
+            searcher and calls ``step``/``run`` in lockstep). ``popsize`` must be a multiple
+            of the world size. Each rank evaluates its contiguous slice of members; the
+            fitnesses are all-gathered and every rank applies the same update, so no
+            weights or noise cross the wire after construction. At construction, rank 0's
+            initial center (and, for our adapters, the problem's seed for data order and
+            environment resets) is broadcast to all ranks, and the internal strategy
+            checks that the ranks agree on seed and settings. Dense mode (plain problems)
+            evaluates each rank's slice with ``problem.evaluate``; the problem's own
+            best/worst tracking is switched off there because it would see one slice only
+            (``best``, ``best_eval``, ``pop_best`` come from the searcher and are global).
+        log_all_ranks: Distributed only: run attached loggers (``log_hook`` and
+            ``end_of_run_hook``) on every rank. Default False: only rank 0's loggers run,
+            so loggers may be attached on every rank unconditionally.
         chunk_size: Dense mode: members materialised per ``SolutionBatch`` (default: as
             many as fit in 2**24 values, at most ``popsize``).
+
+    Raises:
+        RuntimeError: ``distributed=True`` without an initialized process group.
+        ValueError: bad arguments; ``popsize`` not a multiple of the world size; ranks
+            that disagree on seed or settings (raised on every rank).
     """
 
     def __init__(
@@ -194,15 +238,11 @@ class EGGROLL(SearchAlgorithm):
         seed: int = 0,
         center_init: Optional[Any] = None,
         distributed: bool = False,
+        log_all_ranks: bool = False,
         chunk_size: Optional[int] = None,
     ) -> None:
         if not isinstance(problem, Problem):
             raise TypeError(f"problem must be an evotorch Problem, got {type(problem).__name__}")
-        if distributed:
-            raise NotImplementedError(
-                "EGGROLL(distributed=True) is not supported yet; use EggrollStrategy(distributed=True) "
-                "with torch.distributed directly, or num_actors on a plain problem"
-            )
         problem.ensure_single_objective()
         problem.ensure_numeric()
         problem.ensure_unbounded()
@@ -219,6 +259,16 @@ class EGGROLL(SearchAlgorithm):
         self._optimizer_config = dict(optimizer_config or {})
         self._higher_is_better = problem.senses[0] == "max"
         self._lowrank = isinstance(problem, EggrollNEProblem)
+        self._distributed = bool(distributed)
+        self._log_all_ranks = bool(log_all_ranks)
+        self._proc_rank, self._world = _dist.process_group_info() if self._distributed else (0, 1)
+        if self._popsize % self._world:
+            raise ValueError(
+                f"popsize {self._popsize} must be divisible by the world size {self._world} "
+                "(every rank evaluates an equal slice of the population)"
+            )
+        if self._distributed:
+            self._check_ranks_agree(problem)
 
         SearchAlgorithm.__init__(
             self,
@@ -238,6 +288,7 @@ class EGGROLL(SearchAlgorithm):
         self._last: Optional[dict] = None
         self._best_record: Optional[dict] = None
         self._best_solution: Optional[Solution] = None
+        self._install_log_filter()
 
         if self._lowrank:
             self._init_lowrank(problem, center_init)
@@ -257,6 +308,7 @@ class EGGROLL(SearchAlgorithm):
             noise_reuse=self._noise_reuse,
             seed=self._seed,
             fitness_transform="none",
+            distributed=self._distributed,
         )
 
     def _build_strategy(self) -> Any:
@@ -283,6 +335,12 @@ class EGGROLL(SearchAlgorithm):
         if center_init is not None:
             center = problem.ensure_tensor_length_and_dtype(center_init, allow_scalar=False, about="center_init")
             problem.vector_to_parameters(center, self._network)
+        if self._distributed:
+            # One-time agreement: rank 0's starting center and problem seed everywhere.
+            with torch.no_grad():
+                center = _dist.broadcast_from_rank0(problem.parameters_to_vector(self._network))
+            problem.vector_to_parameters(center, self._network)
+            problem._distributed_setup()
         self._strategy = self._build_strategy()
 
     def _init_dense(self, problem: Problem, center_init: Optional[Any], chunk_size: Optional[int]) -> None:
@@ -292,6 +350,11 @@ class EGGROLL(SearchAlgorithm):
             center = problem.ensure_tensor_length_and_dtype(center_init, allow_scalar=False, about="center_init")
         if type(center) is not torch.Tensor:
             center = center.as_subclass(torch.Tensor)
+        if self._distributed:
+            center = _dist.broadcast_from_rank0(center.detach().to(problem.device))
+            # The problem would track best/worst over this rank's slice only; the
+            # searcher's best, best_eval and pop_best are global.
+            problem._store_solution_stats = False
         self._center = torch.nn.Parameter(center.detach().clone().to(problem.device), requires_grad=True)
         self._optimizer = _make_optimizer([self._center], self._optimizer_spec, self._lr, self._optimizer_config)
         self._epoch = 0
@@ -329,6 +392,47 @@ class EGGROLL(SearchAlgorithm):
         return self._network if self._lowrank else None
 
     @property
+    def distributed(self) -> bool:
+        """Whether the population is sharded over ``torch.distributed`` ranks."""
+        return self._distributed
+
+    def _local_members(self) -> range:
+        """This rank's contiguous slice of member ids (all members when not distributed)."""
+        per = self._popsize // self._world
+        return range(self._proc_rank * per, (self._proc_rank + 1) * per)
+
+    def _check_ranks_agree(self, problem: Problem) -> None:
+        """One tiny collective: every rank must build the same searcher (raises the same
+        ValueError on every rank, naming each rank's value, when they differ)."""
+        optimizer = self._optimizer_spec
+        settings = {
+            "seed": self._seed,
+            "popsize": self._popsize,
+            "sigma": self._sigma,
+            "lr": self._lr,
+            "noise rank": self._rank if self._lowrank else 0,
+            "antithetic": self._antithetic,
+            "noise_reuse": self._noise_reuse,
+            "ranking_method": self._ranking_method,
+            "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", str(optimizer)),
+            "problem": f"{type(problem).__module__}.{type(problem).__qualname__}",
+            "solution_length": int(problem.solution_length),
+            "objective_sense": problem.senses[0],
+        }
+        _dist.check_ranks_agree(
+            settings,
+            like=problem.device,
+            owner="EGGROLL",
+            hints={"seed": "Pass the same seed on every rank: the ranks regenerate each other's noise from it."},
+        )
+
+    def _install_log_filter(self) -> None:
+        """Distributed without ``log_all_ranks``: loggers run on rank 0 only."""
+        if self._distributed and not self._log_all_ranks:
+            self._log_hook = _RankZeroHook(self._proc_rank, list(self._log_hook))
+            self._end_of_run_hook = _RankZeroHook(self._proc_rank, list(self._end_of_run_hook))
+
+    @property
     def epoch(self) -> int:
         """Generations completed (the noise epoch of the next generation)."""
         return int(self._strategy.epoch) if self._lowrank else self._epoch
@@ -353,6 +457,10 @@ class EGGROLL(SearchAlgorithm):
         record = dict(center=self._center_vector(), epoch=int(strategy.epoch), sigma=float(strategy.sigma))
         with strategy.perturb(self._popsize) as pop:
             fitnesses = self._problem.evaluate_population(pop, self._network)
+        if self._distributed:
+            fitnesses = _dist.all_gather_population(fitnesses, self._popsize)
+            self._problem._distributed_merge()
+        # all N weights, identical on every rank: the strategy uses them without communication
         weights = rank_fitnesses(fitnesses, self._ranking_method, higher_is_better=self._higher_is_better)
         strategy.step(weights.to(fitnesses.device), prenormalized=True)
         return fitnesses, record
@@ -387,8 +495,9 @@ class EGGROLL(SearchAlgorithm):
             warnings.warn(f"antithetic sampling with an odd popsize ({n}): the last member has no mirror", UserWarning)
 
         parts = []
-        for start in range(0, n, self._chunk_size):
-            ids = torch.arange(start, min(n, start + self._chunk_size), device=device)
+        local = self._local_members()
+        for start in range(local.start, local.stop, self._chunk_size):
+            ids = torch.arange(start, min(local.stop, start + self._chunk_size), device=device)
             values = (center.float() + self._dense_member_noise(ids, epoch, self._sigma)).to(center.dtype)
             batch = SolutionBatch(problem, popsize=int(ids.shape[0]), device=problem.device, empty=True)
             batch.set_values(values.to(problem.device))
@@ -396,6 +505,8 @@ class EGGROLL(SearchAlgorithm):
             evals = batch.evals[:, 0]
             parts.append(evals.as_subclass(torch.Tensor).clone().to(device))
         fitnesses = torch.cat(parts).float()
+        if self._distributed:
+            fitnesses = _dist.all_gather_population(fitnesses, n)
 
         weights = rank_fitnesses(fitnesses, self._ranking_method, higher_is_better=self._higher_is_better)
         noise_indices, coeffs = shaping.antithetic_fold(weights, self._antithetic)
@@ -501,6 +612,18 @@ class EGGROLL(SearchAlgorithm):
     def __setstate__(self, state: dict) -> None:
         strategy_state = state.pop("_strategy_state", None)
         self.__dict__.update(state)
+        if self._distributed and not _dist.is_initialized():
+            import warnings
+
+            warnings.warn(
+                "this EGGROLL searcher was pickled with distributed=True, but no torch.distributed "
+                "process group is initialized here: it continues as a single-process searcher",
+                UserWarning,
+            )
+            self._distributed, self._proc_rank, self._world = False, 0, 1
+        elif self._distributed:
+            self._proc_rank, self._world = _dist.process_group_info()
+        self._install_log_filter()
         if self._lowrank:
             self._strategy = self._build_strategy()
             self._strategy.load_state_dict(strategy_state)

@@ -98,13 +98,22 @@ class PopulationForward:
 
     Attributes:
         member_ids: ``(K,)`` int64 ids of the members being evaluated, on the network's
-            device. These are the only ids a call may use.
+            device. These are the only ids a call may use. In a distributed EGGROLL run
+            they are this rank's slice of the population (global ids).
         num_members: ``K``.
+        population_size: ``N``, the size of the whole population the members belong to
+            (``K`` unless only part of it is evaluated here, e.g. one rank's slice).
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], member_ids: torch.Tensor):
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        member_ids: torch.Tensor,
+        population_size: Optional[int] = None,
+    ):
         self._fn = fn
         self.member_ids = member_ids
+        self.population_size = int(member_ids.shape[0]) if population_size is None else int(population_size)
 
     @property
     def num_members(self) -> int:
@@ -391,6 +400,23 @@ class EggrollNEProblem(BaseNEProblem):
         """The problem status reported after a low-rank population evaluation."""
         return {}
 
+    # ------------------------------------------------------------------ distributed EGGROLL
+
+    def _distributed_setup(self) -> None:
+        """Distributed EGGROLL, once on every rank at the searcher's construction: adopt
+        rank 0's seed for the problem's own randomness (data order, environment resets), so
+        that a seed drawn per process (``seed=None``) cannot make the ranks' members see
+        different data. Subclasses with more shared state extend this."""
+        from . import distributed as _dist
+
+        seed = torch.tensor([self._seed_value], dtype=torch.int64)
+        self._seed_value = int(_dist.broadcast_from_rank0(seed, like=self.device)[0])
+
+    def _distributed_merge(self) -> None:
+        """Distributed EGGROLL, on every rank after each rank evaluated its slice of a
+        population: make the problem's running state (counters, statistics) global, the same
+        on every rank. The base class keeps no such state."""
+
     def _as_fitness(self, values: Any, k: int) -> torch.Tensor:
         fit = torch.as_tensor(values) if not isinstance(values, torch.Tensor) else values
         fit = fit.detach()
@@ -467,7 +493,9 @@ class EggrollNEProblem(BaseNEProblem):
         ids = ids.to(device=device, dtype=torch.int64)
         with torch.no_grad():
             if self._has_batched_evaluation():
-                fwd = PopulationForward(lambda x, rid: pop.batched_forward(network, x, member_ids=rid), ids)
+                fwd = PopulationForward(
+                    lambda x, rid: pop.batched_forward(network, x, member_ids=rid), ids, pop.population_size
+                )
                 fit = self._as_fitness(self._evaluate_members(fwd), ids.shape[0])
             else:
                 wanted = {int(i): j for j, i in enumerate(ids.tolist())}
@@ -562,8 +590,13 @@ class EggrollSupervisedNE(EggrollNEProblem):
 
     def get_minibatch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next minibatch ``(x, y)`` on the network's device."""
-        size = len(self.dataset) if self._minibatch_size is None else self._minibatch_size
-        idx = self._indices(size)
+        return self._fetch(self._indices(self._batch_rows()))
+
+    def _batch_rows(self) -> int:
+        return len(self.dataset) if self._minibatch_size is None else self._minibatch_size
+
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows ``idx`` of the dataset as ``(x, y)`` on the network's device."""
         tensors = getattr(self.dataset, "tensors", None)
         if tensors is not None:
             batch = [t[idx] for t in tensors]
@@ -586,6 +619,27 @@ class EggrollSupervisedNE(EggrollNEProblem):
         losses = [self.loss(y_hat[k], y if shared_y else y[k]) for k in range(y_hat.shape[0])]
         return torch.stack([torch.as_tensor(v, device=y_hat.device).reshape(()) for v in losses]).float()
 
+    def _member_minibatches(self, forward: PopulationForward) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One minibatch per evaluated member (``common_minibatch=False``).
+
+        Members of the population draw in id order, ``0..N-1``; when only some of them are
+        evaluated here (one rank's slice of a distributed population), the others' draws
+        are skipped without loading their rows, so member ``m`` sees the data it would see
+        in a single-process run and every rank's data cursor ends up in the same place.
+        """
+        ids = forward.member_ids.tolist()
+        n = forward.population_size
+        if ids == list(range(n)):
+            return [self.get_minibatch() for _ in ids]
+        rows = self._batch_rows()
+        wanted = set(ids)
+        drawn = {}
+        for m in range(max(n, max(ids) + 1)):
+            idx = self._indices(rows)
+            if m in wanted:
+                drawn[m] = self._fetch(idx)
+        return [drawn[m] for m in ids]
+
     def _evaluate_members(self, forward: PopulationForward) -> torch.Tensor:
         k = forward.num_members
         total = torch.zeros(k, dtype=torch.float32, device=forward.member_ids.device)
@@ -594,7 +648,7 @@ class EggrollSupervisedNE(EggrollNEProblem):
                 x, y = self.get_minibatch()
                 losses = self._member_losses(forward.shared(x), y, shared_y=True)
             else:
-                pairs = [self.get_minibatch() for _ in range(k)]
+                pairs = self._member_minibatches(forward)
                 xs = torch.stack([p[0] for p in pairs])  # (K, B, *in)
                 ys = torch.stack([p[1] for p in pairs])  # (K, B, *out)
                 losses = self._member_losses(forward.per_member(xs), ys, shared_y=False)
@@ -677,7 +731,16 @@ class EggrollVecGymNE(EggrollNEProblem):
     ``Box`` space the output is reshaped to the action shape and clipped to the bounds.
 
     Every evaluation resets the environments with a fresh seed derived from ``seed`` and an
-    episode counter, so results are reproducible and pickled problems resume exactly.
+    episode counter, plus the id of the first evaluated member, so results are reproducible
+    and pickled problems resume exactly. With Gymnasium's per-sub-environment seeding
+    (``seed + i`` for sub-environment ``i``, e.g. ``vectorization_mode="sync"``) member
+    ``m`` then always starts from the same state, whichever rank of a distributed EGGROLL
+    run evaluates it; an environment drawing all initial states from one generator (such
+    as :class:`~evotorch_eggroll.envs.CartPole`) gives each rank's slice its own states.
+    In a distributed run the interaction and episode counters and the observation
+    statistics are summed over the ranks after each generation, so they are global and
+    identical on every rank (within a generation each rank normalises with the statistics
+    of the previous generations plus its own observations).
 
     Args:
         env: A Gymnasium id (built with ``gymnasium.make_vec(env, num_envs=K, **env_config)``),
@@ -793,7 +856,7 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     @property
     def _nonserialized_attribs(self) -> list[str]:
-        return super()._nonserialized_attribs + ["_env"]
+        return super()._nonserialized_attribs + ["_env", "_rank_snapshot"]
 
     def get_env(self) -> Optional[gym.vector.VectorEnv]:
         """The environment of the most recent evaluation (None before the first)."""
@@ -874,8 +937,45 @@ class EggrollVecGymNE(EggrollNEProblem):
         self._obs_stats.update(obs, active)
         return self._obs_stats.normalize(obs)
 
+    def _distributed_merge(self) -> None:
+        """Sum this generation's interactions, episodes and observation statistics over the
+        ranks (one small collective); every rank then holds the same global values."""
+        from . import distributed as _dist
+
+        snapshot = getattr(self, "_rank_snapshot", None)
+        if snapshot is None:
+            return
+        interactions, episodes, stats = snapshot
+        self._rank_snapshot = None
+        parts = [torch.tensor([self._interaction_count - interactions, self._episode_count - episodes],
+                              dtype=torch.float64)]
+        current = self._obs_stats
+        if current is not None:
+            before = [torch.zeros_like(t) for t in (current.count, current.sum, current.sum_of_squares)]
+            if stats is not None:
+                before = [t.to(current.count.device) for t in stats]
+            now = (current.count, current.sum, current.sum_of_squares)
+            parts += [(a - b).reshape(-1).cpu() for a, b in zip(now, before)]
+        total = _dist.sum_over_ranks(torch.cat(parts), like=self.device)
+        self._interaction_count = interactions + int(total[0])
+        self._episode_count = episodes + int(total[1])
+        if current is not None:
+            offset = 2
+            for name, b in zip(("count", "sum", "sum_of_squares"), before):
+                delta = total[offset : offset + b.numel()].reshape(b.shape).to(b.device)
+                setattr(current, name, b + delta)
+                offset += b.numel()
+        self._after_eval_status = self._lowrank_status()
+
     def _evaluate_members(self, forward: PopulationForward) -> torch.Tensor:
         k = forward.num_members
+        stats = self._obs_stats
+        self._rank_snapshot = (
+            self._interaction_count,
+            self._episode_count,
+            None if stats is None else tuple(t.clone() for t in (stats.count, stats.sum, stats.sum_of_squares)),
+        )
+        first_member = int(forward.member_ids[0]) if k else 0
         env = self._get_env(k)
         e = env.num_envs
         device = self.network_device
@@ -883,7 +983,9 @@ class EggrollVecGymNE(EggrollNEProblem):
         returns = torch.zeros(e, dtype=torch.float64, device=device)
         steps_taken = torch.zeros((), dtype=torch.int64, device=device)
         for _ in range(self._num_episodes):
-            seed = _mix_seed(self._seed_value, self._num_resets)
+            # + the first member's id: member m gets the same start on whichever rank
+            # evaluates it (with per-sub-environment seeding); 0 in a single process
+            seed = _mix_seed(self._seed_value, self._num_resets) + first_member
             self._num_resets += 1
             obs, _ = env.reset(seed=seed)
             torch_env = isinstance(obs, torch.Tensor)

@@ -1,0 +1,252 @@
+"""The EvoTorch searcher EGGROLL with ``distributed=True`` over real process groups.
+
+This file is also the rank script (see ``tests/distributed_harness.py``): two Gloo ranks on
+the CPU (Triton's interpreter), or two NCCL ranks with one GPU each in the ``gpu`` variant,
+run every scenario below in one launch and save what they observed; the tests compare the
+ranks with each other and with single-process runs of the same seed and population size
+(computed inside the launch, shared out over the ranks).
+
+Covered: low-rank mode on the supervised adapter (common and per-member minibatches) and
+on the RL adapter (Gymnasium sub-environments seeded per member, so bit-equal to one
+process; torch-native CartPole with observation normalisation, whose counters and
+statistics must be global), dense mode on a plain vector problem (sharded SolutionBatch
+evaluation), global status values identical on every rank, rank-0-only loggers
+(``log_all_ranks`` to opt out), the world-size and seed checks, and unpickling a
+distributed searcher where no process group exists.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # the tests folder: the harness
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distributed_harness import expect_error, launch, worker_main  # noqa: E402
+
+HERE = Path(__file__).resolve()
+WORLD = 2
+PER_RANK = 4
+GENERATIONS = 2
+TIMEOUT_S = 300
+EVALS = ("mean_eval", "median_eval", "pop_best_eval", "best_eval", "sigma", "stdev", "iter")
+
+
+# -- problems ----------------------------------------------------------------------------
+
+def _supervised(device, *, common: bool, seed, init_seed: int):
+    from evotorch_eggroll.neuroevolution import EggrollSupervisedNE
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.3
+    data = torch.utils.data.TensorDataset(x, y)
+
+    def network():
+        torch.manual_seed(init_seed)  # a different initialisation on every rank
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    return EggrollSupervisedNE(data, network, nn.functional.mse_loss, minibatch_size=4,
+                               common_minibatch=common, device=device, seed=seed)
+
+
+def _policy(obs_length, act_length):
+    return nn.Sequential(nn.Linear(obs_length, 4), nn.Tanh(), nn.Linear(4, act_length))
+
+
+def _gym_rl(device):
+    from evotorch_eggroll.neuroevolution import EggrollVecGymNE
+
+    torch.manual_seed(0)
+    return EggrollVecGymNE("CartPole-v1", _policy, env_config={"vectorization_mode": "sync"},
+                           episode_length=4, device=device, seed=3)
+
+
+def _torch_rl(device):
+    from evotorch_eggroll.envs import CartPole
+    from evotorch_eggroll.neuroevolution import EggrollVecGymNE
+
+    torch.manual_seed(0)
+    return EggrollVecGymNE(CartPole, _policy, episode_length=4, observation_normalization=True,
+                           device=device, seed=4)
+
+
+def _sphere(x):
+    return (x**2).sum(-1)
+
+
+def _dense(device, seed):
+    from evotorch import Problem
+
+    return Problem("min", _sphere, solution_length=6, initial_bounds=(-3, 3), vectorized=True,
+                   seed=seed, device=device)
+
+
+# -- the scenario run on every rank ------------------------------------------------------
+
+def _status(searcher) -> dict:
+    st = searcher.status
+    out = {k: st[k] for k in EVALS}
+    out["center"] = st["center"].detach().cpu().clone()
+    for k in ("pop_best", "best"):
+        out[k] = st[k].values.as_subclass(torch.Tensor).detach().cpu().clone()
+    for k in ("total_interaction_count", "total_episode_count"):
+        if k in st:
+            out[k] = int(st[k])
+    out["keys"] = sorted(st.keys())
+    return out
+
+
+def _run(searcher, generations: int = GENERATIONS) -> dict:
+    calls = []
+    searcher.log_hook.append(lambda status: calls.append(int(status["iter"])))
+    searcher.run(generations)
+    return dict(_status(searcher), log_calls=calls)
+
+
+def scenario_searcher(rank: int, world: int, device: torch.device) -> dict:
+    from evotorch.logging import StdOutLogger
+
+    from evotorch_eggroll.algorithms import EGGROLL
+
+    n = world * PER_RANK
+    kw = dict(popsize=n, sigma=0.1, lr=0.05, rank=1, seed=5)
+    res = {}
+    jobs = []  # single-process references, shared out over the ranks
+
+    # supervised, low-rank: a seed drawn per process and a different initialisation per
+    # rank; the searcher adopts rank 0's problem seed and center
+    for common in (True, False):
+        name = f"supervised_{'common' if common else 'own'}"
+        problem = _supervised(device, common=common, seed=None, init_seed=rank)
+        searcher = EGGROLL(problem, distributed=True, **kw)
+        if common:
+            StdOutLogger(searcher)  # attached on every rank, prints on rank 0 only
+        res[name] = _run(searcher)
+        if common:
+            res["pickled"] = torch.frombuffer(bytearray(pickle.dumps(searcher)), dtype=torch.uint8)
+        seed0 = problem._seed_value
+        jobs.append((name, lambda c=common, s=seed0: EGGROLL(
+            _supervised(device, common=c, seed=s, init_seed=0), **kw)))
+
+    # RL, low-rank, Gymnasium sub-environments seeded per member; loggers on every rank
+    res["gym"] = _run(EGGROLL(_gym_rl(device), distributed=True, log_all_ranks=True, **kw))
+    jobs.append(("gym", lambda: EGGROLL(_gym_rl(device), **kw)))
+
+    # RL with observation normalisation: counters and statistics summed over the ranks
+    problem = _torch_rl(device)
+    res["obsnorm"] = _run(EGGROLL(problem, distributed=True, **kw), generations=1)
+    stats = problem.get_observation_stats()
+    res["obsnorm_stats"] = [t.detach().cpu().clone() for t in (stats.count, stats.sum, stats.sum_of_squares)]
+
+    # dense mode, a plain problem: a different initial center per rank before the broadcast
+    searcher = EGGROLL(_dense(device, seed=rank), distributed=True, chunk_size=3, **kw)
+    center0 = searcher.status["center"].detach().clone()
+    res["dense"] = _run(searcher)
+    jobs.append(("dense", lambda: EGGROLL(_dense(device, seed=0), center_init=center0,
+                                          chunk_size=3, **kw)))
+
+    owner = {"supervised_common": 0, "supervised_own": 0, "gym": 1, "dense": 1}  # balanced
+    for name, build in jobs:
+        if owner[name] % world == rank:
+            res[name + "_single"] = _run(build())
+
+    # errors: the same on every rank, raised at construction, no hang
+    res["popsize_msg"] = expect_error(
+        lambda: EGGROLL(_dense(device, 0), popsize=n + 1, distributed=True), ValueError)
+    res["seed_msg"] = expect_error(
+        lambda: EGGROLL(_dense(device, 0), popsize=n, seed=rank, distributed=True), ValueError)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res["lowrank_seed_msg"] = expect_error(
+            lambda: EGGROLL(_gym_rl(device), popsize=n, seed=10 + rank, distributed=True), ValueError)
+    return res
+
+
+SCENARIOS = {"searcher": scenario_searcher}
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+def _same_status(a: dict, b: dict, what: str) -> None:
+    for k in EVALS:
+        assert a[k] == b[k], (what, k, a[k], b[k])
+    for k in ("center", "pop_best", "best"):
+        assert torch.equal(a[k], b[k]), (what, k)
+
+
+def _check(results: list[dict], tmp_path: Path) -> None:
+    n = WORLD * PER_RANK
+    r0, r1 = results
+    for name in ("supervised_common", "supervised_own", "gym", "obsnorm", "dense"):
+        # every status value is global: identical on every rank
+        _same_status(r0[name], r1[name], name)
+        assert r0[name]["keys"] == r1[name]["keys"]
+        assert r0[name]["iter"] == (1 if name == "obsnorm" else GENERATIONS)
+    for name in ("supervised_common", "supervised_own", "gym", "dense"):
+        # ... and equal to a single-process run of the same seed and population size
+        single = next(r[name + "_single"] for r in results if name + "_single" in r)
+        _same_status(r0[name], single, f"{name} vs one process")
+        # dense mode leaves out the problem's per-rank worst-member tracking
+        assert r0[name]["keys"] == [k for k in single["keys"] if not k.startswith("worst")]
+
+    # RL counters and observation statistics are summed over the ranks
+    assert r0["obsnorm"]["total_episode_count"] == n
+    assert r0["obsnorm"]["total_interaction_count"] == r1["obsnorm"]["total_interaction_count"]
+    assert r0["obsnorm"]["total_interaction_count"] >= n
+    for a, b in zip(r0["obsnorm_stats"], r1["obsnorm_stats"]):
+        assert torch.equal(a, b)
+    assert float(r0["obsnorm_stats"][0]) == r0["obsnorm"]["total_interaction_count"]
+
+    # dense mode: the problem's per-rank best/worst tracking is off
+    assert "worst" not in r0["dense"]["keys"]
+
+    # loggers: rank 0 only, unless log_all_ranks=True
+    assert r0["supervised_common"]["log_calls"] == list(range(1, GENERATIONS + 1))
+    assert r1["supervised_common"]["log_calls"] == []
+    assert r0["gym"]["log_calls"] == r1["gym"]["log_calls"] == list(range(1, GENERATIONS + 1))
+    assert "mean_eval" in (tmp_path / "log_0.txt").read_text()
+    assert "mean_eval" not in (tmp_path / "log_1.txt").read_text()
+
+    for res in results:
+        assert "popsize 9 must be divisible by the world size 2" in res["popsize_msg"]
+        assert "seed differs across ranks (rank 0: seed=0, rank 1: seed=1)" in res["seed_msg"]
+        assert "seed differs across ranks (rank 0: seed=10, rank 1: seed=11)" in res["lowrank_seed_msg"]
+
+    # a distributed searcher unpickled without a process group continues in one process
+    with pytest.warns(UserWarning, match="single-process"):
+        searcher = pickle.loads(bytes(r0["pickled"].numpy()))
+    assert not searcher.distributed
+    assert torch.equal(searcher.status["center"].cpu(), r0["supervised_common"]["center"])
+    searcher.step()
+    assert searcher.step_count == GENERATIONS + 1 and torch.isfinite(searcher.status["center"]).all()
+
+
+def test_two_gloo_ranks(tmp_path):
+    """Two Gloo ranks on the CPU: global, identical status on every rank, equal to one
+    process; rank-0 loggers; construction errors on every rank."""
+    _check(launch(HERE, "searcher", WORLD, "gloo", tmp_path, TIMEOUT_S), tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL test needs at least 2 CUDA GPUs")
+def test_two_nccl_ranks(tmp_path):
+    """The same checks with NCCL, one GPU per rank."""
+    _check(launch(HERE, "searcher", WORLD, "nccl", tmp_path, TIMEOUT_S), tmp_path)
+
+
+def test_distributed_needs_a_process_group():
+    from evotorch_eggroll.algorithms import EGGROLL
+
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        EGGROLL(_dense("cpu", 0), popsize=4, distributed=True)
+
+
+if __name__ == "__main__":
+    worker_main(SCENARIOS)

@@ -5,6 +5,10 @@ Every case is timed against, in the same process and at the same precision:
 * ``plain``: the unperturbed forward of the same model on the same rows — the limit;
 * ``naive``: per-member weights ``W + A Bᵀ`` materialised, then a batched matmul (skipped
   when it would not fit in memory);
+* ``graph``: device time alone (no host overhead) from replays of a captured CUDA graph,
+  for the plain forward and the perturbed one (layer cases: the ``ops.perturbed_linear``
+  call itself; other cases: ``batched_forward`` with the default member ids, when rows
+  map one-to-one to members); ``graph ratio`` is their quotient;
 * ``jax``: the JAX reference algorithm (per-member forward vmapped, noise drawn in the
   call with ``jax.random``), when ``jax`` is importable.
 
@@ -58,6 +62,14 @@ class Result:
     update_ms: float
     naive_ms: Optional[float]
     jax_ms: Optional[float]
+    plain_graph_ms: Optional[float] = None
+    graph_ms: Optional[float] = None
+
+    @property
+    def graph_ratio(self) -> Optional[float]:
+        if self.graph_ms is None or self.plain_graph_ms is None:
+            return None
+        return self.graph_ms / self.plain_graph_ms
 
     @property
     def ratio(self) -> float:
@@ -145,6 +157,41 @@ def _timer(device: torch.device, warmup: int, reps: int) -> Callable[[Callable[[
     return bench
 
 
+def _graph_time(device: torch.device, fn: Callable[[], object], reps: int) -> Optional[float]:
+    """Median device time of one replay of ``fn`` captured in a CUDA graph (None if it fails)."""
+    if device.type != "cuda":
+        return None
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # compile and warm up outside the capture
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - capture is optional information
+        torch.cuda.synchronize()
+        return None
+    return _timer(device, 3, reps)(graph.replay)
+
+
+def _layer_call(model: torch.nn.Module, x: torch.Tensor, ids: torch.Tensor, case: Case,
+                sigma: float) -> Callable[[], object]:
+    """The perturbed-linear op of a single-layer case, as batched_forward calls it."""
+    from . import ops
+
+    def run():
+        return ops.perturbed_linear(x, model.weight, model.bias, ids, seed=1, weight_key=2,
+                                    bias_key=3, epoch=0, rank=case.rank, sigma=sigma,
+                                    antithetic=True)
+
+    return run
+
+
 def _naive_forward(model: torch.nn.Module, x: torch.Tensor, case: Case, sigma: float):
     """Per-member weights materialised, then a batched matmul per layer."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -227,6 +274,7 @@ def run_case(
     reps: int = 20,
     with_jax: bool = True,
     with_naive: bool = True,
+    with_graph: bool = True,
     naive_limit_bytes: int = 8 << 30,
 ) -> Result:
     """Time one case at one precision; see the module docstring for what is measured."""
@@ -247,6 +295,15 @@ def run_case(
             strategy.setup(model)
             with strategy.perturb(case.population, 0) as pop:
                 eggroll_ms = bench(lambda: pop.batched_forward(model, x, member_ids=ids))
+                plain_graph_ms = graph_ms = None
+                if with_graph and device.type == "cuda":
+                    plain_graph_ms = _graph_time(device, lambda: model(x), reps)
+                    if case.kind == "layer":
+                        graph_ms = _graph_time(device, _layer_call(model, x, ids, case, sigma),
+                                               reps)
+                    elif case.rows_per_member == 1:
+                        graph_ms = _graph_time(device, lambda: pop.batched_forward(model, x),
+                                               reps)
 
             update_times = []
             fit = torch.randn(case.population, device=device)
@@ -282,7 +339,8 @@ def run_case(
                 )
             except ImportError:
                 jax_ms = None
-        return Result(case.name, precision, plain_ms, eggroll_ms, update_ms, naive_ms, jax_ms)
+        return Result(case.name, precision, plain_ms, eggroll_ms, update_ms, naive_ms, jax_ms,
+                      plain_graph_ms, graph_ms)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
@@ -318,14 +376,16 @@ def _environment() -> str:
 def format_table(results: list[Result]) -> str:
     head = (
         f"{'case':<30} {'prec':<5} {'plain ms':>9} {'eggroll ms':>10} {'ratio':>6} "
-        f"{'update ms':>9} {'upd/fwd':>7} {'naive ms':>9} {'jax ms':>8} {'vs jax':>6}"
+        f"{'update ms':>9} {'upd/fwd':>7} {'naive ms':>9} {'jax ms':>8} {'vs jax':>6} "
+        f"{'graph ms':>8} {'g.ratio':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
             f"{r.case:<30} {r.precision:<5} {r.plain_ms:>9.3f} {r.eggroll_ms:>10.3f} "
             f"{r.ratio:>6.2f} {r.update_ms:>9.3f} {r.update_ratio:>7.2f} "
-            f"{_fmt(r.naive_ms):>9} {_fmt(r.jax_ms):>8} {_fmt(r.vs_jax, 2):>6}"
+            f"{_fmt(r.naive_ms):>9} {_fmt(r.jax_ms):>8} {_fmt(r.vs_jax, 2):>6} "
+            f"{_fmt(r.graph_ms):>8} {_fmt(r.graph_ratio, 2):>7}"
         )
     return "\n".join(lines)
 
@@ -338,6 +398,7 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--no-jax", action="store_true")
     parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     parser.add_argument("--csv", default="", help="write the results to this CSV file")
     args = parser.parse_args(argv)
 
@@ -362,7 +423,8 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
     for case in cases:
         for precision in precisions:
             res = run_case(case, precision, device, reps=reps, warmup=2 if small else 5,
-                           with_jax=not args.no_jax, with_naive=not args.no_naive)
+                           with_jax=not args.no_jax, with_naive=not args.no_naive,
+                           with_graph=not args.no_graph)
             results.append(res)
             print(format_table([res]).splitlines()[-1], flush=True)
     if device.type == "cuda":
@@ -374,10 +436,12 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
         with open(args.csv, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["case", "precision", "plain_ms", "eggroll_ms", "ratio", "update_ms",
-                             "naive_ms", "jax_ms", "vs_jax"])
+                             "naive_ms", "jax_ms", "vs_jax", "plain_graph_ms", "graph_ms",
+                             "graph_ratio"])
             for r in results:
                 writer.writerow([r.case, r.precision, r.plain_ms, r.eggroll_ms, r.ratio,
-                                 r.update_ms, r.naive_ms, r.jax_ms, r.vs_jax])
+                                 r.update_ms, r.naive_ms, r.jax_ms, r.vs_jax, r.plain_graph_ms,
+                             r.graph_ms, r.graph_ratio])
     return results
 
 

@@ -256,6 +256,57 @@ def test_expanded_input(device):
     assert torch.equal(out, want)
 
 
+def _capture(fn):
+    """``fn`` captured in a CUDA graph after a warm-up (kernels compiled outside)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_perturbed_linear_replays_in_a_cuda_graph(dtype):
+    """The forward issues no host synchronisation: a captured graph replays it bit-equal."""
+    m, n, r, rows = 256, 96, 4, 512
+    w, b = layer(m, n, dtype, "cuda")
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
+    ids = member_ids("shuffled", rows, "cuda")
+    with torch.no_grad():
+        graph, out = _capture(lambda: run(x, w, b, ids, rank=r, sigma=0.1, antithetic=True))
+        x.copy_(torch.randn(rows, n, generator=torch.Generator().manual_seed(4)).to(dtype))
+        graph.replay()
+        want = run(x, w, b, ids, rank=r, sigma=0.1, antithetic=True)
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+def test_batched_forward_of_an_mlp_replays_in_a_cuda_graph():
+    """A whole batched forward (default member ids) captures and replays bit-equal."""
+    import torch.nn as nn
+
+    from evotorch_eggroll import EggrollStrategy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(17, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                          nn.Linear(64, 6)).cuda()
+    s = EggrollStrategy(sigma=0.1, rank=4).setup(model)
+    x = torch.randn(256, 17, device="cuda")
+    with torch.no_grad(), s.perturb(256, epoch=2) as pop:
+        graph, out = _capture(lambda: pop.batched_forward(model, x))
+        x.copy_(torch.randn(256, 17, device="cuda"))
+        graph.replay()
+        want = pop.batched_forward(model, x)
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
 def test_forward_errors(device):
     w, b = layer(3, 4, torch.float32, device)
     ids = torch.arange(2, device=device)

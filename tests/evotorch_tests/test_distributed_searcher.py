@@ -250,3 +250,28 @@ def test_distributed_needs_a_process_group():
 
 if __name__ == "__main__":
     worker_main(SCENARIOS)
+
+
+def test_example_script_runs_under_torchrun(tmp_path):
+    """``examples/distributed_cartpole.py`` under ``torchrun --nproc_per_node=2`` on the CPU
+    (Gloo; the script switches Triton's interpreter on itself), a tiny run."""
+    import os
+    import subprocess
+
+    repo = HERE.parents[2]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(repo / "examples" / "distributed_cartpole.py"),
+           "--generations", "1", "--popsize", "4", "--episode-length", "4", "--hidden", "4"]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s:\n{err.stdout}\n{err.stderr}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "rank 0/2 on cpu: members 0..1" in out and "rank 1/2 on cpu: members 2..3" in out
+    assert out.count("mean_eval") == 1  # rank 0's logger only
+    assert "Done after 1 generations" in out

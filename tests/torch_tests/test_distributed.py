@@ -6,12 +6,13 @@ all-gathered update, with the process group faked through the strategy's ``_worl
 
 With real process groups (``tests/distributed_harness.py``): this very file is run as a
 script by ``WORLD`` subprocesses (``python test_distributed.py --worker ...``) that
-rendezvous through a ``file://`` store in the test's temporary directory. On the CPU they use the Gloo backend with Triton's
-interpreter; the ``gpu`` variant uses NCCL with one GPU per rank. Each run has a timeout,
-so a rank left waiting in a collective fails the test instead of stalling it. All checks of
-one backend share one run (process start-up dominates on the CPU); each rank writes what it
-observed to ``result_<rank>.pt`` and the test compares the ranks with each other and with
-the single-process run that every rank also performs.
+rendezvous through a ``file://`` store in the test's temporary directory. On the CPU they
+use the Gloo backend with Triton's interpreter; the ``gpu`` variant uses NCCL with one GPU
+per rank. Each run has a timeout, so a rank left waiting in a collective fails the test
+instead of stalling it. All checks of one backend share one run (process start-up
+dominates on the CPU); each rank writes what it observed to ``result_<rank>.pt`` and the
+test compares the ranks with each other and with single-process runs of the same seed and
+population size (computed inside the launch, shared out over the ranks).
 """
 
 from __future__ import annotations

@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     popsize = args.popsize if args.popsize is not None else defaults["popsize"]
     episode_length = args.episode_length if args.episode_length is not None else defaults["episode_length"]
 
+    import logging
+
     from evotorch.logging import StdOutLogger
+
+    logging.getLogger("evotorch").setLevel(logging.WARNING)  # keep the output to the training log
 
     from evotorch_eggroll.algorithms import EGGROLL
     from evotorch_eggroll.neuroevolution import EggrollVecGymNE

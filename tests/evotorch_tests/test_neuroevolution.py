@@ -283,3 +283,30 @@ def test_torch_cartpole_autoreset_modes_give_the_same_returns():
         evals.append(b.evals)
     assert torch.equal(evals[0], evals[1])
     assert len(set(evals[0][:, 0].tolist())) > 1
+
+
+def test_loss_without_vmap_support_falls_back_to_a_loop():
+    data = _regression_data(16)
+
+    def eager_loss(y_hat, y):  # float() cannot run under torch.func.vmap
+        return torch.tensor(float(((y_hat - y) ** 2).mean()))
+
+    torch.manual_seed(0)
+    a = EggrollSupervisedNE(data, nn.Linear(3, 1), eager_loss, device="cpu", seed=0)
+    b = EggrollSupervisedNE(data, nn.Linear(3, 1), nn.functional.mse_loss, device="cpu", seed=0)
+    vectors = [torch.randn(a.solution_length) for _ in range(3)]
+    ba, bb = _batch(a, vectors), _batch(b, vectors)
+    a.evaluate(ba)
+    b.evaluate(bb)
+    torch.testing.assert_close(ba.evals, bb.evals)
+
+
+def test_box_action_space_is_clipped():
+    torch.manual_seed(0)
+    problem = EggrollVecGymNE("Pendulum-v1", _policy, device="cpu", seed=0, episode_length=5)
+    assert problem._network_constants["act_length"] == 1
+    big = torch.full((problem.solution_length,), 50.0)  # actions far outside [-2, 2]
+    batch = _batch(problem, [big, torch.zeros(problem.solution_length)])
+    problem.evaluate(batch)
+    assert torch.isfinite(batch.evals).all() and (batch.evals < 0).all()
+    assert problem.interaction_count == 10

@@ -205,8 +205,9 @@ class EGGROLL(SearchAlgorithm):
             fitnesses are all-gathered and every rank applies the same update, so no
             weights or noise cross the wire after construction. At construction, rank 0's
             initial center (and, for our adapters, the problem's seed for data order and
-            environment resets) is broadcast to all ranks, and the internal strategy
-            checks that the ranks agree on seed and settings. Dense mode (plain problems)
+            environment resets) is broadcast to all ranks, and the ranks are checked to
+            agree on seed, popsize and the other settings (raising the same ValueError on
+            every rank otherwise). Dense mode (plain problems)
             evaluates each rank's slice with ``problem.evaluate``; the problem's own
             best/worst tracking is switched off there because it would see one slice only
             (``best``, ``best_eval``, ``pop_best`` come from the searcher and are global).
@@ -623,6 +624,11 @@ class EGGROLL(SearchAlgorithm):
             self._distributed, self._proc_rank, self._world = False, 0, 1
         elif self._distributed:
             self._proc_rank, self._world = _dist.process_group_info()
+            if self._popsize % self._world:
+                raise ValueError(
+                    f"this searcher's popsize {self._popsize} is not divisible by the world size "
+                    f"{self._world} of the current process group"
+                )
         self._install_log_filter()
         if self._lowrank:
             self._strategy = self._build_strategy()

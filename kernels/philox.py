@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 
 PHILOX_ROUNDS = tl.constexpr(10)
-# Hardware approximate transcendentals in Box–Muller (inline PTX): on for compiled GPU
-# kernels, off under Triton's interpreter (which cannot run PTX and keeps the precise path).
+# Cheap Box–Muller (hardware log2 through inline PTX, polynomial sin/cos): on for compiled
+# GPU kernels, off under Triton's interpreter (which cannot run PTX and keeps the precise
+# path); EGGROLL_PRECISE_NORMALS=1 selects the precise path on the GPU too (comparisons).
 FAST_TRANSCENDENTALS = tl.constexpr(
     os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     and os.environ.get("EGGROLL_PRECISE_NORMALS", "0") in ("", "0")
@@ -74,20 +75,6 @@ def _lg2_approx(x):
 
 
 @triton.jit
-def _sin_approx(x):
-    """Hardware sine (``sin.approx``: absolute error about 2**-21 on [-pi, pi])."""
-    return tl.inline_asm_elementwise("sin.approx.ftz.f32 $0, $1;", "=f,f", [x],
-                                     dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _cos_approx(x):
-    """Hardware cosine (``cos.approx``: absolute error about 2**-21 on [-pi, pi])."""
-    return tl.inline_asm_elementwise("cos.approx.ftz.f32 $0, $1;", "=f,f", [x],
-                                     dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
 def _box_muller_precise(wa, wb):
     radius = tl.sqrt(-2.0 * tl.log(uniform_from_word(wa)))
     theta = 6.283185307179586 * uniform_from_word(wb)
@@ -96,13 +83,14 @@ def _box_muller_precise(wa, wb):
 
 @triton.jit
 def _box_muller_fast(wa, wb):
-    # Radius: -2 ln u with u = (i + 1/2) 2**-24, i = wa >> 8. The hardware log has an
-    # absolute error, which becomes a large relative one as u -> 1; there v = 1 - u
-    # (exact from the word) is small and -ln(1 - v) = v + v^2/2 + ... + v^6/6 is used
+    # Radius: -2 ln u with u = fl32(i + 1/2) 2**-24, i = wa >> 8 (the stream rounds
+    # i + 1/2 to float32, as uniform_from_word does). The hardware log has an absolute
+    # error, which becomes a large relative one as u -> 1; there v = 1 - u (exact:
+    # 2**24 - fl32(i + 1/2) is) is small and -ln(1 - v) = v + v^2/2 + ... + v^6/6 is used
     # instead (truncation below 1e-8 relative for v < 1/16).
-    ia = wa >> 8
-    u = (ia.to(tl.float32) + 0.5) * 5.9604644775390625e-08
-    v = ((16777215 - ia).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    ua = (wa >> 8).to(tl.float32) + 0.5
+    u = ua * 5.9604644775390625e-08
+    v = (16777216.0 - ua) * 5.9604644775390625e-08
     series = 1.0 / 6.0
     series = series * v + 0.2
     series = series * v + 0.25
@@ -111,23 +99,39 @@ def _box_muller_fast(wa, wb):
     series = series * v + 1.0
     s = tl.where(v < 0.0625, (2.0 * v) * series, -1.3862943611198906 * _lg2_approx(u))
     radius = tl.sqrt(s)
-    # Angle: theta = 2 pi u_b lies in (0, 2 pi); phi = theta - pi = 2 pi (u_b - 1/2) lies
-    # in (-pi, pi), where the hardware sine and cosine are accurate, and u_b - 1/2 is
-    # exact: (ib - 2**23 + 1/2) 2**-24. cos(theta) = -cos(phi), sin(theta) = -sin(phi).
-    ib = (wb >> 8).to(tl.int32)
-    phi = ((ib - 8388608).to(tl.float32) + 0.5) * 3.745070387140004e-07  # 2 pi 2**-24
-    neg_r = -radius
-    return neg_r * _cos_approx(phi), neg_r * _sin_approx(phi)
+    # Angle: theta = 2 pi t with t = fl32(k + 1/2) 2**-24, k = wb >> 8. Exact quadrant
+    # reduction: q = round(4 t) (from k), f = t - q/4 in about [-1/8, 1/8], x = 2 pi f in
+    # about [-pi/4, pi/4]; sin x, cos x by short polynomials (absolute error ~1.1e-7 over
+    # every k, checked exhaustively), then rotated by q quarter turns.
+    k = (wb >> 8).to(tl.int32)
+    q = (k + 2097152) >> 22
+    kf = k.to(tl.float32) + 0.5  # fl32(k + 1/2), as the stream's uniform
+    x = (kf - (q << 22).to(tl.float32)) * 3.745070387140004e-07  # exact difference; 2 pi 2**-24
+    x2 = x * x
+    sp = -1.9515295891e-4
+    sp = sp * x2 + 8.3321608736e-3
+    sp = sp * x2 - 1.6666654611e-1
+    sin_x = x + (x * x2) * sp
+    cp = 2.443315711809948e-5
+    cp = cp * x2 - 1.388731625493765e-3
+    cp = cp * x2 + 4.166664568298827e-2
+    cos_x = (1.0 - 0.5 * x2) + (x2 * x2) * cp
+    swap = (q & 1) != 0
+    c = tl.where(swap, sin_x, cos_x)
+    s = tl.where(swap, cos_x, sin_x)
+    rc = tl.where(((q + 1) & 2) != 0, -radius, radius)
+    rs = tl.where((q & 2) != 0, -radius, radius)
+    return rc * c, rs * s
 
 
 @triton.jit
 def box_muller(wa, wb):
     """Two normals from the words of one lane pair: ``(r cos(theta), r sin(theta))``.
 
-    On the GPU (``FAST_TRANSCENDENTALS``) the transform uses the hardware approximate
-    log2/sine/cosine with the range handling of :func:`_box_muller_fast`; the
-    interpreter runs the precise library functions. Both stay within the documented
-    tolerance of the float64 reference (about 5e-6 absolute at the largest radius).
+    On the GPU (``FAST_TRANSCENDENTALS``) the transform uses the hardware log2 and
+    polynomial sine/cosine after an exact quadrant reduction (:func:`_box_muller_fast`);
+    the interpreter runs the precise library functions. Both stay within the documented
+    tolerance of the float64 reference.
     """
     if FAST_TRANSCENDENTALS:
         return _box_muller_fast(wa, wb)

@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
     parser.add_argument("--rank", type=int, default=1, help="rank of the weight perturbations")
     parser.add_argument("--seed", type=int, default=0, help="noise and environment seed")
+    parser.add_argument(
+        "--algorithm",
+        choices=("eggroll", "pgpe"),
+        default="eggroll",
+        help="search algorithm: EGGROLL, or EvoTorch's PGPE on the same problem as a baseline",
+    )
     args = parser.parse_args(argv)
 
     if _CPU_MODE:
@@ -102,11 +108,27 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         seed=args.seed,
     )
-    searcher = EGGROLL(problem, popsize=popsize, sigma=args.sigma, lr=args.lr, rank=args.rank, seed=args.seed)
+    if args.algorithm == "pgpe":
+        from evotorch.algorithms import PGPE
+
+        # EvoTorch's usual CartPole settings (ClipUp, centered ranks, symmetric sampling);
+        # every solution is materialised and evaluated through the problem's batched path.
+        searcher = PGPE(
+            problem,
+            popsize=popsize,
+            center_learning_rate=0.075,
+            stdev_learning_rate=0.1,
+            radius_init=0.27,
+            optimizer="clipup",
+            optimizer_config={"max_speed": 0.15},
+            ranking_method="centered",
+        )
+    else:
+        searcher = EGGROLL(problem, popsize=popsize, sigma=args.sigma, lr=args.lr, rank=args.rank, seed=args.seed)
     StdOutLogger(searcher, interval=defaults["interval"])
     target = TARGET if episode_length >= 500 else TARGET * episode_length / 500.0
     print(
-        f"EGGROLL on CartPole: popsize={popsize}, {problem.solution_length} parameters, "
+        f"{args.algorithm.upper()} on CartPole: popsize={popsize}, {problem.solution_length} parameters, "
         f"episodes of up to {min(episode_length, 500)} steps, at most {generations} generations, "
         f"stopping at a mean return of {target:g}",
         flush=True,

@@ -1,0 +1,153 @@
+"""Compile the factor kernels for sm_90 without a GPU and summarise their SASS.
+
+Run (no TRITON_INTERPRET): ``.venv/bin/python docs/sm90_compile_check.py [--sass DIR]``.
+Compiles the project/expand kernels at the constexpr configurations their launchers pick
+for the benchmark shapes (4096 x 4096 at r = 1/4/16, the RL MLP 17->256->256->6 at r = 4)
+in fp32 and bf16, with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``,
+and prints per configuration: SASS instructions, registers, local memory (spill/stack),
+shared memory, barriers (BAR), warp shuffles (SHFL), shared loads/stores (LDS/STS), local
+loads/stores (LDL/STL). Fails (exit 1) if any configuration does not compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from evotorch_eggroll.kernels import lowrank_expand as ex  # noqa: E402
+from evotorch_eggroll.kernels import lowrank_project as pr  # noqa: E402
+from evotorch_eggroll.kernels.philox import bias_tile_plan, row_tile_plan  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+TARGET = GPUTarget("cuda", 90, 32)
+DTYPES = {"fp32": "*fp32", "bf16": "*bf16"}
+
+
+def _compile(fn, signature: dict, constexprs: dict, num_warps: int):
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    names = list(fn.arg_names)
+    sig = {n: sig[n] for n in names}
+    consts = {(names.index(k),): v for k, v in constexprs.items()}
+    # pointers 16-byte aligned, as torch allocations are
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if isinstance(sig[n], str) and sig[n].startswith("*")}
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+
+
+def _sass_summary(cubin: bytes, dump_to: str | None, label: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path], check=True,
+                              capture_output=True, text=True).stdout
+        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", path],
+                             check=True, capture_output=True, text=True).stdout
+    if dump_to:
+        os.makedirs(dump_to, exist_ok=True)
+        with open(os.path.join(dump_to, label + ".sass"), "w") as f:
+            f.write(sass)
+    instrs = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
+    ops = [re.sub(r"^\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", ln).split()[0] for ln in instrs]
+
+    def count(prefix):
+        return sum(1 for o in ops if o.startswith(prefix))
+
+    reg = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    shared = re.search(r"SHARED:(\d+)", res)
+    local = re.search(r"LOCAL:(\d+)", res)
+    return dict(instrs=len(ops), regs=int(reg.group(1)) if reg else -1,
+                stack=int(stack.group(1)) if stack else -1,
+                local=int(local.group(1)) if local else -1,
+                shared=int(shared.group(1)) if shared else -1,
+                bar=count("BAR"), shfl=count("SHFL"), lds=count("LDS"), sts=count("STS"),
+                ldl=count("LDL"), stl=count("STL"), mufu=count("MUFU"))
+
+
+def project_configs():
+    # (label, D, rank, row_offset, block_rows)
+    for r in (1, 4, 16):
+        for off, what in ((0, "fwd"), (4096, "bwd")):
+            for br in (4, 16):
+                yield f"4096_r{r}_{what}_br{br}", 4096, r, off, br
+    for n, m in ((17, 256), (256, 256), (256, 6)):
+        for off, d, what in ((0, n, "fwd"), (n, m, "bwd")):
+            yield f"rl{n}x{m}_r4_{what}_br16", d, 4, off, 16
+
+
+def expand_configs():
+    # (label, D, rank, row_offset, block_rows, has_bias)
+    for r in (1, 4, 16):
+        for off, d, what, bias in ((4096, 4096, "fwd", True), (0, 4096, "bwd", False)):
+            for br in (4, 16):
+                yield f"4096_r{r}_{what}_br{br}", d, r, off, br, bias
+    for n, m in ((17, 256), (256, 256), (256, 6)):
+        for off, d, what, bias in ((n, m, "fwd", True), (0, n, "bwd", False)):
+            yield f"rl{n}x{m}_r4_{what}_br16", d, 4, off, 16, bias
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sass", default=None, help="folder to write the SASS listings to")
+    ap.add_argument("--only", default="", help="substring filter on the labels")
+    args = ap.parse_args()
+    failures = 0
+    rows = []
+    for dname, ptr in DTYPES.items():
+        for label, d, r, off, br in project_configs():
+            label = f"project_{dname}_{label}"
+            if args.only not in label:
+                continue
+            plan = row_tile_plan(r, off, d, pr.BLOCK_E)
+            sig = dict(v_ptr=ptr, ids_ptr="*i64", t_ptr="*fp32", n_rows="i32", D="i32",
+                       stride_vm="i32", stride_vd="i32", stride_ids="i32", stride_tm="i32",
+                       seed_lo="i64", seed_hi="i64", key="i64", epoch="i64", row_offset="i32")
+            const = dict(plan, BLOCK_ROWS=br, ANTITHETIC=True)
+            const.update(getattr(pr, "extra_constexprs", lambda p, b: {})(plan, br))
+            rows.append((label, plan, sig, const, pr._lowrank_project_kernel, pr.NUM_WARPS))
+        for label, d, r, off, br, bias in expand_configs():
+            label = f"expand_{dname}_{label}"
+            if args.only not in label:
+                continue
+            plan = row_tile_plan(r, off, d, ex.BLOCK_E)
+            sig = dict(out_ptr=ptr, t_ptr="*fp32", ids_ptr="*i64", n_rows="i32", D="i32",
+                       stride_om="i32", stride_od="i32", stride_tm="i32", stride_tk="i32",
+                       stride_ids="i32", seed_lo="i64", seed_hi="i64", key="i64", epoch="i64",
+                       row_offset="i32", scale="fp32", bias_key="i64", bias_scale="fp32")
+            const = dict(plan, HAS_BIAS=bias, **bias_tile_plan(plan["ROWS"], plan["TILE_ROWS"]),
+                         BLOCK_ROWS=br, ANTITHETIC=True)
+            rows.append((label, plan, sig, const, ex._lowrank_expand_kernel, ex.NUM_WARPS))
+    print(f"{'kernel':44s} {'plan':34s} instr regs stack local smem BAR SHFL LDS STS LDL STL MUFU")
+    for label, plan, sig, const, fn, warps in rows:
+        p = f"R{plan['R']} T{plan['TILE_ROWS']}x{plan['RP']} Q{plan['BLOCK_Q']} D{int(plan['DIRECT'])}"
+        try:
+            k = _compile(fn, sig, const, warps)
+        except Exception as exc:  # noqa: BLE001
+            failures += 1
+            print(f"{label:44s} {p:34s} COMPILE FAILED: {type(exc).__name__}: {exc}"[:400])
+            continue
+        s = _sass_summary(k.asm["cubin"], args.sass, label)
+        print(f"{label:44s} {p:34s} {s['instrs']:5d} {s['regs']:4d} {s['stack']:5d} "
+              f"{s['local']:5d} {s['shared']:4d} {s['bar']:3d} {s['shfl']:4d} {s['lds']:3d} "
+              f"{s['sts']:3d} {s['ldl']:3d} {s['stl']:3d} {s['mufu']:4d}", flush=True)
+    print("compile failures:", failures)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -119,7 +119,14 @@ class PerturbationContext:
                     f"pass member_ids to map several rows to one member"
                 )
             return torch.arange(start, start + rows, device=device, dtype=torch.int64)
-        ids = torch.as_tensor(member_ids)
+        try:
+            ids = torch.as_tensor(member_ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"member_ids must be a 1-D integer tensor or a sequence of ints, got "
+                            f"{type(member_ids).__name__}") from None
+        if ids.device.type == "meta":
+            raise RuntimeError("member_ids is a meta tensor, which holds no values; pass the "
+                               "member ids on the CPU or on the input's device")
         if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"member_ids must be integers, got dtype {ids.dtype}")
         if ids.dim() != 1 or ids.shape[0] != rows:

@@ -59,6 +59,7 @@ _OPTIMIZERS = {
     "adamw": torch.optim.AdamW,
 }
 _EVENTS = ("on_step", "on_perturb")
+_MAX_POPULATION = 1 << 32
 _STATE_KEYS = ("algorithm", "noise_stream_version", "sigma", "lr", "epoch", "total_steps",
                "seed", "rank", "antithetic", "noise_reuse", "optimizer", "parameters")
 
@@ -96,6 +97,9 @@ def _population_size(value: Any) -> int:
         raise ValueError(f"population_size must be a positive integer, got {value!r}") from None
     if n <= 0:
         raise ValueError(f"population_size must be a positive integer, got {n}")
+    if n > _MAX_POPULATION:
+        raise ValueError(f"population_size must be at most 2**32 (member ids are 32-bit noise "
+                         f"counters), got {n}")
     return n
 
 
@@ -239,6 +243,20 @@ class EvolutionStrategy:
     def _require_setup(self, what: str) -> None:
         if self.model is None:
             raise RuntimeError(f"{what} needs a model: call strategy.setup(model) first")
+
+    def _check_parameters_in_place(self) -> None:
+        """Raise if the model no longer holds the evolved Parameter objects (e.g. after
+        ``model.to("meta")`` or a conversion that replaced its parameters), or if they sit
+        on a device the kernels cannot use (e.g. moved to the CPU)."""
+        base = self.model.module if isinstance(self.model, ESModule) else self.model
+        current = dict(base.named_parameters())
+        for e in self._evolved:
+            if current.get(e.name) is not e.param:
+                raise RuntimeError(
+                    f"parameter {e.name!r} is no longer the Parameter object of the model "
+                    f"given to setup (a conversion such as model.to(...) replaced it, or it "
+                    f"was reassigned); call strategy.setup(model) again")
+            ops.check_kernel_device(e.param, f"parameter {e.name!r}")
 
     def _world_info(self) -> tuple[int, int]:
         """``(rank, world_size)`` of the process group, ``(0, 1)`` when not distributed."""
@@ -439,8 +457,7 @@ class EvolutionStrategy:
         if n % world:
             raise ValueError(f"population_size {n} must be divisible by the world size "
                              f"{world} (every rank evaluates an equal slice)")
-        for e in self._evolved:
-            ops.check_kernel_device(e.param, f"parameter {e.name!r}")
+        self._check_parameters_in_place()
         if self.antithetic and n % 2:
             warnings.warn(
                 f"antithetic sampling with an odd population_size ({n}): the last member has "
@@ -497,7 +514,14 @@ class EvolutionStrategy:
         return _dist.all_gather_population(local, n, like=self._evolved.entries[0].param.device)
 
     def _collect_fitnesses(self, fitnesses: Any, n: int) -> torch.Tensor:
-        f = torch.as_tensor(fitnesses)
+        try:
+            f = torch.as_tensor(fitnesses)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"fitnesses must be a 1-D tensor or a sequence of real numbers (one "
+                            f"per population member), got {type(fitnesses).__name__}") from None
+        if f.device.type == "meta":
+            raise RuntimeError("fitnesses are a meta tensor, which holds no values; pass the "
+                               "evaluated fitnesses (a CPU or CUDA tensor)")
         if f.dtype == torch.bool or f.is_complex():
             raise TypeError(f"fitnesses must be real numbers, got dtype {f.dtype}")
         if not f.is_floating_point():
@@ -540,8 +564,19 @@ class EvolutionStrategy:
             ``lr``, ``sigma``, ``population_size``.
 
         Raises:
-            RuntimeError: before setup, inside a perturb context, without a preceding one.
-            ValueError: wrong number of fitnesses, NaN/inf, N not a multiple of group_size.
+            RuntimeError: before setup, inside a perturb context, without a preceding one;
+                parameters or fitnesses on an unusable device (e.g. ``meta``).
+            ValueError: wrong number or shape of fitnesses, NaN/inf, N not a multiple of
+                group_size.
+            TypeError: fitnesses that are not real numbers (bool, complex, strings).
+
+        Failure semantics: every validation error is raised before anything changes, and
+        the perturb context stays available for another ``step``. If the optimizer raises
+        (or the step is interrupted), the parameters and the optimizer state are restored
+        to their values before the step, ``epoch``/``total_steps`` do not advance and the
+        error propagates. ``on_step`` callbacks run after the update is complete and the
+        counters have advanced: an exception from a callback propagates (later callbacks
+        do not run) and the update is kept.
         """
         self._require_setup("step()")
         if self._active is not None:
@@ -551,8 +586,7 @@ class EvolutionStrategy:
             raise RuntimeError("step() needs a preceding perturb context: evaluate the "
                                "population in `with strategy.perturb(N) as pop:` first")
         n, epoch, coords = self._last
-        for e in self._evolved:
-            ops.check_kernel_device(e.param, f"parameter {e.name!r}")
+        self._check_parameters_in_place()
         f = self._collect_fitnesses(fitnesses, n)
         f64 = f.detach().to(device="cpu", dtype=torch.float64)
         if not bool(torch.isfinite(f64).all()):
@@ -580,10 +614,19 @@ class EvolutionStrategy:
         with torch.no_grad():
             before = [p.detach().clone() for p in params]
         own_grads = [p.grad for p in params]
+        optimizer_state = copy.deepcopy(self._optimizer.state_dict())
         try:
             for p, g in zip(params, grads):
                 p.grad = (-g).to(p.dtype).view_as(p)
             self._optimizer.step()
+        except BaseException:
+            # an optimizer failing part-way (or an interrupt) leaves nothing half-updated:
+            # parameters and optimizer state go back to their values before this step
+            with torch.no_grad():
+                for p, b in zip(params, before):
+                    p.copy_(b)
+            self._optimizer.load_state_dict(optimizer_state)
+            raise
         finally:
             for p, g in zip(params, own_grads):
                 p.grad = g
@@ -649,9 +692,50 @@ class EvolutionStrategy:
             "parameters": {e.name: e.param.detach().clone() for e in self._evolved},
         }
 
+    def _rehearse_optimizer_state(self, optimizer_state: Any) -> None:
+        """Load ``optimizer_state`` into a scratch optimizer of the same class and param-group
+        layout over scratch copies of the parameters and run one step with zero gradients,
+        so that a corrupted or foreign optimizer state (missing buffers, wrong shapes, another
+        optimizer's hyperparameters) fails here, before anything changes, and not part-way
+        through a later ``step``. Raises ValueError naming the cause."""
+        if not isinstance(optimizer_state, Mapping) or not {"state", "param_groups"} <= set(
+                optimizer_state):
+            raise ValueError("state_dict optimizer entry must be a torch optimizer state_dict "
+                             "(a mapping with 'state' and 'param_groups')")
+        with torch.no_grad():
+            groups = []
+            for group in self._optimizer.param_groups:
+                scratch = [torch.nn.Parameter(p.detach().clone()) for p in group["params"]]
+                groups.append({**{k: v for k, v in group.items() if k != "params"},
+                               "params": scratch})
+        try:
+            trial = self._optimizer_cls(groups, lr=self._lr, **self.optimizer_kwargs)
+            trial.load_state_dict(copy.deepcopy(dict(optimizer_state)))
+            for group in trial.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
+            trial.step()
+        except Exception as err:
+            raise ValueError(f"state_dict optimizer state does not fit this strategy's "
+                             f"{type(self._optimizer).__name__} over the evolved parameters "
+                             f"({type(err).__name__}: {err}); nothing was loaded") from err
+
     def load_state_dict(self, state: Mapping) -> None:
         """Restore a :meth:`state_dict` (the loaded seed, rank, antithetic and noise_reuse
-        override the constructor's). Validated before anything changes."""
+        override the constructor's).
+
+        Validated before anything changes: keys, algorithm and noise stream version, the
+        types and ranges of the settings, the parameter names (the same architecture),
+        shapes, floating dtypes and finite values, and the optimizer state (rehearsed on a
+        scratch optimizer). On any error the strategy, its optimizer and the model are
+        exactly as before.
+
+        Raises:
+            KeyError: missing keys.
+            TypeError: values of the wrong type.
+            ValueError: another algorithm, architecture, shape, non-finite values or an
+                optimizer state that does not fit.
+        """
         self._require_setup("load_state_dict()")
         if self._active is not None:
             raise RuntimeError("load_state_dict() cannot run inside a perturb context")
@@ -682,19 +766,35 @@ class EvolutionStrategy:
             got = sorted(values) if isinstance(values, Mapping) else type(values).__name__
             raise ValueError(f"state_dict parameters {got} do not match the evolved "
                              f"parameters {sorted(names)}")
+        if not isinstance(state["antithetic"], bool):
+            raise TypeError(f"state_dict antithetic must be a bool, got "
+                            f"{type(state['antithetic']).__name__}")
         for e in self._evolved:
             v = values[e.name]
             if not isinstance(v, torch.Tensor) or v.shape != e.param.shape:
                 raise ValueError(f"state_dict value of {e.name!r} has shape "
                                  f"{getattr(v, 'shape', None)}, expected {tuple(e.param.shape)}")
+            if not v.is_floating_point():
+                raise TypeError(f"state_dict value of {e.name!r} has dtype {v.dtype}; parameter "
+                                f"values must be floating point")
+            if v.device.type == "meta":
+                raise RuntimeError(f"state_dict value of {e.name!r} is a meta tensor, which "
+                                   f"holds no values")
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"state_dict value of {e.name!r} contains NaN or inf")
+        self._rehearse_optimizer_state(state["optimizer"])
         self._check_ranks_agree({e.name: values[e.name] for e in self._evolved}, seed=seed,
-                                sigma=sigma, lr=lr, rank=rank, antithetic=bool(state["antithetic"]),
+                                sigma=sigma, lr=lr, rank=rank, antithetic=state["antithetic"],
                                 noise_reuse=noise_reuse)
-        optimizer_state = copy.deepcopy(state["optimizer"])
-        self._optimizer.load_state_dict(optimizer_state)  # validates before changing
-        with torch.no_grad():
-            for e in self._evolved:
-                e.param.copy_(values[e.name].to(e.param.device))
+        previous = self._optimizer.state_dict()  # references: loading replaces, never mutates
+        self._optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        try:
+            with torch.no_grad():
+                for e in self._evolved:
+                    e.param.copy_(values[e.name].to(e.param.device))
+        except BaseException:
+            self._optimizer.load_state_dict(previous)
+            raise
         self._sigma = sigma
         self.lr = lr
         self.epoch = epoch

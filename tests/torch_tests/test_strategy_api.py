@@ -632,3 +632,395 @@ def test_strategy_on_esmodule_respects_its_choices(device):
         out = pop.batched_forward(es, x)
         a, _ = pop.get_factors(0, "0.weight")
     assert out.shape == (4, 2) and a.shape == (4, s.rank)
+
+
+# -- bad-input catalogue: the named error and no state change (DESIGN §9) ---------------------------
+
+import copy as _copy  # noqa: E402
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+if str(_Path(__file__).resolve().parents[1]) not in _sys.path:  # the tests folder: the snapshot
+    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+from state_snapshot import assert_unchanged, capture  # noqa: E402
+
+
+_PRIMED: dict = {}
+
+
+def primed(device, open_context: bool = True):
+    """A strategy with Adam state after one generation and, optionally, a perturb context
+    waiting for its step; returns (strategy, model, x). The generation runs once per device
+    and is loaded from its checkpoint afterwards (the kernels are slow on the interpreter)."""
+    model = make_mlp(device)
+    s = EggrollStrategy(sigma=0.2, lr=0.1, rank=2, optimizer="adam", seed=3).setup(model)
+    x = torch.randn(4, 3, device=device, generator=torch.Generator().manual_seed(5)
+                    ) if device == "cpu" else torch.randn(4, 3).to(device)
+    key = str(device)
+    if key not in _PRIMED:
+        generation(s, model, x, 4)
+        _PRIMED[key] = _copy.deepcopy(s.state_dict())
+    else:
+        s.load_state_dict(_copy.deepcopy(_PRIMED[key]))
+    if open_context:
+        with s.perturb(4):
+            pass
+    return s, model, x
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda d: torch.tensor([1.0, float("nan"), 0.0, 2.0]), ValueError, "NaN or inf"),
+    (lambda d: torch.tensor([1.0, float("inf"), 0.0, 2.0]), ValueError, "NaN or inf"),
+    (lambda d: torch.tensor([1.0, -float("inf"), 0.0, 2.0]), ValueError, "NaN or inf"),
+    (lambda d: torch.tensor([7e4, 0.0, 0.0, 1.0]).half(), ValueError, "NaN or inf"),  # overflow
+    (lambda d: torch.zeros(3), ValueError, "population"),
+    (lambda d: torch.zeros(5), ValueError, "population"),
+    (lambda d: torch.zeros(0), ValueError, "population"),
+    (lambda d: torch.tensor(1.0), ValueError, "population"),
+    (lambda d: torch.zeros(2, 2), ValueError, "1-D"),
+    (lambda d: torch.zeros(4, 2), ValueError, "1-D"),
+    (lambda d: torch.zeros(4, dtype=torch.complex64), TypeError, "real numbers"),
+    (lambda d: torch.ones(4, dtype=torch.bool), TypeError, "real numbers"),
+    (lambda d: [True, False, True, False], TypeError, "real numbers"),
+    (lambda d: ["a", "b", "c", "d"], TypeError, "sequence of real numbers"),
+    (lambda d: None, TypeError, "sequence of real numbers"),
+    (lambda d: {"fitness": 1.0}, TypeError, "sequence of real numbers"),
+    (lambda d: torch.zeros(4, device="meta"), RuntimeError, "meta"),
+])
+def test_bad_fitnesses_raise_and_change_nothing(device, make, error, match):
+    s, model, x = primed(device)
+    before = capture(s)
+    with pytest.raises(error, match=match):
+        s.step(make(device))
+    assert_unchanged(s, before)
+    s.step(torch.tensor([1.0, 3.0, 0.0, 2.0], device=device))  # the context is still there
+    assert s.epoch == 2 and s.total_steps == 2
+
+
+def test_integer_and_half_fitnesses_are_used_as_real_numbers(device):
+    """Integer fitnesses (episode lengths, counts) are legal and equal to their float values."""
+    results = []
+    for f in (torch.tensor([3, 1, 0, 2]), [3, 1, 0, 2], torch.tensor([3.0, 1.0, 0.0, 2.0]).half(),
+              torch.tensor([[3.0], [1.0], [0.0], [2.0]])):
+        s, model, _ = primed(device)
+        s.step(f)
+        results.append(snapshot(model))
+    assert all(same_bits(results[0], r) for r in results[1:])
+
+
+def test_step_without_a_context_or_inside_one_changes_nothing(device):
+    s, model, x = primed(device, open_context=False)
+    before = capture(s)
+    with pytest.raises(RuntimeError, match="preceding perturb context"):
+        s.step(torch.zeros(4))
+    assert_unchanged(s, before)
+    with s.perturb(4) as pop:
+        pop.batched_forward(model, x)
+        inside = capture(s)
+        with pytest.raises(RuntimeError, match="inside a perturb context"):
+            s.step(torch.zeros(4))
+        assert_unchanged(s, inside)
+
+
+@pytest.mark.parametrize("ids,error,match", [
+    ([0, 1, 2, 4], ValueError, r"\[0, 4\)"),
+    ([0, 1, 2, 2 ** 40], ValueError, r"\[0, 4\)"),
+    ([-1, 0, 1, 2], ValueError, r"\[0, 4\)"),
+    ([0, 1, 2], ValueError, "shape"),
+    ([0, 1, 2, 3, 0], ValueError, "shape"),
+    ([[0, 1, 2, 3]], ValueError, "shape"),
+    (torch.tensor(0), ValueError, "shape"),
+    ([0.0, 1.0, 2.0, 3.0], TypeError, "integers"),
+    (torch.ones(4, dtype=torch.bool), TypeError, "integers"),
+    ("0123", TypeError, "integer"),
+    (torch.arange(4, device="meta"), RuntimeError, "meta"),
+])
+def test_bad_member_ids_raise_and_change_nothing(device, ids, error, match):
+    s, model, x = primed(device, open_context=False)
+    with s.perturb(4) as pop:
+        before = capture(s)
+        with pytest.raises(error, match=match):
+            pop.batched_forward(model, x, member_ids=ids)
+        assert_unchanged(s, before)
+        ok = pop.batched_forward(model, x, member_ids=[3, 2, 1, 0])  # still usable
+    assert ok.shape == (4, 2)
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda d: torch.randn(4, 5, device=d), ValueError, "shape"),
+    (lambda d: torch.randn(4, 2, device=d), ValueError, "shape"),
+    (lambda d: torch.randn(4, 3, device=d, dtype=torch.float64), TypeError, "dtype"),
+    (lambda d: torch.ones(4, 3, device=d, dtype=torch.int64), TypeError, "floating"),
+    (lambda d: torch.tensor(1.0, device=d), ValueError, "batch dimension"),
+    (lambda d: torch.randn(4, 3, device="meta"), RuntimeError, "meta"),
+    (lambda d: [[0.0, 1.0, 2.0]] * 4, TypeError, "Tensor"),
+])
+def test_bad_inputs_raise_and_change_nothing(device, make, error, match):
+    s, model, x = primed(device, open_context=False)
+    with s.perturb(4) as pop:
+        before = capture(s)
+        with pytest.raises(error, match=match):
+            pop.batched_forward(model, make(device))
+        assert_unchanged(s, before)
+        assert pop.batched_forward(model, x).shape == (4, 2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, -4, 2.5, 4.0, True, False, "4", None, 1 << 33])
+def test_bad_population_sizes_raise_and_change_nothing(device, bad):
+    s, model, x = primed(device)
+    before = capture(s)
+    with pytest.raises(ValueError, match="population_size must be"):
+        s.perturb(bad)
+    assert_unchanged(s, before)
+    assert s._active is None
+
+
+@pytest.mark.parametrize("attr", ["sigma", "lr"])
+@pytest.mark.parametrize("bad,error", [
+    (-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+    (-float("inf"), ValueError), ("0.1", TypeError), (None, TypeError), (True, TypeError),
+    (torch.tensor(0.1), TypeError),
+])
+def test_bad_sigma_and_lr_setters_raise_and_change_nothing(device, attr, bad, error):
+    s, _, _ = primed(device)
+    before = capture(s)
+    with pytest.raises(error, match=attr):
+        setattr(s, attr, bad)
+    assert_unchanged(s, before)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    ({"sigma": float("nan")}, ValueError), ({"sigma": float("inf")}, ValueError),
+    ({"sigma": "0.1"}, TypeError), ({"lr": -1e-3}, ValueError), ({"lr": float("inf")}, ValueError),
+    ({"lr": None}, TypeError), ({"rank": -1}, ValueError), ({"rank": 2.0}, TypeError),
+    ({"rank": float("nan")}, TypeError), ({"rank": True}, TypeError), ({"rank": "2"}, TypeError),
+])
+def test_more_bad_constructor_arguments(kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))):
+        EggrollStrategy(**kwargs)
+
+
+class _IntegerState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.count = nn.Parameter(torch.ones(2, dtype=torch.int64), requires_grad=False)
+
+
+@pytest.mark.parametrize("factory,kwargs", [
+    (lambda: nn.ReLU(), {}),
+    (lambda: nn.Linear(3, 2).requires_grad_(False), {}),
+    (lambda: _IntegerState(), {}),
+    (lambda: nn.LayerNorm(3), {"evolve_bias": False}),
+    (lambda: nn.Linear(3, 2), {"exclude": ["weight", "bias"]}),
+])
+def test_models_with_nothing_to_evolve_fail_setup_and_leave_the_strategy_alone(device, factory,
+                                                                               kwargs):
+    exclude = kwargs.pop("exclude", None)
+    fresh = EggrollStrategy(**kwargs)
+    with pytest.raises(ValueError, match="evolve"):
+        fresh.setup(factory().to(device), exclude=exclude)
+    assert fresh.model is None
+    s, model, _ = primed(device)  # a strategy already set up keeps its model and state
+    s.evolve_bias = fresh.evolve_bias
+    before = capture(s)
+    with pytest.raises(ValueError, match="evolve"):
+        s.setup(factory().to(device), exclude=exclude)
+    assert s.model is model
+    assert_unchanged(s, before)
+
+
+def test_model_moved_to_an_unusable_device_after_setup(device, monkeypatch):
+    """A model moved off the kernels' device after setup (CUDA -> CPU; on a CPU-only machine
+    simulated by switching the interpreter off, which makes the CPU unusable) is an error at
+    perturb, batched_forward and step, raised before anything changes."""
+    s, model, x = primed(device)
+    before = capture(s)
+
+    def moved():
+        if device.type == "cuda":
+            model.cpu()
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    def back():
+        if device.type == "cuda":
+            model.to(device)
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    moved()
+    try:
+        with pytest.raises(RuntimeError, match="GPU"):
+            s.step(torch.tensor([1.0, 3.0, 0.0, 2.0]))
+        with pytest.raises(RuntimeError, match="GPU"):
+            s.perturb(4)
+        assert s._active is None
+    finally:
+        back()
+    assert_unchanged(s, before)
+    with s.perturb(4) as pop:
+        moved()
+        try:
+            with pytest.raises(RuntimeError, match="GPU"):
+                pop.batched_forward(model, x.cpu())
+        finally:
+            back()
+    s.step(torch.tensor([1.0, 3.0, 0.0, 2.0], device=device))
+    assert s.epoch == 2
+
+
+def test_model_whose_parameters_were_replaced_is_an_error(device):
+    """model.to("meta") replaces the Parameter objects (no shallow copy across those tensor
+    types): the strategy refuses to go on with parameters the model no longer holds."""
+    s, model, _ = primed(device)
+    before = capture(s)
+    model.to("meta")
+    with pytest.raises(RuntimeError, match="setup"):
+        s.step(torch.tensor([1.0, 3.0, 0.0, 2.0]))
+    with pytest.raises(RuntimeError, match="setup"):
+        s.perturb(4)
+    assert s.epoch == before["epoch"] and s.total_steps == before["total_steps"]
+    assert s._last == before["pending"] and s._active is None
+
+
+def _corrupt(good: dict, device) -> list:
+    """(name, corrupted state_dict, error) for the load_state_dict catalogue."""
+    def with_(**kw):
+        d = _copy.deepcopy(good)
+        d.update(kw)
+        return d
+
+    def with_param(name, value):
+        d = _copy.deepcopy(good)
+        d["parameters"][name] = value
+        return d
+
+    def with_opt(fn):
+        d = _copy.deepcopy(good)
+        fn(d["optimizer"])
+        return d
+
+    w = good["parameters"]["0.weight"]
+    other = EggrollStrategy().setup(nn.Linear(3, 2).to(device)).state_dict()
+    wider = EggrollStrategy().setup(nn.Sequential(nn.Linear(3, 5), nn.Tanh(),
+                                                  nn.Linear(5, 2)).to(device)).state_dict()
+    sgd = EggrollStrategy(optimizer="sgd", optimizer_kwargs={"momentum": 0.9})
+    sgd_model = make_mlp(device)
+    sgd.setup(sgd_model)
+    generation(sgd, sgd_model, torch.randn(4, 3, device=device), 4)
+    openes = OpenESStrategy().setup(make_mlp(device)).state_dict()
+    return [
+        ("another architecture", other, ValueError),
+        ("other widths", wider, ValueError),
+        ("missing key", {k: v for k, v in good.items() if k != "optimizer"}, KeyError),
+        ("missing parameter", with_(parameters={"0.weight": w}), ValueError),
+        ("extra parameter", with_(parameters={**good["parameters"], "3.weight": w}), ValueError),
+        ("parameters not a mapping", with_(parameters=[w]), ValueError),
+        ("openes state", openes, ValueError),
+        ("noise stream version", with_(noise_stream_version=0), ValueError),
+        ("sigma a string", with_(sigma="0.2"), TypeError),
+        ("sigma nan", with_(sigma=float("nan")), ValueError),
+        ("lr negative", with_(lr=-1.0), ValueError),
+        ("epoch a float", with_(epoch=1.5), TypeError),
+        ("epoch negative", with_(epoch=-1), ValueError),
+        ("seed negative", with_(seed=-1), ValueError),
+        ("rank zero", with_(rank=0), ValueError),
+        ("antithetic a string", with_(antithetic="no"), TypeError),
+        ("weight transposed", with_param("0.weight", w.t().clone()), ValueError),
+        ("weight integer", with_param("0.weight", w.long()), TypeError),
+        ("weight complex", with_param("0.weight", w.to(torch.complex64)), TypeError),
+        ("weight nan", with_param("0.weight", torch.full_like(w, float("nan"))), ValueError),
+        ("weight a list", with_param("0.weight", w.tolist()), ValueError),
+        ("weight on meta", with_param("0.weight", torch.empty_like(w, device="meta")),
+         RuntimeError),
+        ("optimizer not a mapping", with_(optimizer=[1, 2]), ValueError),
+        ("optimizer without groups", with_opt(lambda o: o.pop("param_groups")), ValueError),
+        ("optimizer buffer shape", with_opt(lambda o: o["state"][0].update(
+            exp_avg=torch.zeros(7))), ValueError),
+        ("optimizer buffer missing", with_opt(lambda o: o["state"][0].pop("exp_avg")),
+         ValueError),
+        ("optimizer step a string", with_opt(lambda o: o["state"][0].update(step="x")),
+         ValueError),
+        ("optimizer group size", with_opt(lambda o: o["param_groups"][0].update(
+            params=[0, 1])), ValueError),
+        ("optimizer betas broken", with_opt(lambda o: o["param_groups"][0].update(
+            betas="x")), ValueError),
+        ("another optimizer's state", with_(optimizer=sgd.state_dict()["optimizer"]),
+         ValueError),
+    ]
+
+
+def test_corrupted_or_foreign_checkpoints_raise_and_change_nothing(device):
+    s, model, x = primed(device, open_context=False)
+    good = s.state_dict()
+    generation(s, model, x, 4)  # now the strategy differs from `good`
+    with s.perturb(4) as pop:
+        pop.batched_forward(model, x)
+    for name, bad, error in _corrupt(good, device):
+        before = capture(s)
+        with pytest.raises(error):
+            s.load_state_dict(bad)
+        assert_unchanged(s, before), name
+    s.load_state_dict(good)  # a sound checkpoint still loads, and the run goes on
+    assert s.epoch == 1
+    generation(s, model, x, 4)
+    assert s.epoch == 2
+
+
+# -- resume in a fresh process (SPEC §6) -----------------------------------------------------------
+
+import os as _os  # noqa: E402
+import subprocess as _subprocess  # noqa: E402
+
+_RESUME_CODE = '''
+import torch, torch.nn as nn
+from evotorch_eggroll import EggrollStrategy
+
+def fresh(dtype, device, init_seed):
+    torch.manual_seed(init_seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(device, dtype)
+    s = EggrollStrategy(sigma=0.2, lr=0.05, rank=2, optimizer="adam", seed=17).setup(model)
+    return s, model
+
+def advance(s, model, generations):
+    p = next(model.parameters())
+    x = torch.linspace(-1, 1, 12).reshape(4, 3).to(p.device, p.dtype)
+    for _ in range(generations):
+        with s.perturb(4) as pop:
+            out = pop.batched_forward(model, x)
+        s.step(-(out.float() - 0.5).pow(2).sum(1))
+    return [q.detach().cpu().clone() for q in model.parameters()]
+'''
+
+
+def test_checkpoint_resumes_bit_identically_in_a_fresh_process(device, tmp_path):
+    """torch.save(strategy.state_dict()) after 2 generations; a fresh process loads it with
+    weights_only=True into a freshly built (differently initialised) model and runs 2 more:
+    the same bits as 4 uninterrupted generations, in float32 and bfloat16."""
+    scope: dict = {}
+    exec(_RESUME_CODE, scope)
+    expected = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        s, model = scope["fresh"](dtype, device, 0)
+        scope["advance"](s, model, 2)
+        torch.save(s.state_dict(), tmp_path / f"{name}.pt")
+        expected[name] = scope["advance"](s, model, 2)  # the uninterrupted run goes on
+    script = _RESUME_CODE + f'''
+import sys
+out = {{}}
+for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    state = torch.load(sys.argv[1] + "/" + name + ".pt", weights_only=True)
+    s, model = fresh(dtype, "{device.type}", 99)
+    s.load_state_dict(state)
+    out[name] = advance(s, model, 2)
+    assert s.epoch == 4 and s.total_steps == 4
+torch.save(out, sys.argv[1] + "/resumed.pt")
+'''
+    env = dict(_os.environ)
+    if device.type == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    _subprocess.run([_sys.executable, "-c", script, str(tmp_path)], env=env, check=True,
+                    timeout=300, capture_output=True)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    for name in expected:
+        assert same_bits(resumed[name], expected[name]), name

@@ -5,9 +5,10 @@
 #
 #   scripts/gpu_check.sh tests sanitizer bench demo
 #
-# Stages: info, tests (whole suite on the GPU, `gpu` tests included), sanitizer
+# Stages: info, tests (whole suite on the GPU, `gpu` tests included), gputests, sanitizer
 # (compute-sanitizer memcheck over the kernel tests at odd shapes), bench (the performance
-# table), demo (`python -m evotorch_eggroll.demo`). Logs go to $OUT (or ./gpu-logs).
+# table), demo (`python -m evotorch_eggroll.demo`), pgpe (EvoTorch's PGPE on the demo's
+# problem). Logs go to $OUT (or ./gpu-logs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${OUT:-./gpu-logs}
@@ -39,7 +40,7 @@ stages=("$@")
 for s in "${stages[@]}"; do
   case $s in
     info) stage info bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
-    tests) stage tests python3 -m pytest -q -x -p no:cacheprovider tests/torch_tests tests/evotorch_tests ${PYTEST_EXTRA:-} ;;
+    tests) stage tests python3 -m pytest -q -p no:cacheprovider tests ${PYTEST_EXTRA:-} ;;
     gputests) stage gputests python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
     sanitizer) stage sanitizer compute-sanitizer --tool memcheck --error-exitcode 3 \
         python3 -m pytest -q -x -p no:cacheprovider -m "not gpu and not slow" \
@@ -47,6 +48,7 @@ for s in "${stages[@]}"; do
         tests/torch_tests/test_parameter_updates.py tests/torch_tests/test_deterministic_noise.py ;;
     bench) TAIL=40 stage bench python3 -m evotorch_eggroll.benchmark --csv "$LOG/bench.csv" ${BENCH_ARGS:-} ;;
     demo) stage demo python3 -m evotorch_eggroll.demo ${DEMO_ARGS:-} ;;
+    pgpe) stage pgpe python3 -m evotorch_eggroll.demo --algorithm pgpe --generations "${PGPE_GENERATIONS:-60}" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

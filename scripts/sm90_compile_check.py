@@ -1,6 +1,6 @@
 """Compile the factor kernels for sm_90 without a GPU and summarise their SASS.
 
-Run (no TRITON_INTERPRET): ``.venv/bin/python docs/sm90_compile_check.py [--sass DIR]``.
+Run (no TRITON_INTERPRET): ``.venv/bin/python scripts/sm90_compile_check.py [--sass DIR]``.
 Compiles the project/expand kernels at the constexpr configurations their launchers pick
 for the benchmark shapes (4096 x 4096 at r = 1/4/16, the RL MLP 17->256->256->6 at r = 4)
 in fp32 and bf16, with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``,

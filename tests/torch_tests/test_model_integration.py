@@ -547,3 +547,194 @@ def test_supervised_regression_learns(device):
         strategy.step(-losses)
     assert strategy.total_steps == 20
     assert loss() < start / 3
+
+
+# -- faults: nothing half-updated (DESIGN §9) ---------------------------------------------------------
+#
+# Semantics: an exception or KeyboardInterrupt inside a perturb context or inside
+# pop.iterate() leaves the base parameters bit-identical. An optimizer that fails part-way
+# through step() leaves the model fully *before* the update (parameters and optimizer state
+# restored, counters not advanced, the context still available for another step). on_step
+# callbacks fire after the update is complete: their exceptions propagate with the update kept.
+
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+if str(_Path(__file__).resolve().parents[1]) not in _sys.path:  # the tests folder: the snapshot
+    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+from state_snapshot import assert_unchanged, capture, differences  # noqa: E402
+
+
+class FlakyMomentumSGD(torch.optim.SGD):
+    """SGD with momentum that can fail part-way: after moving the first parameter (and its
+    momentum buffer), or after a complete update."""
+
+    fail: str = ""  # "", "part-way", "after", "interrupt"
+
+    def step(self, closure=None):
+        if self.fail == "part-way":
+            p = self.param_groups[0]["params"][0]
+            with torch.no_grad():
+                p.add_(p.grad, alpha=-1.0)
+            self.state[p]["momentum_buffer"] = torch.ones_like(p)
+            raise RuntimeError("optimizer failed part-way")
+        out = super().step(closure)
+        if self.fail == "after":
+            raise RuntimeError("optimizer failed after updating")
+        if self.fail == "interrupt":
+            raise KeyboardInterrupt
+        return out
+
+
+def _flaky_run(device, fail_at=None, mode="part-way"):
+    model = seeded(lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))).to(device)
+    s = EggrollStrategy(sigma=0.2, lr=0.1, rank=2, optimizer=FlakyMomentumSGD,
+                        optimizer_kwargs={"momentum": 0.9}, seed=2).setup(model)
+    x = torch.linspace(-1, 1, 12, device=device).reshape(4, 3)
+    for gen in range(2):
+        with s.perturb(4) as pop:
+            fit = -pop.batched_forward(model, x).pow(2).sum(1)
+        if gen == fail_at:
+            s.optimizer.fail = mode
+            before = capture(s)
+            with pytest.raises(KeyboardInterrupt if mode == "interrupt" else RuntimeError):
+                s.step(fit)
+            assert_unchanged(s, before)
+            s.optimizer.fail = ""
+        s.step(fit)  # a retry continues exactly as if nothing had failed
+    return [p.detach().clone() for p in model.parameters()], s.state_dict()["optimizer"]
+
+
+_FLAKY_REFERENCE: dict = {}
+
+
+@pytest.mark.parametrize("mode", ["part-way", "after", "interrupt"])
+def test_optimizer_failure_restores_parameters_and_optimizer_state(device, mode):
+    if str(device) not in _FLAKY_REFERENCE:
+        _FLAKY_REFERENCE[str(device)] = _flaky_run(device)
+    ref_params, ref_opt = _FLAKY_REFERENCE[str(device)]
+    params, opt = _flaky_run(device, fail_at=1, mode=mode)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+               for a, b in zip(params, ref_params))
+    for i, st in ref_opt["state"].items():
+        assert torch.equal(opt["state"][i]["momentum_buffer"], st["momentum_buffer"])
+
+
+def test_failing_on_step_callback_keeps_the_completed_update(device):
+    model = seeded(lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))).to(device)
+    twin = seeded(lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))).to(device)
+    s = EggrollStrategy(sigma=0.2, lr=0.1, rank=2).setup(model)
+    t = EggrollStrategy(sigma=0.2, lr=0.1, rank=2).setup(twin)
+    seen = []
+
+    def boom(metrics):
+        seen.append(metrics["epoch"])
+        raise ValueError("callback failed")
+
+    s.register_callback("on_step", boom)
+    s.register_callback("on_step", lambda m: seen.append("never"))
+    fit = torch.tensor([0.5, 1.0, -1.0, 2.0], device=device)
+    for strategy in (s, t):
+        with strategy.perturb(4):
+            pass
+    with pytest.raises(ValueError, match="callback failed"):
+        s.step(fit)
+    t.step(fit)
+    assert seen == [0]  # the update was complete; later callbacks did not run
+    assert s.epoch == 1 and s.total_steps == 1 and s._last is None
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    with pytest.raises(RuntimeError):  # the evaluated context was consumed by that update
+        s.step(fit)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_exceptions_and_interrupts_inside_a_context_or_iterate_restore_parameters(device, exc):
+    model = seeded(Nested).to(device)
+    s = EggrollStrategy(sigma=0.5, rank=2).setup(model)
+    before = capture(s)
+    x = torch.randn(2, 4, device=device)
+    with pytest.raises(exc):
+        with s.perturb(2) as pop:
+            pop.batched_forward(model, x)
+            raise exc()
+    assert not [d for d in differences(s, before) if d != "pending"]
+    with pytest.raises(exc):
+        with s.perturb(2) as pop:
+            for k in pop.iterate():
+                model(x)
+                if k == 1:
+                    raise exc()  # member 1's values are in the parameters right now
+    assert not [d for d in differences(s, before) if d != "pending"]
+    it = None
+    with pytest.raises(exc):
+        with s.perturb(2) as pop:
+            it = pop.iterate()
+            next(it)
+            raise exc()  # the generator is left suspended; the context restores anyway
+    assert not [d for d in differences(s, before) if d != "pending"]
+    del it
+
+    def failing_on_perturb(n, epoch):
+        raise exc()
+
+    s.register_callback("on_perturb", failing_on_perturb)
+    with pytest.raises(exc):
+        with s.perturb(2):
+            pass
+    assert s._active is None
+    assert not [d for d in differences(s, before) if d != "pending"]
+
+
+# -- memory: no growth over many cycles, no reference kept to user tensors -----------------------------
+
+import gc as _gc  # noqa: E402
+import weakref as _weakref  # noqa: E402
+
+
+def _live_tensors() -> int:
+    _gc.collect()
+    return sum(1 for o in _gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_many_perturb_step_cycles_do_not_grow_memory(device):
+    """150 perturb/step cycles (plus 20 with a batched forward) of a tiny model leave no
+    more live tensors and no more Python objects than before (gc counts; tracemalloc would
+    slow the interpreter-run kernels too much on the CPU)."""
+    model = seeded(lambda: nn.Linear(2, 2)).to(device)
+    s = EggrollStrategy(sigma=0.1, lr=0.01, rank=1, optimizer="adam").setup(model)
+    x = torch.randn(2, 2, device=device)
+    fit = torch.tensor([1.0, 0.0], device=device)
+
+    def cycle(forward: bool):
+        with s.perturb(2) as pop:
+            f = -pop.batched_forward(model, x).pow(2).sum(1) if forward else fit
+        s.step(f.detach())
+
+    for _ in range(5):
+        cycle(True)
+    tensors = _live_tensors()
+    objects = len(_gc.get_objects())
+    for _ in range(150):
+        cycle(False)
+    for _ in range(20):
+        cycle(True)
+    assert _live_tensors() <= tensors
+    assert len(_gc.get_objects()) - objects < 500
+    assert s.total_steps == 175
+
+
+def test_no_reference_to_user_tensors_is_kept(device):
+    model = seeded(lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))).to(device)
+    s = EggrollStrategy(sigma=0.1, rank=2).setup(model)
+    x = torch.randn(4, 3, device=device, requires_grad=True)
+    ids = torch.tensor([1, 0, 3, 2], device=device)
+    with s.perturb(4) as pop:
+        out = pop.batched_forward(model, x, member_ids=ids)
+        for _ in pop.iterate():
+            model(x)
+    fit = -out.detach().pow(2).sum(1)
+    s.step(fit)
+    refs = [_weakref.ref(t) for t in (x, ids, out, fit)]
+    del x, ids, out, fit, pop
+    _gc.collect()
+    assert all(r() is None for r in refs)

@@ -393,3 +393,83 @@ def test_sigma_zero_batched_forward_is_the_plain_model(device):
     with s.perturb(4) as pop:
         out = pop.batched_forward(model, x)
     assert torch.equal(out, model(x))
+
+
+# -- property-based: a strategy's Linear against the reference stream ------------------------------------
+
+import warnings  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PROPERTY = settings(max_examples=15, deadline=None, derandomize=True,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@st.composite
+def _linear_cases(draw):
+    m, n = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    rank = draw(st.integers(1, min(m, n)))
+    population = draw(st.integers(1, 8))
+    rows = draw(st.integers(1, 6))
+    ids = draw(st.lists(st.integers(0, population - 1), min_size=rows, max_size=rows))
+    return dict(m=m, n=n, rank=rank, population=population, ids=ids,
+                antithetic=draw(st.booleans()), seed=draw(st.integers(0, 2**40)),
+                epoch=draw(st.integers(0, 5)), dtype=draw(st.sampled_from(["float32", "bfloat16"])))
+
+
+@_PROPERTY
+@given(case=_linear_cases())
+def test_property_strategy_linear_matches_the_reference_formula(device, case):
+    """For any shape, rank <= min(m, n), population, row-to-member map, antithetic setting,
+    seed, epoch and dtype: batched_forward of an nn.Linear equals
+    ``x W^T + b + s sigma/sqrt(r) (x B0) A0^T + s sigma eps_b`` built from the reference noise
+    (evotorch_eggroll.noise), and get_factors returns the reference factors."""
+    from evotorch_eggroll import EggrollStrategy
+
+    dtype = getattr(torch, case["dtype"])
+    m, n, r, sigma = case["m"], case["n"], case["rank"], 0.3
+    torch.manual_seed(case["seed"] % 1000)
+    model = torch.nn.Linear(n, m).to(device, dtype)
+    s = EggrollStrategy(sigma=sigma, rank=r, seed=case["seed"],
+                        antithetic=case["antithetic"]).setup(model)
+    ids = torch.tensor(case["ids"], dtype=torch.int64)
+    x = torch.randn(len(case["ids"]), n).to(device, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # odd antithetic populations
+        ctx = s.perturb(case["population"], case["epoch"])
+    with ctx as pop:
+        out = pop.batched_forward(model, x, member_ids=ids)
+        k = case["ids"][0]
+        a, b = pop.get_factors(k, "weight")
+    anti = case["antithetic"]
+    idx = ids // 2 if anti else ids
+    sign = ((1 - 2 * (ids % 2)) if anti else torch.ones_like(ids)).double()
+    wkey, bkey = noise.param_key("weight"), noise.param_key("bias")
+    a0, b0 = noise.lowrank_factors(case["seed"], wkey, case["epoch"], idx, m, n, r)
+    eps = noise.normal_stream(case["seed"], bkey, case["epoch"], idx, m).double()
+    xd = x.double().cpu()
+    proj = torch.einsum("jn,jnr->jr", xd, b0.double())
+    ref = (xd @ model.weight.detach().double().cpu().T + model.bias.detach().double().cpu()
+           + (sign * sigma / math.sqrt(r))[:, None] * torch.einsum("jr,jmr->jm", proj, a0.double())
+           + (sign * sigma)[:, None] * eps)
+    t = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(out.double().cpu(), ref, **t)
+    sk = -1.0 if (anti and k % 2) else 1.0
+    factor_tol = ({"atol": 2e-6, "rtol": 2e-6} if dtype == torch.float32  # kernel Box-Muller
+                  else {"atol": 2e-2, "rtol": 1e-2})                       # vs float64 reference
+    torch.testing.assert_close(a.float().cpu(), (sk * sigma / math.sqrt(r)) * a0[0], **factor_tol)
+    torch.testing.assert_close(b.float().cpu(), b0[0], **factor_tol)
+
+
+@_PROPERTY
+@given(m=st.integers(1, 9), n=st.integers(1, 9), r=st.integers(1, 4),
+       indices=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=4),
+       seed=st.integers(0, 2**64 - 1), epoch=st.integers(0, 2**32 - 1))
+def test_property_kernel_factors_are_the_reference_stream(device, m, n, r, indices, seed, epoch):
+    key = noise.param_key("layer.weight")
+    idx = torch.tensor(indices, dtype=torch.int64)
+    a, b = ops.lowrank_factors(seed, key, epoch, idx.to(device), m, n, r)
+    a0, b0 = noise.lowrank_factors(seed, key, epoch, idx, m, n, r)
+    torch.testing.assert_close(a.cpu(), a0, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(b.cpu(), b0, atol=2e-6, rtol=2e-6)

@@ -226,3 +226,48 @@ def test_update_uses_the_evaluated_noise(device):
     g = sum(f * p for f, p in zip(fit.tolist(), expected)) / 2.0  # 1/sqrt(N), N = 4
     torch.testing.assert_close(layer.weight.detach() - before, g, rtol=1e-5, atol=1e-6)
     assert m["epoch"] == 5 and m["sigma"] == 0.7 and s.epoch == 1
+
+
+# -- property-based: the strategy's update against an einsum over reference factors --------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 6), n=st.integers(1, 6), r=st.integers(1, 4),
+       weights=st.lists(st.floats(-2, 2, allow_nan=False, width=32), min_size=1, max_size=8),
+       antithetic=st.booleans(), seed=st.integers(0, 2**40), epoch=st.integers(0, 4))
+def test_property_strategy_update_matches_einsum(device, m, n, r, weights, antithetic, seed, epoch):
+    """With prenormalized weights w and plain SGD (lr = 1), one step moves an nn.Linear by
+    exactly g = (1/sqrt(N)) sum_i w_i P_i, P_i from the reference noise stream."""
+    import warnings
+
+    from evotorch_eggroll import EggrollStrategy
+
+    r = min(r, m, n)
+    model = torch.nn.Linear(n, m).to(device)
+    s = EggrollStrategy(sigma=0.5, lr=1.0, rank=r, optimizer="sgd", seed=seed,
+                        antithetic=antithetic).setup(model)
+    before = [p.detach().double().cpu().clone() for p in (model.weight, model.bias)]
+    big_n = len(weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # odd antithetic populations
+        ctx = s.perturb(big_n, epoch)
+    with ctx:
+        pass
+    s.step(torch.tensor(weights), prenormalized=True)
+    ids = torch.arange(big_n)
+    idx = ids // 2 if antithetic else ids
+    sign = ((1 - 2 * (ids % 2)) if antithetic else torch.ones_like(ids)).double()
+    coef = torch.tensor(weights, dtype=torch.float64) * sign / math.sqrt(big_n)
+    a0, b0 = noise.lowrank_factors(seed, noise.param_key("weight"), epoch, idx, m, n, r)
+    eps = noise.normal_stream(seed, noise.param_key("bias"), epoch, idx, m).double()
+    g_w = torch.einsum("k,kmr,knr->mn", coef * 0.5 / math.sqrt(r), a0.double(), b0.double())
+    g_b = torch.einsum("k,km->m", coef * 0.5, eps)
+    k_eff = max(1, big_n)
+    torch.testing.assert_close(model.weight.detach().double().cpu(), before[0] + g_w,
+                               **tol(k_eff, r))
+    torch.testing.assert_close(model.bias.detach().double().cpu(), before[1] + g_b,
+                               **tol(k_eff, 1))

@@ -6,8 +6,9 @@ A parameter of ``L`` elements owns stream elements ``0..L-1`` directly.
   (a perturbed bias, per row). Consecutive rows of one noise index reuse the generated
   chunk.
 * :func:`dense_update`: ``g[e] = sum_k coeffs[k] * eps_k[e]``, the ES gradient of a dense
-  parameter, regenerating the noise chunk by chunk (no workspace); the sum runs over ``k``
-  in order, so it is deterministic.
+  parameter, regenerating the noise chunk by chunk: programs sum fixed slices of ``k`` in
+  order into a small partial-sum workspace, which one deterministic reduction then adds
+  up, so the result does not depend on the device or the launch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from evotorch_eggroll.kernels.philox import (
 BLOCK_E = 1024  # elements per program (a multiple of 4)
 MAX_BLOCK_ROWS = 16  # batch rows per program, upper bound
 NUM_WARPS = 4
+UPDATE_SPLIT_K = 64  # noise indices one update program sums, at least
+MAX_PARTIAL_ELEMENTS = 1 << 24  # bound on the update's partial-sum workspace (floats)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch", "scale"])
@@ -73,12 +76,13 @@ def _dense_noise_add_kernel(
         tl.store(ptrs, (base.to(tl.float32) + (sign * scale) * eps).to(base.dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch", "K", "k_per_split"])
 def _dense_update_kernel(
     idx_ptr,
     coef_ptr,
-    g_ptr,
+    partial_ptr,
     K,
+    k_per_split,
     numel,
     seed_lo,
     seed_hi,
@@ -87,16 +91,18 @@ def _dense_update_kernel(
     BLOCK_E: tl.constexpr,
 ):
     first = tl.program_id(0).to(tl.int64) * BLOCK_E
+    split = tl.program_id(1).to(tl.int64)
     seed = stream_seed(seed_lo, seed_hi)
     elem = first + tl.arange(0, BLOCK_E).to(tl.int64)
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    k = K * 0
-    while k < K:  # a while loop: runtime loop bounds trip Triton's interpreter
+    k = split * k_per_split
+    k_end = tl.minimum(k + k_per_split, K)
+    while k < k_end:  # a while loop: runtime loop bounds trip Triton's interpreter
         noise_index = tl.load(idx_ptr + k)
         coef = tl.load(coef_ptr + k).to(tl.float32)
         acc += coef * normal_run(seed, first // 4, noise_index, key, epoch, BLOCK_E // 4)
         k += 1
-    tl.store(g_ptr + elem, acc, mask=elem < numel)
+    tl.store(partial_ptr + split * numel + elem, acc, mask=elem < numel)
 
 
 def _block_e(numel: int) -> int:
@@ -172,11 +178,18 @@ def dense_update(
         return g
     if idx.numel() == 0:
         return g.zero_()
+    k = idx.numel()
+    # Split K into fixed slices, each summed in order by its own program, then reduce the
+    # partial sums with one deterministic torch.sum: enough parallelism for huge populations
+    # and few elements (biases), and the order of additions depends only on (K, numel).
+    k_per_split = max(UPDATE_SPLIT_K, triton.cdiv(k, max(1, MAX_PARTIAL_ELEMENTS // numel)))
+    splits = triton.cdiv(k, k_per_split)
+    partial = torch.empty((splits, numel), dtype=torch.float32, device=idx.device)
     block_e = _block_e(numel)
     seed_lo, seed_hi = split_seed(seed)
-    with device_guard(g):
-        _dense_update_kernel[(triton.cdiv(numel, block_e),)](
-            idx, coef, g, idx.numel(), numel, seed_lo, seed_hi, key, epoch,
+    with device_guard(partial):
+        _dense_update_kernel[(triton.cdiv(numel, block_e), splits)](
+            idx, coef, partial, k, k_per_split, numel, seed_lo, seed_hi, key, epoch,
             BLOCK_E=block_e, num_warps=NUM_WARPS,
         )
-    return g
+    return partial[0] if splits == 1 else partial.sum(dim=0)

@@ -115,8 +115,9 @@ def test_zero_members(device):
 
 
 @pytest.mark.parametrize(
-    "numel,k", [(1, 1), (7, 3), (33, 5), (1030, 4),
-                pytest.param(1 << 20, 64, marks=pytest.mark.gpu)]
+    "numel,k", [(1, 1), (7, 3), (33, 5), (1030, 4), (3, 150),  # 150: three K slices
+                pytest.param(1 << 20, 64, marks=pytest.mark.gpu),
+                pytest.param(256, 8192, marks=pytest.mark.gpu)]
 )
 def test_dense_update_matches_reference(device, numel, k):
     idx, c = noise_indices(k), coefficients(k, 2)

@@ -50,6 +50,7 @@ from . import distributed as _dist
 from . import noise as _noise
 from . import ops, shaping
 from .neuroevolution import EggrollNEProblem
+from .strategy import _optimizer_class
 
 __all__ = ["EGGROLL", "RANKING_METHODS", "rank_fitnesses"]
 
@@ -61,7 +62,6 @@ _ALIASES = {
     "normalize": "normalized",
     "none": "raw",
 }
-_OPTIMIZERS = ("sgd", "adam", "adamw")
 CENTER_NAME = "center"  # the name that keys the dense noise of plain vector problems
 
 
@@ -146,16 +146,7 @@ class _RankZeroHook(Hook):
 
 
 def _make_optimizer(params: list, optimizer: Any, lr: float, config: Optional[dict]) -> torch.optim.Optimizer:
-    kwargs = dict(config or {})
-    if isinstance(optimizer, str):
-        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(optimizer.lower())
-        if cls is None:
-            raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {_OPTIMIZERS} or a torch.optim.Optimizer subclass")
-    elif isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-        cls = optimizer
-    else:
-        raise TypeError(f"optimizer must be one of {_OPTIMIZERS} or a torch.optim.Optimizer subclass, got {optimizer!r}")
-    return cls(params, lr=lr, **kwargs)
+    return _optimizer_class(optimizer)(params, lr=lr, **dict(config or {}))
 
 
 class EGGROLL(SearchAlgorithm):
@@ -315,11 +306,7 @@ class EGGROLL(SearchAlgorithm):
     def _build_strategy(self) -> Any:
         from .strategy import EggrollStrategy
 
-        if isinstance(self._optimizer_spec, str) and self._optimizer_spec.lower() not in _OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self._optimizer_spec!r}; expected one of {_OPTIMIZERS} "
-                "or a torch.optim.Optimizer subclass"
-            )
+        _optimizer_class(self._optimizer_spec)  # a clear error before anything is built
         strategy = EggrollStrategy(**self._strategy_kwargs())
         names = self._problem.evolved_parameter_names
         strategy.setup(self._network, include=names)

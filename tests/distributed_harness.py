@@ -10,7 +10,12 @@ fails or the run outlives its timeout (so a rank left waiting in a collective ca
 CI).
 
 Gloo runs hide CUDA and switch Triton's interpreter on before the ranks import Triton;
-NCCL runs put rank ``r`` on GPU ``r``.
+NCCL runs put rank ``r`` on GPU ``r``. Every computation on a model therefore belongs in the
+ranks, never in the test process: on a CUDA machine that process runs without the
+interpreter, so the kernels refuse CPU tensors there. ``worker_main(SCENARIOS, AFTER)``
+also runs ``AFTER[scenario](rank, world, device, results)``, if given, once the process
+group is destroyed (for what must work without one) and merges the dict it returns into
+the rank's results.
 """
 
 from __future__ import annotations
@@ -78,8 +83,11 @@ def launch(script: Path, scenario: str, world: int, backend: str, workdir: Path,
     return [torch.load(workdir / f"result_{r}.pt", weights_only=True) for r in range(world)]
 
 
-def worker_main(scenarios: dict[str, Scenario]) -> None:
-    """Entry point of a rank: init the process group, run the scenario, save its results."""
+def worker_main(scenarios: dict[str, Scenario],
+                after_group: dict[str, Callable[[int, int, torch.device, dict], dict]] | None = None,
+                ) -> None:
+    """Entry point of a rank: init the process group, run the scenario, destroy the group,
+    run the scenario's ``after_group`` step (if any), save the results."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", required=True)
     parser.add_argument("--rank", type=int, required=True)
@@ -102,10 +110,13 @@ def worker_main(scenarios: dict[str, Scenario]) -> None:
         results = scenarios[args.worker](args.rank, args.world, device)
         print(f"rank {args.rank}: scenario {args.worker!r} took {time.perf_counter() - start:.1f} s",
               flush=True)
-        torch.save(results, Path(args.out) / f"result_{args.rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    after = (after_group or {}).get(args.worker)
+    if after is not None:
+        results.update(after(args.rank, args.world, device, results))
+    torch.save(results, Path(args.out) / f"result_{args.rank}.pt")
 
 
 def expect_error(fn: Callable[[], object], exc_type: type) -> str:

@@ -3,11 +3,14 @@
 This file is also the rank script (see ``tests/distributed_harness.py``): two Gloo ranks on
 the CPU (Triton's interpreter), or two NCCL ranks with one GPU each in the ``gpu`` variant,
 run every scenario below in one launch and save what they observed; the tests compare the
-ranks with each other and with single-process runs of the same seed and population size
-(computed inside the launch, shared out over the ranks).
+ranks with each other (bit for bit) and with single-process runs of the same seed and
+population size (computed inside the launch, shared out over the ranks; equal up to float32
+rounding, see ``_close_status``). Nothing runs a model in the test process itself: on a
+CUDA machine it has no Triton interpreter, so the kernels would refuse the CPU models of
+the Gloo ranks.
 
 Covered: low-rank mode on the supervised adapter (common and per-member minibatches) and
-on the RL adapter (Gymnasium sub-environments seeded per member, so bit-equal to one
+on the RL adapter (Gymnasium sub-environments seeded per member, so the same episodes as in one
 process; torch-native CartPole with observation normalisation, whose counters and
 statistics must be global), dense mode on a plain vector problem (sharded SolutionBatch
 evaluation), global status values identical on every rank, rank-0-only loggers
@@ -169,7 +172,29 @@ def scenario_searcher(rank: int, world: int, device: torch.device) -> dict:
     return res
 
 
+def after_searcher(rank: int, world: int, device: torch.device, results: dict) -> dict:
+    """Once the process group is destroyed: rank 0 unpickles its distributed searcher, which
+    must continue as a single-process searcher (on the rank's device, with its interpreter
+    when on the CPU)."""
+    from evotorch_eggroll.algorithms import EGGROLL  # noqa: F401  (the pickle refers to it)
+
+    data = bytes(results.pop("pickled").numpy())  # not sent back
+    if rank != 0:
+        return {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        searcher = pickle.loads(data)
+    out = dict(unpickled_warnings=[f"{w.category.__name__}: {w.message}" for w in caught],
+               unpickled_distributed=bool(searcher.distributed),
+               unpickled_center=searcher.status["center"].detach().cpu().clone())
+    searcher.step()
+    out["unpickled_steps"] = searcher.step_count
+    out["unpickled_center_after"] = searcher.status["center"].detach().cpu().clone()
+    return out
+
+
 SCENARIOS = {"searcher": scenario_searcher}
+AFTER_GROUP = {"searcher": after_searcher}
 
 
 # -- the tests ---------------------------------------------------------------------------
@@ -181,6 +206,19 @@ def _same_status(a: dict, b: dict, what: str) -> None:
         assert torch.equal(a[k], b[k]), (what, k)
 
 
+def _close_status(a: dict, b: dict, what: str) -> None:
+    """A distributed run vs one process: equal up to float32 rounding. A rank evaluates its
+    PER_RANK members, the single process all N; the base products of the forward pass come
+    from BLAS (MKL, OpenBLAS, cuBLAS), whose rounding may depend on the batch size, so the
+    fitnesses - and through them the statistics and, slightly, the update - may differ in
+    the last bits on some machines. (Across ranks everything is bit-identical:
+    ``_same_status``.)"""
+    for k in EVALS:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (what, k, a[k], b[k])
+    for k in ("center", "pop_best", "best"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{what}: {k}")
+
+
 def _check(results: list[dict], tmp_path: Path) -> None:
     n = WORLD * PER_RANK
     r0, r1 = results
@@ -190,9 +228,10 @@ def _check(results: list[dict], tmp_path: Path) -> None:
         assert r0[name]["keys"] == r1[name]["keys"]
         assert r0[name]["iter"] == (1 if name == "obsnorm" else GENERATIONS)
     for name in ("supervised_common", "supervised_own", "gym", "dense"):
-        # ... and equal to a single-process run of the same seed and population size
+        # ... and equal to a single-process run of the same seed and population size, up to
+        # float32 rounding
         single = next(r[name + "_single"] for r in results if name + "_single" in r)
-        _same_status(r0[name], single, f"{name} vs one process")
+        _close_status(r0[name], single, f"{name} vs one process")
         # dense mode leaves out the problem's per-rank worst-member tracking
         assert r0[name]["keys"] == [k for k in single["keys"] if not k.startswith("worst")]
 
@@ -219,13 +258,16 @@ def _check(results: list[dict], tmp_path: Path) -> None:
         assert "seed differs across ranks (rank 0: seed=0, rank 1: seed=1)" in res["seed_msg"]
         assert "seed differs across ranks (rank 0: seed=10, rank 1: seed=11)" in res["lowrank_seed_msg"]
 
-    # a distributed searcher unpickled without a process group continues in one process
-    with pytest.warns(UserWarning, match="single-process"):
-        searcher = pickle.loads(bytes(r0["pickled"].numpy()))
-    assert not searcher.distributed
-    assert torch.equal(searcher.status["center"].cpu(), r0["supervised_common"]["center"])
-    searcher.step()
-    assert searcher.step_count == GENERATIONS + 1 and torch.isfinite(searcher.status["center"]).all()
+    # a distributed searcher unpickled without a process group (in rank 0, once the group
+    # is destroyed) continues in one process
+    assert any(w.startswith("UserWarning") and "single-process" in w
+               for w in r0["unpickled_warnings"]), r0["unpickled_warnings"]
+    assert not r0["unpickled_distributed"]
+    assert torch.equal(r0["unpickled_center"], r0["supervised_common"]["center"])
+    assert r0["unpickled_steps"] == GENERATIONS + 1
+    assert torch.isfinite(r0["unpickled_center_after"]).all()
+    assert not torch.equal(r0["unpickled_center_after"], r0["unpickled_center"])
+    assert "unpickled_steps" not in r1 and "pickled" not in r0 and "pickled" not in r1
 
 
 def test_two_gloo_ranks(tmp_path):
@@ -249,7 +291,7 @@ def test_distributed_needs_a_process_group():
 
 
 if __name__ == "__main__":
-    worker_main(SCENARIOS)
+    worker_main(SCENARIOS, AFTER_GROUP)
 
 
 def test_example_script_runs_under_torchrun(tmp_path):

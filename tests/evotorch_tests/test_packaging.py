@@ -19,6 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(code: str, cwd: Path, extra_path: list[str] | None = None) -> subprocess.CompletedProcess:
+    # PYTHONPATH is dropped on purpose, so that sys.path holds only what each test puts there
+    # (an unrelated ``kernels`` package on it would spoil the checks). The snippets import
+    # only ``kernels`` and ``evotorch_eggroll.kernels``, which needs torch and Triton but not
+    # evotorch or Gymnasium, so they also run where those come from PYTHONPATH only.
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     if extra_path:

@@ -130,7 +130,10 @@ torch.save(dict(center=plain(searcher.status["center"]), steps=searcher.step_cou
                 logged_center=plain(logged["center"]), again=plain(again.status["center"])),
            sys.argv[1] + "/out.pt")
 """
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    # the tests folder goes first on the path (for pickles that refer to test modules); the
+    # existing PYTHONPATH is kept, since the packages may come from there
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")) if p))
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, check=True, timeout=300,
                    capture_output=True)
     out = torch.load(tmp_path / "out.pt", weights_only=True)

@@ -37,21 +37,7 @@ SHAPES = [  # (m, n, rank, rows)
     pytest.param(4096, 1024, 64, 64, marks=pytest.mark.gpu),
     pytest.param(6, 256, 4, 4096, marks=pytest.mark.gpu),
 ]
-# row-to-member maps, each with one antithetic setting (both settings appear twice)
-MAPS = [("identity", True), ("repeated", False), ("shuffled", True), ("same", False)]
-
-
-def member_ids(kind: str, rows: int, device) -> torch.Tensor:
-    if kind == "identity":
-        ids = torch.arange(rows)
-    elif kind == "repeated":
-        ids = torch.arange(rows) // 3
-    elif kind == "shuffled":
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randperm(rows, generator=gen) % max(1, rows // 2 + 1)
-    else:
-        ids = torch.full((rows,), 5)
-    return ids.to(device)
+from member_maps import MAPS, member_ids  # noqa: E402  (tests/ is on sys.path)
 
 
 def layer(m, n, dtype, device, seed=0):

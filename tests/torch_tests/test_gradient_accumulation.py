@@ -27,25 +27,12 @@ SHAPES = [  # (m, n, rank, rows)
     pytest.param(1024, 4096, 16, 128, marks=pytest.mark.gpu),
     pytest.param(4096, 512, 64, 64, marks=pytest.mark.gpu),
 ]
-# row-to-member maps, each with one antithetic setting (both settings appear twice)
-MAPS = [("identity", True), ("repeated", False), ("shuffled", True), ("same", False)]
+from member_maps import MAPS, member_ids  # noqa: E402  (tests/ is on sys.path)
+
 GRAD_TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
     torch.bfloat16: dict(atol=5e-2, rtol=3e-2),
 }
-
-
-def member_ids(kind: str, rows: int, device) -> torch.Tensor:
-    if kind == "identity":
-        ids = torch.arange(rows)
-    elif kind == "repeated":
-        ids = torch.arange(rows) // 3
-    elif kind == "shuffled":
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randperm(rows, generator=gen) % max(1, rows // 2 + 1)
-    else:
-        ids = torch.full((rows,), 5)
-    return ids.to(device)
 
 
 def explicit_grads(x, w, b, ids, grad_out, *, rank, sigma, antithetic):

@@ -28,7 +28,7 @@ import time  # noqa: E402
 
 from torch import nn  # noqa: E402
 
-from evotorch_eggroll.envs import CartPole  # noqa: E402
+from evotorch_eggroll.envs import CartPole, evaluate_policy  # noqa: E402
 
 TARGET = 475.0
 
@@ -36,23 +36,6 @@ TARGET = 475.0
 def make_policy(obs_length: int, act_length: int, hidden: int = 16) -> nn.Module:
     """A small MLP: observation -> hidden -> tanh -> action scores."""
     return nn.Sequential(nn.Linear(obs_length, hidden), nn.Tanh(), nn.Linear(hidden, act_length))
-
-
-@torch.no_grad()
-def evaluate_policy(policy: nn.Module, device: torch.device, episodes: int = 32, seed: int = 12345) -> float:
-    """Mean return of a (plain, unperturbed) policy over full 500-step CartPole episodes."""
-    env = CartPole(episodes, device=device, autoreset_mode="disabled")
-    obs, _ = env.reset(seed=seed)
-    returns = torch.zeros(episodes, device=device)
-    alive = torch.ones(episodes, dtype=torch.bool, device=device)
-    for _ in range(env.max_episode_steps):
-        action = policy(obs).argmax(dim=1)
-        obs, reward, terminated, truncated, _ = env.step(action)
-        returns += reward * alive
-        alive &= ~(terminated | truncated)
-        if not bool(alive.any()):
-            break
-    return float(returns.mean())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ try:  # Gymnasium >= 1.1 names its autoreset modes; 1.0 always resets on the nex
 except ImportError:  # pragma: no cover - Gymnasium 1.0
     AutoresetMode = None  # type: ignore[assignment]
 
-__all__ = ["CartPole"]
+__all__ = ["CartPole", "evaluate_policy"]
 
 TensorLike = Union[torch.Tensor, np.ndarray, list, tuple]
 
@@ -306,3 +306,27 @@ class CartPole(gym.vector.VectorEnv):
             f"CartPole(num_envs={self.num_envs}, device={self.device}, dtype={self.dtype}, "
             f"autoreset_mode={self.autoreset_mode!r})"
         )
+
+
+@torch.no_grad()
+def evaluate_policy(policy: torch.nn.Module, device: Union[str, torch.device], episodes: int = 32,
+                    seed: int = 12345) -> float:
+    """Mean return of a plain (unperturbed) policy over full 500-step CartPole episodes.
+
+    Args:
+        policy: maps observations ``(episodes, 4)`` to action scores ``(episodes, 2)``.
+        device: where the batched CartPole runs.
+        episodes: episodes played at once.
+        seed: seed of the initial states.
+    """
+    env = CartPole(episodes, device=device, autoreset_mode="disabled")
+    obs, _ = env.reset(seed=seed)
+    returns = torch.zeros(episodes, device=device)
+    alive = torch.ones(episodes, dtype=torch.bool, device=device)
+    for _ in range(env.max_episode_steps):
+        obs, reward, terminated, truncated, _ = env.step(policy(obs).argmax(dim=1))
+        returns += reward * alive
+        alive &= ~(terminated | truncated)
+        if not bool(alive.any()):
+            break
+    return float(returns.mean())

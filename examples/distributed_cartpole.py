@@ -41,7 +41,7 @@ from evotorch.logging import StdOutLogger  # noqa: E402
 from torch import nn  # noqa: E402
 
 from evotorch_eggroll.algorithms import EGGROLL  # noqa: E402
-from evotorch_eggroll.envs import CartPole  # noqa: E402
+from evotorch_eggroll.envs import CartPole, evaluate_policy  # noqa: E402
 from evotorch_eggroll.neuroevolution import EggrollVecGymNE  # noqa: E402
 
 TARGET = 475.0  # mean return (of 500) at which training stops
@@ -74,22 +74,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-@torch.no_grad()
-def evaluate_policy(policy: nn.Module, device: torch.device, episodes: int = 32, seed: int = 12345) -> float:
-    """Mean return of the plain (unperturbed) policy over full 500-step episodes."""
-    env = CartPole(episodes, device=device, autoreset_mode="disabled")
-    obs, _ = env.reset(seed=seed)
-    returns = torch.zeros(episodes, device=device)
-    alive = torch.ones(episodes, dtype=torch.bool, device=device)
-    for _ in range(env.max_episode_steps):
-        obs, reward, terminated, truncated, _ = env.step(policy(obs).argmax(dim=1))
-        returns += reward * alive
-        alive &= ~(terminated | truncated)
-        if not bool(alive.any()):
-            break
-    return float(returns.mean())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         from evotorch.algorithms import PGPE
 
         # EvoTorch's usual CartPole settings (ClipUp, centered ranks, symmetric sampling);
-        # every solution is materialised and evaluated through the problem's batched path.
+        # every solution is materialised, and each policy call of the problem's batched path
+        # runs the whole population at once (torch.func.vmap over the solutions' parameters).
         searcher = PGPE(
             problem,
             popsize=popsize,

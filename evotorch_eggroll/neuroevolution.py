@@ -2,9 +2,10 @@
 
 Each adapter is a valid ``evotorch.Problem`` whose decision vector is the concatenation of
 the network's evolved parameters, so stock EvoTorch searchers (PGPE, SNES, CMA-ES, ...) run
-on it through the usual materialised path: every solution vector is loaded into the network
-and evaluated. Next to that, every adapter offers a low-rank side channel that the
-:class:`~evotorch_eggroll.algorithms.EGGROLL` searcher uses:
+on it through the usual materialised path: every solution vector becomes a set of network
+parameters, and with a batched evaluation each network call runs all solutions at once
+(``torch.func.vmap`` over their parameters). Next to that, every adapter offers a low-rank
+side channel that the :class:`~evotorch_eggroll.algorithms.EGGROLL` searcher uses:
 :meth:`EggrollNEProblem.evaluate_population` evaluates a whole population inside an
 ``EggrollStrategy`` perturbation context, where each network call is one
 ``pop.batched_forward`` over the rows of all members and no member's weights are ever
@@ -94,7 +95,8 @@ class PopulationForward:
     Instances are handed to :meth:`EggrollNEProblem._evaluate_members`. Inside the EGGROLL
     searcher a call is one ``pop.batched_forward`` of the strategy's perturbation context;
     for stock EvoTorch searchers it runs the network with each member's materialised
-    parameter vector. Calls are made under ``torch.no_grad()``.
+    parameter vector, all members of a call in one ``torch.func.vmap`` where the network
+    allows it. Calls are made under ``torch.no_grad()``.
 
     Attributes:
         member_ids: ``(K,)`` int64 ids of the members being evaluated, on the network's
@@ -160,6 +162,104 @@ class PopulationForward:
             raise ValueError(f"x must have one leading slice per member ({self.num_members}), got {k}")
         out = self._fn(x.reshape(k * b, *x.shape[2:]), self.member_ids.repeat_interleave(b))
         return out.reshape(k, b, *out.shape[1:])
+
+
+# Errors by which torch.func.vmap reports a network it cannot batch (data-dependent Python
+# control flow, .item(), in-place updates of unbatched tensors, random ops, missing batching rules).
+_VMAP_ERRORS = (RuntimeError, NotImplementedError)
+
+
+class _MaterialisedMembers:
+    """The network function of materialised population members, for :class:`PopulationForward`.
+
+    Member ``m`` runs ``net`` with the evolved parameters ``params[name][m]``; parameters that
+    are not evolved, and buffers, are the network's own. A call ``(x, ids)`` on rows of one
+    member is a single ``functional_call``. Rows of several members, each with the same
+    number of rows ``c``, are sorted by member into ``(U, c, *in)`` and run as one
+    ``torch.func.vmap`` of ``functional_call`` over the ``U`` members' parameters; outputs
+    return to the original row order. Unequal row counts, and networks ``vmap`` cannot run
+    (after the first failure, remembered in :attr:`vmap_ok`), take one call per member.
+
+    Attributes:
+        net: The network (its structure, frozen parameters and buffers are used).
+        params: Evolved parameters of all members, name -> ``(P, *shape)``.
+        member_ids: ``arange(P)``, the ids a call may use.
+        vmap_ok: None until a ``vmap`` call was tried, then whether it worked.
+    """
+
+    def __init__(self, net: nn.Module, params: dict[str, torch.Tensor]) -> None:
+        self.net = net
+        self.params = params
+        p = next(iter(params.values())).shape[0]
+        self.member_ids = torch.arange(p, dtype=torch.int64, device=next(iter(params.values())).device)
+        self.vmap_ok: Optional[bool] = None
+
+    def _member(self, m: int) -> dict[str, torch.Tensor]:
+        return {n: t[m] for n, t in self.params.items()}
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``x[j]`` through member ``ids[j]``: ``x (rows, *in)`` -> ``(rows, *out)``."""
+        rows = x.shape[0]
+        num_members = self.member_ids.shape[0]
+        if ids is self.member_ids and rows == num_members and num_members > 1:
+            # Row j is member j (the default of PopulationForward.__call__): no sorting needed.
+            out = self._vmapped(self.params, x.unsqueeze(1))
+            if out is not None:
+                return out.reshape(rows, *out.shape[2:])
+            return self._loop(x, ids)
+        uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        u = uniq.shape[0]
+        if u <= 1:
+            return torch.func.functional_call(self.net, self._member(int(uniq[0]) if u else 0), (x,))
+        c = rows // u
+        if self.vmap_ok is False or rows % u != 0 or (c > 1 and not bool((counts == c).all())):
+            return self._loop(x, ids)
+        order = torch.argsort(inverse, stable=True)  # rows grouped by member, in uniq order
+        xs = x.index_select(0, order).reshape(u, c, *x.shape[1:])
+        if u == num_members:  # every member present: uniq is arange(P)
+            params = self.params
+        else:
+            params = {n: t.index_select(0, uniq) for n, t in self.params.items()}
+        res = self._vmapped(params, xs)
+        if res is None:
+            return self._loop(x, ids)
+        res = res.reshape(rows, *res.shape[2:])
+        return torch.empty_like(res).index_copy_(0, order, res)
+
+    def _vmapped(self, params: dict[str, torch.Tensor], xs: torch.Tensor) -> Optional[torch.Tensor]:
+        """``(U, c, *out)`` outputs of the ``U`` members in ``params`` on ``xs (U, c, *in)``,
+        or None when ``vmap`` cannot run this network (remembered: later calls skip it)."""
+        if self.vmap_ok is False:
+            return None
+        net = self.net
+
+        def one(member_params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(net, member_params, (x,))
+
+        try:
+            out = torch.func.vmap(one)(params, xs)
+        except torch.cuda.OutOfMemoryError:  # a real failure, not a vmap limitation
+            raise
+        except _VMAP_ERRORS:
+            self.vmap_ok = False
+            return None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape[:2]) != tuple(xs.shape[:2]):
+            # Not one output row per input row: the per-member loop defines the result.
+            self.vmap_ok = False
+            return None
+        self.vmap_ok = True
+        return out
+
+    def _loop(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One ``functional_call`` per member present in ``ids``."""
+        out = None
+        for m in torch.unique(ids).tolist():
+            rows = (ids == m).nonzero().squeeze(1)
+            o = torch.func.functional_call(self.net, self._member(m), (x[rows],))
+            if out is None:
+                out = o.new_empty((x.shape[0], *o.shape[1:]))
+            out[rows] = o
+        return out
 
 
 class EggrollNEProblem(BaseNEProblem):
@@ -340,6 +440,21 @@ class EggrollNEProblem(BaseNEProblem):
             raise ValueError(f"expected a vector of length {start}, got {vector.shape[-1]}")
         return out
 
+    def _split_population(self, values: torch.Tensor, net: nn.Module) -> dict[str, torch.Tensor]:
+        """The evolved parameters of every solution in ``values (P, L)``: name -> ``(P, *shape)``.
+
+        Each entry is a view into ``values`` (no copy unless a parameter's dtype differs).
+        """
+        params = dict(net.named_parameters())
+        out, start = {}, 0
+        for n in self._evolved_names:
+            p = params[n]
+            out[n] = values[:, start : start + p.numel()].reshape(values.shape[0], *p.shape).to(p.dtype)
+            start += p.numel()
+        if start != values.shape[-1]:
+            raise ValueError(f"expected vectors of length {start}, got {values.shape[-1]}")
+        return out
+
     @torch.no_grad()
     def vector_to_parameters(self, vector: torch.Tensor, net: nn.Module) -> None:
         """Copy ``vector (L,)`` into the evolved parameters of ``net`` (in place)."""
@@ -429,24 +544,13 @@ class EggrollNEProblem(BaseNEProblem):
     # ------------------------------------------------------------------ materialised path
 
     def _materialised_forward(self, net: nn.Module, values: torch.Tensor) -> PopulationForward:
-        """A PopulationForward whose member ``i`` is the solution vector ``values[i]``."""
-        member_params = [self._split_vector(v, net) for v in values]
+        """A PopulationForward whose member ``i`` is the solution vector ``values[i]``.
 
-        def fn(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            uniq = torch.unique(ids).tolist()
-            if len(uniq) == 1:
-                return torch.func.functional_call(net, member_params[uniq[0]], (x,))
-            out = None
-            for m in uniq:
-                rows = (ids == m).nonzero().squeeze(1)
-                o = torch.func.functional_call(net, member_params[m], (x[rows],))
-                if out is None:
-                    out = o.new_empty((x.shape[0], *o.shape[1:]))
-                out[rows] = o
-            return out
-
-        ids = torch.arange(values.shape[0], dtype=torch.int64, device=values.device)
-        return PopulationForward(fn, ids)
+        Calls covering several members run them all at once with ``torch.func.vmap`` (see
+        :class:`_MaterialisedMembers`); networks ``vmap`` cannot trace are run member by member.
+        """
+        members = _MaterialisedMembers(net, self._split_population(values, net))
+        return PopulationForward(members, members.member_ids)
 
     def _evaluate_batch(self, batch: SolutionBatch) -> None:
         device = self.network_device

@@ -310,3 +310,160 @@ def test_box_action_space_is_clipped():
     problem.evaluate(batch)
     assert torch.isfinite(batch.evals).all() and (batch.evals < 0).all()
     assert problem.interaction_count == 10
+
+
+# ---------------------------------------------------------------- materialised forward (vmap)
+
+
+class _FrozenAndBuffer(nn.Module):
+    """A small MLP with a frozen (non-evolved) bias and a buffer, both used in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(3, 5)
+        self.out = nn.Linear(5, 2)
+        with torch.no_grad():
+            self.out.bias.copy_(torch.tensor([0.7, -1.3]))
+        self.out.bias.requires_grad_(False)
+        self.register_buffer("scale", torch.tensor([2.0, -0.5]))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x))) * self.scale
+
+
+class _SignBranch(nn.Module):
+    """Data-dependent Python control flow, which torch.func.vmap cannot trace; counts calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.lin(x)
+        if y.sum() > 0:
+            return y
+        return -2.0 * y
+
+
+def _materialised(net, popsize, dtype=torch.float32, seed=0):
+    net = net.to(dtype)
+    problem = EggrollNEProblem("max", net, batched_eval_func=lambda f: torch.zeros(f.num_members), device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(popsize, problem.solution_length, generator=g, dtype=dtype)
+    fwd = problem._materialised_forward(problem.network, values)
+    looped = problem._materialised_forward(problem.network, values)
+    looped._fn.vmap_ok = False  # forces one functional_call per member
+    nets = [problem.make_net(v) for v in values]
+    return fwd, looped, nets
+
+
+def _reference(nets, x, ids):
+    """Row j through its own materialised network ``nets[ids[j]]``."""
+    return torch.cat([nets[m](x[j : j + 1]) for j, m in enumerate(ids.tolist())])
+
+
+def _grouped_reference(nets, x, ids):
+    """Each member's rows through its own network in one call (as the member loop does)."""
+    out = torch.empty(x.shape[0], 2, dtype=x.dtype)
+    for m in ids.unique().tolist():
+        out[ids == m] = nets[m](x[ids == m])
+    return out
+
+
+def _assert_same(a, b, dtype):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_materialised_forward_vmaps_one_row_per_member_in_shuffled_order(dtype):
+    fwd, looped, nets = _materialised(_FrozenAndBuffer(), 6, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, generator=g, dtype=dtype)
+    ids = torch.randperm(6, generator=g)
+    assert not torch.equal(ids, torch.arange(6))
+    out = fwd(x, ids)
+    assert fwd._fn.vmap_ok is True  # the batched path ran
+    _assert_same(out, looped(x, ids), dtype)
+    _assert_same(out, _reference(nets, x, ids), dtype)
+    # Default ids (row j is member j) take the unsorted fast path.
+    _assert_same(fwd(x), _reference(nets, x, torch.arange(6)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_materialised_forward_vmaps_several_equal_rows_per_member(dtype):
+    fwd, looped, nets = _materialised(_FrozenAndBuffer(), 5, dtype)
+    g = torch.Generator().manual_seed(2)
+    # All members, three rows each, rows interleaved in a shuffled order.
+    ids = torch.arange(5).repeat(3)[torch.randperm(15, generator=g)]
+    x = torch.randn(15, 3, generator=g, dtype=dtype)
+    out = fwd(x, ids)
+    assert fwd._fn.vmap_ok is True
+    _assert_same(out, looped(x, ids), dtype)
+    _assert_same(out, _reference(nets, x, ids), dtype)
+    # Only some members (their parameters are gathered), two rows each.
+    ids = torch.tensor([4, 1, 4, 3, 1, 3])
+    x = torch.randn(6, 3, generator=g, dtype=dtype)
+    _assert_same(fwd(x, ids), _reference(nets, x, ids), dtype)
+    # shared / per_member go through the same path.
+    xs = torch.randn(4, 3, generator=g, dtype=dtype)
+    _assert_same(fwd.shared(xs), torch.stack([n(xs) for n in nets]), dtype)
+    xm = torch.randn(5, 4, 3, generator=g, dtype=dtype)
+    _assert_same(fwd.per_member(xm), torch.stack([n(xm[k]) for k, n in enumerate(nets)]), dtype)
+
+
+def test_materialised_forward_unequal_row_counts_use_the_loop():
+    fwd, looped, nets = _materialised(_FrozenAndBuffer(), 4)
+    ids = torch.tensor([2, 0, 2, 3, 2, 0])
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(3))
+    out = fwd(x, ids)
+    assert fwd._fn.vmap_ok is None  # vmap was not tried
+    _assert_same(out, _reference(nets, x, ids), torch.float32)
+    _assert_same(out, looped(x, ids), torch.float32)
+
+
+def test_materialised_forward_falls_back_when_vmap_cannot_run_the_network():
+    fwd, looped, nets = _materialised(_SignBranch(), 4)
+    net = fwd._fn.net
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([3, 0, 1, 2, 0, 3, 2, 1])
+    expected = _grouped_reference(nets, x, ids)
+    _assert_same(looped(x, ids), expected, torch.float32)
+    branches = {bool(n.lin(x[ids == m]).sum() > 0) for m, n in enumerate(nets)}
+    assert branches == {True, False}  # members take different branches on their rows
+    _assert_same(fwd(x, ids), expected, torch.float32)
+    assert fwd._fn.vmap_ok is False
+    # The failure is remembered: the next call runs once per member, without a vmap attempt.
+    calls = net.calls
+    _assert_same(fwd(x, ids), expected, torch.float32)
+    assert net.calls - calls == 4
+
+
+def test_stock_pgpe_on_rl_adapter_uses_the_vmapped_forward(monkeypatch):
+    from evotorch_eggroll import neuroevolution as ne
+
+    problem = EggrollVecGymNE(CartPole, _policy, device="cpu", seed=0, episode_length=20)
+    forwards = []
+    original = EggrollNEProblem._materialised_forward
+
+    def recording(self, net, values):
+        fwd = original(self, net, values)
+        forwards.append(fwd)
+        return fwd
+
+    monkeypatch.setattr(EggrollNEProblem, "_materialised_forward", recording)
+    searcher = PGPE(problem, popsize=8, center_learning_rate=0.1, stdev_learning_rate=0.1, stdev_init=0.3)
+    searcher.step()
+    before = pickle.loads(pickle.dumps(problem))  # same reset seeds as the next generation
+    searcher.step()
+    assert len(forwards) == 2 and all(f._fn.vmap_ok is True for f in forwards)
+    assert problem.interaction_count > 0 and np.isfinite(searcher.status["mean_eval"])
+    # The generation's fitnesses equal a member-by-member evaluation of the same population.
+    monkeypatch.setattr(ne._MaterialisedMembers, "_vmapped", lambda self, params, xs: None)
+    pop = searcher.population
+    batch = _batch(before, list(pop.values.clone()))
+    before.evaluate(batch)
+    assert torch.equal(batch.evals, pop.evals)

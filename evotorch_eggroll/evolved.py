@@ -156,7 +156,8 @@ class EvolvedParam:
             g = ops.lowrank_update(self.m, self.n, seed=coords.seed, key=self.key,
                                    epoch=coords.epoch, rank=coords.rank,
                                    noise_indices=noise_indices,
-                                   coeffs=coeffs * coords.lowrank_scale)
+                                   coeffs=coeffs * coords.lowrank_scale,
+                                   precision=ops.update_precision(self.param))
         else:
             g = ops.dense_update(self.param.numel(), seed=coords.seed, key=self.key,
                                  epoch=coords.epoch, noise_indices=noise_indices,

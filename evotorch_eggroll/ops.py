@@ -18,7 +18,8 @@ are used as stream counters only (never as memory offsets): they must lie in
 ``[0, 2**32)`` (``[0, 2**33)`` with antithetic sampling); the caller validates them.
 
 Numerics: noise is generated in float32; the kernels accumulate in float32 and write the
-input's dtype. ``lowrank_update`` runs its matrix products in IEEE float32 (never TF32).
+input's dtype. ``lowrank_update``'s matrix product runs at the precision the caller picks
+(:func:`update_precision` follows the parameter's dtype and PyTorch's TF32 switch).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "dense_noise_add_",
     "perturbed_linear",
     "lowrank_update",
+    "update_precision",
     "dense_update",
     "interpreter_active",
     "check_kernel_device",
@@ -498,12 +500,17 @@ def lowrank_update(
     rank: int,
     noise_indices: torch.Tensor,
     coeffs: torch.Tensor,
+    precision: str = "ieee",
 ) -> torch.Tensor:
     """``G = sum_k coeffs[k] * A0_k @ B0_k^T``: ``(m, n)`` float32 (scales are the caller's).
 
     The factors are regenerated in chunks of noise indices (bounded memory) and each chunk
-    is one ``(m, K_chunk r) @ (K_chunk r, n)`` product in IEEE float32.
+    is one ``(m, K_chunk r) @ (K_chunk r, n)`` product with float32 accumulation:
+    ``precision="ieee"`` multiplies the float32 factors in IEEE float32, ``"tf32"`` on TF32
+    tensor cores, ``"bf16"`` rounds the factors to bfloat16 once and uses bf16 tensor cores.
     """
+    if precision not in ("ieee", "tf32", "bf16"):
+        raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16', got {precision!r}")
     idx = _check_update_inputs(noise_indices, coeffs)
     seed, key, epoch = _check_stream(seed, key, epoch)
     m = _check_count(m, "m", 0)
@@ -512,8 +519,23 @@ def lowrank_update(
     _check_rows(rank, 0, n + m, n + m)
     return _kernels().lowrank_update.lowrank_update(
         m, n, seed=seed, key=key, epoch=epoch, rank=rank, noise_indices=idx,
-        coeffs=coeffs.reshape(-1),
+        coeffs=coeffs.reshape(-1), precision=precision,
     )
+
+
+def update_precision(param: torch.Tensor) -> str:
+    """The update product's precision for a weight: the precision its forward runs at.
+
+    ``"bf16"`` for bfloat16/float16 weights; ``"tf32"`` for float32 CUDA weights while
+    PyTorch's TF32 switch for matrix products is on
+    (``torch.backends.cuda.matmul.allow_tf32 = True`` or
+    ``torch.set_float32_matmul_precision("high")``); ``"ieee"`` otherwise.
+    """
+    if param.dtype in (torch.bfloat16, torch.float16):
+        return "bf16"
+    if param.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
 
 
 def dense_update(

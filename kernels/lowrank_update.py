@@ -4,9 +4,15 @@ The factors are regenerated (never loaded from an earlier call) ``K_chunk`` nois
 at a time, written straight into the two matrices of one product:
 ``A (m, K_chunk * R)`` with ``A[i, k*R + q] = c_k * A0_k[i, q]`` and
 ``B (n, K_chunk * R)`` with ``B[i, k*R + q] = B0_k[i, q]``; then ``G += A @ B^T`` as one
-float32 matrix product in IEEE precision (TF32 is switched off for it). Memory stays
-bounded by ``UPDATE_CHUNK_ELEMENTS`` generated normals; the chunking depends only on the
-shape, so the result is deterministic.
+matrix product with a float32 result, at one of three precisions:
+
+* ``"ieee"``: float32 factors, IEEE float32 product (TF32 switched off for it);
+* ``"tf32"``: float32 factors, TF32 tensor-core product (float32 accumulation);
+* ``"bf16"``: factors rounded once to bfloat16 when written, bf16 tensor-core product with
+  float32 accumulation.
+
+Memory stays bounded by ``UPDATE_CHUNK_ELEMENTS`` generated normals; the chunking depends
+only on the shape, so the result is deterministic on a given device.
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ from evotorch_eggroll.kernels.philox import device_guard, normal_run, split_seed
 BLOCK_E = 1024  # normals generated per program (a multiple of 4)
 UPDATE_CHUNK_ELEMENTS = 1 << 26  # normals held at once (256 MiB of float32)
 NUM_WARPS = 4
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """Finite float32 ``x`` rounded to the nearest bf16 value (ties to even), as float32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch"])
@@ -52,28 +66,45 @@ def _factor_matrices_kernel(
     col = pid_k.to(tl.int64) * R + elem % R
     in_b = row < n
     in_a = (row >= n) & (row < n + m)
-    tl.store(b_ptr + row * stride_bn + col, z, mask=in_b)
-    tl.store(a_ptr + (row - n) * stride_am + col, coef * z, mask=in_a)
+    zb = z
+    za = coef * z
+    if a_ptr.dtype.element_ty == tl.bfloat16:
+        # round to nearest even here, so the cast to bf16 below is exact on every backend
+        # (Triton's interpreter truncates float32 -> bf16)
+        zb = _round_to_bf16(zb)
+        za = _round_to_bf16(za)
+    tl.store(b_ptr + row * stride_bn + col, zb.to(b_ptr.dtype.element_ty), mask=in_b)
+    tl.store(a_ptr + (row - n) * stride_am + col, za.to(a_ptr.dtype.element_ty), mask=in_a)
+
+
+PRECISIONS = ("ieee", "tf32", "bf16")
 
 
 @contextlib.contextmanager
-def ieee_float32_matmul():
-    """Run CUDA float32 matrix products in IEEE precision (no TF32) inside the block."""
+def float32_matmul(tf32: bool):
+    """Run CUDA float32 matrix products in TF32 (``tf32``) or IEEE precision inside the block."""
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        saved = matmul.fp32_precision
-        matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = saved
-    else:  # older torch
-        saved = matmul.allow_tf32
-        matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = saved
+    # torch >= 2.9 has fp32_precision; older releases only allow_tf32
+    attr, value = (("fp32_precision", "tf32" if tf32 else "ieee")
+                   if hasattr(matmul, "fp32_precision") else ("allow_tf32", tf32))
+    saved = getattr(matmul, attr)
+    setattr(matmul, attr, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, attr, saved)
+
+
+def _add_bf16_product(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``g += a @ b^T`` for bf16 ``a``, ``b`` and float32 ``g``, accumulated in float32."""
+    if g.is_cuda:
+        try:  # bf16 operands, float32 output (torch >= 2.8 on CUDA)
+            g.add_(torch.mm(a, b.T, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    with float32_matmul(False):  # the same bf16 values, multiplied in float32
+        g.addmm_(a.float(), b.float().T)
 
 
 def factor_matrices(
@@ -86,6 +117,7 @@ def factor_matrices(
     rank: int,
     noise_indices: torch.Tensor,
     coeffs: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Side-by-side factors of K noise indices, ``A`` scaled by ``coeffs``.
 
@@ -95,16 +127,20 @@ def factor_matrices(
         rank: factor rank ``R``.
         noise_indices: ``(K,)`` integer tensor.
         coeffs: ``(K,)`` floating tensor.
+        dtype: ``torch.float32`` or ``torch.bfloat16`` (each value rounded once from the
+            float32 ``coeffs[k] * A0_k`` or ``B0_k``).
 
     Returns:
         ``A (m, K*R)`` with ``A[:, k*R:(k+1)*R] = coeffs[k] * A0_k`` and
-        ``B (n, K*R)`` with ``B[:, k*R:(k+1)*R] = B0_k``, float32.
+        ``B (n, K*R)`` with ``B[:, k*R:(k+1)*R] = B0_k``, of ``dtype``.
     """
     idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
     coef = coeffs.reshape(-1).to(device=idx.device, dtype=torch.float32).contiguous()
     k = idx.numel()
-    a = torch.empty((m, k * rank), dtype=torch.float32, device=idx.device)
-    b = torch.empty((n, k * rank), dtype=torch.float32, device=idx.device)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"factor matrices are float32 or bfloat16, got {dtype}")
+    a = torch.empty((m, k * rank), dtype=dtype, device=idx.device)
+    b = torch.empty((n, k * rank), dtype=dtype, device=idx.device)
     numel = (n + m) * rank
     if k == 0 or numel == 0:
         return a, b
@@ -129,6 +165,7 @@ def lowrank_update(
     noise_indices: torch.Tensor,
     coeffs: torch.Tensor,
     chunk: int | None = None,
+    precision: str = "ieee",
 ) -> torch.Tensor:
     """``G = sum_k coeffs[k] * A0_k @ B0_k^T``.
 
@@ -140,10 +177,13 @@ def lowrank_update(
         coeffs: ``(K,)`` floating tensor.
         chunk: noise indices per product; None keeps about ``UPDATE_CHUNK_ELEMENTS``
             normals at once.
+        precision: ``"ieee"``, ``"tf32"`` or ``"bf16"`` (see the module docstring).
 
     Returns:
         ``(m, n)`` float32 on ``noise_indices.device``.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     idx = noise_indices.reshape(-1)
     coef = coeffs.reshape(-1)
     g = torch.zeros((m, n), dtype=torch.float32, device=idx.device)
@@ -155,7 +195,11 @@ def lowrank_update(
     for start in range(0, k, chunk):
         a, b = factor_matrices(m, n, seed=seed, key=key, epoch=epoch, rank=rank,
                                noise_indices=idx[start:start + chunk],
-                               coeffs=coef[start:start + chunk])
-        with ieee_float32_matmul():
-            g.addmm_(a, b.T)
+                               coeffs=coef[start:start + chunk],
+                               dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        if precision == "bf16":
+            _add_bf16_product(g, a, b)
+        else:
+            with float32_matmul(precision == "tf32"):
+                g.addmm_(a, b.T)
     return g

@@ -1,8 +1,9 @@
 """The ES update regenerates exactly the noise of the forward.
 
 Kernel tier: ``ops.lowrank_update`` (``sum_k c_k A0_k B0_k^T`` as chunked
-``(m, K r) @ (K r, n)`` products in IEEE float32) against an einsum over factors
-materialised by the reference stream; ``ops.dense_update`` against ``c @ eps``; the update's
+``(m, K r) @ (K r, n)`` products in IEEE float32, or on TF32/bf16 tensor cores for weights
+whose forward runs at that precision) against an einsum over factors materialised by the
+reference stream; ``ops.dense_update`` against ``c @ eps``; the update's
 factors are bit-equal to the inspected ones; results do not depend on the chunking beyond
 float32 rounding.
 """
@@ -91,6 +92,59 @@ def test_update_factors_equal_inspected_factors(device, m, n, r):
     for k in range(3):
         assert torch.equal(b[:, k * r:(k + 1) * r], b0[k])
         assert torch.equal(a[:, k * r:(k + 1) * r], c[k] * a0[k])
+
+
+@pytest.mark.parametrize("m,n,r,k", [(3, 7, 2, 5), (33, 5, 5, 3), (9, 17, 16, 2),
+                                     pytest.param(1024, 4096, 16, 64, marks=pytest.mark.gpu)])
+def test_bf16_update_multiplies_the_rounded_factors(device, m, n, r, k):
+    """precision="bf16": each factor value (``c_k A0_k`` and ``B0_k``) is rounded to bf16
+    once; the product of those values is accumulated in float32."""
+    idx, c = noise_indices(k).to(device), coefficients(k, 3).to(device)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, noise_indices=idx, coeffs=c)
+    a32, b32 = lowrank_update_kernel.factor_matrices(m, n, **common)
+    a16, b16 = lowrank_update_kernel.factor_matrices(m, n, dtype=torch.bfloat16, **common)
+    assert a16.dtype == b16.dtype == torch.bfloat16
+    assert torch.equal(a16, a32.to(torch.bfloat16)) and torch.equal(b16, b32.to(torch.bfloat16))
+    g = ops.lowrank_update(m, n, precision="bf16", **common)
+    assert g.shape == (m, n) and g.dtype == torch.float32
+    want = a16.cpu().double() @ b16.cpu().double().T
+    torch.testing.assert_close(g.cpu().double(), want, **tol(k, r))
+    a0, b0 = noise.lowrank_factors(SEED, KEY, EPOCH, idx.cpu(), m, n, r)
+    exact = torch.einsum("k,kmr,knr->mn", c.cpu().double(), a0.double(), b0.double())
+    assert (g.cpu().double() - exact).abs().max() > 0  # really rounded: not the fp32 path
+
+
+@pytest.mark.parametrize("precision", ["tf32", pytest.param("ieee", marks=pytest.mark.gpu)])
+def test_tf32_update_stays_close_to_ieee(device, precision):
+    """precision="tf32" differs from IEEE only by TF32 rounding of the operands (on the CPU,
+    where there are no TF32 tensor cores, it is the IEEE product bit for bit)."""
+    m, n, r, k = (256, 384, 8, 40) if device.type == "cuda" else (9, 17, 4, 6)
+    idx, c = noise_indices(k).to(device), coefficients(k, 4).to(device)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, noise_indices=idx, coeffs=c)
+    ieee = ops.lowrank_update(m, n, **common)
+    fast = ops.lowrank_update(m, n, precision=precision, **common)
+    if device.type == "cpu":
+        assert torch.equal(fast, ieee)
+    else:  # TF32 keeps 10 mantissa bits: relative error ~2**-11 per product
+        torch.testing.assert_close(fast, ieee, atol=5e-3 * math.sqrt(k * r), rtol=1e-2)
+
+
+def test_update_precision_follows_the_forward(device):
+    w32 = torch.zeros(2, 2, device=device)
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert ops.update_precision(w32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert ops.update_precision(w32) == ("tf32" if device.type == "cuda" else "ieee")
+        for dtype in (torch.bfloat16, torch.float16):
+            assert ops.update_precision(w32.to(dtype)) == "bf16"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    with pytest.raises(ValueError, match="precision"):
+        ops.lowrank_update(2, 2, seed=0, key=0, epoch=0, rank=1,
+                           noise_indices=torch.zeros(1, dtype=torch.int64, device=device),
+                           coeffs=torch.ones(1, device=device), precision="fp8")
 
 
 def test_zero_coefficients_give_an_exactly_zero_update(device):

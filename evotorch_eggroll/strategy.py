@@ -116,6 +116,31 @@ def _optimizer_class(optimizer: Any) -> type:
                     f"subclass, got {optimizer!r}")
 
 
+
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norm of all elements of ``tensors`` (float32, accumulated per tensor, on the
+    first tensor's device), without a host synchronisation."""
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+    if not norms:
+        return torch.zeros(())
+    dev = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([v.to(dev) for v in norms]))
+
+
+def _clone_tensors(obj: Any) -> Any:
+    """A copy of a nested dict/list/tuple structure (an optimizer ``state_dict``) in which
+    every tensor is cloned and everything else shared — what a rollback needs, far cheaper
+    than ``copy.deepcopy``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_tensors(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone_tensors(v) for v in obj)
+    return obj
+
 class EvolutionStrategy:
     """The shared implementation of :class:`EggrollStrategy` and :class:`OpenESStrategy`.
 
@@ -599,25 +624,30 @@ class EvolutionStrategy:
             raise ValueError("shaped fitnesses contain NaN or inf; nothing was updated")
 
         idx, coeffs = antithetic_fold(w, self.antithetic)
-        coeffs = coeffs / math.sqrt(n)
-        grads = []
+        # the optimizer minimises, so it gets -g: negating the coefficients gives exactly -g
+        # (negation is exact through every product and sum)
+        neg_coeffs = -(coeffs / math.sqrt(n))
+        on_device: dict = {}  # the draws and coefficients, copied once per device
+        neg_grads = []
         for e in self._evolved:
             dev = e.param.device
-            grads.append(e.gradient(coords, idx.to(dev), coeffs.to(dev, torch.float32)))
-        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
-        if self.max_grad_norm is not None and norm > self.max_grad_norm:
-            factor = self.max_grad_norm / (norm + 1e-6)
-            grads = [g * factor for g in grads]
-            norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+            if dev not in on_device:
+                on_device[dev] = (idx.to(dev), neg_coeffs.to(dev, torch.float32))
+            neg_grads.append(e.gradient(coords, *on_device[dev]))
+        norm = _total_norm(neg_grads)
+        if self.max_grad_norm is not None and float(norm) > self.max_grad_norm:
+            factor = self.max_grad_norm / (float(norm) + 1e-6)
+            neg_grads = [g * factor for g in neg_grads]
+            norm = _total_norm(neg_grads)
 
         params = [e.param for e in self._evolved]
         with torch.no_grad():
             before = [p.detach().clone() for p in params]
         own_grads = [p.grad for p in params]
-        optimizer_state = copy.deepcopy(self._optimizer.state_dict())
+        optimizer_state = _clone_tensors(self._optimizer.state_dict())
         try:
-            for p, g in zip(params, grads):
-                p.grad = (-g).to(p.dtype).view_as(p)
+            for p, g in zip(params, neg_grads):
+                p.grad = g.to(p.dtype).view_as(p)
             self._optimizer.step()
         except BaseException:
             # an optimizer failing part-way (or an interrupt) leaves nothing half-updated:
@@ -636,15 +666,16 @@ class EvolutionStrategy:
                 # could flip -0.0 to +0.0)
                 for p, b in zip(params, before):
                     p.copy_(b)
-            delta = math.sqrt(sum(float((p.double() - b.double()).pow(2).sum())
-                                  for p, b in zip(params, before)))
+            delta = _total_norm([p.float() - b.float() for p, b in zip(params, before)])
+        # one device synchronisation for both norms
+        norm, delta = torch.stack([norm.to(delta.device), delta]).tolist()
 
         self.epoch += 1
         self.total_steps += 1
         self._last = None
         metrics = {
-            "grad_norm": float(norm),
-            "param_delta_norm": float(delta),
+            "grad_norm": norm,
+            "param_delta_norm": delta,
             "fitness_mean": float(f64.mean()),
             "fitness_std": float(f64.std(unbiased=False)) if n > 1 else 0.0,
             "fitness_max": float(f64.max()),

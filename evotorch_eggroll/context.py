@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import weakref
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -22,6 +23,35 @@ from .routing import RowPerturbationMode
 
 __all__ = ["PerturbationContext"]
 
+
+
+# The last member-id tensor found in range, so that a batched forward called again with the
+# same, unmodified tensor (the usual evaluation loop) does not synchronise with the device
+# to re-read its range. The key holds a weak reference (the cache keeps nothing alive), the
+# tensor's in-place version counter (any in-place write, also through a view, invalidates
+# it), its storage address, shape, dtype and device, and the population size.
+_validated_ids: Optional[tuple] = None
+
+
+def _ids_key(t: object, n: int) -> Optional[tuple]:
+    if not isinstance(t, torch.Tensor) or t.requires_grad:
+        return None
+    return (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, n)
+
+
+def _already_validated(t: object, n: int) -> bool:
+    cached = _validated_ids
+    if cached is None:
+        return False
+    ref, key = cached
+    return ref() is t and _ids_key(t, n) == key
+
+
+def _remember_validated(t: object, n: int) -> None:
+    global _validated_ids
+    key = _ids_key(t, n)
+    if key is not None:
+        _validated_ids = (weakref.ref(t), key)
 
 class PerturbationContext:
     """Evaluation of one population (SPEC §2). Built by ``strategy.perturb``; enter once.
@@ -133,11 +163,12 @@ class PerturbationContext:
             raise ValueError(f"member_ids must have shape ({rows},) (one member per input row), "
                              f"got {tuple(ids.shape)}")
         ids = ids.to(device=device, dtype=torch.int64)
-        if rows:
-            lo, hi = torch.aminmax(ids)
+        if rows and not _already_validated(member_ids, n):
+            lo, hi = torch.aminmax(ids)  # reading the range synchronises with the device
             if int(lo) < 0 or int(hi) >= n:
                 raise ValueError(f"member ids must lie in [0, {n}) (the population size), got "
                                  f"values in [{int(lo)}, {int(hi)}]")
+            _remember_validated(member_ids, n)
         return ids
 
     def batched_forward(self, model: nn.Module, x: torch.Tensor,

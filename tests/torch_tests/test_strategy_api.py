@@ -746,6 +746,29 @@ def test_bad_member_ids_raise_and_change_nothing(device, ids, error, match):
     assert ok.shape == (4, 2)
 
 
+def test_reused_member_ids_are_checked_again_after_any_change(device):
+    """A member-id tensor passed again unchanged skips the range check; any in-place write
+    to it (also through a view), another population size or another tensor checks again."""
+    s, model, x = primed(device, open_context=False)
+    ids = torch.tensor([3, 2, 1, 0], device=device)
+    with s.perturb(4) as pop:
+        first = pop.batched_forward(model, x, member_ids=ids)
+        assert torch.equal(pop.batched_forward(model, x, member_ids=ids), first)
+        ids[0] = 4
+        with pytest.raises(ValueError, match=r"\[0, 4\)"):
+            pop.batched_forward(model, x, member_ids=ids)
+        ids[0] = 3
+        pop.batched_forward(model, x, member_ids=ids)
+        ids[2:].fill_(-1)
+        with pytest.raises(ValueError, match=r"\[0, 4\)"):
+            pop.batched_forward(model, x, member_ids=ids)
+        ids[2:] = torch.tensor([1, 0])
+        pop.batched_forward(model, x, member_ids=ids)
+    with s.perturb(2) as pop:  # the same, unchanged tensor, but out of range for N = 2
+        with pytest.raises(ValueError, match=r"\[0, 2\)"):
+            pop.batched_forward(model, x, member_ids=ids)
+
+
 @pytest.mark.parametrize("make,error,match", [
     (lambda d: torch.randn(4, 5, device=d), ValueError, "shape"),
     (lambda d: torch.randn(4, 2, device=d), ValueError, "shape"),

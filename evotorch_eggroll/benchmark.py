@@ -365,7 +365,7 @@ def _environment() -> str:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)"
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, timeout=10,
             cwd=os.path.dirname(os.path.abspath(__file__)),
         ).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):

@@ -7,8 +7,8 @@ Every case is timed against, in the same process and at the same precision:
   when it would not fit in memory);
 * ``graph``: device time alone (no host overhead) from replays of a captured CUDA graph,
   for the plain forward and the perturbed one (layer cases: the ``ops.perturbed_linear``
-  call itself; other cases: ``batched_forward`` with the default member ids, when rows
-  map one-to-one to members); ``graph ratio`` is their quotient;
+  call itself; other cases: the same ``batched_forward`` call as the eager timing, whose
+  member-id range check ran once during warm-up); ``graph ratio`` is their quotient;
 * ``jax``: the JAX reference algorithm (per-member forward vmapped, noise drawn in the
   call with ``jax.random``), when ``jax`` is importable.
 
@@ -301,9 +301,9 @@ def run_case(
                     if case.kind == "layer":
                         graph_ms = _graph_time(device, _layer_call(model, x, ids, case, sigma),
                                                reps)
-                    elif case.rows_per_member == 1:
-                        graph_ms = _graph_time(device, lambda: pop.batched_forward(model, x),
-                                               reps)
+                    else:  # the member-id range check runs (and is remembered) in warm-up
+                        graph_ms = _graph_time(
+                            device, lambda: pop.batched_forward(model, x, member_ids=ids), reps)
 
             update_times = []
             fit = torch.randn(case.population, device=device)

@@ -430,15 +430,8 @@ class EggrollNEProblem(BaseNEProblem):
         return torch.cat([params[n].detach().reshape(-1) for n in self._evolved_names])
 
     def _split_vector(self, vector: torch.Tensor, net: nn.Module) -> dict[str, torch.Tensor]:
-        params = dict(net.named_parameters())
-        out, start = {}, 0
-        for n in self._evolved_names:
-            p = params[n]
-            out[n] = vector[start : start + p.numel()].view(p.shape).to(p.dtype)
-            start += p.numel()
-        if start != vector.shape[-1]:
-            raise ValueError(f"expected a vector of length {start}, got {vector.shape[-1]}")
-        return out
+        """The evolved parameters of one solution ``vector (L,)``: name -> view of it."""
+        return {n: t[0] for n, t in self._split_population(vector.unsqueeze(0), net).items()}
 
     def _split_population(self, values: torch.Tensor, net: nn.Module) -> dict[str, torch.Tensor]:
         """The evolved parameters of every solution in ``values (P, L)``: name -> ``(P, *shape)``.
@@ -452,7 +445,7 @@ class EggrollNEProblem(BaseNEProblem):
             out[n] = values[:, start : start + p.numel()].reshape(values.shape[0], *p.shape).to(p.dtype)
             start += p.numel()
         if start != values.shape[-1]:
-            raise ValueError(f"expected vectors of length {start}, got {values.shape[-1]}")
+            raise ValueError(f"expected a vector of length {start}, got {values.shape[-1]}")
         return out
 
     @torch.no_grad()

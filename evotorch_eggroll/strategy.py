@@ -116,7 +116,6 @@ def _optimizer_class(optimizer: Any) -> type:
                     f"subclass, got {optimizer!r}")
 
 
-
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Euclidean norm of all elements of ``tensors`` (float32, accumulated per tensor, on the
     first tensor's device), without a host synchronisation."""
@@ -140,6 +139,7 @@ def _clone_tensors(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(_clone_tensors(v) for v in obj)
     return obj
+
 
 class EvolutionStrategy:
     """The shared implementation of :class:`EggrollStrategy` and :class:`OpenESStrategy`.

@@ -101,7 +101,9 @@ def _add_bf16_product(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         try:  # bf16 operands, float32 output (torch >= 2.8 on CUDA)
             g.add_(torch.mm(a, b.T, out_dtype=torch.float32))
             return
-        except (TypeError, RuntimeError, NotImplementedError):
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # no bf16 -> float32 mm here
             pass
     with float32_matmul(False):  # the same bf16 values, multiplied in float32
         g.addmm_(a.float(), b.float().T)

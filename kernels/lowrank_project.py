@@ -14,7 +14,6 @@ depend on the batch size, the row order or ``BLOCK_ROWS``.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -33,15 +32,13 @@ BLOCK_E = 1024  # normals generated per chunk (tile of about BLOCK_E / R rows)
 MAX_BLOCK_ROWS = 16  # batch rows per program, upper bound
 NUM_WARPS = 4
 # Deferred reduction (one cross-thread reduction per row instead of one per chunk): each
-# row keeps a (GROUP, RP) accumulator with GROUP * RP = ACC_ELEMENTS; 0 selects the
-# per-chunk reduction.
-ACC_ELEMENTS = int(os.environ.get("EGGROLL_PROJECT_ACC_ELEMENTS", "128"))
+# row keeps a (GROUP, RP) accumulator with GROUP * RP = ACC_ELEMENTS (one value per thread
+# at NUM_WARPS = 4).
+ACC_ELEMENTS = 128
 
 
 def extra_constexprs(plan: dict, block_rows: int) -> dict:
     """Constexpr arguments of the reduction scheme for a :func:`row_tile_plan` plan."""
-    if ACC_ELEMENTS <= 0:
-        return {}
     group = max(1, min(plan["TILE_ROWS"], ACC_ELEMENTS // plan["RP"]))
     return dict(GROUP=group,
                 TILE_FOLDS=plan["TILE_ROWS"].bit_length() - group.bit_length(),
@@ -88,70 +85,44 @@ def _lowrank_project_kernel(
     DIRECT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     ANTITHETIC: tl.constexpr,
-    GROUP: tl.constexpr = 0,
-    TILE_FOLDS: tl.constexpr = 0,
-    GROUP_FOLDS: tl.constexpr = 0,
+    GROUP: tl.constexpr,
+    TILE_FOLDS: tl.constexpr,
+    GROUP_FOLDS: tl.constexpr,
 ):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
     seed = stream_seed(seed_lo, seed_hi)
     tile_row = tl.arange(0, TILE_ROWS)
     col = tl.arange(0, RP)
     slot = tl.arange(0, BLOCK_ROWS)
-    if GROUP > 0:
-        # Deferred reduction: per row, a (GROUP, RP) float32 accumulator; each chunk's
-        # products v[d] F[d, k] are folded onto it by halving (element g + h/2 onto g, one
-        # addition each, so the order is fixed by the code, not by the compiler's layout),
-        # and the accumulator is folded to (RP,) once per row at the end.
-        acc3 = tl.zeros((BLOCK_ROWS, GROUP, RP), dtype=tl.float32)
-        factors = tl.zeros((TILE_ROWS, RP), dtype=tl.float32)
-        d0 = D * 0
-        while d0 < D:  # a while loop: runtime loop bounds trip Triton's interpreter
-            d = d0 + tile_row  # (TILE_ROWS,)
-            d_ok = (tile_row < ROWS) & (d < D)
-            current = row0 * 0 - 1  # noise index of the factor tile in hand (none yet)
-            for i in range(BLOCK_ROWS):
-                row = row0 + i
-                row_ok = row < n_rows
-                member = tl.load(ids_ptr + row * stride_ids, mask=row_ok, other=0).to(tl.int64)
-                if ANTITHETIC:
-                    noise_index = member // 2
-                else:
-                    noise_index = member
-                if row_ok & (noise_index != current):
-                    factors = normal_tile(seed, noise_index, key, epoch, row_offset + d0,
-                                          R, RP, ROWS, TILE_ROWS, BLOCK_Q, DIRECT)
-                    current = noise_index
-                v = tl.load(v_ptr + row * stride_vm + d.to(tl.int64) * stride_vd,
-                            mask=d_ok & row_ok, other=0.0).to(tl.float32)  # (TILE_ROWS,)
-                part = _fold_rows(v[:, None] * factors, TILE_FOLDS)  # (GROUP, RP)
-                acc3 = tl.where(slot[:, None, None] == i, acc3 + part[None, :, :], acc3)
-            d0 += ROWS
-        acc = _fold_rows3(acc3, GROUP_FOLDS)  # (BLOCK_ROWS, RP)
-    else:
-        acc = tl.zeros((BLOCK_ROWS, RP), dtype=tl.float32)
-        factors = tl.zeros((TILE_ROWS, RP), dtype=tl.float32)
-        d0 = D * 0
-        while d0 < D:  # a while loop: runtime loop bounds trip Triton's interpreter
-            d = d0 + tile_row  # (TILE_ROWS,)
-            d_ok = (tile_row < ROWS) & (d < D)
-            current = row0 * 0 - 1  # noise index of the factor tile in hand (none yet)
-            for i in range(BLOCK_ROWS):
-                row = row0 + i
-                row_ok = row < n_rows
-                member = tl.load(ids_ptr + row * stride_ids, mask=row_ok, other=0).to(tl.int64)
-                if ANTITHETIC:
-                    noise_index = member // 2
-                else:
-                    noise_index = member
-                if row_ok & (noise_index != current):
-                    factors = normal_tile(seed, noise_index, key, epoch, row_offset + d0,
-                                          R, RP, ROWS, TILE_ROWS, BLOCK_Q, DIRECT)
-                    current = noise_index
-                v = tl.load(v_ptr + row * stride_vm + d.to(tl.int64) * stride_vd,
-                            mask=d_ok & row_ok, other=0.0).to(tl.float32)  # (TILE_ROWS,)
-                part = tl.sum(v[:, None] * factors, axis=0)  # (RP,)
-                acc = tl.where(slot[:, None] == i, acc + part[None, :], acc)
-            d0 += ROWS
+    # Deferred reduction: per row, a (GROUP, RP) float32 accumulator; each chunk's
+    # products v[d] F[d, k] are folded onto it by halving (element g + h/2 onto g, one
+    # addition each, so the order is fixed by the code, not by the compiler's layout),
+    # and the accumulator is folded to (RP,) once per row at the end.
+    acc3 = tl.zeros((BLOCK_ROWS, GROUP, RP), dtype=tl.float32)
+    factors = tl.zeros((TILE_ROWS, RP), dtype=tl.float32)
+    d0 = D * 0
+    while d0 < D:  # a while loop: runtime loop bounds trip Triton's interpreter
+        d = d0 + tile_row  # (TILE_ROWS,)
+        d_ok = (tile_row < ROWS) & (d < D)
+        current = row0 * 0 - 1  # noise index of the factor tile in hand (none yet)
+        for i in range(BLOCK_ROWS):
+            row = row0 + i
+            row_ok = row < n_rows
+            member = tl.load(ids_ptr + row * stride_ids, mask=row_ok, other=0).to(tl.int64)
+            if ANTITHETIC:
+                noise_index = member // 2
+            else:
+                noise_index = member
+            if row_ok & (noise_index != current):
+                factors = normal_tile(seed, noise_index, key, epoch, row_offset + d0,
+                                      R, RP, ROWS, TILE_ROWS, BLOCK_Q, DIRECT)
+                current = noise_index
+            v = tl.load(v_ptr + row * stride_vm + d.to(tl.int64) * stride_vd,
+                        mask=d_ok & row_ok, other=0.0).to(tl.float32)  # (TILE_ROWS,)
+            part = _fold_rows(v[:, None] * factors, TILE_FOLDS)  # (GROUP, RP)
+            acc3 = tl.where(slot[:, None, None] == i, acc3 + part[None, :, :], acc3)
+        d0 += ROWS
+    acc = _fold_rows3(acc3, GROUP_FOLDS)  # (BLOCK_ROWS, RP)
     rows = row0 + slot
     mask = (rows[:, None] < n_rows) & (col[None, :] < R)
     tl.store(t_ptr + rows[:, None] * stride_tm + col[None, :], acc, mask=mask)

@@ -20,6 +20,7 @@ import triton.language as tl
 from evotorch_eggroll.kernels.philox import (
     device_guard,
     normal_run,
+    row_noise_index,
     rows_per_program,
     split_seed,
     stream_seed,
@@ -60,13 +61,7 @@ def _dense_noise_add_kernel(
     for i in range(BLOCK_ROWS):
         row = row0 + i
         row_ok = row < n_rows
-        member = tl.load(ids_ptr + row * stride_ids, mask=row_ok, other=0).to(tl.int64)
-        if ANTITHETIC:
-            noise_index = member // 2
-            sign = 1.0 - 2.0 * (member % 2).to(tl.float32)
-        else:
-            noise_index = member
-            sign = 1.0
+        noise_index, sign = row_noise_index(ids_ptr, row, stride_ids, row_ok, ANTITHETIC)
         if row_ok & (noise_index != current):
             eps = normal_run(seed, first // 4, noise_index, key, epoch, BLOCK_E // 4)
             current = noise_index

@@ -22,6 +22,7 @@ from evotorch_eggroll.kernels.philox import (
     device_guard,
     normal_tile,
     row_tile_plan,
+    row_noise_index,
     rows_per_program,
     split_seed,
     stream_seed,
@@ -80,13 +81,7 @@ def _lowrank_expand_kernel(
     for i in range(BLOCK_ROWS):
         row = row0 + i
         row_ok = row < n_rows
-        member = tl.load(ids_ptr + row * stride_ids, mask=row_ok, other=0).to(tl.int64)
-        if ANTITHETIC:
-            noise_index = member // 2
-            sign = 1.0 - 2.0 * (member % 2).to(tl.float32)
-        else:
-            noise_index = member
-            sign = 1.0
+        noise_index, sign = row_noise_index(ids_ptr, row, stride_ids, row_ok, ANTITHETIC)
         if row_ok & (noise_index != current):
             factors = normal_tile(seed, noise_index, key, epoch, row_offset + d0,
                                   R, RP, ROWS, TILE_ROWS, BLOCK_Q, DIRECT)

@@ -158,6 +158,21 @@ def normal_run(seed, first_quad, noise_index, key, epoch, BLOCK_Q: tl.constexpr)
 
 
 @triton.jit
+def row_noise_index(ids_ptr, row, stride_ids, row_ok, ANTITHETIC: tl.constexpr):
+    """Noise index and sign of batch row ``row``'s member (``ids_ptr[row * stride_ids]``;
+    member 0 for a row with ``row_ok`` False): with ``ANTITHETIC`` members ``2k`` and
+    ``2k + 1`` share index ``k`` with signs ``+1``/``-1``, otherwise index = member, sign 1."""
+    member = tl.load(ids_ptr + row * stride_ids, mask=row_ok, other=0).to(tl.int64)
+    if ANTITHETIC:
+        noise_index = member // 2
+        sign = 1.0 - 2.0 * (member % 2).to(tl.float32)
+    else:
+        noise_index = member
+        sign = 1.0
+    return noise_index, sign
+
+
+@triton.jit
 def normal_tile(
     seed,
     noise_index,

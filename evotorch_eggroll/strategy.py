@@ -77,15 +77,10 @@ def _real(name: str, value: Any, *, allow_zero: bool = True) -> float:
 
 
 def _integer(name: str, value: Any, minimum: int) -> int:
+    """``ops``' integer check, refusing ``bool`` as well (``True`` is no population size)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return ops._check_count(value, name, minimum)
 
 
 def _population_size(value: Any) -> int:

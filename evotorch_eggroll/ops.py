@@ -158,8 +158,30 @@ def _check_rows(rank: int, row_offset: int, d: int, total_rows: int) -> None:
         raise ValueError(f"factor block of {total_rows} x {rank} elements exceeds 2**34")
 
 
+FactorCacheArg = Optional[tuple[torch.Tensor, int]]
+
+
+def _check_cache(cache: FactorCacheArg, what: str, rows: int, rank: int,
+                 ref: tuple[str, torch.Tensor]) -> FactorCacheArg:
+    """Check a ``(block, base)`` cache of drawn factors: ``block (K, rows, rank)`` (or
+    ``(K, rows)`` for 1-D noise) contiguous float32 on ``ref``'s device, ``base >= 0``."""
+    if cache is None:
+        return None
+    block, base = cache
+    _check_tensor(block, what)
+    shape = (rows, rank) if block.dim() == 3 else (rows,)
+    if (block.dtype != torch.float32 or not block.is_contiguous()
+            or tuple(block.shape[1:]) != shape):
+        raise ValueError(f"{what} must be a contiguous float32 tensor of shape (K, "
+                         f"{', '.join(map(str, shape))}), got {block.dtype} "
+                         f"{tuple(block.shape)}")
+    _check_same_device(ref, (what, block))
+    return block, _check_count(base, f"{what} base", 0)
+
+
 class _KernelModules(NamedTuple):
     dense_noise: object
+    drawn_linear: object
     lowrank_expand: object
     lowrank_project: object
     lowrank_update: object
@@ -172,11 +194,12 @@ _KERNELS: list = []
 def _kernels() -> _KernelModules:
     """The kernel modules, imported on first use (so Triton is imported only then)."""
     if not _KERNELS:
-        from .kernels import dense_noise, lowrank_expand, lowrank_project, lowrank_update
+        from .kernels import dense_noise, drawn_linear, lowrank_expand, lowrank_project
+        from .kernels import lowrank_update
         from .kernels import normal_block as normal_block_kernel
 
-        _KERNELS.append(_KernelModules(dense_noise, lowrank_expand, lowrank_project,
-                                       lowrank_update, normal_block_kernel))
+        _KERNELS.append(_KernelModules(dense_noise, drawn_linear, lowrank_expand,
+                                       lowrank_project, lowrank_update, normal_block_kernel))
     return _KERNELS[0]
 
 
@@ -184,7 +207,8 @@ def _kernels() -> _KernelModules:
 
 
 def normal_block(
-    seed: int, key: int, epoch: int, noise_indices: torch.Tensor, numel: int
+    seed: int, key: int, epoch: int, noise_indices: torch.Tensor, numel: int,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Normals of elements ``0..numel-1`` for each noise index.
 
@@ -194,16 +218,19 @@ def normal_block(
         epoch: effective epoch in ``[0, 2**32)``.
         noise_indices: ``(K,)`` integer tensor, values in ``[0, 2**32)``.
         numel: elements per noise index.
+        out: optional contiguous ``(K, numel)`` float32 tensor to write the normals to.
 
     Returns:
-        ``(K, numel)`` float32 on ``noise_indices.device``.
+        ``(K, numel)`` float32 on ``noise_indices.device`` (``out`` when given).
     """
     idx = _check_noise_indices(noise_indices)
     seed, key, epoch = _check_stream(seed, key, epoch)
     numel = _check_count(numel, "numel", 0)
     if numel > _MAX_ELEMENTS:
         raise ValueError(f"numel must be at most 2**34, got {numel}")
-    return _kernels().normal_block.normal_block(seed, key, epoch, idx, numel)
+    if out is not None:
+        _check_tensor(out, "out")
+    return _kernels().normal_block.normal_block(seed, key, epoch, idx, numel, out=out)
 
 
 def lowrank_factors(
@@ -235,11 +262,15 @@ def lowrank_project(
     row_offset: int,
     total_rows: int,
     antithetic: bool,
+    cache: FactorCacheArg = None,
 ) -> torch.Tensor:
     """``t[j] = v[j] @ F_j[row_offset : row_offset + D]`` for ``v (rows, D)``: ``(rows, r)`` float32.
 
     ``F_j`` is member ``j``'s unscaled factor block of ``total_rows = n + m`` rows, generated
-    inside the kernel. ``v`` may have any strides and a floating dtype (math in float32).
+    inside the kernel, or read from ``cache = (block, base)``: the blocks
+    ``(K, total_rows, r)`` of noise indices ``base .. base + K - 1`` drawn beforehand by
+    :func:`normal_block` (every row's noise index must lie there; the result is the same
+    bit for bit). ``v`` may have any strides and a floating dtype (math in float32).
     """
     _check_tensor(v, "v")
     _check_floating(v, "v")
@@ -251,9 +282,10 @@ def lowrank_project(
     row_offset = _check_count(row_offset, "row_offset", 0)
     total_rows = _check_count(total_rows, "total_rows", 0)
     _check_rows(rank, row_offset, v.shape[1], total_rows)
+    cache = _check_cache(cache, "cache", total_rows, rank, ("v", v))
     return _kernels().lowrank_project.lowrank_project(
         v, member_ids, seed=seed, key=key, epoch=epoch, rank=rank, row_offset=row_offset,
-        antithetic=bool(antithetic),
+        antithetic=bool(antithetic), cache=cache,
     )
 
 
@@ -270,11 +302,12 @@ def lowrank_expand_(
     total_rows: int,
     scale: float,
     antithetic: bool,
+    cache: FactorCacheArg = None,
 ) -> torch.Tensor:
     """In place: ``out[j] += sign_j * scale * F_j[row_offset : row_offset + D] @ t[j]``.
 
     ``out (rows, D)`` floating, any strides (float32 math, one rounding to ``out``'s dtype);
-    ``t (rows, r)``. Returns ``out``.
+    ``t (rows, r)``; ``cache`` as for :func:`lowrank_project`. Returns ``out``.
     """
     _check_tensor(out, "out")
     _check_floating(out, "out")
@@ -291,9 +324,10 @@ def lowrank_expand_(
     row_offset = _check_count(row_offset, "row_offset", 0)
     total_rows = _check_count(total_rows, "total_rows", 0)
     _check_rows(rank, row_offset, out.shape[1], total_rows)
+    cache = _check_cache(cache, "cache", total_rows, rank, ("out", out))
     return _kernels().lowrank_expand.lowrank_expand_(
         out, t, member_ids, seed=seed, key=key, epoch=epoch, rank=rank, row_offset=row_offset,
-        scale=float(scale), antithetic=bool(antithetic),
+        scale=float(scale), antithetic=bool(antithetic), cache=cache,
     )
 
 
@@ -347,23 +381,36 @@ class _PerturbedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, member_ids, noise: _LinearNoise):
+    def forward(ctx, x, weight, bias, member_ids, noise: _LinearNoise, weight_cache,
+                bias_cache):
         m, n = weight.shape
         kern = _kernels()
-        out = torch.nn.functional.linear(x, weight, bias)  # (rows, m)
         bias_key = noise.bias_key if bias is not None else None
         common = dict(seed=noise.seed, epoch=noise.epoch, antithetic=noise.antithetic)
+        ctx.save_for_backward(x, weight, member_ids)
+        ctx.noise = noise
+        if (weight_cache is not None and x.dtype == torch.float32
+                and kern.drawn_linear.fits(n, m)):
+            # narrow layer with drawn factors: base product and noise in one launch
+            tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+            return kern.drawn_linear.drawn_linear(
+                x, weight, bias, member_ids, rank=noise.rank, scale=noise.scale,
+                bias_scale=noise.sigma, antithetic=noise.antithetic, cache=weight_cache,
+                bias_cache=bias_cache if bias_key is not None else None,
+                precision="tf32" if tf32 else "ieee")
+        out = torch.nn.functional.linear(x, weight, bias)  # (rows, m)
         if noise.weight_key is not None:
             t = kern.lowrank_project.lowrank_project(
-                x, member_ids, key=noise.weight_key, rank=noise.rank, row_offset=0, **common)
+                x, member_ids, key=noise.weight_key, rank=noise.rank, row_offset=0,
+                cache=weight_cache, **common)
             kern.lowrank_expand.lowrank_expand_(
                 out, t, member_ids, key=noise.weight_key, rank=noise.rank, row_offset=n,
-                scale=noise.scale, bias_key=bias_key, bias_scale=noise.sigma, **common)
+                scale=noise.scale, bias_key=bias_key, bias_scale=noise.sigma,
+                cache=weight_cache, bias_cache=bias_cache if bias_key is not None else None,
+                **common)
         elif bias_key is not None:
             kern.dense_noise.dense_noise_add_(out, member_ids, key=bias_key, scale=noise.sigma,
                                               **common)
-        ctx.save_for_backward(x, weight, member_ids)
-        ctx.noise = noise
         return out
 
     @staticmethod
@@ -387,7 +434,7 @@ class _PerturbedLinear(torch.autograd.Function):
             grad_w = grad_out.t().mm(x)  # (m, n)
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0)  # (m,)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _rows_and_ids(x: torch.Tensor, member_ids: torch.Tensor) -> torch.Tensor:
@@ -418,6 +465,8 @@ def perturbed_linear(
     rank: int,
     sigma: float,
     antithetic: bool,
+    weight_cache: FactorCacheArg = None,
+    bias_cache: FactorCacheArg = None,
 ) -> torch.Tensor:
     """``out[j] = x[j] W^T + b + s_j sigma/sqrt(r) (x[j] B0_j) A0_j^T + s_j sigma eps_b_j``.
 
@@ -430,6 +479,12 @@ def perturbed_linear(
     the output is then ``(..., m)``. The base product is ``F.linear`` (cuBLAS); the low-rank
     term and the bias noise are added by the kernels in float32, with one rounding to the
     input dtype. Under ``torch.no_grad()`` the output has no ``grad_fn``.
+
+    ``weight_cache``/``bias_cache``: ``(block, base)`` draws of the weight's factor blocks
+    ``(K, n + m, r)`` and the bias noise ``(K, m)`` for noise indices
+    ``base .. base + K - 1`` (see :func:`lowrank_project`); the forward then reads them
+    instead of generating them (same result bit for bit; every row's noise index must lie
+    in the range). The backward always regenerates.
     """
     _check_tensor(x, "x")
     _check_tensor(weight, "weight")
@@ -467,10 +522,14 @@ def perturbed_linear(
         weight_key = bias_key = None
     if weight_key is None:
         rank = 1  # unused
+    weight_cache = (_check_cache(weight_cache, "weight_cache", n + m, rank, ("x", x))
+                    if weight_key is not None else None)
+    bias_cache = (_check_cache(bias_cache, "bias_cache", m, 1, ("x", x))
+                  if bias_key is not None else None)
     noise = _LinearNoise(seed, weight_key, bias_key, epoch, rank, sigma / math.sqrt(rank), sigma,
                          bool(antithetic))
     x2 = x.reshape(-1, n)
-    out = _PerturbedLinear.apply(x2, weight, bias, ids, noise)
+    out = _PerturbedLinear.apply(x2, weight, bias, ids, noise, weight_cache, bias_cache)
     return out.reshape(*x.shape[:-1], m)
 
 

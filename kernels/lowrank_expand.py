@@ -19,6 +19,7 @@ import triton.language as tl
 
 from evotorch_eggroll.kernels.philox import (
     bias_tile_plan,
+    cache_arguments,
     device_guard,
     normal_tile,
     row_tile_plan,
@@ -35,7 +36,8 @@ NUM_WARPS = 4
 
 @triton.jit(
     do_not_specialize=["seed_lo", "seed_hi", "key", "epoch", "row_offset", "scale", "bias_key",
-                       "bias_scale"]
+                       "bias_scale", "cache_base", "cache_rows", "bias_cache_base",
+                       "bias_cache_rows"]
 )
 def _lowrank_expand_kernel(
     out_ptr,
@@ -56,6 +58,12 @@ def _lowrank_expand_kernel(
     scale,
     bias_key,
     bias_scale,
+    cache_ptr,
+    cache_base,
+    cache_rows,
+    bias_cache_ptr,
+    bias_cache_base,
+    bias_cache_rows,
     R: tl.constexpr,
     RP: tl.constexpr,
     ROWS: tl.constexpr,
@@ -65,6 +73,8 @@ def _lowrank_expand_kernel(
     HAS_BIAS: tl.constexpr,
     BIAS_BLOCK_Q: tl.constexpr,
     BIAS_DIRECT: tl.constexpr,
+    CACHED: tl.constexpr,
+    BIAS_CACHED: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     ANTITHETIC: tl.constexpr,
 ):
@@ -84,10 +94,13 @@ def _lowrank_expand_kernel(
         noise_index, sign = row_noise_index(ids_ptr, row, stride_ids, row_ok, ANTITHETIC)
         if row_ok & (noise_index != current):
             factors = normal_tile(seed, noise_index, key, epoch, row_offset + d0,
-                                  R, RP, ROWS, TILE_ROWS, BLOCK_Q, DIRECT)
+                                  R, RP, ROWS, TILE_ROWS, BLOCK_Q, DIRECT,
+                                  cache_ptr, cache_base, cache_rows, CACHED)
             if HAS_BIAS:
                 eps = normal_tile(seed, noise_index, bias_key, epoch, d0,
-                                  1, 1, ROWS, TILE_ROWS, BIAS_BLOCK_Q, BIAS_DIRECT)
+                                  1, 1, ROWS, TILE_ROWS, BIAS_BLOCK_Q, BIAS_DIRECT,
+                                  bias_cache_ptr, bias_cache_base, bias_cache_rows,
+                                  BIAS_CACHED)
                 bias_noise = tl.reshape(eps, (TILE_ROWS,))
             current = noise_index
         coef = tl.load(t_ptr + row * stride_tm + col * stride_tk,
@@ -116,6 +129,8 @@ def lowrank_expand_(
     bias_key: int | None = None,
     bias_scale: float = 0.0,
     block_rows: int | None = None,
+    cache: tuple[torch.Tensor, int] | None = None,
+    bias_cache: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """In place: ``out[j] += sign_j * scale * F_j[row_offset : row_offset + D] @ t[j]``.
 
@@ -131,6 +146,10 @@ def lowrank_expand_(
         bias_key: when given, also add ``sign_j * bias_scale * eps_j[0..D)`` of this key.
         bias_scale: multiplier of the 1-D noise (e.g. ``sigma``).
         block_rows: batch rows per program (power of two); None picks one.
+        cache: ``(block, base)``: the factor blocks ``(K, total_rows, R)`` float32 of noise
+            indices ``base .. base + K - 1`` drawn beforehand (every row's noise index in
+            that range); None generates them. The result is the same bit for bit.
+        bias_cache: likewise ``(K, D)`` float32 draws of the bias key (with ``bias_key``).
 
     Returns:
         ``out``.
@@ -150,7 +169,9 @@ def lowrank_expand_(
             out.stride(0), out.stride(1), t.stride(0), t.stride(1), member_ids.stride(0),
             seed_lo, seed_hi, key, epoch, row_offset, float(scale),
             0 if bias_key is None else bias_key, float(bias_scale),
+            *cache_arguments(cache, out), *cache_arguments(bias_cache, out),
             **plan, HAS_BIAS=bias_key is not None, **bias_plan,
+            CACHED=cache is not None, BIAS_CACHED=bias_cache is not None,
             BLOCK_ROWS=block_rows, ANTITHETIC=bool(antithetic), num_warps=NUM_WARPS,
         )
     return out

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from evotorch_eggroll.kernels.philox import (
+    cache_arguments,
     device_guard,
     normal_tile,
     row_tile_plan,
@@ -62,7 +63,8 @@ def _fold_rows3(x, FOLDS: tl.constexpr):
     return tl.reshape(x, (x.shape[0], x.shape[2]))
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch", "row_offset"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "key", "epoch", "row_offset", "cache_base",
+                               "cache_rows"])
 def _lowrank_project_kernel(
     v_ptr,
     ids_ptr,
@@ -78,12 +80,16 @@ def _lowrank_project_kernel(
     key,
     epoch,
     row_offset,
+    cache_ptr,
+    cache_base,
+    cache_rows,
     R: tl.constexpr,
     RP: tl.constexpr,
     ROWS: tl.constexpr,
     TILE_ROWS: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     DIRECT: tl.constexpr,
+    CACHED: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     ANTITHETIC: tl.constexpr,
     GROUP: tl.constexpr,
@@ -112,7 +118,8 @@ def _lowrank_project_kernel(
             noise_index, _ = row_noise_index(ids_ptr, row, stride_ids, row_ok, ANTITHETIC)
             if row_ok & (noise_index != current):
                 factors = normal_tile(seed, noise_index, key, epoch, row_offset + d0,
-                                      R, RP, ROWS, TILE_ROWS, BLOCK_Q, DIRECT)
+                                      R, RP, ROWS, TILE_ROWS, BLOCK_Q, DIRECT,
+                                      cache_ptr, cache_base, cache_rows, CACHED)
                 current = noise_index
             v = tl.load(v_ptr + row * stride_vm + d.to(tl.int64) * stride_vd,
                         mask=d_ok & row_ok, other=0.0).to(tl.float32)  # (TILE_ROWS,)
@@ -136,6 +143,7 @@ def lowrank_project(
     row_offset: int,
     antithetic: bool,
     block_rows: int | None = None,
+    cache: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """``t[j] = v[j] @ F_j[row_offset : row_offset + D]``.
 
@@ -147,9 +155,12 @@ def lowrank_project(
         row_offset: first factor-block row used.
         antithetic: members ``2k``, ``2k + 1`` share noise index ``k`` when True.
         block_rows: batch rows per program (power of two); None picks one.
+        cache: ``(block, base)``: the factor blocks ``(K, total_rows, R)`` float32
+            (contiguous) of noise indices ``base .. base + K - 1``, drawn beforehand; every
+            row's noise index must lie in that range. None generates the factors.
 
     Returns:
-        ``(rows, R)`` float32.
+        ``(rows, R)`` float32, bit for bit the same with or without ``cache``.
     """
     rows, d = v.shape
     t = torch.empty((rows, rank), dtype=torch.float32, device=v.device)
@@ -166,8 +177,9 @@ def lowrank_project(
         _lowrank_project_kernel[grid](
             v, member_ids, t, rows, d,
             v.stride(0), v.stride(1), member_ids.stride(0), t.stride(0),
-            seed_lo, seed_hi, key, epoch, row_offset,
-            **plan, **extra_constexprs(plan, block_rows), BLOCK_ROWS=block_rows,
+            seed_lo, seed_hi, key, epoch, row_offset, *cache_arguments(cache, t),
+            **plan, **extra_constexprs(plan, block_rows), CACHED=cache is not None,
+            BLOCK_ROWS=block_rows,
             ANTITHETIC=bool(antithetic), num_warps=NUM_WARPS,
         )
     return t

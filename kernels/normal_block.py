@@ -46,6 +46,7 @@ def normal_block(
     noise_indices: torch.Tensor,
     numel: int,
     first_element: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Normals of elements ``first_element .. first_element + numel - 1`` per noise index.
 
@@ -56,14 +57,20 @@ def normal_block(
         noise_indices: ``(K,)`` integer tensor with values in ``[0, 2**32)``.
         numel: elements per noise index.
         first_element: first element, a multiple of 4 (``first_element + numel <= 2**34``).
+        out: optional contiguous ``(K, numel)`` float32 tensor on that device to write to.
 
     Returns:
-        ``(K, numel)`` float32 on ``noise_indices.device``.
+        ``(K, numel)`` float32 on ``noise_indices.device`` (``out`` when given).
     """
     if first_element % 4:
         raise ValueError(f"first_element must be a multiple of 4, got {first_element}")
     idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
-    out = torch.empty((idx.numel(), numel), dtype=torch.float32, device=idx.device)
+    if out is None:
+        out = torch.empty((idx.numel(), numel), dtype=torch.float32, device=idx.device)
+    elif (tuple(out.shape) != (idx.numel(), numel) or out.dtype != torch.float32
+          or out.device != idx.device or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous ({idx.numel()}, {numel}) float32 tensor on "
+                         f"{idx.device}")
     if out.numel() == 0:
         return out
     seed_lo, seed_hi = split_seed(seed)

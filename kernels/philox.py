@@ -173,6 +173,19 @@ def row_noise_index(ids_ptr, row, stride_ids, row_ok, ANTITHETIC: tl.constexpr):
 
 
 @triton.jit
+def drawn_run(block_ptr, numel, first_quad, BLOCK_Q: tl.constexpr):
+    """The run :func:`normal_run` generates, read from a drawn ``(numel,)`` block instead
+    (elements past ``numel`` read as 0), laid out by the same interleaving so that the
+    code consuming it compiles the same way."""
+    e = (first_quad + tl.arange(0, BLOCK_Q).to(tl.int64)) * 4
+    z0 = tl.load(block_ptr + e, mask=e < numel, other=0.0)
+    z1 = tl.load(block_ptr + e + 1, mask=e + 1 < numel, other=0.0)
+    z2 = tl.load(block_ptr + e + 2, mask=e + 2 < numel, other=0.0)
+    z3 = tl.load(block_ptr + e + 3, mask=e + 3 < numel, other=0.0)
+    return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+
+
+@triton.jit
 def normal_tile(
     seed,
     noise_index,
@@ -185,6 +198,10 @@ def normal_tile(
     TILE_ROWS: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     DIRECT: tl.constexpr,
+    cache_ptr,
+    cache_base,
+    cache_rows,
+    CACHED: tl.constexpr,
 ):
     """Rows ``first_row .. first_row + ROWS - 1`` of a row-major ``(rows, R)`` normal block.
 
@@ -196,10 +213,23 @@ def normal_tile(
     ``ROWS * R == 4 * BLOCK_Q`` and ``first_row * R`` is a multiple of 4, so the run of
     normals is the tile itself. Otherwise the run is gathered into the tile, which needs
     ``(first_row * R) % 4 + ROWS * R <= 4 * BLOCK_Q``.
+
+    With ``CACHED`` the block of every noise index in ``[cache_base, cache_base + K)`` was
+    drawn beforehand (by the normal-block kernel: the same numbers) into ``cache_ptr``, a
+    contiguous ``(K, cache_rows, R)`` float32 array, and the run is read from there (the
+    launcher guarantees that the noise index lies in that range). Past the block's end the
+    read run holds 0 where the generated one holds further stream values; every caller
+    masks those positions, and the tile is laid out by the same code either way, so both
+    give the same results bit for bit.
     """
     first = first_row.to(tl.int64) * R
     first_quad = first // 4
-    z = normal_run(seed, first_quad, noise_index, key, epoch, BLOCK_Q)  # (4*BLOCK_Q,)
+    if CACHED:
+        numel = cache_rows.to(tl.int64) * R
+        start = (noise_index.to(tl.int64) - cache_base) * numel
+        z = drawn_run(cache_ptr + start, numel, first_quad, BLOCK_Q)  # (4*BLOCK_Q,)
+    else:
+        z = normal_run(seed, first_quad, noise_index, key, epoch, BLOCK_Q)  # (4*BLOCK_Q,)
     if DIRECT:
         tile = tl.reshape(z, (TILE_ROWS, RP))
     else:
@@ -350,6 +380,15 @@ def rows_per_program(num_rows: int, device: torch.device, cap: int) -> int:
     while block * 2 <= min(target, cap):
         block *= 2
     return block
+
+
+def cache_arguments(cache: tuple[torch.Tensor, int] | None, dummy: torch.Tensor) -> tuple:
+    """Kernel arguments ``(cache_ptr, cache_base, cache_rows)`` of a ``(block, base)`` factor
+    cache (see :func:`normal_tile`); ``dummy`` stands in for the pointer without a cache."""
+    if cache is None:
+        return dummy, 0, 1
+    block, base = cache
+    return block, int(base), int(block.shape[1])
 
 
 def device_guard(t: torch.Tensor):

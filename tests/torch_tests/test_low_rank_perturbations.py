@@ -352,3 +352,66 @@ def test_batched_forward_adds_a_rank_r_term_per_member(device):
         out = pop.batched_forward(layer, x, member_ids=torch.full((10,), 3, device=device))
     delta = (out - layer(x)).detach().double()
     assert int(torch.linalg.matrix_rank(delta, atol=1e-4)) == 2
+
+
+def _assert_agree(a, b, device, *sizes):
+    """Bit-equal in the interpreter; within float32 rounding once compiled."""
+    if device.type == "cpu":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, **tol(*sizes))
+
+
+def _drawn(seed, key, epoch, indices, rows, r, device):
+    """Factor blocks ``(K, rows, r)`` (or ``(K, rows)`` with ``r=None``) as a cache holds them."""
+    idx = torch.tensor(list(indices), dtype=torch.int64, device=device)
+    width = rows * (r or 1)
+    block = ops.normal_block(seed, key, epoch, idx, width)
+    return block.view(len(indices), rows, r) if r else block
+
+
+@pytest.mark.parametrize("m,n,r,rows", SHAPES)
+@pytest.mark.parametrize("kind,antithetic", MAPS)
+def test_drawn_factors_give_the_generated_results(device, m, n, r, rows, kind, antithetic):
+    """Project and expand read drawn factors (a cache of noise indices ``base..``) and give
+    what in-kernel generation gives: the same tiles through the same code (bit for bit in
+    the interpreter; the compiled variants may contract multiply-adds differently)."""
+    gen = torch.Generator().manual_seed(11)
+    ids = member_ids(kind, rows, device)
+    idx = ids // 2 if antithetic else ids
+    base = int(idx.min())
+    indices = range(base, int(idx.max()) + 3)  # a few indices past the last one used
+    block = _drawn(SEED, KEY, EPOCH, indices, n + m, r, device)
+    bias = _drawn(SEED, BIAS_KEY, EPOCH, indices, m, None, device)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, total_rows=n + m,
+                  antithetic=antithetic)
+    for v, off in [(torch.randn(rows, n, generator=gen), 0), (torch.randn(rows, m, generator=gen), n)]:
+        v = v.to(device)
+        drawn = ops.lowrank_project(v, ids, row_offset=off, cache=(block, base), **common)
+        _assert_agree(drawn, ops.lowrank_project(v, ids, row_offset=off, **common), device, m, n)
+    t = torch.randn(rows, r, generator=gen).to(device)
+    out = torch.randn(rows, m, generator=gen).to(device)
+    generated = out.clone()
+    lowrank_expand.lowrank_expand_(generated, t, ids, row_offset=n, scale=0.7, bias_key=BIAS_KEY,
+                                   bias_scale=0.2, **{k: v for k, v in common.items()
+                                                      if k != "total_rows"})
+    drawn = out.clone()
+    lowrank_expand.lowrank_expand_(drawn, t, ids, row_offset=n, scale=0.7, bias_key=BIAS_KEY,
+                                   bias_scale=0.2, cache=(block, base), bias_cache=(bias, base),
+                                   **{k: v for k, v in common.items() if k != "total_rows"})
+    _assert_agree(drawn, generated, device, m, n)
+    assert not torch.equal(drawn, out)  # the noise was added
+
+
+def test_drawn_factor_cache_is_checked(device):
+    """A cache of the wrong shape, dtype or device is refused before any launch."""
+    ids = torch.tensor([0, 1], device=device)
+    v = torch.randn(2, 5, device=device)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=2, row_offset=0, total_rows=8,
+                  antithetic=True)
+    good = _drawn(SEED, KEY, EPOCH, range(0, 1), 8, 2, device)
+    for bad in (good[:, :7], good.double(), good.transpose(1, 2)):
+        with pytest.raises(ValueError, match="cache"):
+            ops.lowrank_project(v, ids, cache=(bad, 0), **common)
+    with pytest.raises(ValueError, match="base"):
+        ops.lowrank_project(v, ids, cache=(good, -1), **common)

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import ops
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
+from .factor_cache import FactorCache, default_budget_bytes
 from .routing import RowPerturbationMode
 
 __all__ = ["PerturbationContext"]
@@ -29,7 +30,8 @@ __all__ = ["PerturbationContext"]
 # same, unmodified tensor (the usual evaluation loop) does not synchronise with the device
 # to re-read its range. The key holds a weak reference (the cache keeps nothing alive), the
 # tensor's in-place version counter (any in-place write, also through a view, invalidates
-# it), its storage address, shape, dtype and device, and the population size.
+# it), its storage address, shape, dtype and device, and the population size; the entry
+# also keeps the range found (lowest and highest id).
 _validated_ids: Optional[tuple] = None
 
 
@@ -39,19 +41,20 @@ def _ids_key(t: object, n: int) -> Optional[tuple]:
     return (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, n)
 
 
-def _already_validated(t: object, n: int) -> bool:
+def _validated_range(t: object, n: int) -> Optional[tuple[int, int]]:
+    """``(lowest, highest)`` id of ``t`` if it was found in range and is unchanged since."""
     cached = _validated_ids
     if cached is None:
-        return False
-    ref, key = cached
-    return ref() is t and _ids_key(t, n) == key
+        return None
+    ref, key, bounds = cached
+    return bounds if ref() is t and _ids_key(t, n) == key else None
 
 
-def _remember_validated(t: object, n: int) -> None:
+def _remember_validated(t: object, n: int, bounds: tuple[int, int]) -> None:
     global _validated_ids
     key = _ids_key(t, n)
     if key is not None:
-        _validated_ids = (weakref.ref(t), key)
+        _validated_ids = (weakref.ref(t), key, bounds)
 
 class PerturbationContext:
     """Evaluation of one population (SPEC §2). Built by ``strategy.perturb``; enter once.
@@ -81,6 +84,9 @@ class PerturbationContext:
         self._active = False
         self._used = False
         self._iter_token: Optional[object] = None
+        self._cache: Optional[FactorCache] = None
+        self._forward_calls = 0
+        self._last_generated: Optional[bool] = None
 
     def __repr__(self) -> str:
         state = "active" if self._active else ("exited" if self._used else "not entered")
@@ -116,6 +122,9 @@ class PerturbationContext:
         try:
             self._restore()
         finally:
+            if self._cache is not None:
+                self._cache.release()
+                self._cache = None
             self._active = False
             self._iter_token = None
             self._saved = None
@@ -138,7 +147,9 @@ class PerturbationContext:
 
     # -- batched evaluation --------------------------------------------------------------
 
-    def _resolve_member_ids(self, member_ids, rows: int, device: torch.device) -> torch.Tensor:
+    def _resolve_member_ids(self, member_ids, rows: int, device: torch.device
+                            ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The ``(rows,)`` int64 member ids on ``device`` and their range ``(lo, hi)``."""
         n = self.population_size
         if member_ids is None:
             start = self._local.start
@@ -148,7 +159,8 @@ class PerturbationContext:
                     f"members (rows map to members {start}..{start + rows - 1} by default); "
                     f"pass member_ids to map several rows to one member"
                 )
-            return torch.arange(start, start + rows, device=device, dtype=torch.int64)
+            ids = torch.arange(start, start + rows, device=device, dtype=torch.int64)
+            return ids, (start, start + rows - 1)
         try:
             ids = torch.as_tensor(member_ids)
         except (TypeError, ValueError, RuntimeError):
@@ -163,13 +175,56 @@ class PerturbationContext:
             raise ValueError(f"member_ids must have shape ({rows},) (one member per input row), "
                              f"got {tuple(ids.shape)}")
         ids = ids.to(device=device, dtype=torch.int64)
-        if rows and not _already_validated(member_ids, n):
+        if not rows:
+            return ids, (0, -1)
+        bounds = _validated_range(member_ids, n)
+        if bounds is None:
             lo, hi = torch.aminmax(ids)  # reading the range synchronises with the device
-            if int(lo) < 0 or int(hi) >= n:
+            bounds = (int(lo), int(hi))
+            if bounds[0] < 0 or bounds[1] >= n:
                 raise ValueError(f"member ids must lie in [0, {n}) (the population size), got "
-                                 f"values in [{int(lo)}, {int(hi)}]")
-            _remember_validated(member_ids, n)
-        return ids
+                                 f"values in [{bounds[0]}, {bounds[1]}]")
+            _remember_validated(member_ids, n, bounds)
+        return ids, bounds
+
+    # -- drawn factors ------------------------------------------------------------------
+
+    def cache_factors(self) -> bool:
+        """Draw every local member's factors now, for the rest of this context.
+
+        Inside a context the same members are usually evaluated many times (an RL
+        rollout), and the forward kernels would otherwise generate each member's factors
+        at every call. Once drawn (bit for bit the numbers the kernels generate and the
+        update regenerates), the forward reads them instead, and narrow float32 linear
+        layers run base product and noise in one kernel. ``batched_forward`` draws them
+        by itself at the first call of a context, so every call of a context computes the
+        same way; the outputs of the two ways agree to float32 rounding. Nothing is drawn
+        when the factors would take more than the strategy's ``factor_cache_bytes``
+        (default: 1 GiB, at most a quarter of the GPU's memory and half of what is free;
+        0 turns drawing off); the kernels then generate them at every call. The drawn
+        factors are zeroed when the context exits.
+
+        Returns:
+            True when the drawn factors are in use.
+        """
+        self._require_active("cache_factors")
+        if self._cache is not None:
+            return True
+        if not len(self._local) or not len(self._evolved):
+            return False
+        device = next(iter(self._evolved)).param.device
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False  # allocations and draws belong before a capture, not inside it
+        budget = getattr(self._owner, "factor_cache_bytes", None)
+        if budget is None:
+            budget = default_budget_bytes(device)
+        if FactorCache.size_bytes(self._evolved, self.coords, self._local) > budget:
+            return False
+        storage = getattr(self._owner, "_factor_storage", None)
+        if storage is None:
+            storage = {}
+        self._cache = FactorCache.draw(self._evolved, self.coords, self._local, storage)
+        return True
 
     def batched_forward(self, model: nn.Module, x: torch.Tensor,
                         member_ids: Optional[Union[torch.Tensor, Sequence[int]]] = None
@@ -207,16 +262,21 @@ class PerturbationContext:
             ops.check_kernel_device(e.param, f"parameter {e.name!r}")
         if x.dim() == 0:
             raise ValueError("batched_forward needs an input with a leading batch dimension")
-        ids = self._resolve_member_ids(member_ids, x.shape[0], x.device)
+        ids, (lo, hi) = self._resolve_member_ids(member_ids, x.shape[0], x.device)
         own = [self._evolved.lookup(p) for p in model.parameters()]
         own = [e for e in own if e is not None]
         if not own:
             raise RuntimeError("the model given to batched_forward holds none of this "
                                "strategy's evolved parameters; pass the model given to setup "
                                "(or a submodule of it)")
-        mode = RowPerturbationMode(self._evolved, self.coords, ids)
+        self._forward_calls += 1
+        if self._forward_calls == 1 and self._cache is None:
+            self.cache_factors()  # decided once, so every call of the context takes one path
+        cache = self._cache if self._cache is not None and self._cache.covers(lo, hi) else None
+        mode = RowPerturbationMode(self._evolved, self.coords, ids, cache)
         with mode:
             out = model(x)
+        self._last_generated = mode.generated
         missing = [e.name for e in own if id(e.param) not in mode.consumed]
         if missing:
             raise RuntimeError(
@@ -227,6 +287,25 @@ class PerturbationContext:
                 f"them out with setup(model, exclude={missing!r})."
             )
         return out
+
+    def _replay_key(self) -> Optional[tuple]:
+        """What a CUDA graph that captured this context's ``batched_forward`` reads besides
+        tensor contents, or None when the last forward generated noise itself (it then
+        depends on the epoch, which the kernels take as a launch argument) or no factors
+        are drawn.
+
+        With every op served by the drawn factors, the captured kernels read the
+        parameters and the factor buffers (whose contents the next context of the same
+        shape rewrites at the same addresses) and take sigma and the rank as launch
+        arguments: a graph captured in one context replays correctly in a later one with
+        the same key.
+        """
+        if self._cache is None or self._last_generated:
+            return None
+        c = self.coords
+        return (id(self._owner), c.seed, c.sigma, c.rank, c.antithetic, self.population_size,
+                self._local.start, self._local.stop,
+                tuple(e.param.data_ptr() for e in self._evolved), self._cache.addresses())
 
     def vmap_forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Same as ``batched_forward(model, x)`` (kept for callers of a vmap-style API)."""

@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import ops
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords, member_noise
+from .factor_cache import FactorCache
 
 __all__ = ["RowPerturbationMode", "check_supported_modules", "UNSUPPORTED_MODULE_TYPES"]
 
@@ -235,13 +236,23 @@ class RowPerturbationMode(TorchFunctionMode):
         evolved: the strategy's evolved parameters.
         coords: stream coordinates of the current perturbation context.
         member_ids: ``(R,)`` int64 member of each batch row, on the input's device.
+        cache: drawn factors covering every row's member (or None): linear layers read
+            their weight and bias noise from it instead of generating it.
+
+    Attributes:
+        generated: True once an op generated noise itself during this forward (an op the
+            cache does not serve), so the computation depends on the stream coordinates
+            and not only on the cache.
     """
 
-    def __init__(self, evolved: EvolvedSet, coords: NoiseCoords, member_ids: torch.Tensor):
+    def __init__(self, evolved: EvolvedSet, coords: NoiseCoords, member_ids: torch.Tensor,
+                 cache: Optional[FactorCache] = None):
         super().__init__()
         self.evolved = evolved
         self.coords = coords
         self.member_ids = member_ids
+        self.cache = cache
+        self.generated = False
         self.batch = int(member_ids.shape[0])
         self.consumed: set[int] = set()
         self._rows_cache: dict[int, torch.Tensor] = {}
@@ -251,10 +262,13 @@ class RowPerturbationMode(TorchFunctionMode):
     def lookup(self, obj: Any) -> Optional[EvolvedParam]:
         return self.evolved.lookup(obj) if isinstance(obj, torch.Tensor) else None
 
-    def consume(self, *entries: Optional[EvolvedParam]) -> None:
+    def consume(self, *entries: Optional[EvolvedParam], generated: bool = True) -> None:
+        """Mark parameters as perturbed in this forward (``generated``: their noise was
+        generated here rather than read from the cache)."""
         for e in entries:
             if e is not None:
                 self.consumed.add(id(e.param))
+                self.generated = self.generated or generated
 
     def reject(self, func: Callable, values: Any) -> None:
         """Raise if an evolved parameter occurs among ``values`` (any nesting)."""
@@ -321,16 +335,21 @@ def _route_linear(mode: RowPerturbationMode, func, args, kwargs):
     ids = mode.row_members(x, "F.linear", trailing=1)  # (rows,) after flattening x
     m, n = w.shape
     low = we is not None and we.lowrank
+    cache = mode.cache if low else None  # the bias cache is read by the low-rank kernel
     # one member per leading row, shared by the inner positions: ops expands the ids
     out = ops.perturbed_linear(
         x, w, b, mode.member_ids, seed=c.seed, weight_key=we.key if low else None,
         bias_key=be.key if be is not None else None, epoch=c.epoch, rank=c.rank,
         sigma=c.sigma, antithetic=c.antithetic,
+        weight_cache=cache.get(we) if cache is not None else None,
+        bias_cache=cache.get(be) if cache is not None else None,
     )  # (R, ..., m)
     if we is not None and not low:
         dense = _dense_weight_rows(we, c, x.reshape(-1, n), ids, slice(0, m))  # (rows, m)
         out = out + dense.view(out.shape).to(out.dtype)
-    mode.consume(we, be)
+    served = cache is not None and cache.get(we) is not None and (
+        be is None or cache.get(be) is not None)
+    mode.consume(we, be, generated=not served)
     return out
 
 

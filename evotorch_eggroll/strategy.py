@@ -197,6 +197,12 @@ class EvolutionStrategy:
         self._active: Optional[PerturbationContext] = None
         self._last: Optional[tuple[int, int, NoiseCoords]] = None
         self._callbacks: dict[str, list[Callable]] = {e: [] for e in _EVENTS}
+        # Budget (bytes) for drawing every member's factors once per perturbation context
+        # (see PerturbationContext.cache_factors): None = 1 GiB (at most a quarter of the
+        # GPU's memory), 0 = always generate inside the kernels. The buffers are reused
+        # across contexts.
+        self.factor_cache_bytes: Optional[int] = None
+        self._factor_storage: dict[str, torch.Tensor] = {}
 
     # -- construction -------------------------------------------------------------------
 
@@ -396,6 +402,7 @@ class EvolutionStrategy:
         self.model = model
         self._evolved = evolved
         self._optimizer = optimizer
+        self._factor_storage = {}
         self.epoch = 0
         self.total_steps = 0
         self._last = None

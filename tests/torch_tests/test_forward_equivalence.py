@@ -459,3 +459,127 @@ def test_property_kernel_factors_are_the_reference_stream(device, m, n, r, indic
     a0, b0 = noise.lowrank_factors(seed, key, epoch, idx, m, n, r)
     torch.testing.assert_close(a.cpu(), a0, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(b.cpu(), b0, atol=2e-6, rtol=2e-6)
+
+
+def _mlp(device):
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(device)
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_drawn_factors_serve_every_forward_of_a_context(device, antithetic, rank):
+    """batched_forward draws every member's factors at the first call of a context and
+    every call reads them: repeated calls are bit-equal, for default and explicit member
+    ids; the outputs agree with generating the factors in the kernels (budget 0) to
+    float32 rounding; the drawn buffers are zeroed when the context exits."""
+    from evotorch_eggroll import EggrollStrategy
+
+    x = torch.randn(9, 5, generator=torch.Generator().manual_seed(1)).to(device)
+    ids = torch.tensor([3, 3, 0, 9, 1, 2, 2, 8, 5], device=device)
+    outs = []
+    for budget in (None, 0):
+        model = _mlp(device)
+        s = EggrollStrategy(sigma=0.3, rank=rank, antithetic=antithetic).setup(model)
+        s.factor_cache_bytes = budget
+        with torch.no_grad(), s.perturb(10, epoch=4) as pop:
+            first = pop.batched_forward(model, x)
+            first_ids = pop.batched_forward(model, x, member_ids=ids.clone())
+            assert (pop._cache is not None) == (budget is None)  # decided at the first call
+            assert torch.equal(pop.batched_forward(model, x), first)
+            assert torch.equal(pop.batched_forward(model, x, member_ids=ids), first_ids)
+            buffers = list(s._factor_storage.values())
+        outs.append((first, first_ids))
+        if budget is None:
+            assert len(buffers) == 4 and all(not b.any() for b in buffers)  # zeroed on exit
+            with pytest.raises(RuntimeError, match="perturb"):
+                pop.cache_factors()
+        else:
+            assert not buffers
+    for drawn, generated in zip(*outs):
+        torch.testing.assert_close(drawn, generated, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,n,r,rows", [(7, 5, 1, 9), (3, 33, 2, 5), (17, 4, 3, 12), (64, 64, 1, 40),
+                                        pytest.param(256, 17, 1, 4096, marks=pytest.mark.gpu),
+                                        pytest.param(6, 256, 4, 2048, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("antithetic", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_drawn_narrow_linear_matches_the_explicit_formula(device, m, n, r, rows, antithetic,
+                                                          with_bias):
+    """The one-launch kernel for narrow layers with drawn factors: the explicit formula
+    over the reference stream's factors, independent of the row order."""
+    from evotorch_eggroll.kernels import drawn_linear
+
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(m, n, generator=gen).to(device)
+    b = torch.randn(m, generator=gen).to(device) if with_bias else None
+    x = torch.randn(rows, n, generator=gen).to(device)
+    ids = member_ids("shuffled", rows, device)
+    idx = ids // 2 if antithetic else ids
+    indices = torch.arange(int(idx.min()), int(idx.max()) + 1, device=device)
+    base = int(indices[0])
+    block = ops.normal_block(SEED, noise.param_key("w"), EPOCH, indices, (n + m) * r).view(-1, n + m, r)
+    bias = ops.normal_block(SEED, noise.param_key("b"), EPOCH, indices, m)
+    sigma = 0.3
+    kw = dict(rank=r, scale=sigma / math.sqrt(r), bias_scale=sigma, antithetic=antithetic,
+              cache=(block, base), bias_cache=(bias, base), precision="ieee")
+    out = drawn_linear.drawn_linear(x, w, b, ids, **kw)
+    sign = (1 - 2 * (ids % 2)).double() if antithetic else torch.ones(rows, device=device).double()
+    f = block[idx - base].double()  # (rows, n + m, r)
+    want = x.double() @ w.double().T + (0 if b is None else b.double())
+    low = torch.einsum("jn,jnr,jmr->jm", x.double(), f[:, :n], f[:, n:])
+    want = want + sign[:, None] * sigma / math.sqrt(r) * low
+    want = want + sign[:, None] * sigma * bias[idx - base].double()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, n ** 0.5))
+    perm = torch.randperm(rows, generator=gen).to(device)
+    assert torch.equal(drawn_linear.drawn_linear(x[perm], w, b, ids[perm], **kw), out[perm])
+
+
+def test_drawn_factors_are_the_stream_and_respect_the_budget(device):
+    """The drawn blocks are the stream's factors bit for bit (the very numbers the update
+    regenerates); with ``factor_cache_bytes = 0`` nothing is drawn, the forward agrees to
+    float32 rounding and the update (which always regenerates) is bit-identical."""
+    from evotorch_eggroll import EggrollStrategy
+    from evotorch_eggroll.evolved import member_noise
+
+    results = []
+    for budget in (None, 0):
+        model = _mlp(device)
+        s = EggrollStrategy(sigma=0.2, rank=3, lr=0.1, optimizer="sgd").setup(model)
+        s.factor_cache_bytes = budget
+        x = torch.randn(6, 5, generator=torch.Generator().manual_seed(2)).to(device)
+        with torch.no_grad(), s.perturb(6) as pop:
+            outs = [pop.batched_forward(model, x) for _ in range(3)]
+            assert pop.cache_factors() == (budget is None)
+            if budget is None:
+                e = s._evolved.by_name["0.weight"]
+                idx, _ = member_noise(torch.arange(6, device=device), True)
+                a0, b0 = ops.lowrank_factors(pop.coords.seed, e.key, pop.coords.epoch,
+                                             idx.unique(), e.m, e.n, 3)
+                block = s._factor_storage["0.weight"]
+                assert torch.equal(block[:, :e.n], b0) and torch.equal(block[:, e.n:], a0)
+                bias = s._factor_storage["0.bias"]
+                assert torch.equal(bias, ops.normal_block(pop.coords.seed,
+                                                          s._evolved.by_name["0.bias"].key,
+                                                          pop.coords.epoch, idx.unique(), 7))
+        s.step(torch.arange(6.0, device=device))
+        results.append((outs, [p.detach().clone() for p in model.parameters()]))
+    (outs_a, params_a), (outs_b, params_b) = results
+    for a, b in zip(outs_a, outs_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(params_a, params_b):
+        assert torch.equal(a, b)
+
+
+def test_factor_cache_covers_only_the_local_slice():
+    from evotorch_eggroll.factor_cache import FactorCache, noise_index_range
+
+    assert noise_index_range(range(4, 9), True) == range(2, 5)
+    assert noise_index_range(range(4, 9), False) == range(4, 9)
+    assert noise_index_range(range(0), True) == range(0)
+    cache = FactorCache(range(4, 9), range(2, 5), {})
+    assert cache.covers(4, 8) and cache.covers(5, 5)
+    assert not cache.covers(3, 8) and not cache.covers(4, 9)

@@ -1,0 +1,131 @@
+"""Factors drawn once per perturbation context, for populations evaluated many times.
+
+An RL rollout calls ``pop.batched_forward`` hundreds of times inside one perturbation
+context, with the same members every time. Generating every member's factors inside the
+kernels at every call then costs far more than the layer's arithmetic (narrow layers need
+``r (m + n)`` normals per member and call against ``2 m n`` multiply-adds per row). A
+:class:`FactorCache` draws the factor block ``(n + m, r)`` of every low-rank weight and the
+noise of every 1-D parameter once, for the noise indices of the context's local members,
+with the same normal-block kernel that inspection uses (the very numbers the kernels
+generate and the update regenerates); the forward kernels then read those instead of
+generating them.
+
+The cache lives only while its context is open: its buffers are zeroed when the context
+exits (no noise outlives its context). The buffers themselves are kept by the strategy and
+reused by the next context of the same shape, so their addresses stay fixed from one
+generation to the next (a captured CUDA graph can keep reading them).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
+
+__all__ = ["FactorCache", "noise_index_range", "default_budget_bytes"]
+
+# The cache's size when the strategy sets no budget: at most this many bytes, and at most
+# this share of the device's memory (and half of what is free).
+DEFAULT_BUDGET = 1 << 30
+DEFAULT_MEMORY_SHARE = 0.25
+
+
+def noise_index_range(members: range, antithetic: bool) -> range:
+    """The noise indices the members of ``members`` draw from (``k // 2`` when antithetic)."""
+    if len(members) == 0:
+        return range(0)
+    if antithetic:
+        return range(members.start // 2, (members.stop - 1) // 2 + 1)
+    return range(members.start, members.stop)
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    """1 GiB, at most a quarter of a CUDA device's memory and half of what is free on it
+    now; on the CPU (the interpreter) 256 MiB."""
+    if device.type != "cuda":
+        return 256 << 20
+    free, total = torch.cuda.mem_get_info(device)
+    return int(min(DEFAULT_BUDGET, total * DEFAULT_MEMORY_SHARE, free * 0.5))
+
+
+def _cached_entries(evolved: EvolvedSet) -> list[EvolvedParam]:
+    """Parameters whose noise the forward can read from a cache: low-rank weights and 1-D
+    parameters (biases)."""
+    return [e for e in evolved if e.lowrank or e.param.dim() == 1]
+
+
+def _row_width(e: EvolvedParam, rank: int) -> tuple[int, ...]:
+    return (e.n + e.m, rank) if e.lowrank else (e.param.numel(),)
+
+
+class FactorCache:
+    """The drawn noise of every cached parameter for one range of noise indices.
+
+    Attributes:
+        members: the member ids covered (the context's local slice).
+        indices: their noise indices; ``block(e)`` holds them in this order.
+    """
+
+    def __init__(self, members: range, indices: range, blocks: dict[int, torch.Tensor]):
+        self.members = members
+        self.indices = indices
+        self._blocks = blocks
+
+    @staticmethod
+    def size_bytes(evolved: EvolvedSet, coords: NoiseCoords, members: range) -> int:
+        """Bytes a cache for ``members`` takes."""
+        k = len(noise_index_range(members, coords.antithetic))
+        total = 0
+        for e in _cached_entries(evolved):
+            numel = 1
+            for s in _row_width(e, coords.rank):
+                numel *= s
+            total += 4 * k * numel
+        return total
+
+    @classmethod
+    def draw(cls, evolved: EvolvedSet, coords: NoiseCoords, members: range,
+             storage: dict) -> "FactorCache":
+        """Draw the noise of ``members`` into buffers of ``storage`` (a dict kept by the
+        strategy: buffers of matching shape and device are reused, others replaced)."""
+        indices = noise_index_range(members, coords.antithetic)
+        blocks: dict[int, torch.Tensor] = {}
+        for e in _cached_entries(evolved):
+            device = e.param.device
+            width = _row_width(e, coords.rank)
+            shape = (len(indices), *width)
+            buf = storage.get(e.name)
+            if buf is None or tuple(buf.shape) != shape or buf.device != device:
+                buf = torch.empty(shape, dtype=torch.float32, device=device)
+                storage[e.name] = buf
+            idx = torch.arange(indices.start, indices.stop, dtype=torch.int64, device=device)
+            numel = buf[0].numel() if len(indices) else 0
+            ops.normal_block(coords.seed, e.key, coords.epoch, idx, numel,
+                             out=buf.view(len(indices), numel))
+            blocks[id(e.param)] = buf
+        return cls(members, indices, blocks)
+
+    def covers(self, lo: int, hi: int) -> bool:
+        """True when members ``lo .. hi`` (inclusive) all lie in the cached slice."""
+        return self.members.start <= lo and hi < self.members.stop
+
+    def get(self, e: Optional[EvolvedParam]) -> Optional[tuple[torch.Tensor, int]]:
+        """``(block, base)`` of a parameter for the kernels, or None when not cached."""
+        if e is None:
+            return None
+        block = self._blocks.get(id(e.param))
+        return None if block is None else (block, self.indices.start)
+
+    def addresses(self) -> tuple:
+        """Device addresses of the buffers (they stay fixed while the shapes do)."""
+        return tuple(b.data_ptr() for b in self._blocks.values())
+
+    def release(self) -> None:
+        """Zero every buffer: the noise does not outlive its context."""
+        with torch.no_grad():
+            for block in self._blocks.values():
+                block.zero_()
+        self._blocks = {}

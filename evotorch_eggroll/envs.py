@@ -69,6 +69,13 @@ class CartPole(gym.vector.VectorEnv):
     ``reset(seed=...)`` (or by the constructor's ``seed``); the same seed on the same
     device gives the same initial states.
 
+    On a CUDA device a step of the (default) float64 state is one fused kernel (the same
+    expressions, rounded the same way, as the torch code that runs elsewhere). The state, step counters and episode-end
+    flags are updated in place and keep their addresses for the environment's lifetime,
+    and the generator is listed in :attr:`cuda_graph_generators`, so that a rollout can
+    capture steps in a CUDA graph and replay them (see
+    :class:`~evotorch_eggroll.neuroevolution.EggrollVecGymNE`).
+
     Example:
         >>> env = CartPole(4, device="cpu")
         >>> obs, info = env.reset(seed=0)                    # obs: (4, 4) float32
@@ -144,21 +151,57 @@ class CartPole(gym.vector.VectorEnv):
         self.state: Optional[torch.Tensor] = None  # (num_envs, 4): x, x_dot, theta, theta_dot
         self.steps = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
         self.prev_done = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        # One fused kernel per step for a float64 state on a CUDA device (the torch code
+        # elsewhere; Triton's float32 sine and cosine round differently from torch's).
+        self._use_kernel = self.device.type == "cuda" and dtype == torch.float64
+        self._consts: Optional[torch.Tensor] = None
+        self._consts_values: list = []
 
     # ------------------------------------------------------------------ randomness
 
     def _seed(self, seed: Optional[int]) -> None:
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
-        self._generator = torch.Generator(device=self.device)
+        if self._generator is None:  # reseeded in place later (a CUDA graph may hold it)
+            self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(int(seed))
+
+    def _uniforms(self) -> torch.Tensor:
+        """``(num_envs, 4)`` uniforms in [0, 1) from the environment's generator."""
+        return torch.rand(
+            (self.num_envs, 4), generator=self._generator, dtype=self.dtype, device=self.device
+        )
 
     def _initial_states(self) -> torch.Tensor:
         """Fresh initial states for every environment: ``(num_envs, 4)`` uniform in [low, high)."""
-        u = torch.rand(
-            (self.num_envs, 4), generator=self._generator, dtype=self.dtype, device=self.device
-        )
-        return self._low + (self._high - self._low) * u
+        return self._low + (self._high - self._low) * self._uniforms()
+
+    @property
+    def cuda_graph_generators(self) -> list:
+        """The CUDA generators a step draws from (to register with a CUDA graph that
+        captures steps); empty on other devices."""
+        gen = self._generator
+        return [gen] if gen is not None and gen.device.type == "cuda" else []
+
+    def _constants(self) -> torch.Tensor:
+        """The kernel's constants (see ``kernels.cartpole.CONSTANT_NAMES``), updated in place
+        when the initial-state bounds change."""
+        values = [self.gravity, self.masspole, self.total_mass, self.length,
+                  self.polemass_length, self.force_mag, self.tau, self.theta_threshold_radians,
+                  self.x_threshold, 4.0 / 3.0, self._low, self._high - self._low]
+        if self._consts is None:
+            self._consts = torch.tensor(values, dtype=self.dtype, device=self.device)
+        elif values != self._consts_values:
+            self._consts.copy_(torch.tensor(values, dtype=self.dtype))
+        self._consts_values = values
+        return self._consts
+
+    def _write_state(self, state: torch.Tensor) -> None:
+        """Keep ``self.state``'s storage (and address) once it exists."""
+        if self.state is None or self.state.shape != state.shape:
+            self.state = state.contiguous().clone()
+        else:
+            self.state.copy_(state)
 
     def _as_mask(self, mask: TensorLike) -> torch.Tensor:
         m = torch.as_tensor(mask, device=self.device)
@@ -199,17 +242,19 @@ class CartPole(gym.vector.VectorEnv):
         elif self._generator is None:
             self._seed(self._initial_seed)
         self._low, self._high = low, high
+        if self._use_kernel:
+            self._constants()
 
         fresh = self._initial_states()
         if mask is None or self.state is None:
             if mask is not None:
                 raise RuntimeError("reset_mask needs a full reset() first")
-            self.state = fresh
+            self._write_state(fresh)
             self.steps.zero_()
             self.prev_done.zero_()
         else:
             m = self._as_mask(mask)
-            self.state = torch.where(m[:, None], fresh, self.state)
+            self._write_state(torch.where(m[:, None], fresh, self.state))
             self.steps.masked_fill_(m, 0)
             self.prev_done.masked_fill_(m, False)
         return self.state.to(torch.float32), {}
@@ -244,6 +289,14 @@ class CartPole(gym.vector.VectorEnv):
         if self.state is None:
             raise RuntimeError("call reset() before step()")
         a = self._as_actions(actions)
+        if self._use_kernel:
+            from .kernels.cartpole import cartpole_step_
+
+            fresh = self._uniforms() if self.autoreset_mode == "next_step" else None
+            obs, reward, terminated, truncated = cartpole_step_(
+                self.state, self.steps, self.prev_done, a, fresh, self._constants(),
+                self.max_episode_steps)
+            return obs, reward, terminated, truncated, {}
         x, x_dot, theta, theta_dot = self.state.unbind(dim=1)
         force = torch.where(a > 0, self.force_mag, -self.force_mag).to(self.dtype)
         costheta = torch.cos(theta)
@@ -282,13 +335,13 @@ class CartPole(gym.vector.VectorEnv):
             reward.masked_fill_(restart, 0.0)
             terminated = terminated & ~restart
             truncated = truncated & ~restart
-            self.prev_done = terminated | truncated
+            self.prev_done.copy_(terminated | truncated)
         else:
             # Without autoreset an ended episode pays nothing until it is reset.
             reward.masked_fill_(self.prev_done, 0.0)
-            self.prev_done = self.prev_done | terminated | truncated
+            self.prev_done |= terminated | truncated
 
-        self.state = state
+        self.state.copy_(state)
         return state.to(torch.float32), reward, terminated, truncated, {}
 
     def set_state(self, state: TensorLike) -> None:
@@ -299,7 +352,7 @@ class CartPole(gym.vector.VectorEnv):
         s = torch.as_tensor(state, dtype=self.dtype, device=self.device)
         if s.shape != (self.num_envs, 4):
             raise ValueError(f"state must have shape ({self.num_envs}, 4), got {tuple(s.shape)}")
-        self.state = s.clone()
+        self._write_state(s)
 
     def __repr__(self) -> str:
         return (

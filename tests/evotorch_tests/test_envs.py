@@ -171,3 +171,49 @@ def test_runs_on_cuda():
     for _ in range(10):
         obs, reward, term, trunc, _ = env.step(torch.randint(0, 2, (1024,), device="cuda"))
     assert obs.is_cuda and reward.is_cuda and term.is_cuda
+
+
+@pytest.mark.parametrize("mode", ["next_step", "disabled"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_step_matches_the_torch_step(device, mode, dtype):
+    """The one-kernel step (CUDA float64 by default; forced here for float32 and, on the
+    CPU, through Triton's interpreter) evaluates the torch step's expressions with the same
+    roundings: bit-equal in float64 on the GPU (same device math library). Elsewhere the
+    sine and cosine may differ by an ulp (numpy's in the interpreter, the GPU's
+    approximate float32 ones), so states agree to a few ulps, growing over steps."""
+    n = 37
+    plain = CartPole(n, device=device, seed=3, autoreset_mode=mode, dtype=dtype)
+    fused = CartPole(n, device=device, seed=3, autoreset_mode=mode, dtype=dtype)
+    plain._use_kernel, fused._use_kernel = False, True
+    plain.reset()
+    fused.reset()
+    gen = torch.Generator().manual_seed(0)
+    exact = device.type == "cuda" and dtype == torch.float64
+    steps = 120 if mode == "disabled" else 300  # disabled: past the end the pole spins freely
+    for _ in range(steps):
+        act = torch.randint(0, 2, (n,), generator=gen).to(device)
+        got, want = fused.step(act), plain.step(act)
+        for g, w in zip(got[:4], want[:4]):
+            assert g.dtype == w.dtype and g.shape == w.shape and g.device == w.device
+            if exact or g.dtype == torch.bool:
+                assert torch.equal(g, w)
+        assert torch.equal(fused.steps, plain.steps) and torch.equal(fused.prev_done, plain.prev_done)
+        if not exact:
+            tol = 1e-12 if dtype == torch.float64 else 1e-3
+            torch.testing.assert_close(fused.state, plain.state, rtol=tol, atol=tol)
+
+
+def test_state_keeps_its_storage():
+    """State, step counters and end flags are updated in place (a captured CUDA graph keeps
+    reading them), through steps, resets, masked resets and set_state."""
+    env = CartPole(4, device="cpu", seed=0)
+    env.reset()
+    ptrs = (env.state.data_ptr(), env.steps.data_ptr(), env.prev_done.data_ptr())
+    for _ in range(30):
+        env.step(torch.tensor([1, 1, 0, 1]))
+    env.reset(seed=5)
+    env.reset(options={"reset_mask": np.array([True, False, True, False])})
+    env.set_state(torch.zeros(4, 4))
+    env.step([0, 0, 0, 0])
+    assert (env.state.data_ptr(), env.steps.data_ptr(), env.prev_done.data_ptr()) == ptrs
+    assert env.cuda_graph_generators == []  # a CPU generator needs no registration

@@ -1,0 +1,163 @@
+"""One CartPole step for every environment of a batch, in one launch.
+
+The batched :class:`~evotorch_eggroll.envs.CartPole` on a CUDA device steps through this
+kernel instead of some forty elementwise torch operations. It evaluates the same
+expressions in the same order in the state's dtype, with floating-point contraction
+(fused multiply-add) switched off, so each operation rounds as the torch code does; the
+constants arrive in a tensor of the state's dtype (a Python float literal would be a
+float32 constant inside a Triton kernel). The state, step counters and end-of-episode flags
+are updated in place, so their addresses never change (a captured CUDA graph can step the
+environment again and again).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from evotorch_eggroll.kernels.philox import device_guard
+
+BLOCK = 256
+
+# Order of the constants in the ``consts`` tensor.
+CONSTANT_NAMES = ("gravity", "masspole", "total_mass", "length", "polemass_length",
+                  "force_mag", "tau", "theta_threshold_radians", "x_threshold", "four_thirds",
+                  "low", "span")
+
+
+@triton.jit
+def _cartpole_step_kernel(
+    state_ptr,
+    steps_ptr,
+    prev_done_ptr,
+    act_ptr,
+    stride_act,
+    fresh_ptr,
+    consts_ptr,
+    obs_ptr,
+    reward_ptr,
+    term_ptr,
+    trunc_ptr,
+    num_envs,
+    max_steps,
+    NEXT_STEP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    env = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ok = env < num_envs
+    gravity = tl.load(consts_ptr + 0)
+    masspole = tl.load(consts_ptr + 1)
+    total_mass = tl.load(consts_ptr + 2)
+    length = tl.load(consts_ptr + 3)
+    polemass_length = tl.load(consts_ptr + 4)
+    force_mag = tl.load(consts_ptr + 5)
+    tau = tl.load(consts_ptr + 6)
+    theta_limit = tl.load(consts_ptr + 7)
+    x_limit = tl.load(consts_ptr + 8)
+    four_thirds = tl.load(consts_ptr + 9)
+
+    x = tl.load(state_ptr + env * 4 + 0, mask=ok, other=0.0)
+    x_dot = tl.load(state_ptr + env * 4 + 1, mask=ok, other=0.0)
+    theta = tl.load(state_ptr + env * 4 + 2, mask=ok, other=0.0)
+    theta_dot = tl.load(state_ptr + env * 4 + 3, mask=ok, other=0.0)
+    a = tl.load(act_ptr + env * stride_act, mask=ok, other=0)
+    force = tl.where(a > 0, force_mag, -force_mag)
+    costheta = tl.cos(theta)
+    sintheta = tl.sin(theta)
+
+    temp = (force + polemass_length * (theta_dot * theta_dot) * sintheta) / total_mass
+    thetaacc = (gravity * sintheta - costheta * temp) / (
+        length * (four_thirds - masspole * (costheta * costheta) / total_mass)
+    )
+    xacc = temp - polemass_length * thetaacc * costheta / total_mass
+
+    x = x + tau * x_dot
+    x_dot = x_dot + tau * xacc
+    theta = theta + tau * theta_dot
+    theta_dot = theta_dot + tau * thetaacc
+
+    terminated = (x < -x_limit) | (x > x_limit) | (theta < -theta_limit) | (theta > theta_limit)
+    steps = tl.load(steps_ptr + env, mask=ok, other=0) + 1
+    truncated = steps >= max_steps
+    reward = tl.full((BLOCK,), 1.0, tl.float32)
+    prev = tl.load(prev_done_ptr + env, mask=ok, other=0) != 0
+    if NEXT_STEP:
+        # an environment whose episode ended on the previous step starts a new one now
+        low = tl.load(consts_ptr + 10)
+        span = tl.load(consts_ptr + 11)
+        x = tl.where(prev, low + span * tl.load(fresh_ptr + env * 4 + 0, mask=ok, other=0.0), x)
+        x_dot = tl.where(prev, low + span * tl.load(fresh_ptr + env * 4 + 1, mask=ok, other=0.0),
+                         x_dot)
+        theta = tl.where(prev, low + span * tl.load(fresh_ptr + env * 4 + 2, mask=ok, other=0.0),
+                         theta)
+        theta_dot = tl.where(prev,
+                             low + span * tl.load(fresh_ptr + env * 4 + 3, mask=ok, other=0.0),
+                             theta_dot)
+        steps = tl.where(prev, 0, steps)
+        reward = tl.where(prev, 0.0, reward)
+        terminated = terminated & ~prev
+        truncated = truncated & ~prev
+        done = terminated | truncated
+    else:
+        reward = tl.where(prev, 0.0, reward)
+        done = prev | terminated | truncated
+
+    tl.store(state_ptr + env * 4 + 0, x, mask=ok)
+    tl.store(state_ptr + env * 4 + 1, x_dot, mask=ok)
+    tl.store(state_ptr + env * 4 + 2, theta, mask=ok)
+    tl.store(state_ptr + env * 4 + 3, theta_dot, mask=ok)
+    tl.store(obs_ptr + env * 4 + 0, x.to(tl.float32), mask=ok)
+    tl.store(obs_ptr + env * 4 + 1, x_dot.to(tl.float32), mask=ok)
+    tl.store(obs_ptr + env * 4 + 2, theta.to(tl.float32), mask=ok)
+    tl.store(obs_ptr + env * 4 + 3, theta_dot.to(tl.float32), mask=ok)
+    tl.store(steps_ptr + env, steps, mask=ok)
+    tl.store(prev_done_ptr + env, done.to(tl.int8), mask=ok)
+    tl.store(reward_ptr + env, reward, mask=ok)
+    tl.store(term_ptr + env, terminated.to(tl.int8), mask=ok)
+    tl.store(trunc_ptr + env, truncated.to(tl.int8), mask=ok)
+
+
+def cartpole_step_(
+    state: torch.Tensor,
+    steps: torch.Tensor,
+    prev_done: torch.Tensor,
+    actions: torch.Tensor,
+    fresh: torch.Tensor | None,
+    consts: torch.Tensor,
+    max_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Advance every environment by one step, updating ``state``, ``steps`` and
+    ``prev_done`` in place.
+
+    Args:
+        state: ``(E, 4)`` contiguous floating state (x, x_dot, theta, theta_dot).
+        steps: ``(E,)`` int64 step counters.
+        prev_done: ``(E,)`` bool: the episode ended on the previous step.
+        actions: ``(E,)`` integer actions (positive pushes right).
+        fresh: ``(E, 4)`` uniforms in the state's dtype for next-step autoreset, or None
+            without autoreset.
+        consts: the constants of :data:`CONSTANT_NAMES` in the state's dtype.
+        max_steps: truncation length.
+
+    Returns:
+        ``obs (E, 4)`` float32, ``reward (E,)`` float32, ``terminated`` and ``truncated``
+        ``(E,)`` bool.
+    """
+    e = state.shape[0]
+    dev = state.device
+    obs = torch.empty((e, 4), dtype=torch.float32, device=dev)
+    reward = torch.empty((e,), dtype=torch.float32, device=dev)
+    terminated = torch.empty((e,), dtype=torch.bool, device=dev)
+    truncated = torch.empty((e,), dtype=torch.bool, device=dev)
+    if e == 0:
+        return obs, reward, terminated, truncated
+    next_step = fresh is not None
+    with device_guard(state):
+        _cartpole_step_kernel[(triton.cdiv(e, BLOCK),)](
+            state, steps, prev_done.view(torch.int8), actions, actions.stride(0),
+            fresh if next_step else state, consts, obs, reward, terminated.view(torch.int8),
+            truncated.view(torch.int8), e, int(max_steps),
+            NEXT_STEP=next_step, BLOCK=BLOCK, enable_fp_fusion=False,
+        )
+    return obs, reward, terminated, truncated

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import warnings
 import zlib
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -112,10 +113,26 @@ class PopulationForward:
         fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         member_ids: torch.Tensor,
         population_size: Optional[int] = None,
+        replay: Optional[tuple[Callable[[], Any], Callable[[], Optional[tuple]]]] = None,
     ):
         self._fn = fn
         self.member_ids = member_ids
         self.population_size = int(member_ids.shape[0]) if population_size is None else int(population_size)
+        self._replay = replay
+
+    def prepare_replay(self) -> bool:
+        """Get ready for calls captured in a CUDA graph and replayed in later evaluations
+        (under EGGROLL: draw the factors once). False when this forward cannot be replayed."""
+        if self._replay is None:
+            return False
+        self._replay[0]()
+        return True
+
+    def replay_key(self) -> Optional[tuple]:
+        """After a call: what a CUDA graph that captured such calls depends on besides tensor
+        contents (a graph replays correctly in a later evaluation with an equal key), or
+        None when a captured call would only be valid for this evaluation."""
+        return None if self._replay is None else self._replay[1]()
 
     @property
     def num_members(self) -> int:
@@ -583,15 +600,19 @@ class EggrollNEProblem(BaseNEProblem):
             ``(K,)`` fitnesses in the problem's own sense (not negated), float32 on the
             network's device, one per member id.
         """
+        local = pop.local_member_ids()
         if member_ids is None:
-            member_ids = pop.local_member_ids()
+            member_ids = local
         device = next(network.parameters()).device
         ids = torch.as_tensor(list(member_ids) if not isinstance(member_ids, torch.Tensor) else member_ids)
+        # the context's own slice (the usual case) can be captured and replayed
+        own_slice = member_ids is local or (ids.device.type == "cpu" and torch.equal(ids.to(torch.int64), local))
         ids = ids.to(device=device, dtype=torch.int64)
         with torch.no_grad():
             if self._has_batched_evaluation():
                 fwd = PopulationForward(
-                    lambda x, rid: pop.batched_forward(network, x, member_ids=rid), ids, pop.population_size
+                    lambda x, rid: pop.batched_forward(network, x, member_ids=rid), ids, pop.population_size,
+                    replay=(pop.cache_factors, pop._replay_key) if own_slice else None,
                 )
                 fit = self._as_fitness(self._evaluate_members(fwd), ids.shape[0])
             else:
@@ -858,6 +879,19 @@ class EggrollVecGymNE(EggrollNEProblem):
             there; torch-native environments should live there too.
         **kwargs: Further :class:`EggrollNEProblem` keywords (``include``, ``exclude``,
             ``seed``, ``network_args``, ...).
+
+    Rollouts: each step runs the network for every member at once, steps the environments,
+    and accumulates returns under an alive mask; "every environment ended" is checked
+    every few steps, so a torch-native environment on the GPU is not synchronised with the
+    host at every step. Under ``EGGROLL``, with a torch-native CUDA environment that keeps
+    its state in place and says so (it has a ``cuda_graph_generators`` attribute listing
+    the CUDA generators its step draws from, as :class:`~evotorch_eggroll.envs.CartPole`
+    does) and resets itself, the steps are captured once in CUDA graphs (after two eager
+    steps) and replayed in chunks, in this and later generations: the members' factors
+    are drawn once per generation into fixed buffers, and nothing of the step runs on the
+    host. Fitnesses are the same as those of the step-by-step loop. A capture that fails
+    falls back to the step-by-step loop with one warning. ``last_rollout_steps`` holds the
+    number of steps run in the latest evaluation (every environment, ended or not).
     """
 
     def __init__(
@@ -898,6 +932,7 @@ class EggrollVecGymNE(EggrollNEProblem):
         self._interaction_count = 0
         self._episode_count = 0
         self._num_resets = 0
+        self.last_rollout_steps = 0
         super().__init__("max", network, device=device, **kwargs)
         self.after_eval_hook.append(self._extra_status)
 
@@ -953,7 +988,7 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     @property
     def _nonserialized_attribs(self) -> list[str]:
-        return super()._nonserialized_attribs + ["_env", "_rank_snapshot"]
+        return super()._nonserialized_attribs + ["_env", "_rank_snapshot", "_captured", "_bounds_cache"]
 
     def get_env(self) -> Optional[gym.vector.VectorEnv]:
         """The environment of the most recent evaluation (None before the first)."""
@@ -1013,8 +1048,7 @@ class EggrollVecGymNE(EggrollNEProblem):
             act = act + int(space.start)
         else:
             act = out.reshape(k, *space.shape)
-            low = torch.as_tensor(space.low, dtype=act.dtype, device=act.device)
-            high = torch.as_tensor(space.high, dtype=act.dtype, device=act.device)
+            low, high = self._box_bounds(act)
             act = torch.maximum(torch.minimum(act, high), low)
         if num_envs > k:
             act = torch.cat([act, act[:1].expand(num_envs - k, *act.shape[1:])])
@@ -1022,6 +1056,17 @@ class EggrollVecGymNE(EggrollNEProblem):
             return act
         act = act.cpu().numpy()
         return act.astype(space.dtype) if isinstance(space, gym.spaces.Box) else act
+
+    def _box_bounds(self, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Box action bounds as tensors like ``act`` (copied to the device once, so that a
+        captured rollout step holds no host-to-device copy)."""
+        cache = self.__dict__.setdefault("_bounds_cache", {})
+        key = (act.dtype, act.device)
+        if key not in cache:
+            space = self._act_space
+            cache[key] = (torch.as_tensor(space.low, dtype=act.dtype, device=act.device),
+                          torch.as_tensor(space.high, dtype=act.dtype, device=act.device))
+        return cache[key]
 
     def _obs_tensor(self, obs: Any, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(obs, device=self.network_device).to(dtype)
@@ -1060,9 +1105,105 @@ class EggrollVecGymNE(EggrollNEProblem):
             offset = 2
             for name, b in zip(("count", "sum", "sum_of_squares"), before):
                 delta = total[offset : offset + b.numel()].reshape(b.shape).to(b.device)
-                setattr(current, name, b + delta)
+                getattr(current, name).copy_(b + delta)  # in place: captured rollouts read these
                 offset += b.numel()
         self._after_eval_status = self._lowrank_status()
+
+    def _rollout_step(self, buf: "_RolloutBuffers", forward: PopulationForward, env: gym.vector.VectorEnv,
+                      member_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """One step of every environment; updates ``buf`` (returns, steps, alive mask and
+        observations). Returns the ``(E,)`` end-of-episode flags of this step."""
+        k, e = buf.num_members, buf.active.shape[0]
+        x = self._normalize(self._obs_tensor(buf.obs, buf.dtype), buf.active)
+        out = forward(x[:k], member_ids)
+        torch_env = isinstance(buf.obs, torch.Tensor)
+        obs, reward, terminated, truncated, _ = env.step(self._to_actions(out, e, torch_env))
+        device = buf.returns.device
+        reward = torch.as_tensor(reward, device=device).to(torch.float64)
+        done = torch.as_tensor(terminated, device=device) | torch.as_tensor(truncated, device=device)
+        buf.returns += torch.where(buf.active, reward, torch.zeros_like(reward))
+        buf.alive += buf.active  # per environment: no reduction at every step
+        buf.active &= ~done.to(torch.bool)
+        buf.obs = obs
+        return done
+
+    def _replayable(self, env: gym.vector.VectorEnv, obs: Any, forward: PopulationForward) -> bool:
+        """Whether this episode's steps can be captured in a CUDA graph and replayed: a
+        torch-native environment on a CUDA device that keeps its state in place (it lists
+        its generators in ``cuda_graph_generators``) and resets itself, and a forward that
+        can be replayed (EGGROLL's own population slice)."""
+        if not (isinstance(obs, torch.Tensor) and obs.is_cuda) or _autoreset_disabled(env):
+            return False
+        if getattr(self, "_replay_disabled", False) or not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+            return False
+        if not hasattr(env, "cuda_graph_generators"):
+            if not getattr(self, "_warned_replay", False):
+                self._warned_replay = True
+                warnings.warn(
+                    f"{type(env).__name__} runs on the GPU but does not declare that it updates its state in "
+                    "place (a `cuda_graph_generators` attribute listing the CUDA generators its step draws "
+                    "from), so its rollouts cannot be captured in a CUDA graph: they run step by step, bound "
+                    "by host work",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return False
+        return forward.prepare_replay()
+
+    def _episode_replayed(self, env: gym.vector.VectorEnv, obs: torch.Tensor, forward: PopulationForward,
+                          buf: "_RolloutBuffers") -> bool:
+        """Run one episode from ``obs`` through captured CUDA graphs (capturing them first if
+        needed). False, with ``buf`` untouched, when nothing could be captured."""
+        limit = self._episode_length
+        chunk = min(limit, _REPLAY_CHUNK) if limit is not None else _REPLAY_CHUNK
+        rollout: Optional[_CapturedRollout] = getattr(self, "_captured", None)
+        t = 0
+        if rollout is None or not rollout.matches(env, buf, forward, self):
+            self._captured = rollout = None
+            # eager steps first: they compile the kernels, create the observation statistics
+            # and check the member ids (a tensor kept with the graphs) before the capture
+            ids = forward.member_ids.clone()
+            buf.obs = obs
+            warm = min(_REPLAY_WARMUP, limit) if limit is not None else _REPLAY_WARMUP
+            for _ in range(warm):
+                self._rollout_step(buf, forward, env, ids)
+                t += 1
+            buf.executed = t
+            if limit is not None and t >= limit:
+                return True
+            current = buf.obs
+            try:
+                rollout = _CapturedRollout.capture(self, env, forward, buf, chunk, ids)
+            except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager loop
+                self._replay_disabled = True
+                warnings.warn(
+                    f"capturing the rollout in a CUDA graph failed ({type(err).__name__}: {err}); "
+                    "rollouts of this problem run step by step from now on",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                buf.obs = current  # capturing ran nothing: the episode goes on from here
+                return self._finish_eagerly(env, forward, buf, t)
+            if rollout is None:
+                return self._finish_eagerly(env, forward, buf, t)
+            self._captured = rollout
+        else:
+            rollout.start(buf, obs)
+        buf.executed = rollout.run(t, limit, chunk)
+        buf.obs = rollout.obs
+        return True
+
+    def _finish_eagerly(self, env: gym.vector.VectorEnv, forward: PopulationForward, buf: "_RolloutBuffers",
+                        t: int) -> bool:
+        """Continue an episode step by step from step ``t`` (checking the alive mask every 8 steps)."""
+        limit = self._episode_length
+        while limit is None or t < limit:
+            self._rollout_step(buf, forward, env, None)
+            t += 1
+            if t % 8 == 0 and not bool(buf.active.any()):
+                break
+        buf.executed = t
+        return True
 
     def _evaluate_members(self, forward: PopulationForward) -> torch.Tensor:
         k = forward.num_members
@@ -1079,36 +1220,140 @@ class EggrollVecGymNE(EggrollNEProblem):
         dtype = next(self._network.parameters()).dtype
         returns = torch.zeros(e, dtype=torch.float64, device=device)
         steps_taken = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_rollout_steps = 0
         for _ in range(self._num_episodes):
             # + the first member's id: member m gets the same start on whichever rank
             # evaluates it (with per-sub-environment seeding); 0 in a single process
             seed = _mix_seed(self._seed_value, self._num_resets) + first_member
             self._num_resets += 1
             obs, _ = env.reset(seed=seed)
-            torch_env = isinstance(obs, torch.Tensor)
-            manual_reset = _autoreset_disabled(env)
-            check_every = 8 if (torch_env and obs.device.type == "cuda") else 1
-            active = torch.zeros(e, dtype=torch.bool, device=device)
-            active[:k] = True
-            t = 0
-            while True:
-                x = self._normalize(self._obs_tensor(obs, dtype), active)
-                out = forward(x[:k])
-                obs, reward, terminated, truncated, _ = env.step(self._to_actions(out, e, torch_env))
-                reward = torch.as_tensor(reward, device=device).to(torch.float64)
-                done = torch.as_tensor(terminated, device=device) | torch.as_tensor(truncated, device=device)
-                returns += torch.where(active, reward, torch.zeros_like(reward))
-                steps_taken += active.sum()
-                t += 1
-                active = active & ~done.to(torch.bool)
-                if manual_reset and bool(done.any()):
-                    # Without autoreset, an ended sub-environment may not be stepped again.
-                    mask = done if torch_env else done.cpu().numpy()
-                    obs, _ = env.reset(options={"reset_mask": mask})
-                if self._episode_length is not None and t >= self._episode_length:
-                    break
-                if t % check_every == 0 and not bool(active.any()):
-                    break
+            buf = _RolloutBuffers(e, k, device, dtype, obs)
+            if self._replayable(env, obs, forward):
+                self._episode_replayed(env, obs, forward, buf)
+            else:
+                self._episode_eager(env, forward, buf)
+            returns += buf.returns
+            steps_taken += buf.alive.sum()
+            self.last_rollout_steps += buf.executed
         self._interaction_count += int(steps_taken)
         self._episode_count += k * self._num_episodes
         return (returns[:k] / self._num_episodes).to(torch.float32)
+
+    def _episode_eager(self, env: gym.vector.VectorEnv, forward: PopulationForward, buf: "_RolloutBuffers") -> None:
+        """One episode step by step. A torch-native environment on a CUDA device is checked for
+        "all ended" every 8 steps (one synchronisation); others every step."""
+        torch_env = isinstance(buf.obs, torch.Tensor)
+        manual_reset = _autoreset_disabled(env)
+        check_every = 8 if (torch_env and buf.obs.device.type == "cuda") else 1
+        t = 0
+        while True:
+            done = self._rollout_step(buf, forward, env, None)
+            t += 1
+            if manual_reset and bool(done.any()):
+                # Without autoreset, an ended sub-environment may not be stepped again.
+                mask = done if torch_env else done.cpu().numpy()
+                buf.obs, _ = env.reset(options={"reset_mask": mask})
+            if self._episode_length is not None and t >= self._episode_length:
+                break
+            if t % check_every == 0 and not bool(buf.active.any()):
+                break
+        buf.executed = t
+
+
+# Steps captured in one CUDA graph of a rollout, and eager steps before the first capture.
+_REPLAY_CHUNK = 50
+_REPLAY_WARMUP = 2
+
+
+class _RolloutBuffers:
+    """The per-episode state of a rollout: alive mask, returns, steps taken alive, current
+    observations."""
+
+    def __init__(self, num_envs: int, num_members: int, device: torch.device, dtype: torch.dtype, obs: Any) -> None:
+        self.num_members = num_members
+        self.dtype = dtype
+        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=device)
+        self.alive = torch.zeros(num_envs, dtype=torch.int64, device=device)  # steps taken alive
+        self.active = torch.zeros(num_envs, dtype=torch.bool, device=device)
+        self.active[:num_members] = True
+        self.obs = obs
+        self.executed = 0  # steps run (every environment, ended or not)
+
+
+class _CapturedRollout:
+    """Rollout steps captured in CUDA graphs: ``chunk`` steps in one graph and one step in
+    another, replayed until the episode ends. Everything the steps read and write lives at
+    fixed addresses (the environment's in-place state, the drawn factors, the parameters,
+    the observation statistics and the buffers here), so the graphs replay in later
+    generations as long as :meth:`matches` holds."""
+
+    def __init__(self, key: tuple, env: gym.vector.VectorEnv, buf: _RolloutBuffers, obs: torch.Tensor,
+                 ids: torch.Tensor, graphs: dict[int, Any]) -> None:
+        self.key = key
+        self.env_ref = env
+        self.buf = buf
+        self.obs = obs  # the observations the next replay starts from
+        self.ids = ids  # the member ids the captured forwards read
+        self.graphs = graphs
+
+    @staticmethod
+    def _key(problem: "EggrollVecGymNE", env: gym.vector.VectorEnv, buf: _RolloutBuffers,
+             forward: PopulationForward) -> Optional[tuple]:
+        fkey = forward.replay_key()
+        if fkey is None:
+            return None
+        stats = problem._obs_stats
+        stats_key = None if stats is None else tuple(t.data_ptr() for t in (stats.count, stats.sum, stats.sum_of_squares))
+        return (id(env), env.num_envs, buf.num_members, buf.dtype, problem._observation_normalization, stats_key, fkey)
+
+    def matches(self, env: gym.vector.VectorEnv, buf: _RolloutBuffers, forward: PopulationForward,
+                problem: "EggrollVecGymNE") -> bool:
+        if env is not self.env_ref:
+            return False
+        return self._key(problem, env, buf, forward) == self.key
+
+    @classmethod
+    def capture(cls, problem: "EggrollVecGymNE", env: gym.vector.VectorEnv, forward: PopulationForward,
+                buf: _RolloutBuffers, chunk: int, ids: torch.Tensor) -> Optional["_CapturedRollout"]:
+        """Capture the graphs (nothing runs) from the state ``buf`` is in, the forward reading
+        the member ids ``ids``, or return None when the forward cannot be replayed in later
+        generations."""
+        key = cls._key(problem, env, buf, forward)
+        if key is None:
+            return None
+        obs = buf.obs.clone()  # the static observations every replay starts from
+        torch.cuda.synchronize(obs.device)
+        graphs: dict[int, Any] = {}
+        pool = None
+        for steps in sorted({chunk, 1}, reverse=True):
+            graph = torch.cuda.CUDAGraph()
+            for gen in env.cuda_graph_generators:
+                graph.register_generator_state(gen)
+            with torch.cuda.graph(graph, pool=pool):
+                buf.obs = obs
+                for _ in range(steps):
+                    problem._rollout_step(buf, forward, env, ids)
+                obs.copy_(buf.obs)
+            pool = graph.pool()
+            graphs[steps] = graph
+        buf.obs = obs
+        return cls(key, env, buf, obs, ids, graphs)
+
+    def start(self, buf: _RolloutBuffers, obs: torch.Tensor) -> None:
+        """Point at a new episode: reset the buffers and load the first observations."""
+        self.buf.returns.zero_()
+        self.buf.alive.zero_()
+        self.buf.active.copy_(buf.active)
+        self.obs.copy_(obs)
+        buf.returns, buf.alive, buf.active = self.buf.returns, self.buf.alive, self.buf.active
+
+    def run(self, t: int, limit: Optional[int], chunk: int) -> int:
+        """Replay from step ``t`` until ``limit`` steps or until every environment ended
+        (checked between chunks); returns the number of steps run."""
+        while limit is None or t < limit:
+            steps = chunk if limit is None or limit - t >= chunk else 1
+            self.graphs[steps].replay()
+            t += steps
+            if steps == chunk and not bool(self.buf.active.any()):
+                break
+        return t

@@ -469,3 +469,66 @@ def test_stock_pgpe_on_rl_adapter_uses_the_vmapped_forward(monkeypatch):
     batch = _batch(before, list(pop.values.clone()))
     before.evaluate(batch)
     assert torch.equal(batch.evals, pop.evals)
+
+
+def _rl_run(replay, generations=3, **kwargs):
+    """EGGROLL on the torch CartPole (CUDA): per generation, the fitnesses and the center."""
+    import warnings
+
+    from evotorch_eggroll.algorithms import EGGROLL
+
+    def policy(obs_length, act_length):
+        return nn.Sequential(nn.Linear(obs_length, 32), nn.Tanh(), nn.Linear(32, act_length))
+
+    torch.manual_seed(0)  # the same initial network for both runs
+    problem = EggrollVecGymNE(CartPole, policy, device="cuda", seed=3, **kwargs)
+    if not replay:
+        problem._replay_disabled = True
+    searcher = EGGROLL(problem, popsize=256, sigma=0.3, lr=0.05, rank=1)
+    history, captured = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning may fire
+        for _ in range(generations):
+            searcher.step()
+            history.append((searcher.status["mean_eval"], searcher.status["center"].clone(),
+                            problem.interaction_count))
+            captured.append(getattr(problem, "_captured", None))
+    return history, captured
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kwargs", [{"episode_length": 57}, {"episode_length": 50, "observation_normalization": True},
+                                    {}])
+def test_replayed_rollouts_equal_the_step_by_step_loop(kwargs):
+    """Under EGGROLL, torch CartPole rollouts on the GPU are captured once in CUDA graphs and
+    replayed in later generations; fitnesses, centers and interaction counts are bit-equal
+    to the step-by-step loop (episode caps that are and are not a multiple of the chunk,
+    observation normalisation, no cap)."""
+    replayed, graphs = _rl_run(True, **kwargs)
+    stepped, none = _rl_run(False, **kwargs)
+    assert graphs[0] is not None and all(g is graphs[0] for g in graphs)  # captured once
+    assert all(g is None for g in none)
+    for (fa, ca, ia), (fb, cb, ib) in zip(replayed, stepped):
+        assert fa == fb and torch.equal(ca, cb) and ia == ib
+
+
+@pytest.mark.gpu
+def test_env_without_in_place_declaration_runs_step_by_step_with_one_warning():
+    from evotorch_eggroll.algorithms import EGGROLL
+
+    class Undeclared(CartPole):
+        @property
+        def cuda_graph_generators(self):
+            raise AttributeError("not declared")
+
+    torch.manual_seed(0)
+    problem = EggrollVecGymNE(Undeclared, _policy, device="cuda", seed=0, episode_length=20)
+    searcher = EGGROLL(problem, popsize=64, rank=1)
+    with pytest.warns(RuntimeWarning, match="cuda_graph_generators"):
+        searcher.step()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        searcher.step()  # warned once
+    assert getattr(problem, "_captured", None) is None

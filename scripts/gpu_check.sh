@@ -5,7 +5,9 @@
 #
 #   scripts/gpu_check.sh tests sanitizer bench demo
 #
-# Stages: info, tests (whole suite on the GPU, `gpu` tests included), gputests, sanitizer
+# Stages: info, tests (whole suite on the GPU, `gpu` tests included), files (the test files
+# in $TEST_FILES), gputests, rollout (env-steps/s of whole RL generations), profile (one
+# CartPole generation under torch.profiler), sanitizer
 # (compute-sanitizer memcheck over the kernel tests at odd shapes), bench (the performance
 # table), demo (`python -m evotorch_eggroll.demo`), pgpe (EvoTorch's PGPE on the demo's
 # problem). Logs go to $OUT (or ./gpu-logs).
@@ -47,6 +49,9 @@ for s in "${stages[@]}"; do
         tests/torch_tests/test_low_rank_perturbations.py tests/torch_tests/test_forward_equivalence.py \
         tests/torch_tests/test_parameter_updates.py tests/torch_tests/test_deterministic_noise.py ;;
     bench) TAIL=40 stage bench python3 -m evotorch_eggroll.benchmark --csv "$LOG/bench.csv" ${BENCH_ARGS:-} ;;
+    files) stage files python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests} ;;
+    rollout) TAIL=40 stage rollout python3 -m evotorch_eggroll.rollout_benchmark ${ROLLOUT_ARGS:-} ;;
+    profile) TAIL=60 stage profile python3 scripts/profile_rollout.py ${PROFILE_ARGS:-} ;;
     demo) stage demo python3 -m evotorch_eggroll.demo ${DEMO_ARGS:-} ;;
     pgpe) stage pgpe python3 -m evotorch_eggroll.demo --algorithm pgpe --generations "${PGPE_GENERATIONS:-60}" ;;
     *) echo "unknown stage $s"; exit 2 ;;

@@ -1,0 +1,48 @@
+"""Where one EGGROLL generation on the torch CartPole spends its time (CUDA only).
+
+    python scripts/profile_rollout.py --population 65536 --steps 200
+
+Runs two generations (compilation, drawing, capture), then profiles a third with
+``torch.profiler`` and prints the kernels by total device time, the wall-clock time and
+the summed device time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from evotorch_eggroll.algorithms import EGGROLL
+from evotorch_eggroll.envs import CartPole
+from evotorch_eggroll.neuroevolution import EggrollVecGymNE
+from evotorch_eggroll.rollout_benchmark import cartpole_policy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--population", type=int, default=65536)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    problem = EggrollVecGymNE(CartPole, cartpole_policy, episode_length=args.steps, device="cuda")
+    searcher = EGGROLL(problem, popsize=args.population, rank=1)
+    for _ in range(2):
+        searcher.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        searcher.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events)
+    print(f"N={args.population} steps run={problem.last_rollout_steps} wall={wall * 1e3:.2f} ms "
+          f"device (sum of kernels)={device_us / 1e3:.2f} ms")
+    print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -344,6 +344,7 @@ class EGGROLL(SearchAlgorithm):
             # searcher's best, best_eval and pop_best are global.
             problem._store_solution_stats = False
         self._center = torch.nn.Parameter(center.detach().clone().to(problem.device), requires_grad=True)
+        self._noise_device()  # a clear error now when no kernel can draw the noise
         self._optimizer = _make_optimizer([self._center], self._optimizer_spec, self._lr, self._optimizer_config)
         self._epoch = 0
         length = int(problem.solution_length)
@@ -454,12 +455,20 @@ class EGGROLL(SearchAlgorithm):
         return fitnesses, record
 
     def _dense_normals(self, noise_indices: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Standard normals ``(K, L)`` float32 of the center's noise draws."""
-        length = self._center.numel()
-        if self._center.is_cuda:
-            return ops.normal_block(self._seed, self._center_key, epoch, noise_indices, length)
-        out = _noise.normal_stream(self._seed, self._center_key, epoch, noise_indices.cpu(), length)
+        """Standard normals ``(K, L)`` float32 of the center's noise draws, on its device."""
+        idx = noise_indices.to(self._noise_device())
+        out = ops.normal_block(self._seed, self._center_key, epoch, idx, self._center.numel())
         return out.to(self._center.device)
+
+    def _noise_device(self) -> torch.device:
+        """Where the kernels draw the dense noise: the center's device; for a center on the
+        CPU, the GPU when there is one, else the CPU through Triton's interpreter (without
+        it, the error that says why a GPU is needed)."""
+        device = self._center.device
+        if device.type == "cpu" and not ops.interpreter_active() and torch.cuda.is_available():
+            return torch.device("cuda")
+        ops.check_kernel_device(self._center, "the problem's decision vector")
+        return device
 
     def _dense_member_noise(self, member_ids: torch.Tensor, epoch: int, sigma: float) -> torch.Tensor:
         """Perturbations ``s_i * sigma * eps_i``: ``(K, L)`` float32."""

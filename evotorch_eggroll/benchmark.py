@@ -3,19 +3,33 @@
 Every case is timed against, in the same process and at the same precision:
 
 * ``plain``: the unperturbed forward of the same model on the same rows — the limit;
+* ``ours``: ``pop.batched_forward`` (layer cases too), eager;
+* ``update``: one ``strategy.step`` (noise regenerated, ES gradient, Adam);
 * ``naive``: per-member weights ``W + A Bᵀ`` materialised, then a batched matmul (skipped
   when it would not fit in memory);
-* ``graph``: device time alone (no host overhead) from replays of a captured CUDA graph,
-  for the plain forward and the perturbed one (layer cases: the ``ops.perturbed_linear``
-  call itself; other cases: the same ``batched_forward`` call as the eager timing, whose
-  member-id range check ran once during warm-up); ``graph ratio`` is their quotient;
-* ``jax``: the JAX reference algorithm (per-member forward vmapped, noise drawn in the
-  call with ``jax.random``), when ``jax`` is importable.
+* ``jax``: the JAX reference algorithm when ``jax`` is importable: one jitted call, the
+  per-member forward under ``jax.vmap``, the noise drawn in the call with ``jax.random``
+  as ours is (antithetic pairs: members 2k and 2k+1 share a draw with opposite signs;
+  low-rank factors scaled by sigma/sqrt(rank) on weights, full-rank noise on biases);
+* ``graph``: a CUDA graph captured from the same call, replayed: the plain forward's and
+  ours (layer cases: the ``ops.perturbed_linear`` call itself; other cases: the same
+  ``batched_forward`` call as the eager timing, whose member-id range check ran once
+  during warm-up).
 
-Precisions: ``fp32`` (IEEE), ``tf32`` (``torch.backends.cuda.matmul.allow_tf32 = True``;
-JAX with ``default_matmul_precision("tensorfloat32")``) and ``bf16``. Times are medians of
-CUDA-event timings after warm-up. On a machine without a GPU the sizes shrink and the
-kernels run in Triton's interpreter: those numbers only show that the code runs.
+Two kinds of time, never mixed in one ratio:
+
+* **wall** (every column unless marked otherwise): host wall-clock of one call from a
+  synchronised start (the device idle) to a synchronised end — what a caller waits for,
+  host overhead included; for JAX the jitted call with ``block_until_ready``;
+* **device**: CUDA-event time of one graph replay (no host work), for the plain forward's
+  graph and ours only; ``dev ratio`` divides these two. JAX has no device-time column.
+
+Every time is the median of ``--reps`` samples after warm-up (the update too). Precisions:
+``fp32`` (IEEE), ``tf32`` (``torch.backends.cuda.matmul.allow_tf32 = True``; JAX with
+``default_matmul_precision("tensorfloat32")``) and ``bf16``. A graph capture that fails
+prints its reason under the case's row and makes the command exit with status 1. On a
+machine without a GPU the sizes shrink, the kernels run in Triton's interpreter and no
+graph is captured: those numbers only show that the code runs.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Callable, Optional
 
@@ -55,6 +70,9 @@ class Case:
 
 @dataclasses.dataclass
 class Result:
+    """One row of the table. ``*_ms`` fields are wall-clock medians (see the module
+    docstring) except ``*_device_ms``, device time of one graph replay."""
+
     case: str
     precision: str
     plain_ms: float
@@ -64,12 +82,9 @@ class Result:
     jax_ms: Optional[float]
     plain_graph_ms: Optional[float] = None
     graph_ms: Optional[float] = None
-
-    @property
-    def graph_ratio(self) -> Optional[float]:
-        if self.graph_ms is None or self.plain_graph_ms is None:
-            return None
-        return self.graph_ms / self.plain_graph_ms
+    plain_graph_device_ms: Optional[float] = None
+    graph_device_ms: Optional[float] = None
+    graph_error: Optional[str] = None  # why a graph capture failed; None if none did
 
     @property
     def ratio(self) -> float:
@@ -81,7 +96,20 @@ class Result:
 
     @property
     def vs_jax(self) -> Optional[float]:
-        return None if self.jax_ms is None else self.eggroll_ms / self.jax_ms
+        return _quotient(self.eggroll_ms, self.jax_ms)
+
+    @property
+    def graph_vs_jax(self) -> Optional[float]:
+        return _quotient(self.graph_ms, self.jax_ms)
+
+    @property
+    def graph_ratio(self) -> Optional[float]:
+        """Device time of our graph over the plain forward's graph."""
+        return _quotient(self.graph_device_ms, self.plain_graph_device_ms)
+
+
+def _quotient(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None else a / b
 
 
 def default_cases(small: bool = False) -> list[Case]:
@@ -132,51 +160,88 @@ def _inputs(case: Case, device: torch.device, dtype: torch.dtype) -> tuple[torch
     return x.to(device=device, dtype=dtype), ids.to(device)
 
 
-def _timer(device: torch.device, warmup: int, reps: int) -> Callable[[Callable[[], object]], float]:
-    def bench(fn: Callable[[], object]) -> float:
-        for _ in range(warmup):
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_ms(device: torch.device, fn: Callable[[], object], warmup: int, reps: int,
+            before: Optional[Callable[[], object]] = None) -> float:
+    """Median wall-clock ms of one call of ``fn`` from a synchronised start to a synchronised
+    end; ``before`` (untimed) runs ahead of every call."""
+    times = []
+    for i in range(warmup + reps):
+        if before is not None:
+            before()
+        _synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        _synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def device_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
+    """Median device ms (CUDA events) of one call of ``fn``: only meaningful for work that
+    the host issues at once, such as one graph replay or one kernel."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def capture_graph(fn: Callable[[], object]) -> "torch.cuda.CUDAGraph":
+    """Warm ``fn`` up on a side stream (compiling its kernels), then capture one call of it
+    in a CUDA graph. Raises whatever the capture raises."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
             fn()
-        times = []
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphTiming:
+    wall_ms: Optional[float] = None
+    device_ms: Optional[float] = None
+    error: Optional[str] = None  # the capture's exception, as "Type: message"
+
+
+def graphs_available(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def graph_timing(device: torch.device, fn: Callable[[], object], warmup: int,
+                 reps: int) -> GraphTiming:
+    """Wall-clock and device time of a graph replay of ``fn``, or why capturing it failed."""
+    if not graphs_available(device):
+        return GraphTiming()
+    try:
+        graph = capture_graph(fn)
+    except Exception as exc:  # noqa: BLE001 - reported in the table and by the exit status
         if device.type == "cuda":
             torch.cuda.synchronize()
-            for _ in range(reps):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return bench
-
-
-def _graph_time(device: torch.device, fn: Callable[[], object], reps: int) -> Optional[float]:
-    """Median device time of one replay of ``fn`` captured in a CUDA graph (None if it fails)."""
-    if device.type != "cuda":
-        return None
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # compile and warm up outside the capture
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize()
-    except Exception:  # noqa: BLE001 - capture is optional information
-        torch.cuda.synchronize()
-        return None
-    return _timer(device, 3, reps)(graph.replay)
+        reason = " ".join(str(exc).split()) or "(no message)"
+        return GraphTiming(error=f"{type(exc).__name__}: {reason}")
+    return GraphTiming(wall_ms(device, graph.replay, warmup, reps),
+                       device_ms(graph.replay, warmup, reps))
 
 
 def _layer_call(model: torch.nn.Module, x: torch.Tensor, ids: torch.Tensor, case: Case,
@@ -217,8 +282,16 @@ def _naive_forward(model: torch.nn.Module, x: torch.Tensor, case: Case, sigma: f
     return run
 
 
-def _jax_forward(model: torch.nn.Module, case: Case, precision: str, sigma: float):
-    """The JAX reference: per-member forward vmapped, noise drawn inside the call."""
+def jax_reference(model: torch.nn.Module, case: Case, precision: str, sigma: float):
+    """The JAX reference algorithm for ``model``'s linear layers, doing the work ours does.
+
+    Returns a jitted ``forward(x, epoch)``: ``x`` of shape ``(population, rows_per_member,
+    in_features)``. Member ``i`` draws, inside the call, the noise of pair ``i // 2``
+    (``jax.random`` keyed by epoch, pair and layer) with sign ``+1`` for even ``i`` and
+    ``-1`` for odd: low-rank factors ``B0 (n, r)``, ``A0 (m, r)`` scaled by
+    ``sign * sigma / sqrt(r)`` on each weight and full-rank ``sign * sigma * eps`` on each
+    bias, so ``out = h Wᵀ + b + (h B0)(s σ/√r A0)ᵀ + s σ eps_b`` per layer.
+    """
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.numpy as jnp
@@ -232,35 +305,46 @@ def _jax_forward(model: torch.nn.Module, case: Case, precision: str, sigma: floa
         if isinstance(m, torch.nn.Linear)
     ]
     rank, kind = case.rank, case.kind
+    scale = sigma / math.sqrt(rank)
 
-    def member_forward(key, xi):
+    def member_forward(key, sign, xi):
         h = xi  # (rows_per_member, n)
         for i, (w, b) in enumerate(params):
             m, n = w.shape
-            lora = jax.random.normal(jax.random.fold_in(key, i), (m + n, rank), dtype=jdtype)
-            bb, aa = lora[:n], lora[n:] * sigma
-            h = h @ w.T + b + (h @ bb) @ aa.T
+            factor_key, bias_key = jax.random.split(jax.random.fold_in(key, i))
+            factors = jax.random.normal(factor_key, (n + m, rank), dtype=jdtype)
+            eps_b = jax.random.normal(bias_key, (m,), dtype=jdtype)
+            b0, a0 = factors[:n], factors[n:] * (sign * scale).astype(jdtype)
+            h = h @ w.T + b + (h @ b0) @ a0.T + (sign * sigma).astype(jdtype) * eps_b
             if i < len(params) - 1:
                 h = jnp.tanh(h) if kind == "rl" else jax.nn.relu(h)
         return h
 
-    @jax.jit
-    def forward(base_key, epoch, x):
-        keys = jax.vmap(lambda t: jax.random.fold_in(jax.random.fold_in(base_key, epoch), t))(
-            jnp.arange(case.population)
-        )
-        with jax.default_matmul_precision(matmul_precision):
-            return jax.vmap(member_forward)(keys, x)
-
-    g = torch.Generator().manual_seed(0)
-    x = jnp.asarray(
-        torch.randn(case.population, case.rows_per_member, case.layers[0], generator=g).numpy(),
-        dtype=jdtype,
-    )
     base_key = jax.random.PRNGKey(0)
 
+    @jax.jit
+    def forward(x, epoch):
+        members = jnp.arange(case.population)
+        epoch_key = jax.random.fold_in(base_key, epoch)
+        keys = jax.vmap(lambda pair: jax.random.fold_in(epoch_key, pair))(members // 2)
+        signs = jnp.where(members % 2 == 0, 1.0, -1.0)
+        with jax.default_matmul_precision(matmul_precision):
+            return jax.vmap(member_forward)(keys, signs, x.astype(jdtype))
+
+    return forward
+
+
+def _jax_forward(model: torch.nn.Module, x: torch.Tensor, case: Case, precision: str,
+                 sigma: float) -> Callable[[], object]:
+    """One call of :func:`jax_reference` on the same input rows as ours."""
+    import jax.numpy as jnp
+
+    forward = jax_reference(model, case, precision, sigma)
+    xj = jnp.asarray(x.float().cpu().numpy().reshape(case.population, case.rows_per_member, -1),
+                     dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32)
+
     def run():
-        return forward(base_key, 0, x).block_until_ready()
+        return forward(xj, 0).block_until_ready()
 
     return run
 
@@ -287,38 +371,31 @@ def run_case(
         torch.manual_seed(0)
         model = _build_model(case, device, dtype)
         x, ids = _inputs(case, device, dtype)
-        bench = _timer(device, warmup, reps)
         sigma = 0.05
+        plain_graph = graph = GraphTiming()
         with torch.no_grad():
-            plain_ms = bench(lambda: model(x))
+            plain_ms = wall_ms(device, lambda: model(x), warmup, reps)
             strategy = EggrollStrategy(sigma=sigma, lr=1e-3, rank=case.rank)
             strategy.setup(model)
             with strategy.perturb(case.population, 0) as pop:
-                eggroll_ms = bench(lambda: pop.batched_forward(model, x, member_ids=ids))
-                plain_graph_ms = graph_ms = None
-                if with_graph and device.type == "cuda":
-                    plain_graph_ms = _graph_time(device, lambda: model(x), reps)
-                    if case.kind == "layer":
-                        graph_ms = _graph_time(device, _layer_call(model, x, ids, case, sigma),
-                                               reps)
-                    else:  # the member-id range check runs (and is remembered) in warm-up
-                        graph_ms = _graph_time(
-                            device, lambda: pop.batched_forward(model, x, member_ids=ids), reps)
+                def ours():
+                    return pop.batched_forward(model, x, member_ids=ids)
 
-            update_times = []
+                eggroll_ms = wall_ms(device, ours, warmup, reps)
+                if with_graph:
+                    plain_graph = graph_timing(device, lambda: model(x), warmup, reps)
+                    # the member-id range check runs (and is remembered) in the warm-up
+                    perturbed = _layer_call(model, x, ids, case, sigma) if case.kind == "layer" else ours
+                    graph = graph_timing(device, perturbed, warmup, reps)
+
             fit = torch.randn(case.population, device=device)
-            for i in range(max(2, reps // 4) + 1):
+
+            def open_and_close_a_context():
                 with strategy.perturb(case.population):
                     pass
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                strategy.step(fit)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if i:  # the first step warms up
-                    update_times.append((time.perf_counter() - t0) * 1e3)
-            update_ms = statistics.median(update_times)
+
+            update_ms = wall_ms(device, lambda: strategy.step(fit), warmup, reps,
+                                before=open_and_close_a_context)
 
             naive_ms = None
             n_elems = sum(
@@ -326,7 +403,7 @@ def run_case(
             )
             if with_naive and case.population * n_elems * x.element_size() * 2 <= naive_limit_bytes:
                 try:
-                    naive_ms = bench(_naive_forward(model, x, case, sigma))
+                    naive_ms = wall_ms(device, _naive_forward(model, x, case, sigma), warmup, reps)
                 except torch.OutOfMemoryError:
                     naive_ms = None
                 if device.type == "cuda":
@@ -334,24 +411,25 @@ def run_case(
         jax_ms = None
         if with_jax and device.type == "cuda":
             try:
-                jax_ms = _timer(torch.device("cpu"), warmup, reps)(
-                    _jax_forward(model, case, precision, sigma)
-                )
+                jax_ms = wall_ms(device, _jax_forward(model, x, case, precision, sigma), warmup, reps)
             except ImportError:
                 jax_ms = None
+        errors = [f"{what} graph capture failed: {t.error}"
+                  for what, t in (("plain", plain_graph), ("our", graph)) if t.error]
         return Result(case.name, precision, plain_ms, eggroll_ms, update_ms, naive_ms, jax_ms,
-                      plain_graph_ms, graph_ms)
+                      plain_graph.wall_ms, graph.wall_ms, plain_graph.device_ms,
+                      graph.device_ms, "; ".join(errors) or None)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
 
 def noise_throughput(device: torch.device, numel: int = 1 << 26, reps: int = 10) -> float:
-    """Normals per second generated by the noise kernel (one noise index, ``numel`` elements)."""
+    """Normals per second of device time generated by the noise kernel (one launch of
+    ``numel`` elements over four noise indices; CUDA-event time, GPU only)."""
     from . import ops
 
     idx = torch.arange(4, device=device)
-    bench = _timer(device, 2, reps)
-    ms = bench(lambda: ops.normal_block(0, 1, 0, idx, numel // 4))
+    ms = device_ms(lambda: ops.normal_block(0, 1, 0, idx, numel // 4), 2, reps)
     return numel / (ms * 1e-3)
 
 
@@ -359,7 +437,15 @@ def _fmt(v: Optional[float], digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _environment() -> str:
+def _jax_version() -> Optional[str]:
+    try:
+        import jax
+    except ImportError:
+        return None
+    return jax.__version__
+
+
+def _environment(with_jax: bool = False) -> str:
     import triton
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)"
@@ -370,37 +456,105 @@ def _environment() -> str:
         ).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    return f"card: {card} | torch {torch.__version__} | triton {triton.__version__} | commit {commit}"
+    versions = f"torch {torch.__version__} | triton {triton.__version__}"
+    if with_jax and _jax_version():
+        versions += f" | jax {_jax_version()}"
+    return f"card: {card} | {versions} | commit {commit}"
+
+
+# (header, width, cell): every time column is wall-clock unless its header says "dev".
+_COLUMNS: list[tuple[str, int, Callable[[Result], str]]] = [
+    ("plain ms", 9, lambda r: _fmt(r.plain_ms)),
+    ("ours ms", 9, lambda r: _fmt(r.eggroll_ms)),
+    ("ratio", 8, lambda r: _fmt(r.ratio, 2)),
+    ("update ms", 9, lambda r: _fmt(r.update_ms)),
+    ("upd/fwd", 7, lambda r: _fmt(r.update_ratio, 2)),
+    ("naive ms", 9, lambda r: _fmt(r.naive_ms)),
+    ("jax ms", 8, lambda r: _fmt(r.jax_ms)),
+    ("ours/jax", 8, lambda r: _fmt(r.vs_jax, 2)),
+    ("g.plain ms", 10, lambda r: _graph_cell(r, r.plain_graph_ms)),
+    ("graph ms", 8, lambda r: _graph_cell(r, r.graph_ms)),
+    ("graph/jax", 9, lambda r: _fmt(r.graph_vs_jax, 2)),
+    ("g.plain dev", 11, lambda r: _graph_cell(r, r.plain_graph_device_ms)),
+    ("graph dev", 9, lambda r: _graph_cell(r, r.graph_device_ms)),
+    ("dev ratio", 9, lambda r: _fmt(r.graph_ratio, 2)),
+]
+
+TABLE_LEGEND = (
+    "Times in ms, medians. Wall-clock (every column but 'dev'): one call from a synchronised "
+    "start to a synchronised end, host overhead included; jax is one jitted call. 'dev': "
+    "device time (CUDA events) of one replay of a captured CUDA graph; 'dev ratio' = graph "
+    "dev / g.plain dev. Ratios only divide times of the same kind."
+)
+
+
+def _graph_cell(r: Result, value: Optional[float]) -> str:
+    return "FAILED" if value is None and r.graph_error else _fmt(value)
+
+
+def format_rows(r: Result) -> list[str]:
+    """The table lines of one result: its row, and the reason of a failed graph capture."""
+    cells = [f"{r.case:<30} {r.precision:<5}"]
+    cells += [f"{cell(r):>{width}}" for _, width, cell in _COLUMNS]
+    lines = [" ".join(cells)]
+    if r.graph_error:
+        lines.append(f"    ^ {r.graph_error}")
+    return lines
 
 
 def format_table(results: list[Result]) -> str:
-    head = (
-        f"{'case':<30} {'prec':<5} {'plain ms':>9} {'eggroll ms':>10} {'ratio':>6} "
-        f"{'update ms':>9} {'upd/fwd':>7} {'naive ms':>9} {'jax ms':>8} {'vs jax':>6} "
-        f"{'graph ms':>8} {'g.ratio':>7}"
-    )
+    head = " ".join([f"{'case':<30} {'prec':<5}"] + [f"{h:>{w}}" for h, w, _ in _COLUMNS])
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(
-            f"{r.case:<30} {r.precision:<5} {r.plain_ms:>9.3f} {r.eggroll_ms:>10.3f} "
-            f"{r.ratio:>6.2f} {r.update_ms:>9.3f} {r.update_ratio:>7.2f} "
-            f"{_fmt(r.naive_ms):>9} {_fmt(r.jax_ms):>8} {_fmt(r.vs_jax, 2):>6} "
-            f"{_fmt(r.graph_ms):>8} {_fmt(r.graph_ratio, 2):>7}"
-        )
-    return "\n".join(lines)
+        lines += format_rows(r)
+    return "\n".join(lines + [""] + textwrap.wrap(TABLE_LEGEND, 100))
+
+
+def capture_failures(results: list[Result]) -> list[str]:
+    """``"case precision: reason"`` for every result whose graph capture failed."""
+    return [f"{r.case} {r.precision}: {r.graph_error}" for r in results if r.graph_error]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m evotorch_eggroll.benchmark",
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 2)[2] + "\nCases (--cases matches substrings):\n"
+        + "\n".join(f"  {c.name}" for c in default_cases())
+        + "\nwith tiny sizes: " + ", ".join(c.name for c in default_cases(small=True)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--precisions", default="fp32,tf32,bf16",
+                        help="comma-separated precisions among fp32, tf32, bf16 (tf32 is "
+                             "skipped without a GPU); default: %(default)s")
+    parser.add_argument("--cases", default="",
+                        help="comma-separated substrings of case names; a case runs if its "
+                             "name contains one of them (default: every case)")
+    parser.add_argument("--small", action="store_true",
+                        help="tiny sizes (always on without a GPU)")
+    parser.add_argument("--reps", type=int, default=20,
+                        help="timed samples per measurement, the update included (at most "
+                             "3 without a GPU); default: %(default)s")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls before each measurement (default: 5, 2 with "
+                             "tiny sizes)")
+    parser.add_argument("--no-jax", action="store_true",
+                        help="skip the JAX reference (it runs only on a GPU, when jax is "
+                             "importable)")
+    parser.add_argument("--no-naive", action="store_true",
+                        help="skip the materialised per-member baseline")
+    parser.add_argument("--no-graph", action="store_true",
+                        help="skip the CUDA-graph timings")
+    parser.add_argument("--csv", default="",
+                        help="also write the results to this CSV file (one column per "
+                             "Result field and ratio)")
+    return parser
 
 
 def main(argv: Optional[list[str]] = None) -> list[Result]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--precisions", default="fp32,tf32,bf16")
-    parser.add_argument("--cases", default="", help="comma-separated substrings of case names")
-    parser.add_argument("--small", action="store_true", help="tiny sizes (default without a GPU)")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--no-jax", action="store_true")
-    parser.add_argument("--no-naive", action="store_true")
-    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
-    parser.add_argument("--csv", default="", help="write the results to this CSV file")
-    args = parser.parse_args(argv)
+    """Run the benchmark and print the table; returns the results (see :func:`cli` for the
+    exit status)."""
+    args = build_parser().parse_args(argv)
 
     if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         if "triton" in sys.modules:
@@ -414,36 +568,47 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
         wanted = [w for w in args.cases.split(",") if w]
         cases = [c for c in cases if any(w in c.name for w in wanted)]
     precisions = [p for p in args.precisions.split(",") if p]
+    unknown = sorted(set(precisions) - {"fp32", "tf32", "bf16"})
+    if unknown:
+        raise SystemExit(f"unknown precisions {unknown}: choose among fp32, tf32, bf16")
     if device.type != "cuda":
         precisions = [p for p in precisions if p != "tf32"]
     reps = args.reps if device.type == "cuda" else min(args.reps, 3)
+    warmup = args.warmup if args.warmup is not None else (2 if small else 5)
 
-    print(_environment(), flush=True)
+    with_jax = not args.no_jax
+    print(_environment(with_jax), flush=True)
     results = []
     for case in cases:
         for precision in precisions:
-            res = run_case(case, precision, device, reps=reps, warmup=2 if small else 5,
-                           with_jax=not args.no_jax, with_naive=not args.no_naive,
+            res = run_case(case, precision, device, reps=reps, warmup=warmup,
+                           with_jax=with_jax, with_naive=not args.no_naive,
                            with_graph=not args.no_graph)
             results.append(res)
-            print(format_table([res]).splitlines()[-1], flush=True)
+            print("\n".join(format_rows(res)), flush=True)
     if device.type == "cuda":
-        print(f"noise generation: {noise_throughput(device) / 1e9:.1f} G normals/s")
+        print(f"noise generation: {noise_throughput(device) / 1e9:.1f} G normals/s of device time")
     print()
-    print(_environment())
+    print(_environment(with_jax))
     print(format_table(results))
     if args.csv:
+        fields = [f.name for f in dataclasses.fields(Result)]
+        ratios = ["ratio", "update_ratio", "vs_jax", "graph_vs_jax", "graph_ratio"]
         with open(args.csv, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["case", "precision", "plain_ms", "eggroll_ms", "ratio", "update_ms",
-                             "naive_ms", "jax_ms", "vs_jax", "plain_graph_ms", "graph_ms",
-                             "graph_ratio"])
+            writer.writerow(fields + ratios)
             for r in results:
-                writer.writerow([r.case, r.precision, r.plain_ms, r.eggroll_ms, r.ratio,
-                                 r.update_ms, r.naive_ms, r.jax_ms, r.vs_jax, r.plain_graph_ms,
-                             r.graph_ms, r.graph_ratio])
+                writer.writerow([getattr(r, f) for f in fields + ratios])
     return results
 
 
+def cli(argv: Optional[list[str]] = None) -> int:
+    """The command: 0, or 1 when a graph capture failed (the reasons are printed)."""
+    failures = capture_failures(main(argv))
+    for line in failures:
+        print(f"graph capture failed: {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -8,6 +8,7 @@ from evotorch import Problem, Solution
 from evotorch.logging import PandasLogger, PicklingLogger, StdOutLogger
 from torch import nn
 
+from evotorch_eggroll import noise, ops
 from evotorch_eggroll.algorithms import EGGROLL, rank_fitnesses
 from evotorch_eggroll.envs import CartPole
 from evotorch_eggroll.neuroevolution import EggrollNEProblem, EggrollSupervisedNE, EggrollVecGymNE
@@ -309,14 +310,44 @@ def test_esmodule_network_and_frozen_parameters(device):
     assert [n for n, _ in searcher.strategy.named_parameters()] == problem.evolved_parameter_names
 
 
-@pytest.mark.gpu
-def test_dense_mode_on_cuda_follows_the_reference_stream():
-    """On CUDA the dense noise comes from the Triton kernels; on the CPU from the plain-torch
-    reference of the same stream: the two runs agree to float32 rounding."""
-    runs = []
-    for dev in ("cpu", "cuda"):
-        problem = Problem("min", _sphere, solution_length=8, initial_bounds=(-3, 3), vectorized=True, seed=0, device=dev)
-        searcher = EGGROLL(problem, popsize=10, sigma=0.3, lr=0.1, center_init=torch.linspace(-2, 2, 8))
-        searcher.run(3)
-        runs.append(searcher.status["center"].cpu())
-    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("problem_on", ["cpu", "device"])
+def test_dense_mode_draws_its_noise_with_the_kernels(device, monkeypatch, problem_on):
+    """The dense population comes from the Triton kernels (on the GPU when there is one, for
+    a problem on the CPU too; without a GPU through Triton's interpreter, as every other
+    path) and follows the reference stream: member i evaluates center + s_i sigma
+    eps_(i // 2), eps the dense noise of a parameter named "center"."""
+    kernel_devices = []
+    real_normal_block = ops.normal_block
+
+    def recording_normal_block(seed, key, epoch, noise_indices, numel):
+        kernel_devices.append(noise_indices.device.type)
+        return real_normal_block(seed, key, epoch, noise_indices, numel)
+
+    monkeypatch.setattr(ops, "normal_block", recording_normal_block)
+    evaluated = []
+
+    def recording_sphere(x):
+        evaluated.append(x.detach().cpu().clone())
+        return _sphere(x)
+
+    n, length, sigma, seed = 10, 8, 0.3, 11
+    problem = Problem("min", recording_sphere, solution_length=length, initial_bounds=(-3, 3),
+                      vectorized=True, seed=0, device=device if problem_on == "device" else "cpu")
+    center = torch.linspace(-2, 2, length)
+    searcher = EGGROLL(problem, popsize=n, sigma=sigma, lr=0.1, seed=seed, center_init=center)
+    searcher.step()
+    assert kernel_devices and set(kernel_devices) == {device.type}
+    members = torch.arange(n)
+    eps = noise.normal_stream(seed, noise.param_key("center"), 0, members // 2, length)
+    sign = (1 - 2 * (members % 2)).float()[:, None]
+    torch.testing.assert_close(torch.cat(evaluated) - center, sign * sigma * eps,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_dense_mode_without_gpu_or_interpreter_is_refused(monkeypatch):
+    """With neither a GPU nor Triton's interpreter a problem is refused at construction,
+    with the message that says why EGGROLL needs a GPU (the policy of every other path)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA GPU"):
+        EGGROLL(_sphere_problem(), popsize=4)

@@ -52,6 +52,36 @@ def _reference_normals(seed, key, epoch, indices, first_quad, quads):
     return z.reshape(idx.shape[0], quads * 4)
 
 
+# Known-answer vectors of Philox4x32-10 published with Random123 (tests/kat_vectors of
+# github.com/DEShawResearch/random123): counter (4 words), key (2 words), output (4 words).
+PHILOX4X32_10_KAT = [
+    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
+     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter,key,expected", PHILOX4X32_10_KAT)
+def test_reference_philox_matches_published_known_answers(counter, key, expected):
+    """The reference is Philox4x32-10 itself, not only whatever the kernels compute."""
+    seed = key[0] | (key[1] << 32)
+    words = noise.philox4x32(*(torch.tensor([c]) for c in counter), seed)
+    assert [int(w) for w in words] == list(expected)
+
+
+@pytest.mark.parametrize("counter,key,expected", PHILOX4X32_10_KAT)
+def test_kernel_philox_matches_published_known_answers(device, counter, key, expected):
+    """The stream's counter is (element // 4, noise index, parameter key, epoch) and the
+    Philox key is the seed's two 32-bit halves: one quad of the kernel stream is one block."""
+    seed = key[0] | (key[1] << 32)
+    idx = torch.tensor([counter[1]], device=device)
+    got = philox.philox_words(seed, counter[2], counter[3], idx, 4, first_element=4 * counter[0])
+    assert got.cpu()[0].tolist() == list(expected)
+
+
 @pytest.mark.parametrize("seed,key,epoch", STREAMS)
 @pytest.mark.parametrize(
     "numel", [1, 3, 7, 33, pytest.param(1 << 20, marks=pytest.mark.gpu)]

@@ -769,6 +769,54 @@ def test_reused_member_ids_are_checked_again_after_any_change(device):
             pop.batched_forward(model, x, member_ids=ids)
 
 
+def test_reused_unmodified_member_ids_skip_the_range_check(device, monkeypatch):
+    """The range check (a read-back of the ids' minimum and maximum) runs once for a tensor
+    passed again unchanged, and again for a written tensor, another tensor or a list."""
+    s, model, x = primed(device, open_context=False)
+    checked = []
+    real_aminmax = torch.aminmax
+
+    def counting_aminmax(t, *args, **kwargs):
+        checked.append(t.tolist())
+        return real_aminmax(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "aminmax", counting_aminmax)
+    ids = torch.tensor([3, 2, 1, 0], device=device)
+    with s.perturb(4) as pop:
+        first = pop.batched_forward(model, x, member_ids=ids)
+        assert checked == [[3, 2, 1, 0]]
+        for _ in range(3):
+            assert torch.equal(pop.batched_forward(model, x, member_ids=ids), first)
+        assert len(checked) == 1
+        ids[1:3] = torch.tensor([1, 2])  # in-place write: checked again, then remembered
+        pop.batched_forward(model, x, member_ids=ids)
+        pop.batched_forward(model, x, member_ids=ids)
+        assert checked == [[3, 2, 1, 0], [3, 1, 2, 0]]
+        pop.batched_forward(model, x, member_ids=ids.clone())  # equal values, another tensor
+        assert len(checked) == 3
+        pop.batched_forward(model, x, member_ids=[0, 1, 2, 3])  # not a tensor: always checked
+        pop.batched_forward(model, x, member_ids=[0, 1, 2, 3])
+        assert len(checked) == 5
+
+
+@pytest.mark.gpu
+def test_reused_member_ids_do_not_synchronise_with_the_host(device):
+    """On the GPU the check's read-back is a host synchronisation; a reused, unmodified
+    member-id tensor makes none (what lets a CUDA graph capture the batched forward)."""
+    s, model, x = primed(device, open_context=False)
+    ids = torch.tensor([3, 2, 1, 0], device=device)
+    with s.perturb(4) as pop:
+        pop.batched_forward(model, x, member_ids=ids)  # checked and remembered
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pop.batched_forward(model, x, member_ids=ids)  # raises if it synchronises
+            with pytest.raises(RuntimeError, match="synchroniz"):  # the mode sees the check
+                pop.batched_forward(model, x, member_ids=ids.clone())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("make,error,match", [
     (lambda d: torch.randn(4, 5, device=d), ValueError, "shape"),
     (lambda d: torch.randn(4, 2, device=d), ValueError, "shape"),

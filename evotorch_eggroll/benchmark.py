@@ -548,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv", default="",
                         help="also write the results to this CSV file (one column per "
                              "Result field and ratio)")
+    parser.add_argument("--rollout", action="store_true",
+                        help="run the whole-generation RL rollout benchmark instead (env-steps/s; "
+                             "see python -m evotorch_eggroll.rollout_benchmark --help)")
     return parser
 
 
@@ -603,7 +606,17 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    """The command: 0, or 1 when a graph capture failed (the reasons are printed)."""
+    """The command: 0, or 1 when a graph capture failed (the reasons are printed).
+
+    ``--rollout`` runs the whole-generation RL benchmark instead
+    (:mod:`evotorch_eggroll.rollout_benchmark`; its own options follow).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--rollout" in argv:
+        from . import rollout_benchmark
+
+        argv.remove("--rollout")
+        return rollout_benchmark.main(argv)
     failures = capture_failures(main(argv))
     for line in failures:
         print(f"graph capture failed: {line}", file=sys.stderr)

@@ -108,3 +108,25 @@ def test_jax_baseline_draws_antithetic_low_rank_and_bias_noise():
     # another epoch, another draw
     again = run(zeros, 1) - b
     assert not torch.allclose(again, bias_noise)
+
+
+def test_rollout_benchmark_runs_through_the_benchmark_command(capsys):
+    """``--rollout`` hands over to the whole-generation RL benchmark; at tiny size every row
+    has a rate, and on a GPU the CartPole rollout is captured and replayed (not silently
+    stepped one by one)."""
+    from evotorch_eggroll import rollout_benchmark
+
+    cuda = torch.cuda.is_available()
+    args = ["--rollout", "--populations", "64" if cuda else "4", "--steps", "12" if cuda else "2",
+            "--generations", "1", "--jax-reps", "0"]
+    assert benchmark.cli(args) == 0
+    out = capsys.readouterr().out
+    assert "eggroll M/s" in out and "plain graph" in out
+    device = torch.device("cuda" if cuda else "cpu")
+    rows = rollout_benchmark.run([64 if cuda else 4], ["cartpole", "rl_mlp"], 12 if cuda else 2, 1, 0,
+                                 device)
+    assert [r["task"] for r in rows] == ["cartpole", "rl_mlp"]
+    for row in rows:
+        assert row["rate"] > 0 and row["eager_rate"] > 0 and row["steps"] == (12 if cuda else 2)
+        assert row["replayed"] == cuda
+        assert ("graph_rate" in row) == cuda

@@ -20,11 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from evotorch_eggroll.kernels.philox import device_guard, next_power_of_2
+from evotorch_eggroll.kernels.philox import device_guard, next_power_of_2, row_noise_index
 
 # Layers up to this many input and output features take this kernel.
 MAX_FEATURES = 512
 BLOCK_M = 64
+BLOCK_N_MAX = 64
+BLOCK_K_MAX = 32
 NUM_WARPS = 4
 
 
@@ -65,13 +67,8 @@ def _drawn_linear_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     col_ok = cols < M_OUT
-    member = tl.load(ids_ptr + rows * stride_ids, mask=row_ok, other=0).to(tl.int64)
-    if ANTITHETIC:
-        index = member // 2
-        sign = 1.0 - 2.0 * (member % 2).to(tl.float32)
-    else:
-        index = member
-        sign = tl.full((BLOCK_M,), 1.0, tl.float32)
+    index, sign = row_noise_index(ids_ptr, rows, stride_ids, row_ok, ANTITHETIC)
+    sign = sign + tl.zeros((BLOCK_M,), tl.float32)  # (BLOCK_M,) also when it is a scalar
     block = (index - base) * ((N_IN + M_OUT) * R)  # (BLOCK_M,) start of each row's factors
     rk = tl.arange(0, RP)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -109,6 +106,12 @@ def _drawn_linear_kernel(
         acc += (sign * bias_scale)[:, None] * eps
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def block_sizes(n: int, m: int) -> dict:
+    """``BLOCK_N`` (output features) and ``BLOCK_K`` (input features) of a program."""
+    return dict(BLOCK_N=min(BLOCK_N_MAX, max(16, next_power_of_2(m))),
+                BLOCK_K=min(BLOCK_K_MAX, max(16, next_power_of_2(n))))
 
 
 def fits(n: int, m: int) -> bool:
@@ -154,16 +157,15 @@ def drawn_linear(
     e, bias_base = bias_cache if bias_cache is not None else (out, base)
     if cache is not None and bias_cache is not None and bias_base != base:
         raise ValueError("the factor and bias caches must start at the same noise index")
-    block_n = min(64, max(16, next_power_of_2(m)))
-    block_k = min(32, max(16, next_power_of_2(n)))
-    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(m, block_n))
+    blocks = block_sizes(n, m)
+    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(m, blocks["BLOCK_N"]))
     with device_guard(x):
         _drawn_linear_kernel[grid](
             x, weight, bias if bias is not None else out, member_ids, f, e, out,
             rows, n, m, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             member_ids.stride(0), out.stride(0), out.stride(1),
             base if cache is not None else bias_base, float(scale), float(bias_scale),
-            R=rank, RP=next_power_of_2(rank), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+            R=rank, RP=next_power_of_2(rank), BLOCK_M=BLOCK_M, **blocks,
             HAS_BIAS=bias is not None, WEIGHT_NOISE=cache is not None,
             BIAS_NOISE=bias_cache is not None, ANTITHETIC=bool(antithetic),
             PRECISION=precision if x.dtype == torch.float32 else "ieee",

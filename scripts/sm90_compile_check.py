@@ -1,5 +1,8 @@
 """Compile the factor kernels for sm_90 without a GPU and summarise their SASS.
 
+Also compiles each project/expand configuration's drawn-factor variant (``_drawn``) and the
+one-launch narrow-layer kernel at the rollout benchmark's layer shapes.
+
 Run (no TRITON_INTERPRET): ``.venv/bin/python scripts/sm90_compile_check.py [--sass DIR]``.
 Compiles the project/expand kernels at the constexpr configurations their launchers pick
 for the benchmark shapes (4096 x 4096 at r = 1/4/16, the RL MLP 17->256->256->6 at r = 4)
@@ -25,6 +28,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from evotorch_eggroll.kernels import drawn_linear as dl  # noqa: E402
 from evotorch_eggroll.kernels import lowrank_expand as ex  # noqa: E402
 from evotorch_eggroll.kernels import lowrank_project as pr  # noqa: E402
 from evotorch_eggroll.kernels.philox import bias_tile_plan, row_tile_plan  # noqa: E402
@@ -32,6 +36,8 @@ from evotorch_eggroll.kernels.philox import bias_tile_plan, row_tile_plan  # noq
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16"}
+# The drawn-factor cache arguments of the project/expand kernels.
+CACHE_SIG = dict(cache_ptr="*fp32", cache_base="i32", cache_rows="i32")
 
 
 def _compile(fn, signature: dict, constexprs: dict, num_warps: int):
@@ -116,10 +122,13 @@ def main() -> int:
             plan = row_tile_plan(r, off, d, pr.BLOCK_E)
             sig = dict(v_ptr=ptr, ids_ptr="*i64", t_ptr="*fp32", n_rows="i32", D="i32",
                        stride_vm="i32", stride_vd="i32", stride_ids="i32", stride_tm="i32",
-                       seed_lo="i64", seed_hi="i64", key="i64", epoch="i64", row_offset="i32")
-            const = dict(plan, BLOCK_ROWS=br, ANTITHETIC=True)
-            const.update(getattr(pr, "extra_constexprs", lambda p, b: {})(plan, br))
-            rows.append((label, plan, sig, const, pr._lowrank_project_kernel, pr.NUM_WARPS))
+                       seed_lo="i64", seed_hi="i64", key="i64", epoch="i64", row_offset="i32",
+                       **CACHE_SIG)
+            for cached in (False, True):
+                const = dict(plan, BLOCK_ROWS=br, ANTITHETIC=True, CACHED=cached)
+                const.update(getattr(pr, "extra_constexprs", lambda p, b: {})(plan, br))
+                rows.append((label + ("_drawn" if cached else ""), plan, sig, const,
+                             pr._lowrank_project_kernel, pr.NUM_WARPS))
         for label, d, r, off, br, bias in expand_configs():
             label = f"expand_{dname}_{label}"
             if args.only not in label:
@@ -128,10 +137,29 @@ def main() -> int:
             sig = dict(out_ptr=ptr, t_ptr="*fp32", ids_ptr="*i64", n_rows="i32", D="i32",
                        stride_om="i32", stride_od="i32", stride_tm="i32", stride_tk="i32",
                        stride_ids="i32", seed_lo="i64", seed_hi="i64", key="i64", epoch="i64",
-                       row_offset="i32", scale="fp32", bias_key="i64", bias_scale="fp32")
-            const = dict(plan, HAS_BIAS=bias, **bias_tile_plan(plan["ROWS"], plan["TILE_ROWS"]),
-                         BLOCK_ROWS=br, ANTITHETIC=True)
-            rows.append((label, plan, sig, const, ex._lowrank_expand_kernel, ex.NUM_WARPS))
+                       row_offset="i32", scale="fp32", bias_key="i64", bias_scale="fp32",
+                       **CACHE_SIG, **{"bias_" + k: v for k, v in CACHE_SIG.items()})
+            for cached in (False, True):
+                const = dict(plan, HAS_BIAS=bias,
+                             **bias_tile_plan(plan["ROWS"], plan["TILE_ROWS"]),
+                             BLOCK_ROWS=br, ANTITHETIC=True, CACHED=cached,
+                             BIAS_CACHED=cached and bias)
+                rows.append((label + ("_drawn" if cached else ""), plan, sig, const,
+                             ex._lowrank_expand_kernel, ex.NUM_WARPS))
+        for n, m, r in ((4, 64, 1), (64, 64, 1), (64, 2, 1), (17, 256, 4), (256, 256, 4)):
+            label = f"drawn_linear_{dname}_{n}x{m}_r{r}"
+            if dname != "fp32" or args.only not in label:
+                continue
+            sig = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, ids_ptr="*i64", f_ptr="*fp32",
+                       e_ptr="*fp32", out_ptr=ptr, n_rows="i32", N_IN="i32", M_OUT="i32",
+                       stride_xm="i32", stride_xk="i32", stride_wm="i32", stride_wk="i32",
+                       stride_ids="i32", stride_om="i32", stride_on="i32", base="i32",
+                       scale="fp32", bias_scale="fp32")
+            rp = 1 << max(r - 1, 0).bit_length()
+            const = dict(R=r, RP=rp, BLOCK_M=dl.BLOCK_M, **dl.block_sizes(n, m), HAS_BIAS=True,
+                         WEIGHT_NOISE=True, BIAS_NOISE=True, ANTITHETIC=True, PRECISION="ieee")
+            plan = dict(R=r, RP=rp, TILE_ROWS=dl.BLOCK_M, BLOCK_Q=0, DIRECT=False)
+            rows.append((label, plan, sig, const, dl._drawn_linear_kernel, dl.NUM_WARPS))
     print(f"{'kernel':44s} {'plan':34s} instr regs stack local smem BAR SHFL LDS STS LDL STL MUFU")
     for label, plan, sig, const, fn, warps in rows:
         p = f"R{plan['R']} T{plan['TILE_ROWS']}x{plan['RP']} Q{plan['BLOCK_Q']} D{int(plan['DIRECT'])}"

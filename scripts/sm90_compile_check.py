@@ -6,9 +6,10 @@ for the benchmark shapes (4096 x 4096 at r = 1/4/16, the RL MLP 17->256->256->6 
 in fp32 and bf16, and every other kernel (dense noise and its update, the update's factor
 matrices, the normal block, the Philox words) at its launcher's configuration, with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and the launch options
-of ``evotorch_eggroll.kernels.compat``, and prints per configuration: SASS instructions, registers, local memory (spill/stack),
-shared memory, barriers (BAR), warp shuffles (SHFL), shared loads/stores (LDS/STS), local
-loads/stores (LDL/STL). Fails (exit 1) if any configuration does not compile.
+of ``evotorch_eggroll.kernels.compat``, and prints per configuration: SASS instructions,
+registers, local memory (spill/stack), shared memory, barriers (BAR), warp shuffles (SHFL),
+shared loads/stores (LDS/STS), local loads/stores (LDL/STL). Fails (exit 1) if any
+configuration does not compile.
 """
 
 from __future__ import annotations

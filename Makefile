@@ -1,24 +1,52 @@
 # Two commands on a fresh machine:
 #   make demo   train a CartPole policy (GPU when present, else the Triton interpreter)
 #   make test   install the package with its test extras and run the whole suite
-# Both create and reuse a virtualenv in .venv. On a machine without a GPU, torch is pinned to
-# a CPU build; set TORCH_SPEC to install another (e.g. TORCH_SPEC="torch==2.11.0").
+# Both create and reuse a virtualenv in .venv, with a torch/Triton pair that is tested
+# together: on a machine with an NVIDIA GPU the CUDA build of torch 2.11 and the Triton it
+# requires (3.6); without one, torch's CPU build 2.13 and the oldest supported Triton (3.6).
+# TORCH_SPEC/TRITON_SPEC select another pair (a CUDA build of torch accepts only the Triton
+# release it was built with), e.g. make test TRITON_SPEC=triton==3.9.0; a venv whose pair
+# differs from the one asked for is reinstalled.
+#   make test-newest   a shorter pass (kernels, native API, EvoTorch) in .venv-newest with
+#                      the newest torch CPU build and the newest Triton
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAVE_GPU),1)
+TORCH_SPEC ?= torch==2.11.0
+else
 TORCH_SPEC ?= torch==2.13.0
+endif
 TRITON_SPEC ?= triton==3.6.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean
+NEWEST_VENV ?= .venv-newest
+NEWEST_TORCH_SPEC ?= torch==2.13.0
+NEWEST_TRITON_SPEC ?= triton==3.9.0
+NEWEST_TESTS ?= tests/torch_tests/test_low_rank_perturbations.py \
+	tests/torch_tests/test_deterministic_noise.py \
+	tests/torch_tests/test_forward_equivalence.py \
+	tests/torch_tests/test_parameter_updates.py \
+	tests/torch_tests/test_strategy_api.py \
+	tests/evotorch_tests/test_algorithms.py \
+	tests/evotorch_tests/test_packaging.py
+
+.PHONY: demo test test-newest install clean
+
+SPECS := $(TORCH_SPEC) $(TRITON_SPEC)
+ifneq ($(shell cat $(VENV)/.installed 2>/dev/null),$(SPECS))
+.PHONY: $(VENV)/.installed
+endif
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(PY) -m pip install -q -e ".[test,notebooks]"
-	touch $@
+	$(PY) -m pip install -q -e ".[test,notebooks]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PY) -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+	echo "$(SPECS)" > $@
 
 install: $(VENV)/.installed
 
@@ -28,5 +56,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+test-newest:
+	$(MAKE) test VENV=$(NEWEST_VENV) TORCH_SPEC=$(NEWEST_TORCH_SPEC) \
+		TRITON_SPEC=$(NEWEST_TRITON_SPEC) PYTEST_ARGS="$(NEWEST_TESTS) $(PYTEST_ARGS)"
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(NEWEST_VENV) build dist *.egg-info .pytest_cache

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS, row_mask
 from evotorch_eggroll.kernels.philox import (
     device_guard,
     normal_run,
@@ -66,7 +67,7 @@ def _dense_noise_add_kernel(
             eps = normal_run(seed, first // 4, noise_index, key, epoch, BLOCK_E // 4)
             current = noise_index
         ptrs = out_ptr + row * stride_om + elem * stride_od
-        mask = elem_ok & row_ok
+        mask = row_mask(elem_ok, row_ok)
         base = tl.load(ptrs, mask=mask, other=0.0)
         tl.store(ptrs, (base.to(tl.float32) + (sign * scale) * eps).to(base.dtype), mask=mask)
 
@@ -141,7 +142,7 @@ def dense_noise_add_(
             out, member_ids, rows, d, out.stride(0), out.stride(1), member_ids.stride(0),
             seed_lo, seed_hi, key, epoch, float(scale),
             BLOCK_E=block_e, BLOCK_ROWS=block_rows, ANTITHETIC=bool(antithetic),
-            num_warps=NUM_WARPS,
+            num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )
     return out
 
@@ -185,6 +186,6 @@ def dense_update(
     with device_guard(partial):
         _dense_update_kernel[(triton.cdiv(numel, block_e), splits)](
             idx, coef, partial, k, k_per_split, numel, seed_lo, seed_hi, key, epoch,
-            BLOCK_E=block_e, num_warps=NUM_WARPS,
+            BLOCK_E=block_e, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )
     return partial[0] if splits == 1 else partial.sum(dim=0)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS
 from evotorch_eggroll.kernels.philox import device_guard, next_power_of_2, row_noise_index
 
 # Layers up to this many input and output features take this kernel.
@@ -169,6 +170,6 @@ def drawn_linear(
             HAS_BIAS=bias is not None, WEIGHT_NOISE=cache is not None,
             BIAS_NOISE=bias_cache is not None, ANTITHETIC=bool(antithetic),
             PRECISION=precision if x.dtype == torch.float32 else "ieee",
-            num_warps=NUM_WARPS,
+            num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )
     return out

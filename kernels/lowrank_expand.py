@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS, row_mask
 from evotorch_eggroll.kernels.philox import (
     bias_tile_plan,
     cache_arguments,
@@ -104,12 +105,12 @@ def _lowrank_expand_kernel(
                 bias_noise = tl.reshape(eps, (TILE_ROWS,))
             current = noise_index
         coef = tl.load(t_ptr + row * stride_tm + col * stride_tk,
-                       mask=(col < R) & row_ok, other=0.0).to(tl.float32)  # (RP,)
+                       mask=row_mask(col < R, row_ok), other=0.0).to(tl.float32)  # (RP,)
         delta = tl.sum(factors * coef[None, :], axis=1) * (sign * scale)  # (TILE_ROWS,)
         if HAS_BIAS:
             delta += (sign * bias_scale) * bias_noise
         ptrs = out_ptr + row * stride_om + d.to(tl.int64) * stride_od
-        mask = d_ok & row_ok
+        mask = row_mask(d_ok, row_ok)
         base = tl.load(ptrs, mask=mask, other=0.0)
         tl.store(ptrs, (base.to(tl.float32) + delta).to(base.dtype), mask=mask)
 
@@ -173,5 +174,6 @@ def lowrank_expand_(
             **plan, HAS_BIAS=bias_key is not None, **bias_plan,
             CACHED=cache is not None, BIAS_CACHED=bias_cache is not None,
             BLOCK_ROWS=block_rows, ANTITHETIC=bool(antithetic), num_warps=NUM_WARPS,
+            **LAUNCH_OPTIONS,
         )
     return out

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS, row_mask
 from evotorch_eggroll.kernels.philox import (
     cache_arguments,
     device_guard,
@@ -122,7 +123,7 @@ def _lowrank_project_kernel(
                                       cache_ptr, cache_base, cache_rows, CACHED)
                 current = noise_index
             v = tl.load(v_ptr + row * stride_vm + d.to(tl.int64) * stride_vd,
-                        mask=d_ok & row_ok, other=0.0).to(tl.float32)  # (TILE_ROWS,)
+                        mask=row_mask(d_ok, row_ok), other=0.0).to(tl.float32)  # (TILE_ROWS,)
             part = _fold_rows(v[:, None] * factors, TILE_FOLDS)  # (GROUP, RP)
             acc3 = tl.where(slot[:, None, None] == i, acc3 + part[None, :, :], acc3)
         d0 += ROWS
@@ -179,7 +180,7 @@ def lowrank_project(
             v.stride(0), v.stride(1), member_ids.stride(0), t.stride(0),
             seed_lo, seed_hi, key, epoch, row_offset, *cache_arguments(cache, t),
             **plan, **extra_constexprs(plan, block_rows), CACHED=cache is not None,
-            BLOCK_ROWS=block_rows,
-            ANTITHETIC=bool(antithetic), num_warps=NUM_WARPS,
+            BLOCK_ROWS=block_rows, ANTITHETIC=bool(antithetic), num_warps=NUM_WARPS,
+            **LAUNCH_OPTIONS,
         )
     return t

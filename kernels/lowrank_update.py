@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS
 from evotorch_eggroll.kernels.philox import device_guard, normal_run, split_seed, stream_seed
 
 BLOCK_E = 1024  # normals generated per program (a multiple of 4)
@@ -151,7 +152,7 @@ def factor_matrices(
     with device_guard(a):
         _factor_matrices_kernel[(k, triton.cdiv(numel, block_e))](
             idx, coef, a, b, m, n, a.stride(0), b.stride(0), seed_lo, seed_hi, key, epoch,
-            R=rank, BLOCK_E=block_e, num_warps=NUM_WARPS,
+            R=rank, BLOCK_E=block_e, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )
     return a, b
 

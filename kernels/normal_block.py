@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS
 from evotorch_eggroll.kernels.philox import device_guard, normal_run, split_seed, stream_seed
 
 BLOCK_E = 1024  # elements per program (a multiple of 4)
@@ -78,5 +79,5 @@ def normal_block(
     grid = (idx.numel(), triton.cdiv(numel, block_e))
     with device_guard(out):
         _normal_block_kernel[grid](idx, out, numel, first_element // 4, seed_lo, seed_hi, key,
-                                   epoch, BLOCK_E=block_e)
+                                   epoch, BLOCK_E=block_e, **LAUNCH_OPTIONS)
     return out

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS
+
 PHILOX_ROUNDS = tl.constexpr(10)
 # Cheap Box–Muller (hardware log2 through inline PTX, polynomial sin/cos): on for compiled
 # GPU kernels, off under Triton's interpreter (which cannot run PTX and keeps the precise
@@ -305,7 +307,7 @@ def philox_words(
     grid = (idx.numel(), triton.cdiv(numel, 4 * block_q))
     with device_guard(out):
         _philox_words_kernel[grid](idx, out, numel, first_element // 4, seed_lo, seed_hi, key,
-                                   epoch, BLOCK_Q=block_q)
+                                   epoch, BLOCK_Q=block_q, **LAUNCH_OPTIONS)
     return out
 
 

@@ -1,15 +1,17 @@
 """Compile the factor kernels for sm_90 without a GPU and summarise their SASS.
 
-Also compiles each project/expand configuration's drawn-factor variant (``_drawn``) and the
-one-launch narrow-layer kernel at the rollout benchmark's layer shapes.
-
 Run (no TRITON_INTERPRET): ``.venv/bin/python scripts/sm90_compile_check.py [--sass DIR]``.
 Compiles the project/expand kernels at the constexpr configurations their launchers pick
 for the benchmark shapes (4096 x 4096 at r = 1/4/16, the RL MLP 17->256->256->6 at r = 4)
-in fp32 and bf16, with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``,
-and prints per configuration: SASS instructions, registers, local memory (spill/stack),
-shared memory, barriers (BAR), warp shuffles (SHFL), shared loads/stores (LDS/STS), local
-loads/stores (LDL/STL). Fails (exit 1) if any configuration does not compile.
+in fp32 and bf16, and every other kernel (dense noise and its update, the update's factor
+matrices, the normal block, the Philox words) at its launcher's configuration, the
+drawn-factor variant (``_drawn``) of each project/expand configuration and the one-launch
+narrow-layer kernel at the rollout benchmark's layer shapes, with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and the launch options
+of ``evotorch_eggroll.kernels.compat``, and prints per configuration: SASS instructions,
+registers, local memory (spill/stack), shared memory, barriers (BAR), warp shuffles (SHFL),
+shared loads/stores (LDS/STS), local loads/stores (LDL/STL). Fails (exit 1) if any
+configuration does not compile.
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from evotorch_eggroll.kernels import dense_noise as dn  # noqa: E402
 from evotorch_eggroll.kernels import drawn_linear as dl  # noqa: E402
 from evotorch_eggroll.kernels import lowrank_expand as ex  # noqa: E402
 from evotorch_eggroll.kernels import lowrank_project as pr  # noqa: E402
+from evotorch_eggroll.kernels import lowrank_update as up  # noqa: E402
+from evotorch_eggroll.kernels import normal_block as nb  # noqa: E402
+from evotorch_eggroll.kernels import philox as ph  # noqa: E402
+from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS  # noqa: E402
 from evotorch_eggroll.kernels.philox import bias_tile_plan, row_tile_plan  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -51,7 +58,7 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if isinstance(sig[n], str) and sig[n].startswith("*")}
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, **LAUNCH_OPTIONS})
 
 
 def _sass_summary(cubin: bytes, dump_to: str | None, label: str) -> dict:
@@ -107,6 +114,30 @@ def expand_configs():
             yield f"rl{n}x{m}_r4_{what}_br16", d, 4, off, 16, bias
 
 
+def other_rows():
+    """The remaining kernels, one configuration each (fp32, plus bf16 where the output dtype
+    follows the parameter's): ``(label, plan, signature, constexprs, kernel, num_warps)``."""
+    seeds = dict(seed_lo="i64", seed_hi="i64", key="i64", epoch="i64")
+    for dname, ptr in DTYPES.items():
+        sig = dict(out_ptr=ptr, ids_ptr="*i64", n_rows="i32", D="i32", stride_om="i32",
+                   stride_od="i32", stride_ids="i32", **seeds, scale="fp32")
+        yield (f"dense_add_{dname}_br16", None, sig,
+               dict(BLOCK_E=dn.BLOCK_E, BLOCK_ROWS=16, ANTITHETIC=True),
+               dn._dense_noise_add_kernel, dn.NUM_WARPS)
+        sig = dict(idx_ptr="*i64", coef_ptr="*fp32", a_ptr=ptr, b_ptr=ptr, m="i32", n="i32",
+                   stride_am="i32", stride_bn="i32", **seeds)
+        yield (f"factors_{dname}_r4", None, sig, dict(R=4, BLOCK_E=up.BLOCK_E),
+               up._factor_matrices_kernel, up.NUM_WARPS)
+    sig = dict(idx_ptr="*i64", coef_ptr="*fp32", partial_ptr="*fp32", K="i32",
+               k_per_split="i32", numel="i32", **seeds)
+    yield ("dense_update_fp32", None, sig, dict(BLOCK_E=dn.BLOCK_E), dn._dense_update_kernel,
+           dn.NUM_WARPS)
+    sig = dict(idx_ptr="*i64", out_ptr="*fp32", numel="i32", first_quad="i64", **seeds)
+    yield ("normal_block_fp32", None, sig, dict(BLOCK_E=nb.BLOCK_E), nb._normal_block_kernel, 4)
+    sig = dict(idx_ptr="*i64", out_ptr="*i64", numel="i32", first_quad="i64", **seeds)
+    yield ("philox_words", None, sig, dict(BLOCK_Q=64), ph._philox_words_kernel, 4)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sass", default=None, help="folder to write the SASS listings to")
@@ -160,9 +191,11 @@ def main() -> int:
                          WEIGHT_NOISE=True, BIAS_NOISE=True, ANTITHETIC=True, PRECISION="ieee")
             plan = dict(R=r, RP=rp, TILE_ROWS=dl.BLOCK_M, BLOCK_Q=0, DIRECT=False)
             rows.append((label, plan, sig, const, dl._drawn_linear_kernel, dl.NUM_WARPS))
+    rows += [r for r in other_rows() if args.only in r[0]]
     print(f"{'kernel':44s} {'plan':34s} instr regs stack local smem BAR SHFL LDS STS LDL STL MUFU")
     for label, plan, sig, const, fn, warps in rows:
-        p = f"R{plan['R']} T{plan['TILE_ROWS']}x{plan['RP']} Q{plan['BLOCK_Q']} D{int(plan['DIRECT'])}"
+        p = "-" if plan is None else (
+            f"R{plan['R']} T{plan['TILE_ROWS']}x{plan['RP']} Q{plan['BLOCK_Q']} D{int(plan['DIRECT'])}")
         try:
             k = _compile(fn, sig, const, warps)
         except Exception as exc:  # noqa: BLE001

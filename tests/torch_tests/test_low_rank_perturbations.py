@@ -15,9 +15,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from evotorch_eggroll import noise, ops
 from evotorch_eggroll.kernels import dense_noise, lowrank_expand, lowrank_project
+from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS, row_mask
 
 SEED, KEY, BIAS_KEY, EPOCH = 2024, noise.param_key("net.0.weight"), noise.param_key("net.0.bias"), 3
 
@@ -233,6 +236,28 @@ def test_empty_batches(device):
     out = torch.zeros(0, 3, device=device)
     ops.lowrank_expand_(out, t, ids, row_offset=5, scale=1.0, **common)
     ops.dense_noise_add_(out, ids, seed=0, key=0, epoch=0, scale=1.0, antithetic=False)
+
+
+@triton.jit
+def _row_mask_copy_kernel(src_ptr, dst_ptr, n_rows, D, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.arange(0, BLOCK)
+    mask = row_mask(col < D, row < n_rows)
+    x = tl.load(src_ptr + row * D + col, mask=mask, other=-1.0)
+    tl.store(dst_ptr + row * BLOCK + col, x + 1.0, mask=mask)
+
+
+def test_row_mask_and_launch_options_work_on_the_installed_triton(device):
+    """The one Triton-version-dependent piece (kernels/compat.py): a block mask restricted to
+    one row by a scalar comparison is a valid load/store mask, and the launch options are
+    accepted (compiled or interpreted, whatever Triton is installed)."""
+    rows, d, block = 3, 5, 8
+    src = torch.arange(rows * d, dtype=torch.float32, device=device).view(rows, d)
+    dst = torch.zeros(rows + 2, block, device=device)  # two programs past the last row
+    _row_mask_copy_kernel[(rows + 2,)](src, dst, rows, d, BLOCK=block, **LAUNCH_OPTIONS)
+    expected = torch.zeros(rows + 2, block, device=device)
+    expected[:rows, :d] = src + 1.0
+    assert torch.equal(dst, expected)
 
 
 def test_shape_and_dtype_errors(device):

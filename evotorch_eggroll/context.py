@@ -63,6 +63,8 @@ class PerturbationContext:
         population_size: N.
         epoch: the requested epoch (noise uses the effective epoch ``coords.epoch``).
         coords: stream coordinates of this population's noise.
+        evaluated: True once a perturbed forward ran in the context (``batched_forward``,
+            or a member's values written by ``iterate``).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class PerturbationContext:
         self._iter_token: Optional[object] = None
         self._cache: Optional[FactorCache] = None
         self._forward_calls = 0
+        self.evaluated = False  # a perturbed forward ran (batched_forward or iterate)
         self._last_generated: Optional[bool] = None
 
     def __repr__(self) -> str:
@@ -257,9 +260,16 @@ class PerturbationContext:
                                "values in the parameters; finish or break the loop first")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"batched_forward takes a Tensor input, got {type(x).__name__}")
-        ops.check_kernel_device(x, "the batched_forward input")
         for e in self._evolved:
             ops.check_kernel_device(e.param, f"parameter {e.name!r}")
+        devices = sorted({str(e.param.device) for e in self._evolved})
+        ops.check_kernel_device(x, f"the batched_forward input (parameters on "
+                                   f"{', '.join(devices)})")
+        for e in self._evolved:
+            if e.param.device != x.device:
+                raise RuntimeError(f"the batched_forward input is on {x.device} but parameter "
+                                   f"{e.name!r} is on {e.param.device}; move the input to "
+                                   f"{e.param.device}")
         if x.dim() == 0:
             raise ValueError("batched_forward needs an input with a leading batch dimension")
         ids, (lo, hi) = self._resolve_member_ids(member_ids, x.shape[0], x.device)
@@ -277,6 +287,7 @@ class PerturbationContext:
         with mode:
             out = model(x)
         self._last_generated = mode.generated
+        self.evaluated = True
         missing = [e.name for e in own if id(e.param) not in mode.consumed]
         if missing:
             raise RuntimeError(
@@ -332,6 +343,7 @@ class PerturbationContext:
                 if self._iter_token is not token:
                     return
                 self._write_member(k)
+                self.evaluated = True
                 yield k
         finally:
             if self._active and self._iter_token is token:

@@ -69,6 +69,9 @@ def check_kernel_device(t: torch.Tensor, what: str = "tensor") -> None:
         return
     if t.device.type == "cpu" and interpreter_active():
         return
+    if t.device.type == "meta":
+        raise RuntimeError(f"{what} is on the meta device, which holds shapes but no values; "
+                           f"create it (or move it) on the model's CUDA device")
     raise RuntimeError(f"{what} is on {t.device}. {GPU_REQUIRED_MESSAGE}")
 
 

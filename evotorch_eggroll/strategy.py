@@ -196,6 +196,9 @@ class EvolutionStrategy:
         self.total_steps = 0
         self._active: Optional[PerturbationContext] = None
         self._last: Optional[tuple[int, int, NoiseCoords]] = None
+        self._last_evaluated = True  # whether the last context ran a perturbed forward
+        self._stepped: Optional[tuple[int, int]] = None  # (N, epoch) of the population just used
+        self._warned: set[str] = set()  # the once-per-strategy warnings already given
         self._callbacks: dict[str, list[Callable]] = {e: [] for e in _EVENTS}
         # Budget (bytes) for drawing every member's factors once per perturbation context
         # (see PerturbationContext.cache_factors): None = 1 GiB (at most a quarter of the
@@ -406,6 +409,7 @@ class EvolutionStrategy:
         self.epoch = 0
         self.total_steps = 0
         self._last = None
+        self._stepped = None
         return self
 
     # -- parameters -------------------------------------------------------------------------
@@ -508,6 +512,13 @@ class EvolutionStrategy:
         if self._active is ctx:
             self._active = None
         self._last = (ctx.population_size, ctx.epoch, ctx.coords)
+        self._last_evaluated = ctx.evaluated
+        self._stepped = None
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     def eval(self):
         """Context manager under which ``model(x)`` is the plain, unperturbed model (also
@@ -610,6 +621,12 @@ class EvolutionStrategy:
             raise RuntimeError("step() cannot run inside a perturb context; call it after the "
                                "`with strategy.perturb(...)` block")
         if self._last is None:
+            if self._stepped is not None:
+                n, epoch = self._stepped
+                raise RuntimeError(
+                    f"step() needs a preceding perturb context: the population of the last "
+                    f"one (population_size={n}, epoch={epoch}) was already used by a step(); "
+                    f"evaluate a new population in `with strategy.perturb(N) as pop:` first")
             raise RuntimeError("step() needs a preceding perturb context: evaluate the "
                                "population in `with strategy.perturb(N) as pop:` first")
         n, epoch, coords = self._last
@@ -624,6 +641,18 @@ class EvolutionStrategy:
         w = f64 if prenormalized else self._shape(f.detach()).to("cpu", torch.float64)
         if not bool(torch.isfinite(w).all()):
             raise ValueError("shaped fitnesses contain NaN or inf; nothing was updated")
+        if not self._last_evaluated:
+            self._warn_once(
+                "unevaluated",
+                "step() follows a perturb context in which no perturbed forward ran "
+                "(pop.batched_forward, or model(x) inside pop.iterate()): a plain model(x) "
+                "in the context computes the unperturbed model, so these fitnesses say "
+                "nothing about the perturbations (warned once per strategy)")
+        if n > 1 and bool((f64 == f64[0]).all()):
+            self._warn_once(
+                "equal",
+                f"all {n} fitnesses are equal ({float(f64[0])!r}): the ES gradient is zero "
+                f"and the parameters do not change (warned once per strategy)")
 
         idx, coeffs = antithetic_fold(w, self.antithetic)
         # the optimizer minimises, so it gets -g: negating the coefficients gives exactly -g
@@ -675,6 +704,7 @@ class EvolutionStrategy:
         self.epoch += 1
         self.total_steps += 1
         self._last = None
+        self._stepped = (n, epoch)
         metrics = {
             "grad_norm": norm,
             "param_delta_norm": delta,
@@ -838,6 +868,7 @@ class EvolutionStrategy:
         self.antithetic = bool(state["antithetic"])
         self.noise_reuse = noise_reuse
         self._last = None
+        self._stepped = None
 
     # -- inspection -------------------------------------------------------------------------
 

@@ -1095,3 +1095,46 @@ torch.save(out, sys.argv[1] + "/resumed.pt")
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
     for name in expected:
         assert same_bits(resumed[name], expected[name]), name
+
+
+def test_no_silent_no_ops(device):
+    """A context in which no perturbed forward ran, and a generation of equal fitnesses,
+    each warn once per strategy; a second step on the same population says so."""
+    import warnings as _warnings
+
+    model = make_mlp(device)
+    s = EggrollStrategy(sigma=0.1, rank=2).setup(model)
+    x = torch.randn(4, 3, device=device)
+    for _ in range(2):
+        with s.perturb(4):
+            model(x)  # the plain model: no member is evaluated
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            s.step(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        messages = [str(w.message) for w in caught]
+        assert sum("no perturbed forward ran" in m for m in messages) == (1 if _ == 0 else 0)
+    with pytest.raises(RuntimeError, match="already used by a step"):
+        s.step(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    for i in range(2):
+        with s.perturb(4) as pop:
+            pop.batched_forward(model, x)
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            metrics = s.step(torch.full((4,), 7.0))
+        messages = [str(w.message) for w in caught]
+        assert sum("fitnesses are equal" in m for m in messages) == (1 if i == 0 else 0)
+        assert not any("no perturbed forward" in m for m in messages)
+        assert metrics["grad_norm"] == 0.0  # (Adam's momentum may still move the parameters)
+
+
+def test_device_messages_name_the_devices(device):
+    model = make_mlp(device)
+    s = EggrollStrategy().setup(model)
+    with s.perturb(4) as pop:
+        with pytest.raises(RuntimeError, match="meta device") as info:
+            pop.batched_forward(model, torch.zeros(4, 3, device="meta"))
+        assert "GPU" not in str(info.value)
+        if device.type == "cuda":
+            with pytest.raises(RuntimeError, match=r"is on cpu.*CUDA") as info:
+                pop.batched_forward(model, torch.zeros(4, 3))
+            assert "parameters on cuda" in str(info.value)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         device = torch.device("cpu")
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-        defaults = dict(generations=8, popsize=16, episode_length=30, hidden=8, interval=1)
+        defaults = dict(generations=30, popsize=64, episode_length=30, hidden=8, interval=1)
     else:
         device = torch.device("cuda")
         print(f"CUDA GPU: {torch.cuda.get_device_name(device)}", flush=True)
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     center_return = evaluate_policy(problem.to_policy(searcher.status["center"]).to(device), device)
     reached = "reached" if mean_return >= target else "not reached"
     print(
-        f"Done after {searcher.step_count} generations in {elapsed:.1f} s (the first took "
+        f"Done after {searcher.step_count} generation{'' if searcher.step_count == 1 else 's'} "
+        f"in {elapsed:.1f} s (the first took "
         f"{first_generation:.1f} s, including one-time set-up such as compiling the kernels): "
         f"final population mean "
         f"return {mean_return:.1f} (target {target:g} {reached}); the center policy scores "

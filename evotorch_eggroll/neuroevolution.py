@@ -480,13 +480,14 @@ class EggrollNEProblem(BaseNEProblem):
         Each entry is a view into ``values`` (no copy unless a parameter's dtype differs).
         """
         params = dict(net.named_parameters())
+        length = sum(params[n].numel() for n in self._evolved_names)
+        if values.shape[-1] != length:
+            raise ValueError(f"expected a vector of length {length}, got {values.shape[-1]}")
         out, start = {}, 0
         for n in self._evolved_names:
             p = params[n]
             out[n] = values[:, start : start + p.numel()].reshape(values.shape[0], *p.shape).to(p.dtype)
             start += p.numel()
-        if start != values.shape[-1]:
-            raise ValueError(f"expected a vector of length {start}, got {values.shape[-1]}")
         return out
 
     @torch.no_grad()

@@ -194,12 +194,13 @@ def _evotorch_settings(given: dict, problem: Problem, explicit: dict) -> dict:
         if value is None:
             continue
         if name == "stdev_init":
-            if torch.as_tensor(value).numel() != 1:
+            scale = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64)
+            if scale.numel() != 1:
                 raise TypeError(
                     "EGGROLL's sigma is one noise scale for all parameters: a stdev_init per "
                     "parameter has no equivalent; pass a single number"
                 )
-            value = float(torch.as_tensor(value).reshape(()))
+            value = float(scale.reshape(()))
         out[target] = value
     return out
 

@@ -680,7 +680,8 @@ class EggrollSupervisedNE(EggrollNEProblem):
 
     Args:
         dataset: An indexable dataset of ``(x, y)`` pairs (e.g. ``TensorDataset``).
-        network: ``nn.Module`` or a callable returning one.
+        network: ``nn.Module``, a callable returning one, or a network string (names from
+            ``network_args``), as for :class:`EggrollNEProblem`.
         loss_func: ``loss(y_hat (B, ...), y (B, ...)) -> scalar``; or override ``_loss``.
             Evaluated for all members at once with ``torch.func.vmap`` when possible,
             otherwise member by member.
@@ -938,9 +939,10 @@ class EggrollVecGymNE(EggrollNEProblem):
             :class:`~evotorch_eggroll.envs.CartPole` class), or a ``VectorEnv`` instance with
             at least as many environments as members (extra environments are run but
             ignored).
-        network: ``nn.Module`` or a callable returning one; a callable may accept
-            ``obs_length``, ``act_length``, ``obs_shape``, ``act_shape``, ``obs_space``,
-            ``act_space``.
+        network: ``nn.Module``, a callable returning one, or a network string such as
+            ``"Linear(obs_length, 8) >> Tanh() >> Linear(8, act_length)"``; a callable may
+            accept, and a string may use, ``obs_length``, ``act_length``, ``obs_shape``,
+            ``act_shape``, ``obs_space``, ``act_space`` (and the names in ``network_args``).
         env_config: Keyword arguments for building the environment.
         num_episodes: Episodes per member and evaluation (default 1).
         episode_length: Optional cap on the steps of each episode.

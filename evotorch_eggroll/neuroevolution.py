@@ -1087,8 +1087,9 @@ class EggrollVecGymNE(EggrollNEProblem):
         ``VecGymNE.set_observation_stats``: ``stats`` is a :class:`RunningObsNorm`, EvoTorch's
         ``RunningNorm`` (or anything with ``count``, ``sum`` and ``sum_of_squares``) whose
         sums have the observation shape, or None to forget them. The values are copied onto
-        the network's device. Raises ValueError without ``observation_normalization=True``
-        or for a wrong shape."""
+        the network's device (normalisation keeps this package's formula: a ``RunningNorm``'s
+        ``min_variance`` and ``clip`` are not carried over). Raises ValueError without
+        ``observation_normalization=True`` or for a wrong shape."""
         self._ensure_obsnorm()
         if stats is None:
             self._obs_stats = None
@@ -1163,9 +1164,8 @@ class EggrollVecGymNE(EggrollNEProblem):
         result["time"] = datetime.now()
         if isinstance(self._env_maker, str):
             result["env"] = self._env_maker
-        result["architecture"] = (
-            self._architecture if self._architecture is not None else copy.deepcopy(self._network).to("cpu")
-        )
+        architecture = getattr(self, "_architecture", None)  # absent in problems pickled by older versions
+        result["architecture"] = architecture if architecture is not None else copy.deepcopy(self._network).to("cpu")
         with open(fname, "wb") as f:
             pickle.dump(result, f)
 

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
@@ -50,7 +52,7 @@ from . import distributed as _dist
 from . import noise as _noise
 from . import ops, shaping
 from .neuroevolution import EggrollNEProblem
-from .strategy import _optimizer_class
+from .strategy import _MAX_POPULATION, _optimizer_class
 
 __all__ = ["EGGROLL", "RANKING_METHODS", "rank_fitnesses"]
 
@@ -145,6 +147,64 @@ class _RankZeroHook(Hook):
         return super().__call__(*args, **kwargs)
 
 
+# Settings of EvoTorch's distribution-based searchers (PGPE, SNES, XNES, CEM) that mean
+# exactly what an EGGROLL argument means: accepted under EvoTorch's name.
+_EVOTORCH_ALIASES = {"center_learning_rate": "lr", "stdev_init": "sigma", "symmetric": "antithetic"}
+
+_FIXED_SIGMA = "EGGROLL keeps its noise scale fixed (it does not learn it): leave out {name} and choose sigma"
+_FIXED_POPSIZE = "EGGROLL's population size does not adapt: leave out {name} and choose popsize"
+# Settings of those searchers that have no EGGROLL equivalent: what to do instead.
+_EVOTORCH_REFUSED = {
+    "stdev_learning_rate": _FIXED_SIGMA,
+    "scale_learning_rate": _FIXED_SIGMA,
+    "stdev_min": _FIXED_SIGMA,
+    "stdev_max": _FIXED_SIGMA,
+    "stdev_max_change": _FIXED_SIGMA,
+    "num_interactions": _FIXED_POPSIZE,
+    "popsize_max": _FIXED_POPSIZE,
+    "ensure_even_popsize": "EGGROLL does not change popsize: pass an even popsize (with antithetic sampling "
+    "an odd one leaves the last member without a mirror)",
+    "obj_index": "EGGROLL optimises single-objective problems only: leave out obj_index",
+    "popsize_weighted_grad_avg": "EGGROLL does not average gradients of Ray actors: leave out {name} (with "
+    "distributed=True the ranks of torch.distributed share one population)",
+    "parenthood_ratio": "EGGROLL is a gradient estimator, not a cross-entropy method: leave out {name}",
+}
+
+
+def _evotorch_settings(given: dict, problem: Problem, explicit: dict) -> dict:
+    """EGGROLL's values for settings given under EvoTorch's names (``given``): the aliases
+    translated, everything else refused with a TypeError that names what to use instead.
+    ``explicit`` holds the EGGROLL arguments that were passed (not None)."""
+    out: dict = {}
+    for name, value in given.items():
+        target = _EVOTORCH_ALIASES.get(name)
+        if target is None:
+            if name == "radius_init":
+                length = int(problem.solution_length)
+                hint = f" (here sigma={float(value) / math.sqrt(length):.6g})" if isinstance(value, (int, float)) else ""
+                raise TypeError(
+                    "EGGROLL has no radius_init: its noise has one scale for every parameter; pass "
+                    f"sigma=radius_init / sqrt(solution_length){hint}"
+                )
+            if name in _EVOTORCH_REFUSED:
+                raise TypeError(_EVOTORCH_REFUSED[name].format(name=name))
+            raise TypeError(f"EGGROLL got an unexpected keyword argument {name!r}")
+        if target in explicit or target in out:
+            raise TypeError(f"{name} is EvoTorch's name for EGGROLL's {target}: pass only one of them")
+        if value is None:
+            continue
+        if name == "stdev_init":
+            scale = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64)
+            if scale.numel() != 1:
+                raise TypeError(
+                    "EGGROLL's sigma is one noise scale for all parameters: a stdev_init per "
+                    "parameter has no equivalent; pass a single number"
+                )
+            value = float(scale.reshape(()))
+        out[target] = value
+    return out
+
+
 def _make_optimizer(params: list, optimizer: Any, lr: float, config: Optional[dict]) -> torch.optim.Optimizer:
     return _optimizer_class(optimizer)(params, lr=lr, **dict(config or {}))
 
@@ -174,8 +234,11 @@ class EGGROLL(SearchAlgorithm):
             mode) or any single-objective, numeric, unbounded EvoTorch ``Problem`` (dense
             mode).
         popsize: Population size N.
-        sigma: Noise scale (default 0.1).
-        lr: Learning rate of the optimizer (default 0.01).
+        sigma: Noise scale, the standard deviation of every perturbed parameter entry
+            (default 0.1). EvoTorch's scalar ``stdev_init`` is accepted in its place.
+        lr: Learning rate of the optimizer that moves the center (default 0.01). EvoTorch's
+            ``center_learning_rate`` is accepted in its place (EGGROLL's gradient is scaled
+            as described above, so a good value may differ from PGPE's).
         rank: Rank of the weight perturbations (default 4; low-rank mode only).
         optimizer: ``"adam"`` (default), ``"sgd"``, ``"adamw"`` or a
             ``torch.optim.Optimizer`` subclass.
@@ -183,7 +246,7 @@ class EGGROLL(SearchAlgorithm):
         ranking_method: ``"centered"`` (default), ``"linear"``, ``"nes"``,
             ``"normalized"``, ``"raw"`` (see :func:`rank_fitnesses`).
         antithetic: Mirrored sampling: members ``2k`` and ``2k+1`` share noise with
-            opposite signs (default True).
+            opposite signs (default True). EvoTorch's ``symmetric`` is accepted in its place.
         noise_reuse: 0 = one fixed noise draw for every generation; n >= 1 = fresh noise
             every n generations (default 1).
         seed: Integer key of all noise (default 0).
@@ -207,8 +270,18 @@ class EGGROLL(SearchAlgorithm):
             so loggers may be attached on every rank unconditionally.
         chunk_size: Dense mode: members materialised per ``SolutionBatch`` (default: as
             many as fit in 2**24 values, at most ``popsize``).
+        **evotorch_names: EvoTorch's names of the settings above (``stdev_init``,
+            ``center_learning_rate``, ``symmetric``). Other settings of EvoTorch's
+            searchers raise a TypeError that says what to do instead: ``radius_init``
+            (pass ``sigma = radius_init / sqrt(solution_length)``), ``stdev_learning_rate``,
+            ``stdev_min``/``stdev_max``/``stdev_max_change`` (sigma is fixed),
+            ``popsize_max``/``num_interactions`` (popsize is fixed), ``obj_index``,
+            ``ensure_even_popsize``.
 
     Raises:
+        TypeError: an unknown keyword, or an EvoTorch setting without an EGGROLL
+            equivalent (the message names what to use), or a setting passed under both
+            names.
         RuntimeError: ``distributed=True`` without an initialized process group.
         ValueError: bad arguments; ``popsize`` not a multiple of the world size; ranks
             that disagree on seed or settings (raised on every rank).
@@ -219,26 +292,38 @@ class EGGROLL(SearchAlgorithm):
         problem: Problem,
         *,
         popsize: int,
-        sigma: float = 0.1,
-        lr: float = 0.01,
+        sigma: Optional[float] = None,
+        lr: Optional[float] = None,
         rank: int = 4,
         optimizer: Union[str, type] = "adam",
         optimizer_config: Optional[dict] = None,
         ranking_method: Optional[str] = "centered",
-        antithetic: bool = True,
+        antithetic: Optional[bool] = None,
         noise_reuse: int = 1,
         seed: int = 0,
         center_init: Optional[Any] = None,
         distributed: bool = False,
         log_all_ranks: bool = False,
         chunk_size: Optional[int] = None,
+        **evotorch_names: Any,
     ) -> None:
         if not isinstance(problem, Problem):
             raise TypeError(f"problem must be an evotorch Problem, got {type(problem).__name__}")
+        explicit = {k: v for k, v in (("sigma", sigma), ("lr", lr), ("antithetic", antithetic)) if v is not None}
+        settings = {"sigma": 0.1, "lr": 0.01, "antithetic": True, **explicit}
+        settings.update(_evotorch_settings(evotorch_names, problem, explicit))
+        sigma, lr, antithetic = settings["sigma"], settings["lr"], settings["antithetic"]
+        if optimizer_config is not None:
+            if not isinstance(optimizer_config, Mapping):
+                raise TypeError(f"optimizer_config must be a mapping, got {type(optimizer_config).__name__}")
+            if "lr" in optimizer_config:
+                raise ValueError("pass the learning rate as lr=..., not in optimizer_config")
         problem.ensure_single_objective()
         problem.ensure_numeric()
         problem.ensure_unbounded()
         self._popsize = _positive_int("popsize", popsize)
+        if self._popsize > _MAX_POPULATION:
+            raise ValueError(f"popsize must be at most 2**32 (member ids are 32-bit noise counters), got {popsize}")
         self._sigma = _nonnegative_float("sigma", sigma)
         self._lr = _nonnegative_float("lr", lr)
         self._rank = _positive_int("rank", rank)
@@ -444,7 +529,12 @@ class EGGROLL(SearchAlgorithm):
     def _step_lowrank(self) -> tuple[torch.Tensor, dict]:
         strategy = self._strategy
         record = dict(center=self._center_vector(), epoch=int(strategy.epoch), sigma=float(strategy.sigma))
-        with strategy.perturb(self._popsize) as pop:
+        odd = self._warn_if_odd_popsize()
+        with warnings.catch_warnings():
+            if odd:  # said above in this searcher's own terms
+                warnings.filterwarnings("ignore", "antithetic sampling with an odd population_size", UserWarning)
+            context = strategy.perturb(self._popsize)
+        with context as pop:
             fitnesses = self._problem.evaluate_population(pop, self._network)
         if self._distributed:
             fitnesses = _dist.all_gather_population(fitnesses, self._popsize)
@@ -453,6 +543,16 @@ class EGGROLL(SearchAlgorithm):
         weights = rank_fitnesses(fitnesses, self._ranking_method, higher_is_better=self._higher_is_better)
         strategy.step(weights.to(fitnesses.device), prenormalized=True)
         return fitnesses, record
+
+    def _warn_if_odd_popsize(self) -> bool:
+        """Warn (in EGGROLL's terms) when antithetic sampling meets an odd popsize; True then."""
+        n = self._popsize
+        if not (self._antithetic and n % 2):
+            return False
+        warnings.warn(
+            f"antithetic sampling with an odd popsize ({n}): the last member has no mirror", UserWarning, stacklevel=5
+        )
+        return True
 
     def _dense_normals(self, noise_indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """Standard normals ``(K, L)`` float32 of the center's noise draws, on its device."""
@@ -486,10 +586,7 @@ class EGGROLL(SearchAlgorithm):
         center = self._center.detach()
         record = dict(center=center.clone(), epoch=self._epoch, sigma=self._sigma)
         device = center.device
-        if self._antithetic and n % 2:
-            import warnings
-
-            warnings.warn(f"antithetic sampling with an odd popsize ({n}): the last member has no mirror", UserWarning)
+        self._warn_if_odd_popsize()
 
         parts = []
         local = self._local_members()
@@ -610,8 +707,6 @@ class EGGROLL(SearchAlgorithm):
         strategy_state = state.pop("_strategy_state", None)
         self.__dict__.update(state)
         if self._distributed and not _dist.is_initialized():
-            import warnings
-
             warnings.warn(
                 "this EGGROLL searcher was pickled with distributed=True, but no torch.distributed "
                 "process group is initialized here: it continues as a single-process searcher",

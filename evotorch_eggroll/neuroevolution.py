@@ -31,9 +31,12 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import pickle
 import warnings
 import zlib
 from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import gymnasium as gym
@@ -41,6 +44,7 @@ import numpy as np
 import torch
 from evotorch import Solution, SolutionBatch
 from evotorch.neuroevolution.baseneproblem import BaseNEProblem
+from evotorch.neuroevolution.net import str_to_net
 from torch import nn
 
 from .envs import CartPole
@@ -59,7 +63,7 @@ __all__ = [
     "RunningObsNorm",
 ]
 
-NetworkLike = Union[nn.Module, Callable[..., nn.Module]]
+NetworkLike = Union[str, nn.Module, Callable[..., nn.Module]]
 DeviceLike = Optional[Union[str, torch.device]]
 
 
@@ -306,11 +310,16 @@ class EggrollNEProblem(BaseNEProblem):
 
     Args:
         objective_sense: ``"min"`` or ``"max"``.
-        network: An ``nn.Module`` (copied) or a callable returning one (called with the
-            keywords of ``network_args`` and any of :meth:`_network_constants` it accepts).
+        network: An ``nn.Module`` (copied), a callable returning one (called with the
+            keywords of ``network_args`` and any of :meth:`_network_constants` it accepts),
+            or a string that EvoTorch's ``str_to_net`` parses, such as
+            ``"Linear(obs_length, 8) >> Tanh() >> Linear(8, act_length)"``, whose names are
+            :meth:`network_constants` (``network_args`` included) and
+            :meth:`_str_network_constants`.
+        network_args: Keyword arguments for a callable ``network``, and names a string
+            ``network`` may use.
         batched_eval_func: ``forward -> (K,)`` fitnesses, see above.
         network_eval_func: ``net -> fitness`` (a scalar), see above.
-        network_args: Keyword arguments for a callable ``network``.
         include: Names of the only parameters to evolve (default: all trainable ones).
         exclude: Names of parameters not to evolve.
         initial_bounds: Bounds for EvoTorch's uniform initial solutions. Default None: the
@@ -354,6 +363,7 @@ class EggrollNEProblem(BaseNEProblem):
                 "or override _evaluate_members / _evaluate_network in a subclass"
             )
         self._network_args = dict(network_args or {})
+        self._architecture = network if isinstance(network, str) else None
         network = self._build_network(network)
         self._frozen_names: frozenset = frozenset()
         if isinstance(network, ESModule):
@@ -391,11 +401,25 @@ class EggrollNEProblem(BaseNEProblem):
         """Keywords a callable ``network`` may accept (extended by subclasses)."""
         return {}
 
+    @property
+    def _str_network_constants(self) -> dict:
+        """Further names a string ``network`` may use (none here; for subclasses, as in EvoTorch)."""
+        return {}
+
+    def network_constants(self) -> dict:
+        """The named constants of network construction: :attr:`_network_constants` updated
+        with ``network_args`` (as EvoTorch's ``NEProblem.network_constants``)."""
+        return {**self._network_constants, **self._network_args}
+
     def _build_network(self, network: NetworkLike) -> nn.Module:
         if isinstance(network, nn.Module):
             return copy.deepcopy(network)
+        if isinstance(network, str):
+            return str_to_net(network, **self.network_constants(), **self._str_network_constants)
         if not callable(network):
-            raise TypeError(f"network must be an nn.Module or a callable returning one, got {network!r}")
+            raise TypeError(
+                f"network must be an nn.Module, a callable returning one or a network string, got {network!r}"
+            )
         net = _call_with_accepted(network, self._network_constants, self._network_args)
         if not isinstance(net, nn.Module):
             raise TypeError(f"the network callable returned {type(net).__name__}, expected an nn.Module")
@@ -456,13 +480,14 @@ class EggrollNEProblem(BaseNEProblem):
         Each entry is a view into ``values`` (no copy unless a parameter's dtype differs).
         """
         params = dict(net.named_parameters())
+        length = sum(params[n].numel() for n in self._evolved_names)
+        if values.shape[-1] != length:
+            raise ValueError(f"expected a vector of length {length}, got {values.shape[-1]}")
         out, start = {}, 0
         for n in self._evolved_names:
             p = params[n]
             out[n] = values[:, start : start + p.numel()].reshape(values.shape[0], *p.shape).to(p.dtype)
             start += p.numel()
-        if start != values.shape[-1]:
-            raise ValueError(f"expected a vector of length {start}, got {values.shape[-1]}")
         return out
 
     @torch.no_grad()
@@ -473,17 +498,34 @@ class EggrollNEProblem(BaseNEProblem):
         for n, v in self._split_vector(vector, net).items():
             params[n].copy_(v)
 
-    def make_net(self, solution: Union[Solution, torch.Tensor, Iterable]) -> nn.Module:
-        """A new copy of the network holding ``solution``'s parameters."""
+    @staticmethod
+    def _solution_vector(solution: Union[Solution, torch.Tensor, Iterable]) -> torch.Tensor:
+        """``solution`` (a Solution, tensor or iterable of numbers) as a plain 1-D tensor."""
         if isinstance(solution, Solution):
             solution = solution.values
         vector = torch.as_tensor(solution)
         if type(vector) is not torch.Tensor:  # EvoTorch's read-only tensors
             vector = vector.as_subclass(torch.Tensor)
-        vector = vector.reshape(-1)
+        return vector.reshape(-1)
+
+    def make_net(self, solution: Union[Solution, torch.Tensor, Iterable]) -> nn.Module:
+        """A new copy of the network holding ``solution``'s parameters."""
         net = copy.deepcopy(self._network)
-        self.vector_to_parameters(vector, net)
+        self.vector_to_parameters(self._solution_vector(solution), net)
         return net
+
+    def parameterize_net(self, parameters: Union[Solution, torch.Tensor, Iterable]) -> nn.Module:
+        """The problem's working network, filled with ``parameters`` and returned.
+
+        As EvoTorch's ``NEProblem.parameterize_net``: no copy is made, every call fills and
+        returns the same network object (so a network returned earlier changes too); use
+        :meth:`make_net` for an independent copy. The working network is not
+        :attr:`network`, whose parameters keep the initial solution.
+        """
+        if self._eval_network is None:
+            self._eval_network = copy.deepcopy(self._network)
+        self.vector_to_parameters(self._solution_vector(parameters), self._eval_network)
+        return self._eval_network
 
     def _fill(self, values: torch.Tensor) -> None:
         if self.initial_lower_bounds is not None and self.initial_upper_bounds is not None:
@@ -638,7 +680,8 @@ class EggrollSupervisedNE(EggrollNEProblem):
 
     Args:
         dataset: An indexable dataset of ``(x, y)`` pairs (e.g. ``TensorDataset``).
-        network: ``nn.Module`` or a callable returning one.
+        network: ``nn.Module``, a callable returning one, or a network string (names from
+            ``network_args``), as for :class:`EggrollNEProblem`.
         loss_func: ``loss(y_hat (B, ...), y (B, ...)) -> scalar``; or override ``_loss``.
             Evaluated for all members at once with ``torch.func.vmap`` when possible,
             otherwise member by member.
@@ -818,6 +861,35 @@ class RunningObsNorm:
         out.count, out.sum, out.sum_of_squares = (t.to(device) for t in (self.count, self.sum, self.sum_of_squares))
         return out
 
+    @classmethod
+    def from_stats(cls, stats: Any, shape: Sequence[int], device: DeviceLike = None) -> "RunningObsNorm":
+        """A new instance on ``device`` holding the counts of ``stats``: a :class:`RunningObsNorm`
+        or anything with ``count``, ``sum`` and ``sum_of_squares`` (such as EvoTorch's
+        ``RunningNorm``; an empty one gives empty statistics). The sums must have the shape
+        ``shape``; raises ValueError otherwise and TypeError for other objects."""
+        shape = tuple(int(d) for d in shape)
+        if not all(hasattr(stats, a) for a in ("count", "sum", "sum_of_squares")):
+            raise TypeError(
+                "observation stats must be a RunningObsNorm or have count, sum and sum_of_squares "
+                f"(like EvoTorch's RunningNorm), got {type(stats).__name__}"
+            )
+        out = cls(shape, device=device, eps=getattr(stats, "eps", 1e-8))
+        if stats.sum is None and stats.sum_of_squares is None:  # EvoTorch's RunningNorm before any data
+            return out
+        for name in ("sum", "sum_of_squares"):
+            value = torch.as_tensor(getattr(stats, name))
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"observation stats have {name} of shape {tuple(value.shape)}; "
+                    f"the observations of this problem have shape {shape}"
+                )
+            getattr(out, name).copy_(value.to(device=out.sum.device, dtype=torch.float64))
+        count = torch.as_tensor(stats.count)
+        if count.numel() != 1 or not bool(count.reshape(()) >= 0):
+            raise ValueError(f"observation stats need a count >= 0 (one number), got {stats.count!r}")
+        out.count.copy_(count.reshape(()).to(torch.float64))
+        return out
+
 
 class _ObsNormPolicy(nn.Module):
     """A policy network preceded by fixed observation normalisation."""
@@ -867,9 +939,10 @@ class EggrollVecGymNE(EggrollNEProblem):
             :class:`~evotorch_eggroll.envs.CartPole` class), or a ``VectorEnv`` instance with
             at least as many environments as members (extra environments are run but
             ignored).
-        network: ``nn.Module`` or a callable returning one; a callable may accept
-            ``obs_length``, ``act_length``, ``obs_shape``, ``act_shape``, ``obs_space``,
-            ``act_space``.
+        network: ``nn.Module``, a callable returning one, or a network string such as
+            ``"Linear(obs_length, 8) >> Tanh() >> Linear(8, act_length)"``; a callable may
+            accept, and a string may use, ``obs_length``, ``act_length``, ``obs_shape``,
+            ``act_shape``, ``obs_space``, ``act_space`` (and the names in ``network_args``).
         env_config: Keyword arguments for building the environment.
         num_episodes: Episodes per member and evaluation (default 1).
         episode_length: Optional cap on the steps of each episode.
@@ -1000,11 +1073,48 @@ class EggrollVecGymNE(EggrollNEProblem):
     def observation_normalization(self) -> bool:
         return self._observation_normalization
 
-    def get_observation_stats(self) -> Optional[RunningObsNorm]:
-        """The running observation statistics (None before any observation)."""
+    def _ensure_obsnorm(self) -> None:
         if not self._observation_normalization:
             raise ValueError("observation statistics exist only with observation_normalization=True")
+
+    def get_observation_stats(self) -> Optional[RunningObsNorm]:
+        """The running observation statistics (None before any observation)."""
+        self._ensure_obsnorm()
         return self._obs_stats
+
+    def set_observation_stats(self, stats: Any) -> None:
+        """Replace the running observation statistics, as EvoTorch's
+        ``VecGymNE.set_observation_stats``: ``stats`` is a :class:`RunningObsNorm`, EvoTorch's
+        ``RunningNorm`` (or anything with ``count``, ``sum`` and ``sum_of_squares``) whose
+        sums have the observation shape, or None to forget them. The values are copied onto
+        the network's device (normalisation keeps this package's formula: a ``RunningNorm``'s
+        ``min_variance`` and ``clip`` are not carried over). Raises ValueError without
+        ``observation_normalization=True`` or for a wrong shape."""
+        self._ensure_obsnorm()
+        if stats is None:
+            self._obs_stats = None
+            return
+        self._obs_stats = RunningObsNorm.from_stats(stats, self._obs_space.shape, device=self.network_device)
+
+    def update_observation_stats(self, stats: Any) -> None:
+        """Add the counts of ``stats`` (what :meth:`set_observation_stats` accepts, not None)
+        to the running observation statistics, as EvoTorch's ``update_observation_stats``."""
+        self._ensure_obsnorm()
+        extra = RunningObsNorm.from_stats(stats, self._obs_space.shape, device=self.network_device)
+        if self._obs_stats is None:
+            self._obs_stats = extra
+            return
+        current = self._obs_stats
+        for name in ("count", "sum", "sum_of_squares"):
+            getattr(current, name).add_(getattr(extra, name).to(getattr(current, name).device))
+
+    def set_episode_count(self, n: int) -> None:
+        """Set the number of completed episodes (as EvoTorch's ``VecGymNE``)."""
+        self._episode_count = int(n)
+
+    def set_interaction_count(self, n: int) -> None:
+        """Set the number of environment steps taken (as EvoTorch's ``VecGymNE``)."""
+        self._interaction_count = int(n)
 
     @property
     def interaction_count(self) -> int:
@@ -1028,6 +1138,36 @@ class EggrollVecGymNE(EggrollNEProblem):
         if self._observation_normalization and self._obs_stats is not None:
             return _ObsNormPolicy(net, self._obs_stats.mean, self._obs_stats.stdev)
         return net
+
+    def save_solution(self, solution: Union[Solution, torch.Tensor, Iterable], fname: Union[str, Path]) -> None:
+        """Pickle ``solution`` into the file ``fname``, as EvoTorch's ``VecGymNE.save_solution``.
+
+        The file holds one dict (read it back with ``pickle.load``): ``"solution"`` (the
+        decision vector, a CPU tensor), ``"policy"`` (:meth:`to_policy` on the CPU,
+        observation normalisation included), with observation normalisation and statistics
+        ``"obs_mean"``, ``"obs_stdev"``, ``"obs_sum"``, ``"obs_sum_of_squares"``, then
+        ``"interaction_count"``, ``"episode_count"``, ``"time"`` (a ``datetime``),
+        ``"env"`` (when the environment was given as a Gymnasium id) and
+        ``"architecture"`` (the network string when one was given, else a CPU copy of the
+        network holding the initial solution).
+        """
+        vector = self._solution_vector(solution).detach().clone().cpu()
+        result: dict[str, Any] = {"solution": vector, "policy": self.to_policy(vector).to("cpu")}
+        stats = self._obs_stats
+        if self._observation_normalization and stats is not None:
+            result["obs_mean"] = stats.mean.cpu()
+            result["obs_stdev"] = stats.stdev.cpu()
+            result["obs_sum"] = stats.sum.cpu()
+            result["obs_sum_of_squares"] = stats.sum_of_squares.cpu()
+        result["interaction_count"] = self._interaction_count
+        result["episode_count"] = self._episode_count
+        result["time"] = datetime.now()
+        if isinstance(self._env_maker, str):
+            result["env"] = self._env_maker
+        architecture = getattr(self, "_architecture", None)  # absent in problems pickled by older versions
+        result["architecture"] = architecture if architecture is not None else copy.deepcopy(self._network).to("cpu")
+        with open(fname, "wb") as f:
+            pickle.dump(result, f)
 
     # ------------------------------------------------------------------ rollouts
 

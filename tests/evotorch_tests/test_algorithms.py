@@ -351,3 +351,64 @@ def test_dense_mode_without_gpu_or_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA GPU"):
         EGGROLL(_sphere_problem(), popsize=4)
+
+
+# ---------------------------------------------------------------------------- EvoTorch's names
+
+
+def test_evotorch_names_are_accepted_for_identical_settings():
+    evotorch_style = EGGROLL(_sphere_problem(), popsize=4, stdev_init=0.3, center_learning_rate=0.05, symmetric=False)
+    eggroll_style = EGGROLL(_sphere_problem(), popsize=4, sigma=0.3, lr=0.05, antithetic=False)
+    assert evotorch_style.sigma == eggroll_style.sigma == 0.3
+    assert evotorch_style.optimizer.param_groups[0]["lr"] == 0.05
+    assert evotorch_style._antithetic is False
+    evotorch_style.step()
+    eggroll_style.step()
+    assert torch.equal(evotorch_style.status["center"], eggroll_style.status["center"])
+    # a one-element tensor is one scale too
+    assert EGGROLL(_sphere_problem(), popsize=4, stdev_init=torch.tensor([0.25])).sigma == 0.25
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(stdev_init=0.2, sigma=0.1), "stdev_init is EvoTorch's name for EGGROLL's sigma"),
+        (dict(center_learning_rate=0.2, lr=0.1), "center_learning_rate is EvoTorch's name for EGGROLL's lr"),
+        (dict(symmetric=True, antithetic=True), "EGGROLL's antithetic"),
+        (dict(stdev_init=[0.1, 0.2]), "one noise scale for all parameters"),
+        (dict(radius_init=2.0), r"sigma=radius_init / sqrt\(solution_length\) \(here sigma=0.707107\)"),
+        (dict(stdev_learning_rate=0.1), "fixed.*choose sigma"),
+        (dict(stdev_min=0.01), "fixed.*choose sigma"),
+        (dict(stdev_max=1.0), "fixed.*choose sigma"),
+        (dict(stdev_max_change=0.2), "fixed.*choose sigma"),
+        (dict(scale_learning_rate=True), "fixed.*choose sigma"),
+        (dict(popsize_max=100), "choose popsize"),
+        (dict(num_interactions=1000), "choose popsize"),
+        (dict(ensure_even_popsize=True), "pass an even popsize"),
+        (dict(obj_index=0), "single-objective"),
+        (dict(no_such_setting=1), "unexpected keyword argument 'no_such_setting'"),
+    ],
+)
+def test_evotorch_names_without_an_equivalent_say_what_to_use(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        EGGROLL(_sphere_problem(), popsize=4, **kwargs)
+
+
+def test_optimizer_config_errors_name_optimizer_config():
+    with pytest.raises(ValueError, match="not in optimizer_config"):
+        EGGROLL(_sphere_problem(), popsize=4, optimizer_config={"lr": 0.1})
+    with pytest.raises(TypeError, match="optimizer_config must be a mapping"):
+        EGGROLL(_sphere_problem(), popsize=4, optimizer_config=[("betas", (0.9, 0.99))])
+    with pytest.raises(ValueError, match="popsize must be at most 2\\*\\*32"):
+        EGGROLL(_sphere_problem(), popsize=(1 << 32) + 2)
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "dense"])
+def test_odd_popsize_warning_names_popsize(device, mode):
+    problem = _regression_problem(device)[0] if mode == "lowrank" else _sphere_problem()
+    searcher = EGGROLL(problem, popsize=5, rank=1)
+    with pytest.warns(UserWarning) as record:
+        searcher.step()
+    messages = [str(w.message) for w in record]
+    assert any("odd popsize (5)" in m for m in messages), messages
+    assert not any("population_size" in m for m in messages), messages

@@ -537,3 +537,173 @@ def test_env_without_in_place_declaration_runs_step_by_step_with_one_warning():
         warnings.simplefilter("error")
         searcher.step()  # warned once
     assert getattr(problem, "_captured", None) is None
+
+
+# ---------------------------------------------------------------------------- EvoTorch habits
+
+_NET_STRING = "Linear(obs_length, 8) >> Tanh() >> Linear(8, act_length)"
+
+
+def _cartpole(device, network=_NET_STRING, **kwargs):
+    torch.manual_seed(0)
+    kwargs.setdefault("episode_length", 5)
+    return EggrollVecGymNE(CartPole, network, device=device, seed=0, **kwargs)
+
+
+def _evaluate_materialised(problem, popsize=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    center = problem.parameters_to_vector(problem.network).cpu()
+    values = center + 0.1 * torch.randn(popsize, problem.solution_length, generator=g)
+    batch = _batch(problem, values.to(problem.device))
+    problem.evaluate(batch)
+    return batch
+
+
+def test_network_string_builds_the_same_architecture_as_the_module(device):
+    from evotorch_eggroll.algorithms import EGGROLL
+
+    by_string = _cartpole(device)
+    by_module = _cartpole(device, network=nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)))
+    shapes = [tuple(p.shape) for p in by_string.network.parameters()]
+    assert shapes == [tuple(p.shape) for p in by_module.network.parameters()] == [(8, 4), (8,), (2, 8), (2,)]
+    assert by_string.solution_length == by_module.solution_length == 58
+    v = torch.linspace(-1, 1, 58, device=device)
+    x = torch.randn(5, 4, device=device)
+    torch.testing.assert_close(by_string.make_net(v)(x), by_module.make_net(v)(x))
+
+    by_string = _cartpole(device, episode_length=40)  # long enough for returns to differ
+    searcher = EGGROLL(by_string, popsize=8, rank=1, sigma=0.5, lr=0.1)
+    before = searcher.status["center"].clone()
+    searcher.step()
+    assert searcher.status["mean_eval"] > 0
+    assert not torch.equal(searcher.status["center"], before)
+
+
+def test_network_string_names_come_from_network_args_in_every_adapter():
+    data = _regression_data(16)
+    sup = EggrollSupervisedNE(
+        data, "Linear(3, hidden) >> Tanh() >> Linear(hidden, 1)", nn.functional.mse_loss,
+        network_args={"hidden": 5}, device="cpu", seed=0,
+    )
+    assert sup.solution_length == 3 * 5 + 5 + 5 + 1
+    base = EggrollNEProblem(
+        "max", "Linear(2, width) >> ReLU()", batched_eval_func=lambda fwd: torch.zeros(fwd.num_members),
+        network_args={"width": 3}, device="cpu",
+    )
+    assert base.solution_length == 2 * 3 + 3
+    assert base.network_constants() == {"width": 3}
+    with pytest.raises(TypeError, match="network string"):
+        EggrollNEProblem("max", 42, network_eval_func=lambda n: 0.0, device="cpu")
+
+
+def test_parameterize_net_fills_and_returns_the_working_network():
+    problem = _cartpole("cpu")
+    initial = problem.parameters_to_vector(problem.network).clone()
+    v = torch.arange(58, dtype=torch.float32) / 58
+    net = problem.parameterize_net(v)
+    assert torch.equal(problem.parameters_to_vector(net), v)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(net(x), problem.make_net(v)(x))
+    # As in EvoTorch: the same network object each call, refilled; make_net is the copy.
+    w = -v
+    batch = _batch(problem, [w])
+    assert problem.parameterize_net(batch[0]) is net
+    assert torch.equal(problem.parameters_to_vector(net), w)
+    assert torch.equal(problem.parameters_to_vector(problem.network), initial)
+    with pytest.raises(ValueError, match="length 58"):
+        problem.parameterize_net(torch.zeros(57))
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_save_solution_writes_evotorchs_pickled_dict(tmp_path, normalise):
+    problem = _cartpole("cpu", observation_normalization=normalise)
+    batch = _evaluate_materialised(problem)
+    solution = batch[1]
+    fname = tmp_path / "solution.pickle"
+    problem.save_solution(solution, fname)
+    with open(fname, "rb") as f:
+        saved = pickle.load(f)
+    expected = {"solution", "policy", "interaction_count", "episode_count", "time", "architecture"}
+    if normalise:
+        expected |= {"obs_mean", "obs_stdev", "obs_sum", "obs_sum_of_squares"}
+    assert set(saved) == expected
+    assert type(saved["solution"]) is torch.Tensor and saved["solution"].device.type == "cpu"
+    assert torch.equal(saved["solution"], solution.values.as_subclass(torch.Tensor).cpu())
+    assert saved["architecture"] == _NET_STRING
+    assert saved["interaction_count"] == problem.interaction_count > 0
+    assert saved["episode_count"] == problem.episode_count == 4
+    x = torch.randn(6, 4) * 2
+    torch.testing.assert_close(saved["policy"](x), problem.to_policy(solution)(x))
+    if normalise:
+        stats = problem.get_observation_stats()
+        torch.testing.assert_close(saved["obs_mean"], stats.mean)
+        torch.testing.assert_close(saved["obs_sum_of_squares"], stats.sum_of_squares)
+        plain = problem.make_net(solution)
+        torch.testing.assert_close(saved["policy"](x), plain(((x - stats.mean) / stats.stdev).float()))
+
+
+def test_save_solution_records_a_gymnasium_id_and_a_module_architecture(tmp_path):
+    problem = EggrollVecGymNE("CartPole-v1", _policy, device="cpu", seed=0, episode_length=3)
+    problem.save_solution(torch.zeros(problem.solution_length), tmp_path / "s.pkl")
+    with open(tmp_path / "s.pkl", "rb") as f:
+        saved = pickle.load(f)
+    assert saved["env"] == "CartPole-v1"
+    assert isinstance(saved["architecture"], nn.Module)
+    assert torch.equal(saved["policy"](torch.ones(2, 4)), problem.make_net(torch.zeros(problem.solution_length))(torch.ones(2, 4)))
+
+
+def test_observation_stats_set_get_update_round_trip():
+    from evotorch.neuroevolution.net.runningnorm import RunningNorm
+
+    source = _cartpole("cpu", observation_normalization=True)
+    _evaluate_materialised(source)
+    stats = source.get_observation_stats()
+    target = _cartpole("cpu", observation_normalization=True)
+    assert target.get_observation_stats() is None
+    target.set_observation_stats(stats)
+    got = target.get_observation_stats()
+    assert got is not stats  # a copy: the two problems' statistics evolve separately
+    for name in ("count", "sum", "sum_of_squares", "mean", "stdev"):
+        assert torch.equal(getattr(got, name), getattr(stats, name)), name
+
+    target.update_observation_stats(stats)
+    assert float(target.get_observation_stats().count) == 2 * float(stats.count)
+    torch.testing.assert_close(target.get_observation_stats().mean, stats.mean)
+
+    # EvoTorch's own RunningNorm is accepted too.
+    rows = torch.randn(50, 4, dtype=torch.float64) * 3 + 1
+    rn = RunningNorm(shape=4, dtype=torch.float64)
+    rn.update(rows)
+    target.set_observation_stats(rn)
+    torch.testing.assert_close(target.get_observation_stats().mean, rows.mean(0))
+    target.set_observation_stats(RunningNorm(shape=4, dtype=torch.float32))  # empty
+    assert float(target.get_observation_stats().count) == 0
+    target.set_observation_stats(None)
+    assert target.get_observation_stats() is None
+
+
+def test_observation_stats_errors():
+    from evotorch.neuroevolution.net.runningnorm import RunningNorm
+
+    from evotorch_eggroll.neuroevolution import RunningObsNorm
+
+    problem = _cartpole("cpu", observation_normalization=True)
+    with pytest.raises(ValueError, match=r"shape \(3,\).*shape \(4,\)"):
+        problem.set_observation_stats(RunningObsNorm((3,)))
+    wrong = RunningNorm(shape=5, dtype=torch.float32)
+    wrong.update(torch.randn(4, 5))
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        problem.update_observation_stats(wrong)
+    with pytest.raises(TypeError, match="RunningNorm"):
+        problem.set_observation_stats({"mean": torch.zeros(4)})
+    plain = _cartpole("cpu")
+    for call in (plain.get_observation_stats, lambda: plain.set_observation_stats(RunningObsNorm((4,)))):
+        with pytest.raises(ValueError, match="observation_normalization=True"):
+            call()
+
+
+def test_episode_and_interaction_counters_can_be_set():
+    problem = _cartpole("cpu")
+    problem.set_episode_count(7)
+    problem.set_interaction_count(70)
+    assert (problem.episode_count, problem.interaction_count) == (7, 70)

@@ -71,6 +71,28 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _resolve_device(device: DeviceLike) -> torch.device:
+    """The problem's device: CUDA when there is a GPU and none is given; a device that
+    cannot be used here raises a ValueError/RuntimeError that says what to pass instead."""
+    if device is None:
+        return _default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1', ...): "
+                         f"{err}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise RuntimeError(
+                f"device={device!r}, but no CUDA GPU is available here (torch.cuda.is_available() "
+                "is False): pass device='cpu', or leave device out to use a GPU when there is one"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise RuntimeError(f"device={device!r}, but this machine has {count} CUDA device(s)")
+    return dev
+
+
 def _mix_seed(*parts: int) -> int:
     """A 31-bit seed derived deterministically from integers (no Python ``hash``)."""
     data = b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts)
@@ -353,7 +375,7 @@ class EggrollNEProblem(BaseNEProblem):
         num_subbatches: Optional[int] = None,
         subbatch_size: Optional[int] = None,
     ) -> None:
-        device = _default_device() if device is None else torch.device(device)
+        device = _resolve_device(device)
         self._batched_eval_func = batched_eval_func
         self._network_eval_func = network_eval_func
         if not (self._has_batched_evaluation() or self._has_network_evaluation()):
@@ -985,7 +1007,7 @@ class EggrollVecGymNE(EggrollNEProblem):
             raise ValueError(f"episode_length must be a positive integer, got {episode_length!r}")
         if observation_normalization and kwargs.get("num_actors") not in (None, 0):
             raise ValueError("observation_normalization is not supported together with num_actors")
-        self._device_for_env = _default_device() if device is None else torch.device(device)
+        self._device_for_env = _resolve_device(device)
         self._env_maker = env
         self._env_config = dict(env_config or {})
         self._num_episodes = int(num_episodes)

@@ -707,3 +707,14 @@ def test_episode_and_interaction_counters_can_be_set():
     problem.set_episode_count(7)
     problem.set_interaction_count(70)
     assert (problem.episode_count, problem.interaction_count) == (7, 70)
+
+
+def test_unusable_device_gets_the_package_message():
+    with pytest.raises(ValueError, match="not a torch device"):
+        EggrollVecGymNE(CartPole, _policy, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU is available"):
+            EggrollVecGymNE(CartPole, _policy, device="cuda")
+    else:
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            EggrollVecGymNE(CartPole, _policy, device=f"cuda:{torch.cuda.device_count()}")

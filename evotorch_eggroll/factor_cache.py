@@ -93,6 +93,7 @@ class FactorCache:
         strategy: buffers of matching shape and device are reused, others replaced)."""
         indices = noise_index_range(members, coords.antithetic)
         blocks: dict[int, torch.Tensor] = {}
+        index_tensors: dict[torch.device, torch.Tensor] = {}  # one per device, not per parameter
         for e in _cached_entries(evolved):
             device = e.param.device
             width = _row_width(e, coords.rank)
@@ -101,7 +102,10 @@ class FactorCache:
             if buf is None or tuple(buf.shape) != shape or buf.device != device:
                 buf = torch.empty(shape, dtype=torch.float32, device=device)
                 storage[e.name] = buf
-            idx = torch.arange(indices.start, indices.stop, dtype=torch.int64, device=device)
+            idx = index_tensors.get(device)
+            if idx is None:
+                idx = torch.arange(indices.start, indices.stop, dtype=torch.int64, device=device)
+                index_tensors[device] = idx
             numel = buf[0].numel() if len(indices) else 0
             ops.normal_block(coords.seed, e.key, coords.epoch, idx, numel,
                              out=buf.view(len(indices), numel))

@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import fused_mlp, ops
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache, default_budget_bytes
 from .routing import RowPerturbationMode
@@ -283,6 +283,11 @@ class PerturbationContext:
         if self._forward_calls == 1 and self._cache is None:
             self.cache_factors()  # decided once, so every call of the context takes one path
         cache = self._cache if self._cache is not None and self._cache.covers(lo, hi) else None
+        out = fused_mlp.try_forward(model, x, ids, self._evolved, self.coords, cache)
+        if out is not None:  # a plain MLP served by the drawn factors: one launch
+            self._last_generated = False
+            self.evaluated = True
+            return out
         mode = RowPerturbationMode(self._evolved, self.coords, ids, cache)
         with mode:
             out = model(x)
@@ -298,6 +303,16 @@ class PerturbationContext:
                 f"them out with setup(model, exclude={missing!r})."
             )
         return out
+
+    def _prepare_replay(self) -> bool:
+        """Draw the factors for forwards captured in a CUDA graph: a graph captured in an
+        earlier context of the same shape (see :meth:`_replay_key`) replays this context's
+        perturbed forwards without calling :meth:`batched_forward`, so the context counts as
+        evaluated. False when nothing is drawn (the forward then runs eagerly)."""
+        if not self.cache_factors():
+            return False
+        self.evaluated = True
+        return True
 
     def _replay_key(self) -> Optional[tuple]:
         """What a CUDA graph that captured this context's ``batched_forward`` reads besides

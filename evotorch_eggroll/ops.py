@@ -185,6 +185,7 @@ def _check_cache(cache: FactorCacheArg, what: str, rows: int, rank: int,
 class _KernelModules(NamedTuple):
     dense_noise: object
     drawn_linear: object
+    drawn_mlp: object
     lowrank_expand: object
     lowrank_project: object
     lowrank_update: object
@@ -197,13 +198,14 @@ _KERNELS: list = []
 def _kernels() -> _KernelModules:
     """The kernel modules, imported on first use (so Triton is imported only then)."""
     if not _KERNELS:
-        from .kernels import dense_noise, drawn_linear, lowrank_expand, lowrank_project
-        from .kernels import lowrank_update
+        from .kernels import dense_noise, drawn_linear, drawn_mlp, lowrank_expand
+        from .kernels import lowrank_project, lowrank_update
         from .kernels import normal_block as normal_block_kernel
 
-        _KERNELS.append(_KernelModules(dense_noise, drawn_linear, lowrank_expand,
+        _KERNELS.append(_KernelModules(dense_noise, drawn_linear, drawn_mlp, lowrank_expand,
                                        lowrank_project, lowrank_update, normal_block_kernel))
     return _KERNELS[0]
+
 
 
 # -- noise inspection ---------------------------------------------------------------------

@@ -47,7 +47,8 @@ for s in "${stages[@]}"; do
     sanitizer) stage sanitizer compute-sanitizer --tool memcheck --error-exitcode 3 \
         python3 -m pytest -q -x -p no:cacheprovider -m "not gpu and not slow" \
         tests/torch_tests/test_low_rank_perturbations.py tests/torch_tests/test_forward_equivalence.py \
-        tests/torch_tests/test_parameter_updates.py tests/torch_tests/test_deterministic_noise.py ;;
+        tests/torch_tests/test_parameter_updates.py tests/torch_tests/test_deterministic_noise.py \
+        tests/torch_tests/test_fused_mlp.py ;;
     bench) TAIL=40 stage bench python3 -m evotorch_eggroll.benchmark --csv "$LOG/bench.csv" ${BENCH_ARGS:-} ;;
     files) stage files python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests} ;;
     rollout) TAIL=40 stage rollout python3 -m evotorch_eggroll.rollout_benchmark ${ROLLOUT_ARGS:-} ;;

@@ -4,12 +4,14 @@
 
 Runs two generations (compilation, drawing, capture), then profiles a third with
 ``torch.profiler`` and prints the kernels by total device time, the wall-clock time and
-the summed device time.
+the summed device time; with ``--host``, a fourth generation under cProfile (host time).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -26,6 +28,8 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=65536)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--host", action="store_true",
+                        help="also profile a generation's Python with cProfile (host time)")
     args = parser.parse_args()
     problem = EggrollVecGymNE(CartPole, cartpole_policy, episode_length=args.steps, device="cuda")
     searcher = EGGROLL(problem, popsize=args.population, rank=1)
@@ -42,6 +46,15 @@ def main() -> None:
     print(f"N={args.population} steps run={problem.last_rollout_steps} wall={wall * 1e3:.2f} ms "
           f"device (sum of kernels)={device_us / 1e3:.2f} ms")
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
+    if args.host:
+        profiler = cProfile.Profile()
+        torch.cuda.synchronize()
+        profiler.enable()
+        searcher.step()
+        torch.cuda.synchronize()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.rows * 2)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+"""``batched_forward`` of a plain MLP in one kernel launch, when its factors are drawn.
+
+RL policies are mostly ``nn.Sequential`` stacks of ``nn.Linear`` layers and elementwise
+activations, a few hundred features wide, evaluated for every environment step. When
+such a model's evolved parameters are all served by the perturbation context's drawn
+factors (see :meth:`PerturbationContext.cache_factors`) and no autograd graph is needed,
+the whole forward runs as one launch of the drawn-MLP kernel instead of one routed op per
+layer and activation: the same per-row arithmetic as the per-layer path (the outputs agree
+to float32 rounding), without the per-op dispatch or the round trips between launches.
+Anything else -- other module types, hooks, gradients, other dtypes, wide layers --
+returns None here and takes the general routed path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+from . import ops
+from .evolved import EvolvedSet, NoiseCoords
+from .factor_cache import FactorCache
+
+__all__ = ["try_forward"]
+
+_ACTIVATIONS = {nn.Tanh: 1, nn.ReLU: 2, nn.Sigmoid: 3}
+MAX_RANK = 16
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None)
+                or getattr(m, "_forward_hooks_with_kwargs", None))
+
+
+def _global_hooks() -> bool:
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks
+                or getattr(_module, "_global_backward_pre_hooks", None))
+
+
+def _flatten(model: nn.Module, out: list) -> bool:
+    """Append ``model``'s leaf modules in call order; False when it is not a plain stack."""
+    if _has_hooks(model):
+        return False
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+        return all(_flatten(child, out) for child in model)
+    if isinstance(model, (nn.Linear, nn.Identity, *_ACTIVATIONS)):
+        out.append(model)
+        return True
+    return False
+
+
+def plan(model: nn.Module) -> Optional[list[tuple[nn.Linear, int]]]:
+    """``[(linear, activation code), ...]`` when ``model`` is a stack of ``nn.Linear``
+    layers, each followed by at most one of ``nn.Tanh``/``nn.ReLU``/``nn.Sigmoid``
+    (``nn.Identity`` anywhere), else None."""
+    leaves: list = []
+    if not _flatten(model, leaves):
+        return None
+    layers: list[list] = []
+    for leaf in leaves:
+        if isinstance(leaf, nn.Identity):
+            continue
+        if isinstance(leaf, nn.Linear):
+            if type(leaf).forward is not nn.Linear.forward:
+                return None
+            layers.append([leaf, 0])
+            continue
+        act = _ACTIVATIONS.get(type(leaf))
+        if act is None or not layers or layers[-1][1] != 0:
+            return None  # a subclass, an activation first, or two in a row
+        layers[-1][1] = act
+    return [(lin, act) for lin, act in layers] or None
+
+
+def try_forward(model: nn.Module, x: torch.Tensor, member_ids: torch.Tensor,
+                evolved: EvolvedSet, coords: NoiseCoords,
+                cache: Optional[FactorCache]) -> Optional[torch.Tensor]:
+    """The output of ``model(x)`` with row ``j`` perturbed as member ``member_ids[j]``,
+    computed by one drawn-MLP launch, or None when this model or call does not qualify."""
+    if (cache is None or x.dim() != 2 or x.dtype != torch.float32 or coords.sigma == 0.0
+            or coords.rank > MAX_RANK or not (x.is_cuda or ops.interpreter_active())
+            or torch.compiler.is_compiling() or _global_hooks()):
+        return None
+    layers = plan(model)
+    if layers is None:
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        return None
+    kern = ops._kernels().drawn_mlp
+    widths = [x.shape[1]]
+    specs = []
+    for lin, act in layers:
+        w, b = lin.weight, lin.bias
+        if w.dtype != torch.float32 or w.device != x.device or w.shape[1] != widths[-1]:
+            return None
+        if grad and (w.requires_grad or (b is not None and b.requires_grad)):
+            return None
+        we, be = evolved.lookup(w), evolved.lookup(b) if b is not None else None
+        if we is not None and not we.lowrank:
+            return None
+        wc, bc = cache.get(we), cache.get(be)
+        if (we is not None and wc is None) or (be is not None and bc is None):
+            return None
+        if b is not None and (b.dtype != torch.float32 or b.device != x.device):
+            return None
+        specs.append(kern.Layer(w, b, wc, bc, act))
+        widths.append(w.shape[0])
+    if not kern.fits(widths):
+        return None
+    tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return kern.drawn_mlp(x, specs, member_ids, rank=coords.rank,
+                          scale=coords.lowrank_scale, bias_scale=coords.sigma,
+                          antithetic=coords.antithetic, precision="tf32" if tf32 else "ieee")

@@ -1,0 +1,413 @@
+"""A whole perturbed MLP from drawn factors, in one launch (narrow policies).
+
+For ``nn.Sequential(Linear, act, Linear, act, ..., Linear[, act])`` with every layer's
+factors drawn beforehand (see :mod:`drawn_linear` for one layer), a program owns
+``BLOCK_M`` batch rows and runs them through up to :data:`MAX_LAYERS` layers:
+
+``h_{l+1}[j] = act_l(h_l[j] W_l^T + b_l + s_j scale (h_l[j] B0_lk) A0_lk^T + s_j bias_scale eps_lk)``
+
+with ``k`` row ``j``'s noise index. Each layer is computed exactly as :mod:`drawn_linear`
+computes it (output features in chunks of ``BLOCK_N``, input features in chunks of
+``BLOCK_K``); the hidden activations go through a per-row scratch buffer that the program
+itself writes and reads back after a barrier, so they stay in the L1/L2 caches instead of
+making a round trip through memory between launches. For the RL policies of
+neuroevolution (a few layers of at most a few hundred features) this replaces two
+launches per layer (the layer and its activation) by one launch for the whole network.
+Each row's arithmetic depends only on that row.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS
+from evotorch_eggroll.kernels.philox import device_guard, next_power_of_2, row_noise_index
+
+try:  # the device's own tanh (the one torch uses); Triton's interpreter lacks it
+    from triton.language.extra import libdevice as _libdevice
+except ImportError:  # pragma: no cover - every supported Triton has it
+    _libdevice = None
+
+MAX_FEATURES = 512
+MAX_LAYERS = 4
+# networks whose widths are all at most this keep the activations in registers
+REGS_MAX_FEATURES = 64
+REGS_BLOCK_M = 64
+REGS_NUM_WARPS = 4
+# wider networks: output features in chunks of BLOCK_N, input features in chunks of BLOCK_K;
+# BLOCK_M rows per program, SMALL_BLOCK_M up to SMALL_ROWS rows (more programs)
+BLOCK_M = 64
+SMALL_BLOCK_M = 16
+SMALL_ROWS = 8192
+BLOCK_N_MAX = 64
+BLOCK_K_MAX = 64
+NUM_WARPS = 4
+# tl.dot precision of float32 products when TF32 is off: "tf32x3" (three TF32 tensor-core
+# products per product, float32 accuracy) measured 2-3x faster than "ieee" (CUDA-core FMAs)
+FLOAT32_PRECISION = "tf32x3"
+
+# Activation codes (the ``ACT`` constexpr of a layer).
+IDENTITY, TANH, RELU, SIGMOID = 0, 1, 2, 3
+
+
+@triton.jit
+def _tanh(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        y = _libdevice.tanh(x)
+    else:
+        # tanh(|x|) = (1 - e) / (1 + e) with e = exp(-2|x|); a short series near 0, where
+        # that quotient cancels
+        a = tl.abs(x)
+        e = tl.exp(-2.0 * a)
+        big = (1.0 - e) / (1.0 + e)
+        x2 = x * x
+        small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+        y = tl.where(a < 0.0625, small, big)
+        y = tl.where(x < 0, -y, y)
+    return y
+
+
+@triton.jit
+def _activate(v, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
+    if ACT == 1:
+        v = _tanh(v, LIBDEVICE)
+    elif ACT == 2:
+        v = tl.maximum(v, 0.0)
+    elif ACT == 3:
+        v = tl.sigmoid(v)
+    return v
+
+
+@triton.jit
+def _layer(
+    src_ptr, stride_sm, stride_sk, dst_ptr, stride_dm, stride_dn,
+    rows, row_ok, rel, sign,
+    w_ptr, stride_wm, stride_wk, b_ptr, f_ptr, e_ptr,
+    N_IN, M_OUT, scale, bias_scale,
+    R: tl.constexpr, RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_NOISE: tl.constexpr,
+    BIAS_NOISE: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+):
+    """One layer for the program's rows: reads ``src`` (rows, N_IN), writes ``dst``."""
+    block = rel * ((N_IN + M_OUT) * R)  # (BLOCK_M,) start of each row's factors
+    rk = tl.arange(0, RP)
+    n0 = M_OUT * 0
+    t = tl.zeros((BLOCK_M, RP), dtype=tl.float32)  # x B0 of each row, summed once
+    if WEIGHT_NOISE:
+        k0 = N_IN * 0
+        while k0 < N_IN:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            xk_mask = row_ok[:, None] & (ks < N_IN)[None, :]
+            x = tl.load(src_ptr + rows[:, None] * stride_sm + ks[None, :] * stride_sk,
+                        mask=xk_mask, other=0.0).to(tl.float32)
+            for r in tl.static_range(R):
+                b0 = tl.load(f_ptr + block[:, None] + ks[None, :] * R + r, mask=xk_mask,
+                             other=0.0)
+                part = tl.sum(x * b0, axis=1)
+                t += tl.where(rk[None, :] == r, part[:, None], 0.0)
+            k0 += BLOCK_K
+    while n0 < M_OUT:  # a while loop: runtime loop bounds trip Triton's interpreter
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < M_OUT
+        out_mask = row_ok[:, None] & col_ok[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k0 = N_IN * 0
+        while k0 < N_IN:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < N_IN
+            x = tl.load(src_ptr + rows[:, None] * stride_sm + ks[None, :] * stride_sk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * stride_wm + ks[:, None] * stride_wk,
+                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            k0 += BLOCK_K
+        if WEIGHT_NOISE:
+            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r in tl.static_range(R):
+                a0 = tl.load(f_ptr + block[:, None] + (N_IN + cols)[None, :] * R + r,
+                             mask=out_mask, other=0.0)
+                t_r = tl.sum(tl.where(rk[None, :] == r, t, 0.0), axis=1)
+                low += a0 * t_r[:, None]
+            acc += low * (sign * scale)[:, None]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if BIAS_NOISE:
+            eps = tl.load(e_ptr + rel[:, None] * M_OUT + cols[None, :], mask=out_mask,
+                          other=0.0)
+            acc += (sign * bias_scale)[:, None] * eps
+        acc = _activate(acc, ACT, LIBDEVICE)
+        tl.store(dst_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
+                 acc.to(dst_ptr.dtype.element_ty), mask=out_mask)
+        n0 += BLOCK_N
+
+
+@triton.jit
+def _drawn_mlp_kernel(
+    x_ptr, stride_xm, stride_xk, out_ptr, stride_om, stride_on,
+    s0_ptr, s1_ptr, stride_s,
+    ids_ptr, stride_ids, n_rows, base, scale, bias_scale,
+    w0, sw0m, sw0k, b0, f0, e0, w1, sw1m, sw1k, b1, f1, e1,
+    w2, sw2m, sw2k, b2, f2, e2, w3, sw3m, sw3k, b3, f3, e3,
+    D0, D1, D2, D3, D4,
+    LAYERS: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BN0: tl.constexpr, BK0: tl.constexpr, HB0: tl.constexpr, WN0: tl.constexpr,
+    BZ0: tl.constexpr, ACT0: tl.constexpr,
+    BN1: tl.constexpr, BK1: tl.constexpr, HB1: tl.constexpr, WN1: tl.constexpr,
+    BZ1: tl.constexpr, ACT1: tl.constexpr,
+    BN2: tl.constexpr, BK2: tl.constexpr, HB2: tl.constexpr, WN2: tl.constexpr,
+    BZ2: tl.constexpr, ACT2: tl.constexpr,
+    BN3: tl.constexpr, BK3: tl.constexpr, HB3: tl.constexpr, WN3: tl.constexpr,
+    BZ3: tl.constexpr, ACT3: tl.constexpr,
+    ANTITHETIC: tl.constexpr, PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < n_rows
+    index, sign = row_noise_index(ids_ptr, rows, stride_ids, row_ok, ANTITHETIC)
+    sign = sign + tl.zeros((BLOCK_M,), tl.float32)  # (BLOCK_M,) also when it is a scalar
+    rel = index - base
+    # layer l reads the input (l = 0) or scratch l % 2 and writes the output (last layer)
+    # or scratch (l + 1) % 2; a barrier makes a layer's writes visible to the next one
+    if LAYERS == 1:
+        _layer(x_ptr, stride_xm, stride_xk, out_ptr, stride_om, stride_on, rows, row_ok, rel,
+               sign, w0, sw0m, sw0k, b0, f0, e0, D0, D1, scale, bias_scale, R, RP, BLOCK_M,
+               BN0, BK0, HB0, WN0, BZ0, ACT0, PRECISION, LIBDEVICE)
+    else:
+        _layer(x_ptr, stride_xm, stride_xk, s1_ptr, stride_s, 1, rows, row_ok, rel,
+               sign, w0, sw0m, sw0k, b0, f0, e0, D0, D1, scale, bias_scale, R, RP, BLOCK_M,
+               BN0, BK0, HB0, WN0, BZ0, ACT0, PRECISION, LIBDEVICE)
+        tl.debug_barrier()
+        if LAYERS == 2:
+            _layer(s1_ptr, stride_s, 1, out_ptr, stride_om, stride_on, rows, row_ok, rel,
+                   sign, w1, sw1m, sw1k, b1, f1, e1, D1, D2, scale, bias_scale, R, RP,
+                   BLOCK_M, BN1, BK1, HB1, WN1, BZ1, ACT1, PRECISION, LIBDEVICE)
+        else:
+            _layer(s1_ptr, stride_s, 1, s0_ptr, stride_s, 1, rows, row_ok, rel,
+                   sign, w1, sw1m, sw1k, b1, f1, e1, D1, D2, scale, bias_scale, R, RP,
+                   BLOCK_M, BN1, BK1, HB1, WN1, BZ1, ACT1, PRECISION, LIBDEVICE)
+            tl.debug_barrier()
+            if LAYERS == 3:
+                _layer(s0_ptr, stride_s, 1, out_ptr, stride_om, stride_on, rows, row_ok,
+                       rel, sign, w2, sw2m, sw2k, b2, f2, e2, D2, D3, scale, bias_scale, R,
+                       RP, BLOCK_M, BN2, BK2, HB2, WN2, BZ2, ACT2, PRECISION, LIBDEVICE)
+            else:
+                _layer(s0_ptr, stride_s, 1, s1_ptr, stride_s, 1, rows, row_ok,
+                       rel, sign, w2, sw2m, sw2k, b2, f2, e2, D2, D3, scale, bias_scale, R,
+                       RP, BLOCK_M, BN2, BK2, HB2, WN2, BZ2, ACT2, PRECISION, LIBDEVICE)
+                tl.debug_barrier()
+                _layer(s1_ptr, stride_s, 1, out_ptr, stride_om, stride_on, rows, row_ok,
+                       rel, sign, w3, sw3m, sw3k, b3, f3, e3, D3, D4, scale, bias_scale, R,
+                       RP, BLOCK_M, BN3, BK3, HB3, WN3, BZ3, ACT3, PRECISION, LIBDEVICE)
+
+
+@triton.jit
+def _layer_regs(
+    h, row_ok, rel, sign, w_ptr, stride_wm, stride_wk, b_ptr, f_ptr, e_ptr,
+    N_IN, M_OUT, scale, bias_scale,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, PIN: tl.constexpr, POUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WEIGHT_NOISE: tl.constexpr, BIAS_NOISE: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    """One layer on a register tile: ``h (BLOCK_M, PIN)`` -> ``(BLOCK_M, POUT)``. Columns
+    past ``N_IN`` of ``h`` may hold anything: the weight and factor loads mask them."""
+    ks = tl.arange(0, PIN)
+    cols = tl.arange(0, POUT)
+    k_ok = ks < N_IN
+    col_ok = cols < M_OUT
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    w = tl.load(w_ptr + cols[None, :] * stride_wm + ks[:, None] * stride_wk,
+                mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (PIN, POUT): W^T
+    acc = tl.dot(h, w, input_precision=PRECISION)
+    if WEIGHT_NOISE:
+        block = rel * ((N_IN + M_OUT) * R)
+        low = tl.zeros((BLOCK_M, POUT), dtype=tl.float32)
+        for r in tl.static_range(R):
+            b0 = tl.load(f_ptr + block[:, None] + ks[None, :] * R + r,
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            t_r = tl.sum(h * b0, axis=1)  # (BLOCK_M,)
+            a0 = tl.load(f_ptr + block[:, None] + (N_IN + cols)[None, :] * R + r,
+                         mask=out_mask, other=0.0)
+            low += a0 * t_r[:, None]
+        acc += low * (sign * scale)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if BIAS_NOISE:
+        eps = tl.load(e_ptr + rel[:, None] * M_OUT + cols[None, :], mask=out_mask, other=0.0)
+        acc += (sign * bias_scale)[:, None] * eps
+    return _activate(acc, ACT, LIBDEVICE)
+
+
+@triton.jit
+def _drawn_mlp_regs_kernel(
+    x_ptr, stride_xm, stride_xk, out_ptr, stride_om, stride_on,
+    ids_ptr, stride_ids, n_rows, base, scale, bias_scale,
+    w0, sw0m, sw0k, b0, f0, e0, w1, sw1m, sw1k, b1, f1, e1,
+    w2, sw2m, sw2k, b2, f2, e2, w3, sw3m, sw3k, b3, f3, e3,
+    D0, D1, D2, D3, D4, n_out,
+    LAYERS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr,
+    HB0: tl.constexpr, WN0: tl.constexpr, BZ0: tl.constexpr, ACT0: tl.constexpr,
+    HB1: tl.constexpr, WN1: tl.constexpr, BZ1: tl.constexpr, ACT1: tl.constexpr,
+    HB2: tl.constexpr, WN2: tl.constexpr, BZ2: tl.constexpr, ACT2: tl.constexpr,
+    HB3: tl.constexpr, WN3: tl.constexpr, BZ3: tl.constexpr, ACT3: tl.constexpr,
+    PL: tl.constexpr, ANTITHETIC: tl.constexpr, PRECISION: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+):
+    """The whole network with the activations in registers (every width at most
+    ``REGS_MAX_FEATURES``): no scratch, no barriers."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < n_rows
+    index, sign = row_noise_index(ids_ptr, rows, stride_ids, row_ok, ANTITHETIC)
+    sign = sign + tl.zeros((BLOCK_M,), tl.float32)
+    rel = index - base
+    ks = tl.arange(0, P0)
+    h = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                mask=row_ok[:, None] & (ks < D0)[None, :], other=0.0).to(tl.float32)
+    h = _layer_regs(h, row_ok, rel, sign, w0, sw0m, sw0k, b0, f0, e0, D0, D1, scale,
+                    bias_scale, R, BLOCK_M, P0, P1, HB0, WN0, BZ0, ACT0, PRECISION, LIBDEVICE)
+    if LAYERS > 1:
+        h = _layer_regs(h, row_ok, rel, sign, w1, sw1m, sw1k, b1, f1, e1, D1, D2, scale,
+                        bias_scale, R, BLOCK_M, P1, P2, HB1, WN1, BZ1, ACT1, PRECISION,
+                        LIBDEVICE)
+    if LAYERS > 2:
+        h = _layer_regs(h, row_ok, rel, sign, w2, sw2m, sw2k, b2, f2, e2, D2, D3, scale,
+                        bias_scale, R, BLOCK_M, P2, P3, HB2, WN2, BZ2, ACT2, PRECISION,
+                        LIBDEVICE)
+    if LAYERS > 3:
+        h = _layer_regs(h, row_ok, rel, sign, w3, sw3m, sw3k, b3, f3, e3, D3, D4, scale,
+                        bias_scale, R, BLOCK_M, P3, P4, HB3, WN3, BZ3, ACT3, PRECISION,
+                        LIBDEVICE)
+    cols = tl.arange(0, PL)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, h,
+             mask=row_ok[:, None] & (cols < n_out)[None, :])
+
+
+class Layer:
+    """One layer of :func:`drawn_mlp`: ``weight (m, n)``, optional ``bias (m,)``, the drawn
+    ``(block, base)`` caches of its factors (None: no weight noise) and bias noise (None:
+    none), and the activation code applied to its output."""
+
+    __slots__ = ("weight", "bias", "cache", "bias_cache", "act")
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 cache: Optional[tuple[torch.Tensor, int]],
+                 bias_cache: Optional[tuple[torch.Tensor, int]], act: int) -> None:
+        self.weight, self.bias, self.cache, self.bias_cache, self.act = (
+            weight, bias, cache, bias_cache, act)
+
+
+def fits(widths: Sequence[int]) -> bool:
+    """Whether a network with these feature counts (input, hidden..., output) takes this
+    kernel."""
+    return len(widths) >= 2 and all(0 < w <= MAX_FEATURES for w in widths)
+
+
+def _block_sizes(n: int, m: int) -> tuple[int, int]:
+    return (min(BLOCK_N_MAX, max(16, next_power_of_2(m))),
+            min(BLOCK_K_MAX, max(16, next_power_of_2(n))))
+
+
+def drawn_mlp(
+    x: torch.Tensor,
+    layers: Sequence[Layer],
+    member_ids: torch.Tensor,
+    *,
+    rank: int,
+    scale: float,
+    bias_scale: float,
+    antithetic: bool,
+    precision: str,
+) -> torch.Tensor:
+    """``x (rows, n0)`` float32 through the perturbed layers: ``(rows, m_last)`` float32.
+
+    Args:
+        x: ``(rows, n0)`` input, any strides.
+        layers: the network's layers in order (see :class:`Layer`); every cache must start
+            at the same noise index and hold every row's noise index; more than
+            :data:`MAX_LAYERS` layers take one launch per group of that many.
+        member_ids: ``(rows,)`` integer member of each row.
+        rank: factor rank ``R``.
+        scale: multiplier of the low-rank term (``sigma / sqrt(R)``).
+        bias_scale: multiplier of the bias noise (``sigma``).
+        antithetic: members ``2k``, ``2k + 1`` share noise index ``k``, signs ``+1``/``-1``.
+        precision: ``"ieee"`` or ``"tf32"`` for the base products.
+    """
+    if not layers:
+        raise ValueError("drawn_mlp needs at least one layer")
+    bases = {c[1] for lay in layers for c in (lay.cache, lay.bias_cache) if c is not None}
+    if len(bases) > 1:
+        raise ValueError("every layer's factor caches must start at the same noise index")
+    base = bases.pop() if bases else 0
+    for group in range(0, len(layers), MAX_LAYERS):
+        x = _launch(x, layers[group:group + MAX_LAYERS], member_ids, base, rank=rank,
+                    scale=scale, bias_scale=bias_scale, antithetic=antithetic,
+                    precision=precision)
+    return x
+
+
+def _layer_arguments(layers, out) -> tuple[list, list[dict]]:
+    """Pointer/stride arguments of the kernel's four layer slots and each used layer's flags
+    (unused slots point at ``out`` and are never read)."""
+    args, flags = [], []
+    for i in range(MAX_LAYERS):
+        if i < len(layers):
+            lay = layers[i]
+            w = lay.weight
+            args += [w, w.stride(0), w.stride(1),
+                     lay.bias if lay.bias is not None else out,
+                     lay.cache[0] if lay.cache is not None else out,
+                     lay.bias_cache[0] if lay.bias_cache is not None else out]
+            flags.append(dict(HB=lay.bias is not None, WN=lay.cache is not None,
+                              BZ=lay.bias_cache is not None, ACT=int(lay.act)))
+        else:
+            args += [out, 0, 0, out, out, out]
+            flags.append(dict(HB=False, WN=False, BZ=False, ACT=IDENTITY))
+    return args, flags
+
+
+def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic, precision):
+    rows = x.shape[0]
+    widths = [x.shape[1]] + [lay.weight.shape[0] for lay in layers]
+    out = torch.empty((rows, widths[-1]), dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return out
+    args, flags = _layer_arguments(layers, out)
+    dims = widths + [1] * (MAX_LAYERS + 1 - len(widths))
+    common = dict(LAYERS=len(layers), R=rank, ANTITHETIC=bool(antithetic),
+                  PRECISION=FLOAT32_PRECISION if precision == "ieee" else precision,
+                  LIBDEVICE=x.is_cuda and _libdevice is not None, **LAUNCH_OPTIONS)
+    if max(widths) <= REGS_MAX_FEATURES:
+        meta = {f"{k}{i}": v for i, f in enumerate(flags) for k, v in f.items()}
+        pads = [max(16, next_power_of_2(w)) for w in dims]
+        with device_guard(x):
+            _drawn_mlp_regs_kernel[(triton.cdiv(rows, REGS_BLOCK_M),)](
+                x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1),
+                member_ids, member_ids.stride(0), rows, int(base), float(scale),
+                float(bias_scale), *args, *dims, widths[-1],
+                BLOCK_M=REGS_BLOCK_M, **{f"P{i}": p for i, p in enumerate(pads)},
+                PL=pads[len(layers)], **meta, num_warps=REGS_NUM_WARPS, **common)
+        return out
+    hidden = max(widths[1:-1], default=1)
+    scratch = [torch.empty((rows, hidden), dtype=torch.float32, device=x.device)
+               for _ in range(min(2, len(layers) - 1))]
+    s0 = scratch[0] if scratch else out
+    s1 = scratch[-1] if scratch else out
+    meta = {}
+    for i, f in enumerate(flags):
+        bn, bk = _block_sizes(dims[i], dims[i + 1])
+        meta.update({f"BN{i}": bn, f"BK{i}": bk, f"HB{i}": f["HB"], f"WN{i}": f["WN"],
+                     f"BZ{i}": f["BZ"], f"ACT{i}": f["ACT"]})
+    with device_guard(x):
+        block_m = SMALL_BLOCK_M if rows <= SMALL_ROWS else BLOCK_M
+        _drawn_mlp_kernel[(triton.cdiv(rows, block_m),)](
+            x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1),
+            s0, s1, hidden, member_ids, member_ids.stride(0), rows, int(base), float(scale),
+            float(bias_scale), *args, *dims,
+            RP=next_power_of_2(rank), BLOCK_M=block_m, **meta, num_warps=NUM_WARPS,
+            **common,
+        )
+    return out

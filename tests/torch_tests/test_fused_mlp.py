@@ -1,0 +1,182 @@
+"""``batched_forward`` of a plain MLP through the one-launch drawn-MLP kernel.
+
+Under ``torch.no_grad()``, with the context's factors drawn, an ``nn.Sequential`` of
+``nn.Linear`` layers and Tanh/ReLU/Sigmoid activations runs as one kernel launch. Its
+output equals each member's materialised network (``pop.iterate()``) to float32 rounding,
+equals the routed per-layer path, is bit-equal across repeated calls, and the fast path
+steps aside for everything else (gradients, hooks, other modules, other dtypes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from evotorch_eggroll import EggrollStrategy, fused_mlp
+from evotorch_eggroll.kernels import drawn_mlp
+
+
+def _net(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "narrow":  # every width <= 64: activations kept in registers
+        return nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 33), nn.ReLU(),
+                             nn.Linear(33, 2))
+    if kind == "wide":  # a width above 64: chunked layers through scratch
+        return nn.Sequential(nn.Linear(5, 70), nn.Sigmoid(), nn.Linear(70, 3), nn.Tanh())
+    if kind == "deep":  # more layers than one launch takes, nested, identities, no bias
+        return nn.Sequential(nn.Linear(3, 9), nn.Tanh(),
+                             nn.Sequential(nn.Linear(9, 9, bias=False), nn.Identity(), nn.ReLU(),
+                                           nn.Linear(9, 9), nn.Tanh()),
+                             nn.Linear(9, 9), nn.Tanh(), nn.Linear(9, 4))
+    raise ValueError(kind)
+
+
+def _launches(monkeypatch) -> list:
+    """Record every drawn-MLP launch."""
+    calls = []
+    real = drawn_mlp.drawn_mlp
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(drawn_mlp, "drawn_mlp", spy)
+    return calls
+
+
+def _routed(pop, model, x, ids, monkeypatch):
+    """The same forward through the per-op routed path."""
+    with monkeypatch.context() as m:
+        m.setattr(fused_mlp, "try_forward", lambda *a, **k: None)
+        return pop.batched_forward(model, x, member_ids=ids)
+
+
+@pytest.mark.parametrize("kind,rank,antithetic,evolve_bias", [
+    ("narrow", 1, True, True), ("narrow", 3, False, True), ("wide", 2, True, True),
+    ("deep", 1, True, False), ("deep", 2, False, True)])
+def test_fused_forward_equals_each_members_network(device, monkeypatch, kind, rank, antithetic,
+                                                   evolve_bias):
+    model = _net(kind).to(device)
+    s = EggrollStrategy(sigma=0.2, rank=rank, antithetic=antithetic, seed=11,
+                        evolve_bias=evolve_bias).setup(model)
+    n_in = next(m for m in model.modules() if isinstance(m, nn.Linear)).in_features
+    population, rows = 6, 13
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, n_in, generator=gen).to(device)
+    ids = torch.randint(0, population, (rows,), generator=gen).to(device)
+    calls = _launches(monkeypatch)
+    with torch.no_grad(), s.perturb(population, epoch=3) as pop:
+        out = pop.batched_forward(model, x, member_ids=ids)
+        again = pop.batched_forward(model, x, member_ids=ids)
+        routed = _routed(pop, model, x, ids, monkeypatch)
+        want = torch.empty_like(out)
+        for k in pop.iterate():  # each member's materialised network
+            rows_k = ids == k
+            want[rows_k] = model(x[rows_k])
+    assert len(calls) == 2  # one launch per call, groups of four layers inside it
+    assert torch.equal(out, again)
+    torch.testing.assert_close(out, routed, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+def test_default_member_ids_and_row_order(device, monkeypatch):
+    """Default ids map row j to member j; a permutation of rows permutes the output."""
+    model = _net("narrow").to(device)
+    s = EggrollStrategy(sigma=0.1, rank=2).setup(model)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(2)).to(device)
+    perm = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4], device=device)
+    with torch.no_grad(), s.perturb(8) as pop:
+        out = pop.batched_forward(model, x)
+        shuffled = pop.batched_forward(model, x[perm], member_ids=perm)
+        routed = _routed(pop, model, x, None, monkeypatch)
+    torch.testing.assert_close(shuffled, out[perm], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, routed, atol=1e-5, rtol=1e-5)
+
+
+def test_the_fast_path_steps_aside(device, monkeypatch):
+    """Gradients, hooks, unsupported modules, a Linear subclass with its own forward, an
+    activation first, float64 or a 3-D input take the routed path (and still compute)."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    torch.manual_seed(0)
+    cases = {
+        "hook": nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)),
+        "gelu": nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)),
+        "subclass": nn.Sequential(Scaled(4, 8), nn.Tanh(), nn.Linear(8, 2)),
+        "act first": nn.Sequential(nn.Tanh(), nn.Linear(4, 2)),
+        "two acts": nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.ReLU(), nn.Linear(8, 2)),
+    }
+    cases["hook"][0].register_forward_hook(lambda mod, inp, out: out)
+    calls = _launches(monkeypatch)
+    x = torch.randn(6, 4, device=device)
+    for name, model in cases.items():
+        model.to(device)
+        s = EggrollStrategy(sigma=0.1, rank=1).setup(model)
+        with torch.no_grad(), s.perturb(6) as pop:
+            out = pop.batched_forward(model, x)
+        assert out.shape == (6, 2), name
+    assert calls == []
+    model = _net("narrow").to(device)
+    s = EggrollStrategy(sigma=0.1, rank=1).setup(model)
+    with s.perturb(6) as pop:
+        out = pop.batched_forward(model, x)  # gradients on: autograd needs the routed ops
+        out.sum().backward()
+        with torch.no_grad():
+            strided = torch.randn(4, 6, device=device).t()  # any strides are fine
+            torch.testing.assert_close(pop.batched_forward(model, strided),
+                                       _routed(pop, model, strided, None, monkeypatch),
+                                       atol=1e-5, rtol=1e-5)
+            pop.batched_forward(model, x.unsqueeze(1), member_ids=torch.arange(6))  # 3-D input
+    assert model[0].weight.grad is not None
+    assert calls == [3]  # only the plain 2-D no-grad call was fused
+    model = _net("narrow").to(device, torch.float64)
+    s = EggrollStrategy(sigma=0.1, rank=1).setup(model)
+    with torch.no_grad(), s.perturb(6) as pop:
+        assert pop.batched_forward(model, x.double()).dtype == torch.float64
+    assert calls == [3]
+
+
+def test_plan_recognises_plain_stacks():
+    assert [a for _, a in fused_mlp.plan(_net("narrow"))] == [1, 2, 0]
+    assert [a for _, a in fused_mlp.plan(_net("deep"))] == [1, 2, 1, 1, 0]
+    assert fused_mlp.plan(nn.Sequential(nn.Tanh(), nn.Linear(2, 2))) is None
+    assert fused_mlp.plan(nn.Linear(2, 2)) is not None
+    assert fused_mlp.plan(nn.Sequential(nn.Linear(2, 2), nn.Dropout())) is None
+    assert drawn_mlp.fits([4, 64, 2]) and not drawn_mlp.fits([4, 1024, 2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["cartpole", "rl_mlp"])
+def test_fused_forward_at_real_sizes(kind, monkeypatch):
+    """CartPole and RL-MLP policies at thousands of members: equal to the routed path to
+    float32 rounding; a row's output does not depend on the batch it came in; a CUDA graph
+    that captured the call replays it bit-equal."""
+    from evotorch_eggroll.rollout_benchmark import cartpole_policy, rl_mlp_policy
+
+    torch.manual_seed(0)
+    obs, act = (4, 2) if kind == "cartpole" else (17, 6)
+    model = (cartpole_policy if kind == "cartpole" else rl_mlp_policy)(obs, act).cuda()
+    s = EggrollStrategy(sigma=0.1, rank=1).setup(model)
+    n = 16384
+    x = torch.randn(n, obs, device="cuda")
+    calls = _launches(monkeypatch)
+    with torch.no_grad(), s.perturb(n) as pop:
+        out = pop.batched_forward(model, x)
+        head = pop.batched_forward(model, x[:2048], member_ids=torch.arange(2048, device="cuda"))
+        routed = _routed(pop, model, x, None, monkeypatch)
+        graph = torch.cuda.CUDAGraph()
+        static = x.clone()
+        with torch.cuda.graph(graph):
+            captured = pop.batched_forward(model, static)
+        static.copy_(torch.randn(n, obs, device="cuda"))
+        graph.replay()
+        want = pop.batched_forward(model, static)
+    torch.cuda.synchronize()
+    assert len(calls) == 4
+    assert torch.equal(head, out[:2048])
+    torch.testing.assert_close(out, routed, atol=2e-5, rtol=2e-5)
+    assert torch.equal(captured, want)

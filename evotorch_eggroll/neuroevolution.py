@@ -676,7 +676,7 @@ class EggrollNEProblem(BaseNEProblem):
             if self._has_batched_evaluation():
                 fwd = PopulationForward(
                     lambda x, rid: pop.batched_forward(network, x, member_ids=rid), ids, pop.population_size,
-                    replay=(pop.cache_factors, pop._replay_key) if own_slice else None,
+                    replay=(pop._prepare_replay, pop._replay_key) if own_slice else None,
                 )
                 fit = self._as_fitness(self._evaluate_members(fwd), ids.shape[0])
             else:

@@ -540,9 +540,27 @@ class EGGROLL(SearchAlgorithm):
             fitnesses = _dist.all_gather_population(fitnesses, self._popsize)
             self._problem._distributed_merge()
         # all N weights, identical on every rank: the strategy uses them without communication
+        self._warn_if_equal(fitnesses)
         weights = rank_fitnesses(fitnesses, self._ranking_method, higher_is_better=self._higher_is_better)
         strategy.step(weights.to(fitnesses.device), prenormalized=True)
         return fitnesses, record
+
+    def _warn_if_equal(self, fitnesses: torch.Tensor) -> None:
+        """Warn once per searcher when every fitness of a generation is the same (the ranks
+        are then all tied and the center does not move), naming the fitness itself."""
+        n = fitnesses.numel()
+        if getattr(self, "_warned_equal", False) or n < 2 or not bool((fitnesses == fitnesses[0]).all()):
+            return
+        self._warned_equal = True
+        strategy = getattr(self, "_strategy", None)
+        if strategy is not None:
+            strategy._warned.add("equal")  # the strategy would say it of the tied ranks
+        warnings.warn(
+            f"all {n} fitnesses are equal ({float(fitnesses[0])!r}): the ES gradient is zero and the "
+            f"center does not change (warned once per searcher)",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _warn_if_odd_popsize(self) -> bool:
         """Warn (in EGGROLL's terms) when antithetic sampling meets an odd popsize; True then."""
@@ -602,6 +620,7 @@ class EGGROLL(SearchAlgorithm):
         if self._distributed:
             fitnesses = _dist.all_gather_population(fitnesses, n)
 
+        self._warn_if_equal(fitnesses)
         weights = rank_fitnesses(fitnesses, self._ranking_method, higher_is_better=self._higher_is_better)
         noise_indices, coeffs = shaping.antithetic_fold(weights, self._antithetic)
         grad = torch.zeros(center.numel(), dtype=torch.float32, device=device)

@@ -651,8 +651,9 @@ class EvolutionStrategy:
         if n > 1 and bool((f64 == f64[0]).all()):
             self._warn_once(
                 "equal",
-                f"all {n} fitnesses are equal ({float(f64[0])!r}): the ES gradient is zero "
-                f"and the parameters do not change (warned once per strategy)")
+                f"all {n} {'prenormalized weights' if prenormalized else 'fitnesses'} are "
+                f"equal ({float(f64[0])!r}): the ES gradient is zero and the parameters do "
+                f"not change (warned once per strategy)")
 
         idx, coeffs = antithetic_fold(w, self.antithetic)
         # the optimizer minimises, so it gets -g: negating the coefficients gives exactly -g

@@ -412,3 +412,28 @@ def test_odd_popsize_warning_names_popsize(device, mode):
     messages = [str(w.message) for w in record]
     assert any("odd popsize (5)" in m for m in messages), messages
     assert not any("population_size" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "dense"])
+def test_equal_fitnesses_warning_names_the_fitness_once(device, mode):
+    """Constant fitnesses: one warning in EGGROLL's terms with the raw value (not the
+    ranks the strategy receives), and the center stays put."""
+    if mode == "dense":
+        problem = Problem("min", lambda x: torch.full((x.shape[0],), 3.5), solution_length=4,
+                          initial_bounds=(-1, 1), vectorized=True)
+        value = "3.5"
+    else:  # two CartPole steps: every member survives them, return 2.0
+        from evotorch_eggroll.envs import CartPole
+        from evotorch_eggroll.neuroevolution import EggrollVecGymNE
+
+        problem = EggrollVecGymNE(CartPole, "Linear(obs_length, act_length)", episode_length=2,
+                                  device=device)
+        value = "2.0"
+    searcher = EGGROLL(problem, popsize=6, rank=1)
+    center = searcher.status["center"].clone()
+    with pytest.warns(UserWarning) as record:
+        searcher.step()
+        searcher.step()
+    messages = [str(w.message) for w in record if "equal" in str(w.message)]
+    assert len(messages) == 1 and f"all 6 fitnesses are equal ({value})" in messages[0], messages
+    assert torch.equal(searcher.status["center"], center)

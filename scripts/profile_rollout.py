@@ -23,11 +23,49 @@ from evotorch_eggroll.neuroevolution import EggrollVecGymNE
 from evotorch_eggroll.rollout_benchmark import cartpole_policy
 
 
+def phases(searcher, problem) -> None:
+    """Host wall-clock of a generation's phases: every graph replay call, every wait for the
+    device between chunks, the strategy's update, and the rest."""
+    from evotorch_eggroll import neuroevolution, strategy
+
+    spans: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spans.setdefault(name, []).append(time.perf_counter() - t0)
+        return wrapper
+
+    patches = [(torch.cuda.CUDAGraph, "replay"), (neuroevolution._CapturedRollout, "run"),
+               (strategy.EvolutionStrategy, "step"), (type(problem), "_evaluate_members")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in patches]
+    for owner, name, fn in saved:
+        setattr(owner, name, timed(f"{owner.__name__}.{name}", fn))
+    try:
+        for _ in range(3):
+            spans.clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            searcher.step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            print(f"generation {wall * 1e3:.2f} ms: " + ", ".join(
+                f"{k} {len(v)}x {sum(v) * 1e3:.2f} ms" for k, v in spans.items()))
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--population", type=int, default=65536)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the host phases of a generation (no profiler)")
     parser.add_argument("--host", action="store_true",
                         help="also profile a generation's Python with cProfile (host time)")
     args = parser.parse_args()
@@ -46,6 +84,8 @@ def main() -> None:
     print(f"N={args.population} steps run={problem.last_rollout_steps} wall={wall * 1e3:.2f} ms "
           f"device (sum of kernels)={device_us / 1e3:.2f} ms")
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
+    if args.phases:
+        phases(searcher, problem)
     if args.host:
         profiler = cProfile.Profile()
         torch.cuda.synchronize()

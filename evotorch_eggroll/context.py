@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import library, ops
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache, default_budget_bytes
 from .routing import RowPerturbationMode
@@ -151,8 +151,13 @@ class PerturbationContext:
     # -- batched evaluation --------------------------------------------------------------
 
     def _resolve_member_ids(self, member_ids, rows: int, device: torch.device
-                            ) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The ``(rows,)`` int64 member ids on ``device`` and their range ``(lo, hi)``."""
+                            ) -> tuple[torch.Tensor, Optional[tuple[int, int]]]:
+        """The ``(rows,)`` int64 member ids on ``device`` and their range ``(lo, hi)``.
+
+        The range is None when it was checked without reading it on the host: while
+        ``torch.compile`` traces (the ``evotorch_eggroll::member_ids`` operator checks the
+        values when the compiled code runs) and while a CUDA graph is being captured (a
+        device-side assertion checks them at every replay)."""
         n = self.population_size
         if member_ids is None:
             start = self._local.start
@@ -177,16 +182,20 @@ class PerturbationContext:
         if ids.dim() != 1 or ids.shape[0] != rows:
             raise ValueError(f"member_ids must have shape ({rows},) (one member per input row), "
                              f"got {tuple(ids.shape)}")
+        if torch.compiler.is_compiling():
+            return library.checked_member_ids(ids, n, device), None
         ids = ids.to(device=device, dtype=torch.int64)
         if not rows:
             return ids, (0, -1)
         bounds = _validated_range(member_ids, n)
+        if bounds is None and ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            library.check_member_ids_async(ids, n)  # reading the range would synchronise
+            return ids, None
         if bounds is None:
             lo, hi = torch.aminmax(ids)  # reading the range synchronises with the device
             bounds = (int(lo), int(hi))
             if bounds[0] < 0 or bounds[1] >= n:
-                raise ValueError(f"member ids must lie in [0, {n}) (the population size), got "
-                                 f"values in [{bounds[0]}, {bounds[1]}]")
+                raise ValueError(library.member_range_message(n, *bounds))
             _remember_validated(member_ids, n, bounds)
         return ids, bounds
 
@@ -215,6 +224,8 @@ class PerturbationContext:
             return True
         if not len(self._local) or not len(self._evolved):
             return False
+        if torch.compiler.is_compiling():
+            return False  # buffers and draws belong before the compiled code, not inside it
         device = next(iter(self._evolved)).param.device
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False  # allocations and draws belong before a capture, not inside it
@@ -272,7 +283,7 @@ class PerturbationContext:
                                    f"{e.param.device}")
         if x.dim() == 0:
             raise ValueError("batched_forward needs an input with a leading batch dimension")
-        ids, (lo, hi) = self._resolve_member_ids(member_ids, x.shape[0], x.device)
+        ids, bounds = self._resolve_member_ids(member_ids, x.shape[0], x.device)
         own = [self._evolved.lookup(p) for p in model.parameters()]
         own = [e for e in own if e is not None]
         if not own:
@@ -282,7 +293,9 @@ class PerturbationContext:
         self._forward_calls += 1
         if self._forward_calls == 1 and self._cache is None:
             self.cache_factors()  # decided once, so every call of the context takes one path
-        cache = self._cache if self._cache is not None and self._cache.covers(lo, hi) else None
+        if bounds is None:  # checked to lie in [0, N) without reading them on the host
+            bounds = (0, self.population_size - 1)
+        cache = self._cache if self._cache is not None and self._cache.covers(*bounds) else None
         mode = RowPerturbationMode(self._evolved, self.coords, ids, cache)
         with mode:
             out = model(x)

@@ -87,7 +87,7 @@ class PerturbationContext:
         self._used = False
         self._iter_token: Optional[object] = None
         self._cache: Optional[FactorCache] = None
-        self._forward_calls = 0
+        self._cache_decided = False  # whether factors are drawn is decided at the first call
         self.evaluated = False  # a perturbed forward ran (batched_forward or iterate)
         self._last_generated: Optional[bool] = None
 
@@ -238,6 +238,7 @@ class PerturbationContext:
         if storage is None:
             storage = {}
         self._cache = FactorCache.draw(self._evolved, self.coords, self._local, storage)
+        self._cache_decided = True
         return True
 
     def batched_forward(self, model: nn.Module, x: torch.Tensor,
@@ -290,9 +291,10 @@ class PerturbationContext:
             raise RuntimeError("the model given to batched_forward holds none of this "
                                "strategy's evolved parameters; pass the model given to setup "
                                "(or a submodule of it)")
-        self._forward_calls += 1
-        if self._forward_calls == 1 and self._cache is None:
-            self.cache_factors()  # decided once, so every call of the context takes one path
+        if not self._cache_decided:  # a flag, not a count: compiled code keeps one graph
+            self._cache_decided = True
+            if self._cache is None:
+                self.cache_factors()  # decided once, so every call of the context takes one path
         if bounds is None:  # checked to lie in [0, N) without reading them on the host
             bounds = (0, self.population_size - 1)
         cache = self._cache if self._cache is not None and self._cache.covers(*bounds) else None

@@ -193,20 +193,26 @@ def test_compiled_batched_forward_gradient_equals_eager(device):
 
 
 def test_compiled_function_across_contexts(device):
-    """One compiled function serves every context (Dynamo's guards recompile where a
-    context's coordinates differ): each result equals that context's eager forward."""
+    """One compiled function serves every context: with the factors drawn and no gradient,
+    the traced code reads no stream coordinate, so later contexts of the same shape reuse
+    the first graph; each result equals that context's eager forward."""
+    from torch._dynamo.utils import counters
+
     model = mlp(device)
     s = strategy(model)
     x = torch.randn(N, 5, device=device)
 
     @torch.compile(backend="aot_eager", fullgraph=True)
-    def forward(pop, x):
-        return pop.batched_forward(model, x)
+    def forward(pop, x, ids):
+        return pop.batched_forward(model, x, ids)
 
-    for epoch in (1, 2):
+    counters.clear()
+    for epoch in (1, 2, 3):
         with torch.no_grad(), s.perturb(N, epoch=epoch) as pop:
-            pop.cache_factors()
-            assert torch.equal(forward(pop, x), pop.batched_forward(model, x))
+            assert pop.cache_factors()
+            for ids in (None, given_ids(device)):
+                assert torch.equal(forward(pop, x, ids), pop.batched_forward(model, x, ids))
+    assert counters["stats"]["unique_graphs"] == 2  # one per member-id kind
 
 
 # -- GPU: Inductor and CUDA graphs ------------------------------------------------------------
@@ -312,20 +318,27 @@ def test_cuda_graph_capture_with_unchecked_member_ids():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_of_compiled_batched_forward():
-    """A compiled batched forward captured in a user's CUDA graph."""
+def test_cuda_graph_of_compiled_batched_forward_across_contexts():
+    """A compiled batched forward captured in a user's CUDA graph replays equal to eager,
+    also in a later context of the same shape once its factors are drawn."""
     model = mlp("cuda")
     s = strategy(model)
     x = torch.randn(N, 5, device="cuda")
     ids = given_ids("cuda")
-    with torch.no_grad(), s.perturb(N, epoch=1) as pop:
-        pop.cache_factors()
-        f = torch.compile(lambda x, i: pop.batched_forward(model, x, i), fullgraph=True)
-        graph, out = _capture(lambda: f(x, ids))
-        x.copy_(torch.randn(N, 5, device="cuda"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, f(x, ids))
+    f = torch.compile(lambda pop, x, i: pop.batched_forward(model, x, i), fullgraph=True)
+    with torch.no_grad():
+        with s.perturb(N, epoch=1) as pop:
+            pop.cache_factors()
+            graph, out = _capture(lambda: f(pop, x, ids))
+            x.copy_(torch.randn(N, 5, device="cuda"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, f(pop, x, ids))
+        with s.perturb(N, epoch=2) as pop:
+            pop.cache_factors()  # draws into the buffers the graph reads
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, f(pop, x, ids))
 
 
 def test_operators_are_registered():

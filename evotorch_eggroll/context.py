@@ -216,6 +216,10 @@ class PerturbationContext:
         0 turns drawing off); the kernels then generate them at every call. The drawn
         factors are zeroed when the context exits.
 
+        Nothing is drawn inside code compiled by ``torch.compile`` or while a CUDA graph is
+        being captured: call this (or one eager ``batched_forward``) first, or the context
+        generates the factors at every call.
+
         Returns:
             True when the drawn factors are in use.
         """
@@ -259,6 +263,12 @@ class PerturbationContext:
         Returns:
             The model's output. Differentiable with respect to ``x`` (also after the
             context exited); no graph under ``torch.no_grad()``.
+
+        ``torch.compile(..., fullgraph=True)`` traces this call (linear and convolution
+        layers, norm affines, elementwise activations; embeddings and OpenES weights need
+        data-dependent shapes and do not trace), and it runs inside a CUDA graph capture; both
+        need the factors drawn beforehand to use them (see :meth:`cache_factors`). Member
+        ids are then checked by the compiled code, or on the device during a capture.
 
         Raises:
             RuntimeError: outside the context, during ``iterate``, CPU input without the

@@ -129,6 +129,24 @@ def test_compiled_batched_forward_equals_eager(device, backend, drawn, ids):
     assert torch.equal(again, want)
 
 
+@pytest.mark.parametrize("layer", ["layer_norm", "conv1d"])
+def test_compiled_norm_and_conv_models_equal_eager(device, layer):
+    torch.manual_seed(0)
+    if layer == "layer_norm":
+        model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+        x = torch.randn(4, 5)
+    else:
+        model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(9, 2))
+        x = torch.randn(4, 2, 5)
+    model, x = model.to(device), x.to(device)
+    s = strategy(model, antithetic=False)
+    with torch.no_grad(), s.perturb(4, epoch=1) as pop:
+        pop.cache_factors()
+        got = torch.compile(lambda x: pop.batched_forward(model, x), backend="aot_eager",
+                            fullgraph=True)(x)
+        assert torch.equal(got, pop.batched_forward(model, x))
+
+
 def test_batched_forward_traces_into_one_graph(device):
     model = mlp(device)
     s = strategy(model)

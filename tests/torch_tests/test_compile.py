@@ -48,8 +48,8 @@ def _operator_samples(device):
     v = torch.randn(rows, n, generator=g).to(device)
     w = torch.randn(m, n, generator=g).to(device)
     b = torch.randn(m, generator=g).to(device)
-    block = torch.randn(2, n + m, r, generator=g).to(device)
-    bias_block = torch.randn(2, m, generator=g).to(device)
+    block = torch.randn(3, n + m, r, generator=g).to(device)  # noise indices 0..2
+    bias_block = torch.randn(3, m, generator=g).to(device)
     t = torch.randn(rows, r, generator=g).to(device)
     ops = torch.ops.evotorch_eggroll
     return [
@@ -65,7 +65,7 @@ def _operator_samples(device):
         (ops.drawn_linear, (v, w, None, ids, r, 0.5, 0.1, False, block, 0, None, 0, "ieee")),
         (ops.normal_block_, (torch.empty(2, 9, device=device), torch.tensor([4, 1], device=device),
                              7, 1, 11, 3, 9, 0)),
-        (ops.member_ids, (ids, 3, torch.device(device))),
+        (ops.member_ids, (ids, 3, ids.device)),
     ]
 
 

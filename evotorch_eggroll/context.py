@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from . import fused_mlp, ops
+from . import fused_mlp, library, ops
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache, default_budget_bytes
 from .routing import RowPerturbationMode
@@ -87,7 +87,7 @@ class PerturbationContext:
         self._used = False
         self._iter_token: Optional[object] = None
         self._cache: Optional[FactorCache] = None
-        self._forward_calls = 0
+        self._cache_decided = False  # whether factors are drawn is decided at the first call
         self.evaluated = False  # a perturbed forward ran (batched_forward or iterate)
         self._last_generated: Optional[bool] = None
 
@@ -151,8 +151,13 @@ class PerturbationContext:
     # -- batched evaluation --------------------------------------------------------------
 
     def _resolve_member_ids(self, member_ids, rows: int, device: torch.device
-                            ) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The ``(rows,)`` int64 member ids on ``device`` and their range ``(lo, hi)``."""
+                            ) -> tuple[torch.Tensor, Optional[tuple[int, int]]]:
+        """The ``(rows,)`` int64 member ids on ``device`` and their range ``(lo, hi)``.
+
+        The range is None when it was checked without reading it on the host: while
+        ``torch.compile`` traces (the ``evotorch_eggroll::member_ids`` operator checks the
+        values when the compiled code runs) and while a CUDA graph is being captured (a
+        device-side assertion checks them at every replay)."""
         n = self.population_size
         if member_ids is None:
             start = self._local.start
@@ -177,16 +182,20 @@ class PerturbationContext:
         if ids.dim() != 1 or ids.shape[0] != rows:
             raise ValueError(f"member_ids must have shape ({rows},) (one member per input row), "
                              f"got {tuple(ids.shape)}")
+        if torch.compiler.is_compiling():
+            return library.checked_member_ids(ids, n, device), None
         ids = ids.to(device=device, dtype=torch.int64)
         if not rows:
             return ids, (0, -1)
         bounds = _validated_range(member_ids, n)
+        if bounds is None and ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            library.check_member_ids_async(ids, n)  # reading the range would synchronise
+            return ids, None
         if bounds is None:
             lo, hi = torch.aminmax(ids)  # reading the range synchronises with the device
             bounds = (int(lo), int(hi))
             if bounds[0] < 0 or bounds[1] >= n:
-                raise ValueError(f"member ids must lie in [0, {n}) (the population size), got "
-                                 f"values in [{bounds[0]}, {bounds[1]}]")
+                raise ValueError(library.member_range_message(n, *bounds))
             _remember_validated(member_ids, n, bounds)
         return ids, bounds
 
@@ -207,6 +216,10 @@ class PerturbationContext:
         0 turns drawing off); the kernels then generate them at every call. The drawn
         factors are zeroed when the context exits.
 
+        Nothing is drawn inside code compiled by ``torch.compile`` or while a CUDA graph is
+        being captured: call this (or one eager ``batched_forward``) first, or the context
+        generates the factors at every call.
+
         Returns:
             True when the drawn factors are in use.
         """
@@ -215,6 +228,8 @@ class PerturbationContext:
             return True
         if not len(self._local) or not len(self._evolved):
             return False
+        if torch.compiler.is_compiling():
+            return False  # buffers and draws belong before the compiled code, not inside it
         device = next(iter(self._evolved)).param.device
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False  # allocations and draws belong before a capture, not inside it
@@ -227,6 +242,7 @@ class PerturbationContext:
         if storage is None:
             storage = {}
         self._cache = FactorCache.draw(self._evolved, self.coords, self._local, storage)
+        self._cache_decided = True
         return True
 
     def batched_forward(self, model: nn.Module, x: torch.Tensor,
@@ -247,6 +263,12 @@ class PerturbationContext:
         Returns:
             The model's output. Differentiable with respect to ``x`` (also after the
             context exited); no graph under ``torch.no_grad()``.
+
+        ``torch.compile(..., fullgraph=True)`` traces this call (linear and convolution
+        layers, norm affines, elementwise activations; embeddings and OpenES weights need
+        data-dependent shapes and do not trace), and it runs inside a CUDA graph capture; both
+        need the factors drawn beforehand to use them (see :meth:`cache_factors`). Member
+        ids are then checked by the compiled code, or on the device during a capture.
 
         Raises:
             RuntimeError: outside the context, during ``iterate``, CPU input without the
@@ -272,17 +294,20 @@ class PerturbationContext:
                                    f"{e.param.device}")
         if x.dim() == 0:
             raise ValueError("batched_forward needs an input with a leading batch dimension")
-        ids, (lo, hi) = self._resolve_member_ids(member_ids, x.shape[0], x.device)
+        ids, bounds = self._resolve_member_ids(member_ids, x.shape[0], x.device)
         own = [self._evolved.lookup(p) for p in model.parameters()]
         own = [e for e in own if e is not None]
         if not own:
             raise RuntimeError("the model given to batched_forward holds none of this "
                                "strategy's evolved parameters; pass the model given to setup "
                                "(or a submodule of it)")
-        self._forward_calls += 1
-        if self._forward_calls == 1 and self._cache is None:
-            self.cache_factors()  # decided once, so every call of the context takes one path
-        cache = self._cache if self._cache is not None and self._cache.covers(lo, hi) else None
+        if not self._cache_decided:  # a flag, not a count: compiled code keeps one graph
+            self._cache_decided = True
+            if self._cache is None:
+                self.cache_factors()  # decided once, so every call of the context takes one path
+        if bounds is None:  # checked to lie in [0, N) without reading them on the host
+            bounds = (0, self.population_size - 1)
+        cache = self._cache if self._cache is not None and self._cache.covers(*bounds) else None
         out = fused_mlp.try_forward(model, x, ids, self._evolved, self.coords, cache)
         if out is not None:  # a plain MLP served by the drawn factors: one launch
             self._last_generated = False

@@ -31,6 +31,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import library
+
 __all__ = [
     "normal_block",
     "lowrank_factors",
@@ -182,30 +184,11 @@ def _check_cache(cache: FactorCacheArg, what: str, rows: int, rank: int,
     return block, _check_count(base, f"{what} base", 0)
 
 
-class _KernelModules(NamedTuple):
-    dense_noise: object
-    drawn_linear: object
-    drawn_mlp: object
-    lowrank_expand: object
-    lowrank_project: object
-    lowrank_update: object
-    normal_block: object
-
-
-_KERNELS: list = []
-
-
-def _kernels() -> _KernelModules:
-    """The kernel modules, imported on first use (so Triton is imported only then)."""
-    if not _KERNELS:
-        from .kernels import dense_noise, drawn_linear, drawn_mlp, lowrank_expand
-        from .kernels import lowrank_project, lowrank_update
-        from .kernels import normal_block as normal_block_kernel
-
-        _KERNELS.append(_KernelModules(dense_noise, drawn_linear, drawn_mlp, lowrank_expand,
-                                       lowrank_project, lowrank_update, normal_block_kernel))
-    return _KERNELS[0]
-
+def _kernels():
+    """The kernel launcher modules (imported on first use, so Triton is imported only then);
+    while ``torch.compile`` traces, stand-ins that call the registered operators of
+    :mod:`evotorch_eggroll.library`."""
+    return library.kernel_modules()
 
 
 # -- noise inspection ---------------------------------------------------------------------

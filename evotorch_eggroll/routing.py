@@ -336,10 +336,18 @@ def _route_linear(mode: RowPerturbationMode, func, args, kwargs):
     m, n = w.shape
     low = we is not None and we.lowrank
     cache = mode.cache if low else None  # the bias cache is read by the low-rank kernel
+    served = cache is not None and cache.get(we) is not None and (
+        be is None or cache.get(be) is not None)
+    seed, epoch = c.seed, c.epoch
+    if served and torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        # the drawn factors serve the whole forward and no backward regenerates them: the
+        # stream coordinates are unused, so compiled code does not specialise on the epoch
+        # (one graph serves every context of the same shape)
+        seed, epoch = 0, 0
     # one member per leading row, shared by the inner positions: ops expands the ids
     out = ops.perturbed_linear(
-        x, w, b, mode.member_ids, seed=c.seed, weight_key=we.key if low else None,
-        bias_key=be.key if be is not None else None, epoch=c.epoch, rank=c.rank,
+        x, w, b, mode.member_ids, seed=seed, weight_key=we.key if low else None,
+        bias_key=be.key if be is not None else None, epoch=epoch, rank=c.rank,
         sigma=c.sigma, antithetic=c.antithetic,
         weight_cache=cache.get(we) if cache is not None else None,
         bias_cache=cache.get(be) if cache is not None else None,
@@ -347,8 +355,6 @@ def _route_linear(mode: RowPerturbationMode, func, args, kwargs):
     if we is not None and not low:
         dense = _dense_weight_rows(we, c, x.reshape(-1, n), ids, slice(0, m))  # (rows, m)
         out = out + dense.view(out.shape).to(out.dtype)
-    served = cache is not None and cache.get(we) is not None and (
-        be is None or cache.get(be) is not None)
     mode.consume(we, be, generated=not served)
     return out
 

@@ -1207,7 +1207,8 @@ class EggrollVecGymNE(EggrollNEProblem):
                         f"the Discrete({space.n}) action space needs {space.n}"
                     )
                 act = scores.argmax(dim=1)
-            act = act + int(space.start)
+            if space.start:
+                act = act + int(space.start)
         else:
             act = out.reshape(k, *space.shape)
             low, high = self._box_bounds(act)
@@ -1280,13 +1281,18 @@ class EggrollVecGymNE(EggrollNEProblem):
         out = forward(x[:k], member_ids)
         torch_env = isinstance(buf.obs, torch.Tensor)
         obs, reward, terminated, truncated, _ = env.step(self._to_actions(out, e, torch_env))
+        buf.obs = obs
+        if buf.returns.is_cuda and _episode_step().supports(buf.returns, buf.alive, buf.active, reward,
+                                                             terminated, truncated):
+            # a torch-native GPU environment: the counters in one launch
+            return _episode_step().episode_step_(buf.returns, buf.alive, buf.active, reward, terminated,
+                                                 truncated)
         device = buf.returns.device
         reward = torch.as_tensor(reward, device=device).to(torch.float64)
         done = torch.as_tensor(terminated, device=device) | torch.as_tensor(truncated, device=device)
         buf.returns += torch.where(buf.active, reward, torch.zeros_like(reward))
         buf.alive += buf.active  # per environment: no reduction at every step
         buf.active &= ~done.to(torch.bool)
-        buf.obs = obs
         return done
 
     def _replayable(self, env: gym.vector.VectorEnv, obs: Any, forward: PopulationForward) -> bool:
@@ -1425,6 +1431,13 @@ class EggrollVecGymNE(EggrollNEProblem):
 # Steps captured in one CUDA graph of a rollout, and eager steps before the first capture.
 _REPLAY_CHUNK = 50
 _REPLAY_WARMUP = 2
+
+
+def _episode_step():
+    """The counters' kernel module (imported on first use, so Triton is imported only then)."""
+    from .kernels import episode_step
+
+    return episode_step
 
 
 class _RolloutBuffers:

@@ -718,3 +718,29 @@ def test_unusable_device_gets_the_package_message():
     else:
         with pytest.raises(RuntimeError, match="CUDA device"):
             EggrollVecGymNE(CartPole, _policy, device=f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.parametrize("reward_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("e", [1, 37, 2050])
+def test_episode_step_kernel_equals_the_torch_counters(device, reward_dtype, e):
+    """The one-launch counter update equals the torch expressions it replaces, bit for bit."""
+    from evotorch_eggroll.kernels import episode_step
+
+    g = torch.Generator().manual_seed(e)
+    returns = (torch.randn(e, generator=g, dtype=torch.float64) * 100).to(device)
+    alive = torch.randint(0, 500, (e,), generator=g).to(device)
+    active = (torch.rand(e, generator=g) < 0.7).to(device)
+    reward = (torch.randn(e, generator=g, dtype=torch.float64) / 3).to(device, reward_dtype)
+    terminated = (torch.rand(e, generator=g) < 0.2).to(device)
+    truncated = (torch.rand(e, generator=g) < 0.1).to(device)
+    want_returns = returns + torch.where(active, reward.to(torch.float64), 0.0)
+    want_alive = alive + active
+    want_done = terminated | truncated
+    want_active = active & ~want_done
+    assert episode_step.supports(returns, alive, active, reward, terminated, truncated)
+    done = episode_step.episode_step_(returns, alive, active, reward, terminated, truncated)
+    assert torch.equal(done, want_done)
+    assert torch.equal(returns, want_returns) and torch.equal(alive, want_alive)
+    assert torch.equal(active, want_active)
+    assert not episode_step.supports(returns, alive, active, reward.to(torch.float16), terminated, truncated)
+    assert not episode_step.supports(returns, alive, active, reward[:-1], terminated, truncated)

@@ -260,11 +260,12 @@ class PerturbationContext:
                                "values in the parameters; finish or break the loop first")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"batched_forward takes a Tensor input, got {type(x).__name__}")
+        backend = self.coords.backend
         for e in self._evolved:
-            ops.check_kernel_device(e.param, f"parameter {e.name!r}")
+            ops.check_kernel_device(e.param, f"parameter {e.name!r}", backend)
         devices = sorted({str(e.param.device) for e in self._evolved})
         ops.check_kernel_device(x, f"the batched_forward input (parameters on "
-                                   f"{', '.join(devices)})")
+                                   f"{', '.join(devices)})", backend)
         for e in self._evolved:
             if e.param.device != x.device:
                 raise RuntimeError(f"the batched_forward input is on {x.device} but parameter "

@@ -145,6 +145,7 @@ class EvolutionStrategy:
 
     _full_rank: bool = False
     _algorithm: str = "eggroll"
+    _backend: str = "triton"  # strategies pickled before the backend choice existed
 
     def __init__(
         self,

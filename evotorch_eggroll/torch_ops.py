@@ -136,13 +136,17 @@ class _RowFactors:
     """
 
     def __init__(self, idx: torch.Tensor, *, seed: int, key: int, epoch: int, rank: int,
-                 row_offset: int, d: int, cache: Cache, total_rows: Optional[int] = None):
+                 row_offset: int, d: int, cache: Cache):
         rows = idx.shape[0]
+        self._idx, self._seed, self._epoch = idx, seed, epoch
+        self._uniq: Optional[torch.Tensor] = None
+        self._base: Optional[int] = None
         if cache is not None:
             block, base = cache
             view = block[:, row_offset:row_offset + d]  # (K, D, r), no copy
             if rows >= GROUP_MIN_ROWS * block.shape[0]:
                 self.blocks, self.inv = view, idx - base
+                self._base = base
             else:  # about one row per member: pair each row with its factors
                 self.blocks, self.inv = view[idx - base], None
             return
@@ -152,6 +156,27 @@ class _RowFactors:
         self.inv = inv
         if rows < GROUP_MIN_ROWS * uniq.shape[0]:
             self.blocks, self.inv = self.blocks[inv], None
+        else:
+            self._uniq = uniq
+
+    def dense(self, key: int, d: int, cache: Cache) -> torch.Tensor:
+        """Elements ``0 .. D-1`` of another key's dense noise, laid out like ``blocks``:
+        ``(len(blocks), D)`` float32 (per row, or per group of rows)."""
+        if self.inv is None:
+            return _dense_rows(self._idx, d, seed=self._seed, key=key, epoch=self._epoch,
+                               cache=cache)
+        if self._uniq is not None:
+            return normal_block(self._seed, key, self._epoch, self._uniq, d)
+        span = self.blocks.shape[0]
+        if cache is None:
+            groups = torch.arange(self._base, self._base + span, device=self._idx.device)
+            return normal_block(self._seed, key, self._epoch, groups, d)
+        block, base = cache
+        if base == self._base and block.shape[0] == span:
+            return block[:, :d]
+        groups = torch.arange(self._base - base, self._base - base + span,
+                              device=self._idx.device)
+        return block[groups, :d]
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
         """``t[j] = v[j] @ blocks[inv[j]]`` for ``v (rows, D)`` float32: ``(rows, r)``."""
@@ -269,17 +294,22 @@ def perturbed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if rows == 0 or (weight_key is None and bias_key is None):
         return out
     idx, sign = _member_noise(member_ids, antithetic)
-    delta = None
-    if weight_key is not None:
+    if weight_key is None:  # bias noise only
+        eps = _dense_rows(idx, m, seed=seed, key=bias_key, epoch=epoch, cache=bias_cache)
+        delta = eps * (sign * sigma)[:, None]  # (rows, m)
+    else:
         f = _RowFactors(idx, seed=seed, key=weight_key, epoch=epoch, rank=rank, row_offset=0,
                         d=n + m, cache=weight_cache)
-        b0 = _Slice(f, 0, n)
+        t = _Slice(f, 0, n).project(x.float()) * (sign * scale)[:, None]  # (rows, r)
         a0 = _Slice(f, n, n + m)
-        delta = a0.expand(b0.project(x.float())) * (sign * scale)[:, None]  # (rows, m)
-    if bias_key is not None:
-        eps = _dense_rows(idx, m, seed=seed, key=bias_key, epoch=epoch, cache=bias_cache)
-        bias_delta = eps * (sign * sigma)[:, None]
-        delta = bias_delta if delta is None else delta + bias_delta
+        if bias_key is not None:
+            # the bias noise as one more column of A0 (its coefficient s_j sigma): one product
+            eps = f.dense(bias_key, m, bias_cache)  # (rows or groups, m)
+            a0.blocks = torch.cat([a0.blocks, eps.unsqueeze(2)], dim=2)  # (., m, r + 1)
+            t = torch.cat([t, (sign * sigma)[:, None]], dim=1)  # (rows, r + 1)
+        delta = a0.expand(t)  # (rows, m)
+    if out.dtype == torch.float32:
+        return out.add_(delta)
     return (out.float() + delta).to(out.dtype)
 
 

@@ -201,6 +201,32 @@ def test_perturbed_linear_forward_and_backward_match_the_kernels(
         _close(got, want, n)
 
 
+@pytest.mark.parametrize("bias_cache_from", [None, 0, 1])
+def test_perturbed_linear_weight_cache_with_other_bias_draws(device, no_kernels,
+                                                             bias_cache_from):
+    """Drawn weight factors with generated bias noise, or bias noise drawn from another
+    first index: the same numbers as generating both (many rows per member and one)."""
+    m, n, rank = 5, 3, 2
+    w, b = torch.randn(m, n).to(device), torch.randn(m).to(device)
+    span = torch.arange(1, 5, device=device)
+    weight_cache = (ops.normal_block(SEED, KEY, EPOCH, span, (n + m) * rank, backend="torch")
+                    .view(-1, n + m, rank).contiguous(), 1)
+    bias_cache = None
+    if bias_cache_from is not None:
+        bias_span = torch.arange(bias_cache_from, 6, device=device)
+        bias_cache = (ops.normal_block(SEED, BIAS_KEY, EPOCH, bias_span, m, backend="torch"),
+                      bias_cache_from)
+    for ids in (torch.arange(2, 10, device=device).repeat_interleave(5),
+                torch.tensor([2, 9, 4], device=device)):
+        x = torch.randn(ids.shape[0], n).to(device)
+        kw = dict(seed=SEED, weight_key=KEY, bias_key=BIAS_KEY, epoch=EPOCH, rank=rank,
+                  sigma=0.3, antithetic=True, backend="torch")
+        want = ops.perturbed_linear(x, w, b, ids, **kw)
+        got = ops.perturbed_linear(x, w, b, ids, weight_cache=weight_cache,
+                                   bias_cache=bias_cache, **kw)
+        _close(got, want, n)
+
+
 def test_perturbed_linear_sequences_and_no_grad(device, no_kernels):
     """A 3-D input with one member per leading row equals the same rows flattened, and
     ``torch.no_grad()`` gives no graph."""

@@ -50,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "No CUDA GPU found: running on the CPU through EGGROLL's plain-torch path (the same "
             "noise and the same perturbed forward and update as the GPU kernels, as batched "
-            "matrix products). The run is smaller (population, episode length) than on a GPU, "
-            "where the demo trains at full size.",
+            "matrix products). The population and the policy are smaller than on a GPU.",
             flush=True,
         )
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-        defaults = dict(generations=30, popsize=64, episode_length=30, hidden=8, interval=1)
+        # a policy this small computes fastest on one thread: more only wait for each other
+        torch.set_num_threads(1)
+        defaults = dict(generations=100, popsize=256, episode_length=500, hidden=8, interval=5)
     else:
         device = torch.device("cuda")
         print(f"CUDA GPU: {torch.cuda.get_device_name(device)}", flush=True)

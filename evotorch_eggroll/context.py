@@ -249,9 +249,9 @@ class PerturbationContext:
             context exited); no graph under ``torch.no_grad()``.
 
         Raises:
-            RuntimeError: outside the context, during ``iterate``, CPU input without the
-                interpreter, or an evolved parameter the forward did not consume through a
-                routed op.
+            RuntimeError: outside the context, during ``iterate``, CPU input while the
+                strategy's backend is the kernels and the interpreter is off, or an evolved
+                parameter the forward did not consume through a routed op.
             ValueError: member ids of the wrong shape or outside ``[0, N)``.
         """
         self._require_active("batched_forward")

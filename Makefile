@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make demo   train a CartPole policy (GPU when present, else the Triton interpreter)
+#   make demo   train a CartPole policy (GPU when present, else the plain-torch CPU path)
 #   make test   install the package with its test extras and run the whole suite
 # Both create and reuse a virtualenv in .venv, with a torch/Triton pair that is tested
 # together: on a machine with an NVIDIA GPU the CUDA build of torch 2.11 and the Triton it

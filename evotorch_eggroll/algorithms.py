@@ -270,6 +270,14 @@ class EGGROLL(SearchAlgorithm):
             so loggers may be attached on every rank unconditionally.
         chunk_size: Dense mode: members materialised per ``SolutionBatch`` (default: as
             many as fit in 2**24 values, at most ``popsize``).
+        backend: Which implementation generates the noise and runs the batched forward and
+            the update (see :func:`evotorch_eggroll.ops.resolve_backend`). ``"auto"``
+            (default): the Triton kernels on a CUDA device; on the CPU the plain-torch path
+            (the same noise stream and computation as batched matrix products, fast on a
+            CPU), or the kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` is
+            set. ``"torch"``: the plain-torch path on every device. ``"triton"``: the
+            kernels only (a CPU problem then needs the interpreter, or is refused with the
+            error that says why).
         **evotorch_names: EvoTorch's names of the settings above (``stdev_init``,
             ``center_learning_rate``, ``symmetric``). Other settings of EvoTorch's
             searchers raise a TypeError that says what to do instead: ``radius_init``
@@ -305,10 +313,12 @@ class EGGROLL(SearchAlgorithm):
         distributed: bool = False,
         log_all_ranks: bool = False,
         chunk_size: Optional[int] = None,
+        backend: str = "auto",
         **evotorch_names: Any,
     ) -> None:
         if not isinstance(problem, Problem):
             raise TypeError(f"problem must be an evotorch Problem, got {type(problem).__name__}")
+        self._backend = ops.check_backend(backend)
         explicit = {k: v for k, v in (("sigma", sigma), ("lr", lr), ("antithetic", antithetic)) if v is not None}
         settings = {"sigma": 0.1, "lr": 0.01, "antithetic": True, **explicit}
         settings.update(_evotorch_settings(evotorch_names, problem, explicit))
@@ -386,6 +396,7 @@ class EGGROLL(SearchAlgorithm):
             seed=self._seed,
             fitness_transform="none",
             distributed=self._distributed,
+            backend=self._backend,
         )
 
     def _build_strategy(self) -> Any:
@@ -575,17 +586,21 @@ class EGGROLL(SearchAlgorithm):
     def _dense_normals(self, noise_indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """Standard normals ``(K, L)`` float32 of the center's noise draws, on its device."""
         idx = noise_indices.to(self._noise_device())
-        out = ops.normal_block(self._seed, self._center_key, epoch, idx, self._center.numel())
+        out = ops.normal_block(self._seed, self._center_key, epoch, idx, self._center.numel(),
+                               backend=self._backend)
         return out.to(self._center.device)
 
     def _noise_device(self) -> torch.device:
-        """Where the kernels draw the dense noise: the center's device; for a center on the
-        CPU, the GPU when there is one, else the CPU through Triton's interpreter (without
-        it, the error that says why a GPU is needed)."""
+        """Where the dense noise is drawn: the center's device; for a center on the CPU
+        with the kernels (``backend="triton"``, or ``"auto"`` without the interpreter),
+        the GPU when there is one. Otherwise a CPU center gets plain torch (``"auto"``,
+        ``"torch"``), the kernels in Triton's interpreter, or, with ``"triton"`` and
+        neither, the error that says why a GPU is needed."""
         device = self._center.device
-        if device.type == "cpu" and not ops.interpreter_active() and torch.cuda.is_available():
+        if (device.type == "cpu" and self._backend != "torch" and not ops.interpreter_active()
+                and torch.cuda.is_available()):
             return torch.device("cuda")
-        ops.check_kernel_device(self._center, "the problem's decision vector")
+        ops.check_kernel_device(self._center, "the problem's decision vector", self._backend)
         return device
 
     def _dense_member_noise(self, member_ids: torch.Tensor, epoch: int, sigma: float) -> torch.Tensor:
@@ -724,6 +739,7 @@ class EGGROLL(SearchAlgorithm):
 
     def __setstate__(self, state: dict) -> None:
         strategy_state = state.pop("_strategy_state", None)
+        state.setdefault("_backend", "auto")  # pickled before the backend choice existed
         self.__dict__.update(state)
         if self._distributed and not _dist.is_initialized():
             warnings.warn(

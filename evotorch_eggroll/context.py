@@ -271,9 +271,9 @@ class PerturbationContext:
         ids are then checked by the compiled code, or on the device during a capture.
 
         Raises:
-            RuntimeError: outside the context, during ``iterate``, CPU input without the
-                interpreter, or an evolved parameter the forward did not consume through a
-                routed op.
+            RuntimeError: outside the context, during ``iterate``, CPU input while the
+                strategy's backend is the kernels and the interpreter is off, or an evolved
+                parameter the forward did not consume through a routed op.
             ValueError: member ids of the wrong shape or outside ``[0, N)``.
         """
         self._require_active("batched_forward")
@@ -282,11 +282,12 @@ class PerturbationContext:
                                "values in the parameters; finish or break the loop first")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"batched_forward takes a Tensor input, got {type(x).__name__}")
+        backend = self.coords.backend
         for e in self._evolved:
-            ops.check_kernel_device(e.param, f"parameter {e.name!r}")
+            ops.check_kernel_device(e.param, f"parameter {e.name!r}", backend)
         devices = sorted({str(e.param.device) for e in self._evolved})
         ops.check_kernel_device(x, f"the batched_forward input (parameters on "
-                                   f"{', '.join(devices)})")
+                                   f"{', '.join(devices)})", backend)
         for e in self._evolved:
             if e.param.device != x.device:
                 raise RuntimeError(f"the batched_forward input is on {x.device} but parameter "

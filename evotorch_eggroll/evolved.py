@@ -32,6 +32,8 @@ class NoiseCoords:
         sigma: noise scale.
         rank: low-rank r (unused for dense noise).
         antithetic: mirrored pairs ``(2k, 2k+1)`` share draw ``k``.
+        backend: which implementation of the ops computes with this noise (``"triton"``,
+            ``"torch"`` or ``"auto"``; see :mod:`evotorch_eggroll.ops`).
     """
 
     seed: int
@@ -39,6 +41,7 @@ class NoiseCoords:
     sigma: float
     rank: int
     antithetic: bool
+    backend: str = "triton"
 
     @property
     def lowrank_scale(self) -> float:
@@ -102,7 +105,7 @@ class EvolvedParam:
         assert self.lowrank
         idx, sign = member_noise(member_ids, coords.antithetic)
         a0, b0 = ops.lowrank_factors(coords.seed, self.key, coords.epoch, idx, self.m, self.n,
-                                     coords.rank)
+                                     coords.rank, backend=coords.backend)
         a = a0 * (sign * coords.lowrank_scale).view(-1, 1, 1)
         return a, b0
 
@@ -110,7 +113,8 @@ class EvolvedParam:
         """Dense noise ``s * sigma * eps`` of each member: ``(K, *shape)`` float32."""
         assert not self.lowrank
         idx, sign = member_noise(member_ids, coords.antithetic)
-        eps = ops.normal_block(coords.seed, self.key, coords.epoch, idx, self.param.numel())
+        eps = ops.normal_block(coords.seed, self.key, coords.epoch, idx, self.param.numel(),
+                               backend=coords.backend)
         return (eps * (sign * coords.sigma)[:, None]).view(-1, *self.shape)
 
     def perturbations(self, coords: NoiseCoords, member_ids: torch.Tensor) -> torch.Tensor:
@@ -132,7 +136,7 @@ class EvolvedParam:
                               device=member_ids.device)
             ops.dense_noise_add_(out, member_ids, seed=coords.seed, key=self.key,
                                  epoch=coords.epoch, scale=coords.sigma,
-                                 antithetic=coords.antithetic)
+                                 antithetic=coords.antithetic, backend=coords.backend)
             return out.view(rows, *self.shape)
         uniq, inv = torch.unique(member_ids, return_inverse=True)
         return self.perturbations(coords, uniq)[inv]
@@ -157,11 +161,12 @@ class EvolvedParam:
                                    epoch=coords.epoch, rank=coords.rank,
                                    noise_indices=noise_indices,
                                    coeffs=coeffs * coords.lowrank_scale,
-                                   precision=ops.update_precision(self.param))
+                                   precision=ops.update_precision(self.param),
+                                   backend=coords.backend)
         else:
             g = ops.dense_update(self.param.numel(), seed=coords.seed, key=self.key,
                                  epoch=coords.epoch, noise_indices=noise_indices,
-                                 coeffs=coeffs * coords.sigma)
+                                 coeffs=coeffs * coords.sigma, backend=coords.backend)
         return g.reshape(self.shape)
 
 

@@ -108,7 +108,7 @@ class FactorCache:
                 index_tensors[device] = idx
             numel = buf[0].numel() if len(indices) else 0
             ops.normal_block(coords.seed, e.key, coords.epoch, idx, numel,
-                             out=buf.view(len(indices), numel))
+                             out=buf.view(len(indices), numel), backend=coords.backend)
             blocks[id(e.param)] = buf
         return cls(members, indices, blocks)
 

@@ -82,7 +82,9 @@ def try_forward(model: nn.Module, x: torch.Tensor, member_ids: torch.Tensor,
     """The output of ``model(x)`` with row ``j`` perturbed as member ``member_ids[j]``,
     computed by one drawn-MLP launch, or None when this model or call does not qualify."""
     if (cache is None or x.dim() != 2 or x.dtype != torch.float32 or coords.sigma == 0.0
-            or coords.rank > MAX_RANK or not (x.is_cuda or ops.interpreter_active())
+            or coords.rank > MAX_RANK
+            or ops.resolve_backend(coords.backend, x.device) != "triton"
+            or not (x.is_cuda or ops.interpreter_active())
             or torch.compiler.is_compiling() or _global_hooks()):
         return None
     layers = plan(model)

@@ -11,9 +11,14 @@ uses noise index ``j // 2`` and sign ``(-1)**j`` when ``antithetic``, else index
 sign ``+1``. Its weight perturbation is ``sign * sigma / sqrt(r) * A0 @ B0.T``; a 1-D
 parameter's is ``sign * sigma * eps``.
 
-Every op checks its tensors' device first: CUDA tensors run the kernels on the GPU; CPU
-tensors are accepted only while Triton's interpreter is active (``TRITON_INTERPRET=1`` set
-before Triton is imported), otherwise the GPU-required RuntimeError is raised. Member ids
+Backends: every op takes ``backend=`` (:data:`BACKENDS`), resolved per device by
+:func:`resolve_backend`. ``"triton"`` (the default) runs the kernels: CUDA tensors on the
+GPU; CPU tensors only while Triton's interpreter is active (``TRITON_INTERPRET=1`` set
+before Triton is imported), otherwise the GPU-required RuntimeError is raised.
+``"torch"`` runs the plain-torch implementation of :mod:`evotorch_eggroll.torch_ops` on any
+device (the fast way on a CPU; same Philox words, normals within the stream's tolerance).
+``"auto"`` takes the kernels on CUDA devices and on the CPU under the interpreter, plain
+torch otherwise. Member ids
 are used as stream counters only (never as memory offsets): they must lie in
 ``[0, 2**32)`` (``[0, 2**33)`` with antithetic sampling); the caller validates them.
 
@@ -31,7 +36,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import library
+from . import library, torch_ops
 
 __all__ = [
     "normal_block",
@@ -45,18 +50,27 @@ __all__ = [
     "dense_update",
     "interpreter_active",
     "check_kernel_device",
+    "check_backend",
+    "resolve_backend",
+    "BACKENDS",
     "GPU_REQUIRED_MESSAGE",
 ]
 
 _WORD = 1 << 32  # counters are 32-bit words
 _MAX_ELEMENTS = 4 * _WORD  # element // 4 must fit a counter word
 
+BACKENDS = ("triton", "torch", "auto")
+
 GPU_REQUIRED_MESSAGE = (
-    "EGGROLL needs a CUDA GPU: its noise is generated inside Triton kernels, in parallel for "
+    "EGGROLL's Triton kernels need a CUDA GPU: they generate the noise in parallel for "
     "every population member, and that is only fast on a GPU. Move the model and inputs to "
     "a CUDA device (e.g. model.cuda()); on a machine without one, use a GPU instance or "
-    "Colab. For debugging only, setting TRITON_INTERPRET=1 before Triton is imported runs "
-    "the same kernels on the CPU through Triton's interpreter (slow)."
+    "Colab. To run on the CPU instead, opt in to the plain-torch CPU path: create the "
+    "strategy with backend=\"torch\" (e.g. EggrollStrategy(..., backend=\"torch\"), or "
+    "backend=\"auto\" for the kernels on a GPU and plain torch on the CPU); it computes the "
+    "same perturbations and updates from the same noise with batched matrix products. For "
+    "debugging the kernels, setting TRITON_INTERPRET=1 before Triton is imported runs them "
+    "on the CPU through Triton's interpreter (slow)."
 )
 
 
@@ -65,25 +79,52 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_kernel_device(t: torch.Tensor, what: str = "tensor") -> None:
-    """Raise the GPU-required RuntimeError for CPU tensors unless the interpreter is active."""
-    if t.device.type == "cuda":
+def check_backend(backend: object) -> str:
+    """Validate a backend name: one of :data:`BACKENDS` (``"triton"``, ``"torch"``,
+    ``"auto"``)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be one of {BACKENDS}, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The implementation that runs for tensors on ``device``: ``"triton"`` or ``"torch"``.
+
+    ``"auto"`` resolves to the kernels on CUDA devices and, while Triton's interpreter is
+    active, on the CPU; to plain torch on every other device.
+    """
+    backend = check_backend(backend)
+    if backend != "auto":
+        return backend
+    device = torch.device(device)
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_active()):
+        return "triton"
+    return "torch"
+
+
+def check_kernel_device(t: torch.Tensor, what: str = "tensor", backend: str = "triton") -> None:
+    """Raise unless ``backend`` can compute with ``t``: the GPU-required RuntimeError (which
+    names the plain-torch opt-in) for CPU tensors when it resolves to the kernels without
+    the interpreter; a RuntimeError for meta tensors (no values) with any backend."""
+    if t.device.type == "meta":
+        raise RuntimeError(f"{what} is on the meta device, which holds shapes but no values; "
+                           f"create it (or move it) on the model's device")
+    if t.device.type == "cuda" or resolve_backend(backend, t.device) == "torch":
         return
     if t.device.type == "cpu" and interpreter_active():
         return
-    if t.device.type == "meta":
-        raise RuntimeError(f"{what} is on the meta device, which holds shapes but no values; "
-                           f"create it (or move it) on the model's CUDA device")
     raise RuntimeError(f"{what} is on {t.device}. {GPU_REQUIRED_MESSAGE}")
 
 
 # -- validation ---------------------------------------------------------------------------
 
 
-def _check_tensor(t: object, what: str) -> torch.Tensor:
+def _check_tensor(t: object, what: str, backend: str = "triton") -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
-    check_kernel_device(t, what)
+    check_kernel_device(t, what, backend)
     return t
 
 
@@ -132,8 +173,9 @@ def _check_count(value: object, what: str, minimum: int) -> int:
     return value
 
 
-def _check_member_ids(member_ids: torch.Tensor, rows: int, ref: tuple[str, torch.Tensor]) -> None:
-    _check_tensor(member_ids, "member_ids")
+def _check_member_ids(member_ids: torch.Tensor, rows: int, ref: tuple[str, torch.Tensor],
+                      backend: str = "triton") -> None:
+    _check_tensor(member_ids, "member_ids", backend)
     _check_integer(member_ids, "member_ids")
     if member_ids.dim() != 1 or member_ids.shape[0] != rows:
         raise ValueError(
@@ -143,8 +185,8 @@ def _check_member_ids(member_ids: torch.Tensor, rows: int, ref: tuple[str, torch
     _check_same_device(ref, ("member_ids", member_ids))
 
 
-def _check_noise_indices(noise_indices: torch.Tensor) -> torch.Tensor:
-    _check_tensor(noise_indices, "noise_indices")
+def _check_noise_indices(noise_indices: torch.Tensor, backend: str = "triton") -> torch.Tensor:
+    _check_tensor(noise_indices, "noise_indices", backend)
     _check_integer(noise_indices, "noise_indices")
     if noise_indices.dim() > 1:
         raise ValueError(
@@ -167,13 +209,13 @@ FactorCacheArg = Optional[tuple[torch.Tensor, int]]
 
 
 def _check_cache(cache: FactorCacheArg, what: str, rows: int, rank: int,
-                 ref: tuple[str, torch.Tensor]) -> FactorCacheArg:
+                 ref: tuple[str, torch.Tensor], backend: str = "triton") -> FactorCacheArg:
     """Check a ``(block, base)`` cache of drawn factors: ``block (K, rows, rank)`` (or
     ``(K, rows)`` for 1-D noise) contiguous float32 on ``ref``'s device, ``base >= 0``."""
     if cache is None:
         return None
     block, base = cache
-    _check_tensor(block, what)
+    _check_tensor(block, what, backend)
     shape = (rows, rank) if block.dim() == 3 else (rows,)
     if (block.dtype != torch.float32 or not block.is_contiguous()
             or tuple(block.shape[1:]) != shape):
@@ -191,12 +233,17 @@ def _kernels():
     return library.kernel_modules()
 
 
+def _runs_torch(backend: str, t: torch.Tensor) -> bool:
+    """True when ``backend`` resolves to the plain-torch implementation for ``t``."""
+    return resolve_backend(backend, t.device) == "torch"
+
+
 # -- noise inspection ---------------------------------------------------------------------
 
 
 def normal_block(
     seed: int, key: int, epoch: int, noise_indices: torch.Tensor, numel: int,
-    out: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None, *, backend: str = "triton",
 ) -> torch.Tensor:
     """Normals of elements ``0..numel-1`` for each noise index.
 
@@ -207,22 +254,26 @@ def normal_block(
         noise_indices: ``(K,)`` integer tensor, values in ``[0, 2**32)``.
         numel: elements per noise index.
         out: optional contiguous ``(K, numel)`` float32 tensor to write the normals to.
+        backend: ``"triton"``, ``"torch"`` or ``"auto"`` (see the module docstring).
 
     Returns:
         ``(K, numel)`` float32 on ``noise_indices.device`` (``out`` when given).
     """
-    idx = _check_noise_indices(noise_indices)
+    idx = _check_noise_indices(noise_indices, backend)
     seed, key, epoch = _check_stream(seed, key, epoch)
     numel = _check_count(numel, "numel", 0)
     if numel > _MAX_ELEMENTS:
         raise ValueError(f"numel must be at most 2**34, got {numel}")
     if out is not None:
-        _check_tensor(out, "out")
+        _check_tensor(out, "out", backend)
+    if _runs_torch(backend, idx):
+        return torch_ops.normal_block(seed, key, epoch, idx, numel, out=out)
     return _kernels().normal_block.normal_block(seed, key, epoch, idx, numel, out=out)
 
 
 def lowrank_factors(
-    seed: int, key: int, epoch: int, noise_indices: torch.Tensor, m: int, n: int, rank: int
+    seed: int, key: int, epoch: int, noise_indices: torch.Tensor, m: int, n: int, rank: int,
+    *, backend: str = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscaled factors of a ``(m, n)`` weight, exactly those the forward and update use.
 
@@ -232,7 +283,8 @@ def lowrank_factors(
     m = _check_count(m, "m", 0)
     n = _check_count(n, "n", 0)
     rank = _check_count(rank, "rank", 1)
-    block = normal_block(seed, key, epoch, noise_indices, (n + m) * rank).view(-1, n + m, rank)
+    block = normal_block(seed, key, epoch, noise_indices, (n + m) * rank,
+                         backend=backend).view(-1, n + m, rank)
     return block[:, n:], block[:, :n]
 
 
@@ -251,6 +303,7 @@ def lowrank_project(
     total_rows: int,
     antithetic: bool,
     cache: FactorCacheArg = None,
+    backend: str = "triton",
 ) -> torch.Tensor:
     """``t[j] = v[j] @ F_j[row_offset : row_offset + D]`` for ``v (rows, D)``: ``(rows, r)`` float32.
 
@@ -259,19 +312,21 @@ def lowrank_project(
     ``(K, total_rows, r)`` of noise indices ``base .. base + K - 1`` drawn beforehand by
     :func:`normal_block` (every row's noise index must lie there; the result is the same
     bit for bit). ``v`` may have any strides and a floating dtype (math in float32).
+    ``backend``: see the module docstring.
     """
-    _check_tensor(v, "v")
+    _check_tensor(v, "v", backend)
     _check_floating(v, "v")
     if v.dim() != 2:
         raise ValueError(f"v must be 2-D (rows, D), got shape {tuple(v.shape)}")
-    _check_member_ids(member_ids, v.shape[0], ("v", v))
+    _check_member_ids(member_ids, v.shape[0], ("v", v), backend)
     seed, key, epoch = _check_stream(seed, key, epoch)
     rank = _check_count(rank, "rank", 1)
     row_offset = _check_count(row_offset, "row_offset", 0)
     total_rows = _check_count(total_rows, "total_rows", 0)
     _check_rows(rank, row_offset, v.shape[1], total_rows)
-    cache = _check_cache(cache, "cache", total_rows, rank, ("v", v))
-    return _kernels().lowrank_project.lowrank_project(
+    cache = _check_cache(cache, "cache", total_rows, rank, ("v", v), backend)
+    impl = torch_ops if _runs_torch(backend, v) else _kernels().lowrank_project
+    return impl.lowrank_project(
         v, member_ids, seed=seed, key=key, epoch=epoch, rank=rank, row_offset=row_offset,
         antithetic=bool(antithetic), cache=cache,
     )
@@ -291,29 +346,32 @@ def lowrank_expand_(
     scale: float,
     antithetic: bool,
     cache: FactorCacheArg = None,
+    backend: str = "triton",
 ) -> torch.Tensor:
     """In place: ``out[j] += sign_j * scale * F_j[row_offset : row_offset + D] @ t[j]``.
 
     ``out (rows, D)`` floating, any strides (float32 math, one rounding to ``out``'s dtype);
-    ``t (rows, r)``; ``cache`` as for :func:`lowrank_project`. Returns ``out``.
+    ``t (rows, r)``; ``cache`` as for :func:`lowrank_project`; ``backend``: see the module
+    docstring. Returns ``out``.
     """
-    _check_tensor(out, "out")
+    _check_tensor(out, "out", backend)
     _check_floating(out, "out")
     if out.dim() != 2:
         raise ValueError(f"out must be 2-D (rows, D), got shape {tuple(out.shape)}")
     rank = _check_count(rank, "rank", 1)
-    _check_tensor(t, "t")
+    _check_tensor(t, "t", backend)
     _check_floating(t, "t")
     if tuple(t.shape) != (out.shape[0], rank):
         raise ValueError(f"t must have shape ({out.shape[0]}, {rank}), got {tuple(t.shape)}")
     _check_same_device(("out", out), ("t", t))
-    _check_member_ids(member_ids, out.shape[0], ("out", out))
+    _check_member_ids(member_ids, out.shape[0], ("out", out), backend)
     seed, key, epoch = _check_stream(seed, key, epoch)
     row_offset = _check_count(row_offset, "row_offset", 0)
     total_rows = _check_count(total_rows, "total_rows", 0)
     _check_rows(rank, row_offset, out.shape[1], total_rows)
-    cache = _check_cache(cache, "cache", total_rows, rank, ("out", out))
-    return _kernels().lowrank_expand.lowrank_expand_(
+    cache = _check_cache(cache, "cache", total_rows, rank, ("out", out), backend)
+    impl = torch_ops if _runs_torch(backend, out) else _kernels().lowrank_expand
+    return impl.lowrank_expand_(
         out, t, member_ids, seed=seed, key=key, epoch=epoch, rank=rank, row_offset=row_offset,
         scale=float(scale), antithetic=bool(antithetic), cache=cache,
     )
@@ -328,20 +386,23 @@ def dense_noise_add_(
     epoch: int,
     scale: float,
     antithetic: bool,
+    backend: str = "triton",
 ) -> torch.Tensor:
     """In place: ``out[j] += sign_j * scale * eps_j[0..D)`` (1-D parameter noise, per row).
 
-    ``out (rows, D)`` floating, any strides. Returns ``out``.
+    ``out (rows, D)`` floating, any strides; ``backend``: see the module docstring.
+    Returns ``out``.
     """
-    _check_tensor(out, "out")
+    _check_tensor(out, "out", backend)
     _check_floating(out, "out")
     if out.dim() != 2:
         raise ValueError(f"out must be 2-D (rows, D), got shape {tuple(out.shape)}")
-    _check_member_ids(member_ids, out.shape[0], ("out", out))
+    _check_member_ids(member_ids, out.shape[0], ("out", out), backend)
     seed, key, epoch = _check_stream(seed, key, epoch)
     if out.shape[1] > _MAX_ELEMENTS:
         raise ValueError(f"at most 2**34 elements per row, got {out.shape[1]}")
-    return _kernels().dense_noise.dense_noise_add_(
+    impl = torch_ops if _runs_torch(backend, out) else _kernels().dense_noise
+    return impl.dense_noise_add_(
         out, member_ids, seed=seed, key=key, epoch=epoch, scale=float(scale),
         antithetic=bool(antithetic),
     )
@@ -359,6 +420,7 @@ class _LinearNoise(NamedTuple):
     scale: float  # sigma / sqrt(rank), the low-rank term's scale
     sigma: float  # the bias noise's scale
     antithetic: bool
+    backend: str = "triton"  # resolved: "triton" or "torch"
 
 
 class _PerturbedLinear(torch.autograd.Function):
@@ -372,11 +434,17 @@ class _PerturbedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, member_ids, noise: _LinearNoise, weight_cache,
                 bias_cache):
         m, n = weight.shape
-        kern = _kernels()
         bias_key = noise.bias_key if bias is not None else None
-        common = dict(seed=noise.seed, epoch=noise.epoch, antithetic=noise.antithetic)
         ctx.save_for_backward(x, weight, member_ids)
         ctx.noise = noise
+        if noise.backend == "torch":
+            return torch_ops.perturbed_linear(
+                x, weight, bias, member_ids, seed=noise.seed, weight_key=noise.weight_key,
+                bias_key=bias_key, epoch=noise.epoch, rank=noise.rank, scale=noise.scale,
+                sigma=noise.sigma, antithetic=noise.antithetic, weight_cache=weight_cache,
+                bias_cache=bias_cache if bias_key is not None else None)
+        kern = _kernels()
+        common = dict(seed=noise.seed, epoch=noise.epoch, antithetic=noise.antithetic)
         if (weight_cache is not None and x.dtype == torch.float32
                 and kern.drawn_linear.fits(n, m)):
             # narrow layer with drawn factors: base product and noise in one launch
@@ -408,7 +476,12 @@ class _PerturbedLinear(torch.autograd.Function):
         noise: _LinearNoise = ctx.noise
         m, n = weight.shape
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and noise.backend == "torch":
+            grad_x = torch_ops.perturbed_linear_grad_x(
+                grad_out, weight, member_ids, seed=noise.seed, weight_key=noise.weight_key,
+                epoch=noise.epoch, rank=noise.rank, scale=noise.scale,
+                antithetic=noise.antithetic)
+        elif ctx.needs_input_grad[0]:
             grad_x = grad_out.mm(weight)  # (rows, n)
             if noise.weight_key is not None:
                 kern = _kernels()
@@ -455,6 +528,7 @@ def perturbed_linear(
     antithetic: bool,
     weight_cache: FactorCacheArg = None,
     bias_cache: FactorCacheArg = None,
+    backend: str = "triton",
 ) -> torch.Tensor:
     """``out[j] = x[j] W^T + b + s_j sigma/sqrt(r) (x[j] B0_j) A0_j^T + s_j sigma eps_b_j``.
 
@@ -473,9 +547,13 @@ def perturbed_linear(
     ``base .. base + K - 1`` (see :func:`lowrank_project`); the forward then reads them
     instead of generating them (same result bit for bit; every row's noise index must lie
     in the range). The backward always regenerates.
+
+    ``backend`` (see the module docstring): with ``"torch"`` the same computation runs as
+    batched products in plain torch, each distinct member's factors generated (or read)
+    once per call.
     """
-    _check_tensor(x, "x")
-    _check_tensor(weight, "weight")
+    _check_tensor(x, "x", backend)
+    _check_tensor(weight, "weight", backend)
     _check_floating(x, "x")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (m, n), got shape {tuple(weight.shape)}")
@@ -486,16 +564,16 @@ def perturbed_linear(
         raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
     _check_same_device(("weight", weight), ("x", x))
     if bias is not None:
-        _check_tensor(bias, "bias")
+        _check_tensor(bias, "bias", backend)
         if tuple(bias.shape) != (m,):
             raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must share a dtype")
         _check_same_device(("weight", weight), ("bias", bias))
-    _check_tensor(member_ids, "member_ids")
+    _check_tensor(member_ids, "member_ids", backend)
     _check_integer(member_ids, "member_ids")
     ids = _rows_and_ids(x, member_ids)
-    _check_member_ids(ids, ids.shape[0], ("x", x))
+    _check_member_ids(ids, ids.shape[0], ("x", x), backend)
     seed, _, epoch = _check_stream(seed, 0, epoch)
     if weight_key is not None:
         weight_key = _check_word(weight_key, "weight_key")
@@ -510,12 +588,12 @@ def perturbed_linear(
         weight_key = bias_key = None
     if weight_key is None:
         rank = 1  # unused
-    weight_cache = (_check_cache(weight_cache, "weight_cache", n + m, rank, ("x", x))
+    weight_cache = (_check_cache(weight_cache, "weight_cache", n + m, rank, ("x", x), backend)
                     if weight_key is not None else None)
-    bias_cache = (_check_cache(bias_cache, "bias_cache", m, 1, ("x", x))
+    bias_cache = (_check_cache(bias_cache, "bias_cache", m, 1, ("x", x), backend)
                   if bias_key is not None else None)
     noise = _LinearNoise(seed, weight_key, bias_key, epoch, rank, sigma / math.sqrt(rank), sigma,
-                         bool(antithetic))
+                         bool(antithetic), resolve_backend(backend, x.device))
     x2 = x.reshape(-1, n)
     out = _PerturbedLinear.apply(x2, weight, bias, ids, noise, weight_cache, bias_cache)
     return out.reshape(*x.shape[:-1], m)
@@ -524,9 +602,10 @@ def perturbed_linear(
 # -- the update ---------------------------------------------------------------------------
 
 
-def _check_update_inputs(noise_indices: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    idx = _check_noise_indices(noise_indices)
-    _check_tensor(coeffs, "coeffs")
+def _check_update_inputs(noise_indices: torch.Tensor, coeffs: torch.Tensor,
+                         backend: str = "triton") -> torch.Tensor:
+    idx = _check_noise_indices(noise_indices, backend)
+    _check_tensor(coeffs, "coeffs", backend)
     _check_floating(coeffs, "coeffs")
     if coeffs.reshape(-1).shape[0] != idx.shape[0] or coeffs.dim() > 1:
         raise ValueError(
@@ -548,6 +627,7 @@ def lowrank_update(
     noise_indices: torch.Tensor,
     coeffs: torch.Tensor,
     precision: str = "ieee",
+    backend: str = "triton",
 ) -> torch.Tensor:
     """``G = sum_k coeffs[k] * A0_k @ B0_k^T``: ``(m, n)`` float32 (scales are the caller's).
 
@@ -555,16 +635,18 @@ def lowrank_update(
     is one ``(m, K_chunk r) @ (K_chunk r, n)`` product with float32 accumulation:
     ``precision="ieee"`` multiplies the float32 factors in IEEE float32, ``"tf32"`` on TF32
     tensor cores, ``"bf16"`` rounds the factors to bfloat16 once and uses bf16 tensor cores.
+    ``backend``: see the module docstring (plain torch: the same chunked products).
     """
     if precision not in ("ieee", "tf32", "bf16"):
         raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16', got {precision!r}")
-    idx = _check_update_inputs(noise_indices, coeffs)
+    idx = _check_update_inputs(noise_indices, coeffs, backend)
     seed, key, epoch = _check_stream(seed, key, epoch)
     m = _check_count(m, "m", 0)
     n = _check_count(n, "n", 0)
     rank = _check_count(rank, "rank", 1)
     _check_rows(rank, 0, n + m, n + m)
-    return _kernels().lowrank_update.lowrank_update(
+    impl = torch_ops if _runs_torch(backend, idx) else _kernels().lowrank_update
+    return impl.lowrank_update(
         m, n, seed=seed, key=key, epoch=epoch, rank=rank, noise_indices=idx,
         coeffs=coeffs.reshape(-1), precision=precision,
     )
@@ -593,13 +675,16 @@ def dense_update(
     epoch: int,
     noise_indices: torch.Tensor,
     coeffs: torch.Tensor,
+    backend: str = "triton",
 ) -> torch.Tensor:
-    """``g = sum_k coeffs[k] * eps_k``: ``(numel,)`` float32, summed over ``k`` in order."""
-    idx = _check_update_inputs(noise_indices, coeffs)
+    """``g = sum_k coeffs[k] * eps_k``: ``(numel,)`` float32, summed over ``k`` in order
+    (``backend``: see the module docstring; plain torch sums by matrix products)."""
+    idx = _check_update_inputs(noise_indices, coeffs, backend)
     seed, key, epoch = _check_stream(seed, key, epoch)
     numel = _check_count(numel, "numel", 0)
     if numel > _MAX_ELEMENTS:
         raise ValueError(f"numel must be at most 2**34, got {numel}")
-    return _kernels().dense_noise.dense_update(
+    impl = torch_ops if _runs_torch(backend, idx) else _kernels().dense_noise
+    return impl.dense_update(
         numel, seed=seed, key=key, epoch=epoch, noise_indices=idx, coeffs=coeffs.reshape(-1),
     )

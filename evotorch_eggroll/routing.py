@@ -174,7 +174,8 @@ class _LowRankBranch(torch.autograd.Function):
     def forward(ctx, v, member_ids, coords, key, in_offset, out_offset, out_features,
                 total_rows):
         common = dict(seed=coords.seed, key=key, epoch=coords.epoch, rank=coords.rank,
-                      total_rows=total_rows, antithetic=coords.antithetic)
+                      total_rows=total_rows, antithetic=coords.antithetic,
+                      backend=coords.backend)
         t = ops.lowrank_project(v, member_ids, row_offset=in_offset, **common)  # (rows, r)
         out = torch.zeros(v.shape[0], out_features, dtype=torch.float32, device=v.device)
         ops.lowrank_expand_(out, t, member_ids, row_offset=out_offset,
@@ -221,7 +222,8 @@ def _dense_weight_rows(ep: EvolvedParam, coords: NoiseCoords, v: torch.Tensor,
     """
     idx, sign = member_noise(row_ids, coords.antithetic)
     uniq, inv = torch.unique(idx, return_inverse=True)
-    eps = ops.normal_block(coords.seed, ep.key, coords.epoch, uniq, ep.m * ep.n)
+    eps = ops.normal_block(coords.seed, ep.key, coords.epoch, uniq, ep.m * ep.n,
+                           backend=coords.backend)
     mats = eps.view(-1, ep.m, ep.n)[:, out_slice]  # (K, M, D)
     res = _grouped_matvec(v.float(), inv, mats)
     return res * (sign * coords.sigma)[:, None]
@@ -350,7 +352,7 @@ def _route_linear(mode: RowPerturbationMode, func, args, kwargs):
         bias_key=be.key if be is not None else None, epoch=epoch, rank=c.rank,
         sigma=c.sigma, antithetic=c.antithetic,
         weight_cache=cache.get(we) if cache is not None else None,
-        bias_cache=cache.get(be) if cache is not None else None,
+        bias_cache=cache.get(be) if cache is not None else None, backend=c.backend,
     )  # (R, ..., m)
     if we is not None and not low:
         dense = _dense_weight_rows(we, c, x.reshape(-1, n), ids, slice(0, m))  # (rows, m)
@@ -443,15 +445,17 @@ def _route_embedding(mode: RowPerturbationMode, func, args, kwargs):
     nidx, sign = member_noise(ids, c.antithetic)
     uniq, inv = torch.unique(nidx, return_inverse=True)
     if we.lowrank:
-        a0, _ = ops.lowrank_factors(c.seed, we.key, c.epoch, uniq, we.m, we.n, c.rank)
+        a0, _ = ops.lowrank_factors(c.seed, we.key, c.epoch, uniq, we.m, we.n, c.rank,
+                                    backend=c.backend)
         rows_a = a0[inv, tok]  # (tokens, r): the A0 row of each token
         delta = torch.zeros(tok.shape[0], we.n, dtype=torch.float32, device=base.device)
         # F_j[0:n] = B0_j, so this adds s_j sigma/sqrt(r) B0_j @ A0_j[tok]
         ops.lowrank_expand_(delta, rows_a.contiguous(), ids, seed=c.seed, key=we.key,
                             epoch=c.epoch, rank=c.rank, row_offset=0, total_rows=we.n + we.m,
-                            scale=c.lowrank_scale, antithetic=c.antithetic)
+                            scale=c.lowrank_scale, antithetic=c.antithetic, backend=c.backend)
     else:
-        eps = ops.normal_block(c.seed, we.key, c.epoch, uniq, we.m * we.n).view(-1, we.m, we.n)
+        eps = ops.normal_block(c.seed, we.key, c.epoch, uniq, we.m * we.n,
+                               backend=c.backend).view(-1, we.m, we.n)
         delta = eps[inv, tok] * (sign * c.sigma)[:, None]
     mode.consume(we)
     return base + delta.view(base.shape).to(base.dtype)

@@ -145,6 +145,7 @@ class EvolutionStrategy:
 
     _full_rank: bool = False
     _algorithm: str = "eggroll"
+    _backend: str = "triton"  # strategies pickled before the backend choice existed
 
     def __init__(
         self,
@@ -163,6 +164,7 @@ class EvolutionStrategy:
         evolve_bias: bool = True,
         max_grad_norm: Optional[float] = None,
         distributed: bool = False,
+        backend: str = "triton",
     ):
         self._sigma = _real("sigma", sigma)
         self._lr = _real("lr", lr)
@@ -187,6 +189,7 @@ class EvolutionStrategy:
         self.max_grad_norm = (None if max_grad_norm is None
                               else _real("max_grad_norm", max_grad_norm, allow_zero=False))
         self.distributed = bool(distributed)
+        self._backend = ops.check_backend(backend)
 
         self.model: Optional[nn.Module] = None
         self._optimizer: Optional[torch.optim.Optimizer] = None
@@ -267,6 +270,13 @@ class EvolutionStrategy:
         """The torch optimizer over the evolved parameters (built in ``setup``)."""
         return self._optimizer
 
+    @property
+    def backend(self) -> str:
+        """Which implementation computes the noise, the forward and the update:
+        ``"triton"`` (the kernels), ``"torch"`` (plain torch) or ``"auto"`` (resolved per
+        device); see :func:`evotorch_eggroll.ops.resolve_backend`."""
+        return self._backend
+
     # -- setup ----------------------------------------------------------------------------
 
     def _require_setup(self, what: str) -> None:
@@ -285,7 +295,7 @@ class EvolutionStrategy:
                     f"parameter {e.name!r} is no longer the Parameter object of the model "
                     f"given to setup (a conversion such as model.to(...) replaced it, or it "
                     f"was reassigned); call strategy.setup(model) again")
-            ops.check_kernel_device(e.param, f"parameter {e.name!r}")
+            ops.check_kernel_device(e.param, f"parameter {e.name!r}", self._backend)
 
     def _world_info(self) -> tuple[int, int]:
         """``(rank, world_size)`` of the process group, ``(0, 1)`` when not distributed."""
@@ -334,8 +344,9 @@ class EvolutionStrategy:
         ``evolve_bias=False``. Nothing is installed on the model.
 
         Args:
-            model: the model, every parameter on a CUDA device (or on the CPU under
-                ``TRITON_INTERPRET=1``). Kept as ``self.model``, never wrapped.
+            model: the model, every parameter on a CUDA device (or on the CPU with
+                ``backend="torch"``/``"auto"``, or under ``TRITON_INTERPRET=1``). Kept as
+                ``self.model``, never wrapped.
             include: names to evolve (default: all).
             exclude: names not to evolve.
 
@@ -343,7 +354,8 @@ class EvolutionStrategy:
             self.
 
         Raises:
-            RuntimeError: CPU parameters without the interpreter; inside a perturb context.
+            RuntimeError: CPU parameters with ``backend="triton"`` without the
+                interpreter; inside a perturb context.
             ValueError: unknown names, nothing to evolve, or a parameter owned by a module
                 type whose forward cannot be perturbed per row (``exclude`` it).
                 Distributed: ranks whose seed, settings or starting parameter values differ
@@ -362,7 +374,7 @@ class EvolutionStrategy:
             if isinstance(p, nn.parameter.UninitializedParameter):
                 raise ValueError(f"parameter {name!r} is uninitialized (a lazy module): run one "
                                  f"forward pass before setup")
-            ops.check_kernel_device(p, f"parameter {name!r}")
+            ops.check_kernel_device(p, f"parameter {name!r}", self._backend)
         known = [n for n, _ in named]
 
         def names_of(arg: Optional[Iterable[str]], what: str) -> Optional[set]:
@@ -463,7 +475,7 @@ class EvolutionStrategy:
         return NoiseCoords(seed=self._seed, epoch=eff,
                            sigma=self._sigma if sigma is None else sigma,
                            rank=1 if self._full_rank else self._rank,
-                           antithetic=self.antithetic)
+                           antithetic=self.antithetic, backend=self._backend)
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -956,6 +968,14 @@ class EggrollStrategy(EvolutionStrategy):
             the same update. ``setup``, ``step`` and ``load_state_dict`` are then collective
             (call them on every rank); ``setup`` checks that all ranks agree on the seed,
             settings and starting parameters.
+        backend: which implementation runs the noise, the batched forward and the update.
+            ``"triton"`` (default): the Triton kernels; the model must be on a CUDA GPU
+            (or on the CPU under ``TRITON_INTERPRET=1``, the kernels in Triton's slow
+            interpreter, for debugging), else ``setup`` raises. ``"torch"``: the plain-torch
+            CPU path, the same perturbations and updates from the same noise stream
+            (bit-identical Philox words, normals within float32 rounding) computed with
+            batched matrix products, on any device. ``"auto"``: the kernels on CUDA
+            devices and under the interpreter, plain torch otherwise.
 
     Note:
         AdamW applies its (decoupled) weight decay, 0.01 by default, even when the ES
@@ -995,6 +1015,7 @@ class OpenESStrategy(EvolutionStrategy):
         evolve_bias: bool = True,
         max_grad_norm: Optional[float] = None,
         distributed: bool = False,
+        backend: str = "triton",
     ):
         super().__init__(sigma=sigma, lr=lr, rank=1, optimizer=optimizer,
                          optimizer_kwargs=optimizer_kwargs, antithetic=antithetic,
@@ -1002,4 +1023,4 @@ class OpenESStrategy(EvolutionStrategy):
                          fitness_transform=fitness_transform, baseline=baseline,
                          fitness_eps=fitness_eps, group_size=group_size,
                          evolve_bias=evolve_bias, max_grad_norm=max_grad_norm,
-                         distributed=distributed)
+                         distributed=distributed, backend=backend)

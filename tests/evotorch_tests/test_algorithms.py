@@ -319,9 +319,10 @@ def test_dense_mode_draws_its_noise_with_the_kernels(device, monkeypatch, proble
     kernel_devices = []
     real_normal_block = ops.normal_block
 
-    def recording_normal_block(seed, key, epoch, noise_indices, numel):
-        kernel_devices.append(noise_indices.device.type)
-        return real_normal_block(seed, key, epoch, noise_indices, numel)
+    def recording_normal_block(seed, key, epoch, noise_indices, numel, **kwargs):
+        backend = ops.resolve_backend(kwargs.get("backend", "triton"), noise_indices.device)
+        kernel_devices.append((noise_indices.device.type, backend))
+        return real_normal_block(seed, key, epoch, noise_indices, numel, **kwargs)
 
     monkeypatch.setattr(ops, "normal_block", recording_normal_block)
     evaluated = []
@@ -336,7 +337,7 @@ def test_dense_mode_draws_its_noise_with_the_kernels(device, monkeypatch, proble
     center = torch.linspace(-2, 2, length)
     searcher = EGGROLL(problem, popsize=n, sigma=sigma, lr=0.1, seed=seed, center_init=center)
     searcher.step()
-    assert kernel_devices and set(kernel_devices) == {device.type}
+    assert kernel_devices and set(kernel_devices) == {(device.type, "triton")}
     members = torch.arange(n)
     eps = noise.normal_stream(seed, noise.param_key("center"), 0, members // 2, length)
     sign = (1 - 2 * (members % 2)).float()[:, None]
@@ -344,13 +345,35 @@ def test_dense_mode_draws_its_noise_with_the_kernels(device, monkeypatch, proble
                                atol=1e-5, rtol=1e-5)
 
 
-def test_dense_mode_without_gpu_or_interpreter_is_refused(monkeypatch):
-    """With neither a GPU nor Triton's interpreter a problem is refused at construction,
-    with the message that says why EGGROLL needs a GPU (the policy of every other path)."""
+def test_dense_mode_without_gpu_or_interpreter(monkeypatch):
+    """With neither a GPU nor Triton's interpreter the default backend draws the population
+    in plain torch on the CPU, from the same stream; asking for the kernels only is refused
+    at construction, with the message that says why they need a GPU and names the
+    plain-torch opt-in."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="CUDA GPU"):
-        EGGROLL(_sphere_problem(), popsize=4)
+    with pytest.raises(RuntimeError, match="CUDA GPU") as info:
+        EGGROLL(_sphere_problem(), popsize=4, backend="triton")
+    assert 'backend="torch"' in str(info.value)
+    with pytest.raises(ValueError, match="backend"):
+        EGGROLL(_sphere_problem(), popsize=4, backend="cuda")
+    evaluated = []
+
+    def recording_sphere(x):
+        evaluated.append(x.detach().clone())
+        return _sphere(x)
+
+    n, length, sigma, seed = 6, 8, 0.3, 5
+    problem = Problem("min", recording_sphere, solution_length=length, initial_bounds=(-3, 3),
+                      vectorized=True, seed=0, device="cpu")
+    center = torch.linspace(-2, 2, length)
+    searcher = EGGROLL(problem, popsize=n, sigma=sigma, lr=0.1, seed=seed, center_init=center)
+    searcher.step()
+    members = torch.arange(n)
+    eps = noise.normal_stream(seed, noise.param_key("center"), 0, members // 2, length)
+    sign = (1 - 2 * (members % 2)).float()[:, None]
+    torch.testing.assert_close(torch.cat(evaluated) - center, sign * sigma * eps,
+                               atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- EvoTorch's names

@@ -96,7 +96,8 @@ def test_default_member_ids_and_row_order(device, monkeypatch):
 
 def test_the_fast_path_steps_aside(device, monkeypatch):
     """Gradients, hooks, unsupported modules, a Linear subclass with its own forward, an
-    activation first, float64 or a 3-D input take the routed path (and still compute)."""
+    activation first, float64, a 3-D input or the plain-torch backend take the routed path
+    (and still compute)."""
 
     class Scaled(nn.Linear):
         def forward(self, x):
@@ -137,6 +138,13 @@ def test_the_fast_path_steps_aside(device, monkeypatch):
     s = EggrollStrategy(sigma=0.1, rank=1).setup(model)
     with torch.no_grad(), s.perturb(6) as pop:
         assert pop.batched_forward(model, x.double()).dtype == torch.float64
+    assert calls == [3]
+    model = _net("narrow").to(device)
+    s = EggrollStrategy(sigma=0.1, rank=1, backend="torch").setup(model)
+    with torch.no_grad(), s.perturb(6) as pop:  # the plain-torch backend never launches it
+        torch.testing.assert_close(pop.batched_forward(model, x),
+                                   _routed(pop, model, x, None, monkeypatch),
+                                   atol=1e-5, rtol=1e-5)
     assert calls == [3]
 
 

@@ -289,6 +289,7 @@ def test_cpu_without_interpreter_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA") as info:
         ops.check_kernel_device(torch.zeros(1), "x")
     assert "GPU" in str(info.value) and "TRITON_INTERPRET=1" in str(info.value)
+    assert 'backend="torch"' in str(info.value)  # the plain-torch opt-in
     ids = torch.zeros(2, dtype=torch.int64)
     calls = [
         lambda: ops.normal_block(0, 0, 0, ids, 4),

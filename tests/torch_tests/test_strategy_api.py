@@ -212,6 +212,7 @@ def test_setup_rejects_cpu_models_without_the_interpreter(monkeypatch):
         EggrollStrategy().setup(model)
     msg = str(err.value)
     assert "CUDA" in msg and "GPU" in msg and "TRITON_INTERPRET=1" in msg
+    assert 'backend="torch"' in msg  # names the plain-torch opt-in
 
 
 def test_cpu_model_is_accepted_under_the_interpreter(monkeypatch):

@@ -262,7 +262,9 @@ class RowPerturbationMode(TorchFunctionMode):
     # helpers ---------------------------------------------------------------------------
 
     def lookup(self, obj: Any) -> Optional[EvolvedParam]:
-        return self.evolved.lookup(obj) if isinstance(obj, torch.Tensor) else None
+        # Evolved entries are Parameters; testing the type first keeps other tensors
+        # (activations) away from id(), which torch.compile cannot trace for them.
+        return self.evolved.lookup(obj) if isinstance(obj, torch.nn.Parameter) else None
 
     def consume(self, *entries: Optional[EvolvedParam], generated: bool = True) -> None:
         """Mark parameters as perturbed in this forward (``generated``: their noise was

@@ -101,7 +101,11 @@ def philox4x32(
     """Philox4x32 on int64 tensors holding unsigned 32-bit values; returns the 4 words."""
     k0 = int(seed) & MASK32
     k1 = (int(seed) >> 32) & MASK32
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & MASK32 for c in (c0, c1, c2, c3))
+    # Python-int counters join the tensors' device (a CPU scalar broadcast beside CUDA
+    # counters would no longer count as a scalar)
+    device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=device) & MASK32
+                      for c in (c0, c1, c2, c3))
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     for _ in range(rounds):
         hi0, lo0 = _mulhilo(PHILOX_M0, c0)

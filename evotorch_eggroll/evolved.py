@@ -143,8 +143,14 @@ class EvolvedParam:
 
     # -- the update ---------------------------------------------------------------------
 
+    def noise_scale(self, coords: NoiseCoords) -> float:
+        """The factor between this parameter's perturbation and its unscaled noise:
+        ``sigma / sqrt(rank)`` for a low-rank weight, ``sigma`` otherwise."""
+        return coords.lowrank_scale if self.lowrank else coords.sigma
+
     def gradient(
-        self, coords: NoiseCoords, noise_indices: torch.Tensor, coeffs: torch.Tensor
+        self, coords: NoiseCoords, noise_indices: torch.Tensor, coeffs: torch.Tensor,
+        scaled: bool = False,
     ) -> torch.Tensor:
         """``sum_k coeffs[k] * P0_k`` with ``P0_k`` draw k's unsigned perturbation.
 
@@ -152,21 +158,24 @@ class EvolvedParam:
             coords: stream coordinates.
             noise_indices: ``(K,)`` int64 draws on the parameter's device.
             coeffs: ``(K,)`` float32 coefficients (signs already folded in).
+            scaled: ``coeffs`` already include :meth:`noise_scale` (callers updating many
+                parameters multiply once per scale).
 
         Returns:
             float32 tensor of the parameter's shape.
         """
+        if not scaled:
+            coeffs = coeffs * self.noise_scale(coords)
         if self.lowrank:
             g = ops.lowrank_update(self.m, self.n, seed=coords.seed, key=self.key,
                                    epoch=coords.epoch, rank=coords.rank,
-                                   noise_indices=noise_indices,
-                                   coeffs=coeffs * coords.lowrank_scale,
+                                   noise_indices=noise_indices, coeffs=coeffs,
                                    precision=ops.update_precision(self.param),
                                    backend=coords.backend)
         else:
             g = ops.dense_update(self.param.numel(), seed=coords.seed, key=self.key,
                                  epoch=coords.epoch, noise_indices=noise_indices,
-                                 coeffs=coeffs * coords.sigma, backend=coords.backend)
+                                 coeffs=coeffs, backend=coords.backend)
         return g.reshape(self.shape)
 
 

@@ -113,27 +113,55 @@ def _optimizer_class(optimizer: Any) -> type:
 
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Euclidean norm of all elements of ``tensors`` (float32, accumulated per tensor, on the
-    first tensor's device), without a host synchronisation."""
-    norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
-    if not norms:
+    first tensor's device), without a host synchronisation (one multi-tensor launch per
+    device and dtype for the per-tensor norms)."""
+    if not tensors:
         return torch.zeros(())
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
     dev = norms[0].device
     return torch.linalg.vector_norm(torch.stack([v.to(dev) for v in norms]))
 
 
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Bit-exact copies of ``tensors`` (one multi-tensor copy per device and dtype instead
+    of a clone each)."""
+    out = [torch.empty_like(t) for t in tensors]
+    if out:
+        torch._foreach_copy_(out, tensors)
+    return out
+
+
 def _clone_tensors(obj: Any) -> Any:
     """A copy of a nested dict/list/tuple structure (an optimizer ``state_dict``) in which
-    every tensor is cloned and everything else shared — what a rollback needs, far cheaper
+    every tensor is copied and everything else shared — what a rollback needs, far cheaper
     than ``copy.deepcopy``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _clone_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone_tensors(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_clone_tensors(v) for v in obj)
-    return obj
+    leaves: list[torch.Tensor] = []
+
+    def collect(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            leaves.append(o)
+        elif isinstance(o, dict):
+            for v in o.values():
+                collect(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                collect(v)
+
+    collect(obj)
+    copies = iter(_copies(leaves))
+
+    def rebuild(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            return next(copies)
+        if isinstance(o, dict):
+            return {k: rebuild(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [rebuild(v) for v in o]
+        if isinstance(o, tuple):
+            return tuple(rebuild(v) for v in o)
+        return o
+
+    return rebuild(obj)
 
 
 class EvolutionStrategy:
@@ -671,13 +699,18 @@ class EvolutionStrategy:
         # the optimizer minimises, so it gets -g: negating the coefficients gives exactly -g
         # (negation is exact through every product and sum)
         neg_coeffs = -(coeffs / math.sqrt(n))
-        on_device: dict = {}  # the draws and coefficients, copied once per device
+        on_device: dict = {}  # the draws, copied once per device
+        scaled: dict = {}  # the coefficients times each scale, once per device and scale
         neg_grads = []
         for e in self._evolved:
             dev = e.param.device
             if dev not in on_device:
                 on_device[dev] = (idx.to(dev), neg_coeffs.to(dev, torch.float32))
-            neg_grads.append(e.gradient(coords, *on_device[dev]))
+            scale = e.noise_scale(coords)
+            if (dev, scale) not in scaled:
+                scaled[dev, scale] = on_device[dev][1] * scale
+            neg_grads.append(e.gradient(coords, on_device[dev][0], scaled[dev, scale],
+                                        scaled=True))
         norm = _total_norm(neg_grads)
         if self.max_grad_norm is not None and float(norm) > self.max_grad_norm:
             factor = self.max_grad_norm / (float(norm) + 1e-6)
@@ -686,7 +719,7 @@ class EvolutionStrategy:
 
         params = [e.param for e in self._evolved]
         with torch.no_grad():
-            before = [p.detach().clone() for p in params]
+            before = _copies([p.detach() for p in params])
         own_grads = [p.grad for p in params]
         optimizer_state = _clone_tensors(self._optimizer.state_dict())
         try:
@@ -705,12 +738,12 @@ class EvolutionStrategy:
             for p, g in zip(params, own_grads):
                 p.grad = g
         with torch.no_grad():
-            if self._lr == 0.0:
+            if self._lr == 0.0 and params:
                 # lr = 0 promises bit-identical parameters (an optimizer adding a signed zero
                 # could flip -0.0 to +0.0)
-                for p, b in zip(params, before):
-                    p.copy_(b)
-            delta = _total_norm([p.float() - b.float() for p, b in zip(params, before)])
+                torch._foreach_copy_(params, before)
+            delta = _total_norm(torch._foreach_sub([p.float() for p in params],
+                                                   [b.float() for b in before]) if params else [])
         # one device synchronisation for both norms
         norm, delta = torch.stack([norm.to(delta.device), delta]).tolist()
 

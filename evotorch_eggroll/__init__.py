@@ -16,6 +16,7 @@ from .shaping import (
     antithetic_fold,
     centered_rank,
     rank_transform,
+    replace_nonfinite,
     shape_fitnesses,
     zscore,
 )
@@ -35,4 +36,5 @@ __all__ = [
     "centered_rank",
     "antithetic_baseline",
     "antithetic_fold",
+    "replace_nonfinite",
 ]

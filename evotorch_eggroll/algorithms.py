@@ -83,7 +83,9 @@ def _nes_utilities(f: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rank_fitnesses(fitnesses: torch.Tensor, ranking_method: Optional[str], *, higher_is_better: bool) -> torch.Tensor:
+def rank_fitnesses(
+    fitnesses: torch.Tensor, ranking_method: Optional[str], *, higher_is_better: bool, nonfinite: str = "raise"
+) -> torch.Tensor:
     """Shape raw fitnesses into ES weights; better members get larger weights.
 
     Args:
@@ -94,18 +96,33 @@ def rank_fitnesses(fitnesses: torch.Tensor, ranking_method: Optional[str], *, hi
             (the fitnesses, negated when lower is better). Our strategy's names
             ``"centered_rank"``, ``"rank"``, ``"normalize"`` and ``"none"`` are accepted too.
         higher_is_better: False for minimisation.
+        nonfinite: ``"raise"`` (default): NaN or inf fitnesses are a ValueError.
+            ``"worst"``: such members rank below every finite one, whatever the sign of
+            their value and the objective sense: in "higher is better" terms (the
+            fitnesses negated for minimisation) each is replaced by one finite spread below
+            the worst finite value (:func:`evotorch_eggroll.shaping.replace_nonfinite`)
+            before ranking; every method then sees finite values.
 
     Returns:
         ``(N,)`` float64 weights on the input's device.
+
+    Raises:
+        ValueError: an unknown method or ``nonfinite``; non-finite fitnesses with
+            ``"raise"``, or all of them with ``"worst"``.
     """
     method = _ALIASES.get(ranking_method, ranking_method)
     if method not in RANKING_METHODS:
         raise ValueError(f"unknown ranking_method {ranking_method!r}; expected one of {RANKING_METHODS} or None")
+    shaping.check_nonfinite_policy(nonfinite, "nonfinite")
     f = torch.as_tensor(fitnesses).reshape(-1).to(torch.float64)
-    if not bool(torch.isfinite(f).all()):
-        raise ValueError("fitnesses contain NaN or inf")
     if not higher_is_better:
         f = -f
+    if nonfinite == "worst":
+        f, _ = shaping.replace_nonfinite(f)
+    elif not bool(torch.isfinite(f).all()):
+        raise ValueError(
+            "fitnesses contain NaN or inf (nonfinite_fitness='worst' ranks such members below every finite one)"
+        )
     if method == "centered":
         return shaping.centered_rank(f)
     if method == "linear":
@@ -222,8 +239,9 @@ class EGGROLL(SearchAlgorithm):
     Status keys: ``center`` (``(L,)`` tensor), ``sigma`` and ``stdev`` (the noise scale,
     a float), ``mean_eval``, ``median_eval``, ``pop_best_eval``, ``best_eval`` (floats, in
     the problem's own units), ``pop_best`` and ``best`` (EvoTorch ``Solution`` objects,
-    built on first read for that one member only), plus EvoTorch's ``iter`` and whatever
-    the problem reports.
+    built on first read for that one member only), ``nonfinite_count`` (members of the
+    latest generation whose fitness was NaN or inf, see ``nonfinite_fitness``), plus
+    EvoTorch's ``iter`` and whatever the problem reports.
 
     Pickling: the searcher pickles (problem, center, optimizer and strategy state
     included) and a loaded copy continues bit-identically. Hooks, and so attached loggers,
@@ -278,6 +296,15 @@ class EGGROLL(SearchAlgorithm):
             set. ``"torch"``: the plain-torch path on every device. ``"triton"``: the
             kernels only (a CPU problem then needs the interpreter, or is refused with the
             error that says why).
+        nonfinite_fitness: What a generation does with NaN, +inf or -inf fitnesses.
+            ``"raise"`` (default): a ValueError before the center changes. ``"worst"``:
+            such a member has diverged and ranks below every finite member, whatever the
+            sign of its value and the objective sense (see :func:`rank_fitnesses`); all
+            members non-finite is still a ValueError before anything changes. The count
+            is the status key ``nonfinite_count``; ``mean_eval``, ``median_eval``,
+            ``pop_best``/``pop_best_eval`` and ``best``/``best_eval`` describe the finite
+            members. Distributed, every rank applies the rule to the same all-gathered
+            fitnesses.
         **evotorch_names: EvoTorch's names of the settings above (``stdev_init``,
             ``center_learning_rate``, ``symmetric``). Other settings of EvoTorch's
             searchers raise a TypeError that says what to do instead: ``radius_init``
@@ -314,11 +341,13 @@ class EGGROLL(SearchAlgorithm):
         log_all_ranks: bool = False,
         chunk_size: Optional[int] = None,
         backend: str = "auto",
+        nonfinite_fitness: str = "raise",
         **evotorch_names: Any,
     ) -> None:
         if not isinstance(problem, Problem):
             raise TypeError(f"problem must be an evotorch Problem, got {type(problem).__name__}")
         self._backend = ops.check_backend(backend)
+        self._nonfinite_fitness = shaping.check_nonfinite_policy(nonfinite_fitness)
         explicit = {k: v for k, v in (("sigma", sigma), ("lr", lr), ("antithetic", antithetic)) if v is not None}
         settings = {"sigma": 0.1, "lr": 0.01, "antithetic": True, **explicit}
         settings.update(_evotorch_settings(evotorch_names, problem, explicit))
@@ -369,6 +398,7 @@ class EGGROLL(SearchAlgorithm):
             best_eval=self._get_best_eval,
             pop_best=self._get_pop_best,
             best=self._get_best,
+            nonfinite_count=self._get_nonfinite_count,
         )
 
         # What the latest generation and the best member so far need to be rebuilt lazily.
@@ -436,8 +466,10 @@ class EGGROLL(SearchAlgorithm):
             center = center.as_subclass(torch.Tensor)
         if self._distributed:
             center = _dist.broadcast_from_rank0(center.detach().to(problem.device))
-            # The problem would track best/worst over this rank's slice only; the
-            # searcher's best, best_eval and pop_best are global.
+        if self._distributed or self._nonfinite_fitness == "worst":
+            # The problem would track best/worst over this rank's slice only, and EvoTorch's
+            # tracking fails on NaN evaluations; the searcher's best, best_eval and pop_best
+            # are global and skip non-finite members.
             problem._store_solution_stats = False
         self._center = torch.nn.Parameter(center.detach().clone().to(problem.device), requires_grad=True)
         self._noise_device()  # a clear error now when no kernel can draw the noise
@@ -503,6 +535,7 @@ class EGGROLL(SearchAlgorithm):
             "problem": f"{type(problem).__module__}.{type(problem).__qualname__}",
             "solution_length": int(problem.solution_length),
             "objective_sense": problem.senses[0],
+            "nonfinite_fitness": self._nonfinite_fitness,
         }
         _dist.check_ranks_agree(
             settings,
@@ -552,9 +585,22 @@ class EGGROLL(SearchAlgorithm):
             self._problem._distributed_merge()
         # all N weights, identical on every rank: the strategy uses them without communication
         self._warn_if_equal(fitnesses)
-        weights = rank_fitnesses(fitnesses, self._ranking_method, higher_is_better=self._higher_is_better)
+        weights = self._weights(fitnesses)
         strategy.step(weights.to(fitnesses.device), prenormalized=True)
         return fitnesses, record
+
+    def _weights(self, fitnesses: torch.Tensor) -> torch.Tensor:
+        """The ES weights of the N fitnesses (the same on every rank), under the
+        ``nonfinite_fitness`` policy; raises before anything changes."""
+        n = fitnesses.numel()
+        if self._nonfinite_fitness == "worst" and n and not bool(torch.isfinite(fitnesses).any()):
+            raise ValueError(
+                f"all {n} fitnesses are NaN or inf; the center was not updated (nonfinite_fitness='worst' "
+                "needs at least one finite fitness to rank them below)"
+            )
+        return rank_fitnesses(
+            fitnesses, self._ranking_method, higher_is_better=self._higher_is_better, nonfinite=self._nonfinite_fitness
+        )
 
     def _warn_if_equal(self, fitnesses: torch.Tensor) -> None:
         """Warn once per searcher when every fitness of a generation is the same (the ranks
@@ -636,7 +682,7 @@ class EGGROLL(SearchAlgorithm):
             fitnesses = _dist.all_gather_population(fitnesses, n)
 
         self._warn_if_equal(fitnesses)
-        weights = rank_fitnesses(fitnesses, self._ranking_method, higher_is_better=self._higher_is_better)
+        weights = self._weights(fitnesses)
         noise_indices, coeffs = shaping.antithetic_fold(weights, self._antithetic)
         grad = torch.zeros(center.numel(), dtype=torch.float32, device=device)
         for start in range(0, noise_indices.shape[0], self._chunk_size):
@@ -656,9 +702,14 @@ class EGGROLL(SearchAlgorithm):
 
     def _remember(self, fitnesses: torch.Tensor, record: dict) -> None:
         fitnesses = fitnesses.detach()
-        i = int(torch.argmax(fitnesses) if self._higher_is_better else torch.argmin(fitnesses))
+        finite = torch.isfinite(fitnesses)
+        nonfinite = int(finite.numel() - finite.sum())
+        # the best member is a finite one: a diverged member is the worst, whatever its value
+        worst = float("-inf") if self._higher_is_better else float("inf")
+        ranked = torch.where(finite, fitnesses, torch.full_like(fitnesses, worst)) if nonfinite else fitnesses
+        i = int(torch.argmax(ranked) if self._higher_is_better else torch.argmin(ranked))
         value = float(fitnesses[i])
-        self._last = dict(record, fitnesses=fitnesses, member=i, eval=value)
+        self._last = dict(record, fitnesses=fitnesses, member=i, eval=value, nonfinite=nonfinite)
         if self._best_record is None or self._better(value, self._best_record["eval"]):
             self._best_record = self._last
             self._best_solution = None
@@ -700,11 +751,19 @@ class EGGROLL(SearchAlgorithm):
     def _get_sigma(self) -> float:
         return float(self.sigma)
 
+    def _finite_fitnesses(self) -> torch.Tensor:
+        """The latest generation's finite fitnesses (all of them unless some diverged)."""
+        f = self._last["fitnesses"]
+        return f[torch.isfinite(f)] if self._last.get("nonfinite") else f
+
     def _get_mean_eval(self) -> Optional[float]:
-        return None if self._last is None else float(self._last["fitnesses"].double().mean())
+        return None if self._last is None else float(self._finite_fitnesses().double().mean())
 
     def _get_median_eval(self) -> Optional[float]:
-        return None if self._last is None else float(torch.median(self._last["fitnesses"]))
+        return None if self._last is None else float(torch.median(self._finite_fitnesses()))
+
+    def _get_nonfinite_count(self) -> Optional[int]:
+        return None if self._last is None else int(self._last.get("nonfinite", 0))
 
     def _get_pop_best_eval(self) -> Optional[float]:
         return None if self._last is None else self._last["eval"]
@@ -740,6 +799,7 @@ class EGGROLL(SearchAlgorithm):
     def __setstate__(self, state: dict) -> None:
         strategy_state = state.pop("_strategy_state", None)
         state.setdefault("_backend", "auto")  # pickled before the backend choice existed
+        state.setdefault("_nonfinite_fitness", "raise")  # ... or the non-finite policy
         self.__dict__.update(state)
         if self._distributed and not _dist.is_initialized():
             warnings.warn(

@@ -19,6 +19,15 @@ Conventions (SPEC §4):
   of the population mean, i.e. member ``2k`` gets ``+(f_2k - f_2k+1) / 2`` before scaling.
 * ``group_size=k > 0``: the built-in transforms run within consecutive groups of ``k``
   members (several samples of one prompt, say); N must be a multiple of ``k``.
+
+Non-finite fitnesses (NaN, +inf, -inf) are an error by default (``nonfinite="raise"``).
+With ``nonfinite="worst"`` a member whose fitness is not finite has diverged and counts as
+the worst member, whatever the sign of its value (+inf too): before any transform, each
+such fitness is replaced by one value below every finite fitness (see
+:func:`replace_nonfinite`), so every transform, the callables included, sees finite
+numbers. Rank transforms then put those members last (tied among themselves); the
+z-score and ``"none"`` see the replacement value itself. At least one fitness must be
+finite.
 """
 
 from __future__ import annotations
@@ -30,8 +39,11 @@ import torch
 __all__ = [
     "FITNESS_TRANSFORMS",
     "BASELINES",
+    "NONFINITE_POLICIES",
     "FitnessTransform",
     "check_fitness_transform",
+    "check_nonfinite_policy",
+    "replace_nonfinite",
     "check_baseline",
     "zscore",
     "rank_transform",
@@ -43,6 +55,7 @@ __all__ = [
 
 FITNESS_TRANSFORMS = ("normalize", "rank", "centered_rank", "none")
 BASELINES = ("mean", "antithetic")
+NONFINITE_POLICIES = ("raise", "worst")
 
 FitnessTransform = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -75,6 +88,63 @@ def check_baseline(baseline: str) -> str:
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; expected 'mean' or 'antithetic'")
     return baseline
+
+
+def check_nonfinite_policy(policy: str, name: str = "nonfinite_fitness") -> str:
+    """Return ``policy`` if it is ``"raise"`` or ``"worst"``.
+
+    Raises:
+        ValueError: anything else (the message names the allowed values).
+    """
+    if not isinstance(policy, str) or policy not in NONFINITE_POLICIES:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, NONFINITE_POLICIES))}, "
+                         f"got {policy!r}")
+    return policy
+
+
+def replace_nonfinite(fitnesses: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Replace every NaN, +inf and -inf fitness by one value below all finite fitnesses.
+
+    The rule (``nonfinite="worst"``): with ``lo`` and ``hi`` the smallest and largest
+    finite fitness, the replacement is ``lo - (hi - lo)``, one finite spread below the
+    worst finite member; when all finite fitnesses are equal it is ``lo - max(|lo|, 1)``.
+    Computed in float64 and rounded to the fitnesses' dtype; where that leaves the dtype's
+    range, the dtype's lowest finite value is used instead (which ties with ``lo`` only
+    when ``lo`` is that value itself).
+
+    Args:
+        fitnesses: ``(N,)`` real fitnesses, higher is better, any dtype and device.
+
+    Returns:
+        ``(fitnesses, count)``: a ``(N,)`` tensor of the same dtype and device with the
+        non-finite entries replaced (the input itself when there are none), and the number
+        of entries replaced.
+
+    Raises:
+        ValueError: every fitness is non-finite (there is nothing to rank them below), or
+            ``fitnesses`` is not 1-D.
+    """
+    f = torch.as_tensor(fitnesses)
+    _as_fitness_vector(f)  # 1-D real, else the usual error
+    if not f.is_floating_point():
+        return f, 0
+    bad = ~torch.isfinite(f)
+    count = int(bad.sum())
+    if count == 0:
+        return f, 0
+    n = f.shape[0]
+    if count == n:
+        raise ValueError(f"all {n} fitnesses are NaN or inf: nonfinite_fitness='worst' ranks such "
+                         f"members below the finite ones, so at least one must be finite")
+    finite = f[~bad].to(torch.float64)
+    lo, hi = float(finite.min()), float(finite.max())
+    spread = hi - lo if hi > lo else max(abs(lo), 1.0)
+    lowest = torch.finfo(f.dtype).min
+    worst = max(lo - spread, torch.finfo(torch.float64).min)  # lo - spread may overflow
+    value = torch.tensor(worst, dtype=torch.float64).to(f.dtype)
+    if not bool(torch.isfinite(value)):
+        value = torch.tensor(lowest, dtype=f.dtype)
+    return torch.where(bad, value.to(f.device), f), count
 
 
 def _as_fitness_vector(f: torch.Tensor) -> torch.Tensor:
@@ -203,6 +273,7 @@ def shape_fitnesses(
     baseline: str = "mean",
     eps: float = 1e-8,
     group_size: int = 0,
+    nonfinite: str = "raise",
 ) -> torch.Tensor:
     """Apply a fitness transform and baseline (see the module docstring).
 
@@ -212,17 +283,22 @@ def shape_fitnesses(
         baseline: ``"mean"`` or ``"antithetic"``.
         eps: z-score epsilon.
         group_size: 0, or the size of consecutive groups shaped independently.
+        nonfinite: ``"raise"`` (non-finite fitnesses are an error) or ``"worst"`` (they are
+            first replaced by :func:`replace_nonfinite`, so the transform, a callable
+            included, gets finite values in which those members are the worst).
 
     Returns:
         ``(N,)`` float64 on the input's device. A callable's output is returned as given
         (converted to float64).
 
     Raises:
-        ValueError: non-finite fitnesses, a bad ``group_size`` or a callable returning the
-            wrong shape.
+        ValueError: non-finite fitnesses (all of them with ``nonfinite="worst"``), a bad
+            ``group_size`` or ``nonfinite``, or a callable returning the wrong shape.
     """
     check_fitness_transform(transform)
     check_baseline(baseline)
+    if check_nonfinite_policy(nonfinite, "nonfinite") == "worst":
+        fitnesses, _ = replace_nonfinite(fitnesses)
     f = _as_fitness_vector(fitnesses)
     if not bool(torch.isfinite(f).all()):
         raise ValueError("fitnesses contain NaN or inf")

@@ -48,6 +48,8 @@ from .shaping import (
     antithetic_fold,
     check_baseline,
     check_fitness_transform,
+    check_nonfinite_policy,
+    replace_nonfinite,
     shape_fitnesses,
 )
 
@@ -174,6 +176,7 @@ class EvolutionStrategy:
     _full_rank: bool = False
     _algorithm: str = "eggroll"
     _backend: str = "triton"  # strategies pickled before the backend choice existed
+    nonfinite_fitness: str = "raise"  # ... and before the non-finite fitness policy
 
     def __init__(
         self,
@@ -193,6 +196,7 @@ class EvolutionStrategy:
         max_grad_norm: Optional[float] = None,
         distributed: bool = False,
         backend: str = "triton",
+        nonfinite_fitness: str = "raise",
     ):
         self._sigma = _real("sigma", sigma)
         self._lr = _real("lr", lr)
@@ -218,6 +222,7 @@ class EvolutionStrategy:
                               else _real("max_grad_norm", max_grad_norm, allow_zero=False))
         self.distributed = bool(distributed)
         self._backend = ops.check_backend(backend)
+        self.nonfinite_fitness = check_nonfinite_policy(nonfinite_fitness)
 
         self.model: Optional[nn.Module] = None
         self._optimizer: Optional[torch.optim.Optimizer] = None
@@ -333,7 +338,7 @@ class EvolutionStrategy:
 
     def _check_ranks_agree(self, params: Mapping[str, torch.Tensor], *, seed: int,
                            sigma: float, lr: float, rank: int, antithetic: bool,
-                           noise_reuse: int) -> None:
+                           noise_reuse: int, nonfinite_fitness: Optional[str] = None) -> None:
         """Distributed only: one tiny collective comparing the settings that key the noise
         and the update, and the starting values of the evolved parameters, across ranks.
         Raises the same ValueError on every rank when they differ (nothing is changed)."""
@@ -353,6 +358,8 @@ class EvolutionStrategy:
             "group_size": int(self.group_size),
             "max_grad_norm": self.max_grad_norm,
             "optimizer": self._optimizer_cls.__name__,
+            "nonfinite_fitness": (self.nonfinite_fitness if nonfinite_fitness is None
+                                  else nonfinite_fitness),
         }
         _dist.check_ranks_agree(settings, params, owner=type(self).__name__, hints={
             "seed": "Pass the same seed on every rank (a fixed number, not one drawn per "
@@ -571,10 +578,13 @@ class EvolutionStrategy:
 
     def _shape(self, f: torch.Tensor) -> torch.Tensor:
         return shape_fitnesses(f, self.fitness_transform, baseline=self.baseline,
-                               eps=self.fitness_eps, group_size=self.group_size)
+                               eps=self.fitness_eps, group_size=self.group_size,
+                               nonfinite=self.nonfinite_fitness)
 
     def normalize_fitnesses(self, fitnesses: torch.Tensor) -> torch.Tensor:
-        """The configured fitness transform (works before setup, on any device).
+        """The configured fitness transform (works before setup, on any device), with the
+        ``nonfinite_fitness`` policy applied first: ``step(f)`` and
+        ``step(normalize_fitnesses(f), prenormalized=True)`` use the same weights.
 
         Returns:
             Same shape and device as ``fitnesses``; its floating dtype (float32 for
@@ -633,19 +643,23 @@ class EvolutionStrategy:
                 collective; or all N values, identical on every rank, used as given
                 without communication. Every rank must call ``step`` and pass the same
                 kind (a wrong slice length on any rank raises on every rank).
-            prenormalized: use the fitnesses as the weights ``w`` as given.
+            prenormalized: use the fitnesses as the weights ``w`` as given (they must be
+                finite, whatever ``nonfinite_fitness`` says).
 
         Returns:
             Metrics (plain Python numbers): ``grad_norm`` (after clipping),
             ``param_delta_norm``, ``fitness_mean``/``std`` (population std)/``max``/``min``
-            (raw), ``normalized_fitness_mean``, ``epoch`` (of the evaluated population),
-            ``lr``, ``sigma``, ``population_size``.
+            (raw; of the finite fitnesses only), ``normalized_fitness_mean``, ``epoch`` (of
+            the evaluated population), ``lr``, ``sigma``, ``population_size``,
+            ``nonfinite_count`` (members whose fitness was NaN or inf and that
+            ``nonfinite_fitness="worst"`` ranked last; 0 otherwise).
 
         Raises:
             RuntimeError: before setup, inside a perturb context, without a preceding one;
                 parameters or fitnesses on an unusable device (e.g. ``meta``).
-            ValueError: wrong number or shape of fitnesses, NaN/inf, N not a multiple of
-                group_size.
+            ValueError: wrong number or shape of fitnesses, NaN/inf (with
+                ``nonfinite_fitness="raise"``, in prenormalized weights, or in every
+                fitness), N not a multiple of group_size.
             TypeError: fitnesses that are not real numbers (bool, complex, strings).
 
         Failure semantics: every validation error is raised before anything changes, and
@@ -673,8 +687,23 @@ class EvolutionStrategy:
         self._check_parameters_in_place()
         f = self._collect_fitnesses(fitnesses, n)
         f64 = f.detach().to(device="cpu", dtype=torch.float64)
-        if not bool(torch.isfinite(f64).all()):
-            raise ValueError("fitnesses contain NaN or inf; nothing was updated")
+        finite = torch.isfinite(f64)
+        nonfinite = n - int(finite.sum())
+        if nonfinite:
+            if prenormalized:
+                raise ValueError(
+                    "prenormalized weights contain NaN or inf; nothing was updated (weights "
+                    "are used as given: nonfinite_fitness applies to raw fitnesses, e.g. "
+                    "through strategy.normalize_fitnesses)")
+            if self.nonfinite_fitness == "raise":
+                raise ValueError(
+                    f"fitnesses contain NaN or inf; nothing was updated ({nonfinite} of {n} "
+                    f"members; nonfinite_fitness='worst' ranks such members below every finite "
+                    f"one)")
+            if nonfinite == n:
+                raise ValueError(f"all {n} fitnesses are NaN or inf; nothing was updated "
+                                 f"(nonfinite_fitness='worst' needs at least one finite fitness "
+                                 f"to rank them below)")
         if self.group_size and n % self.group_size:
             raise ValueError(f"population size {n} is not a multiple of group_size="
                              f"{self.group_size}")
@@ -688,12 +717,13 @@ class EvolutionStrategy:
                 "(pop.batched_forward, or model(x) inside pop.iterate()): a plain model(x) "
                 "in the context computes the unperturbed model, so these fitnesses say "
                 "nothing about the perturbations (warned once per strategy)")
-        if n > 1 and bool((f64 == f64[0]).all()):
+        if n > 1 and not nonfinite and bool((f64 == f64[0]).all()):
             self._warn_once(
                 "equal",
                 f"all {n} {'prenormalized weights' if prenormalized else 'fitnesses'} are "
                 f"equal ({float(f64[0])!r}): the ES gradient is zero and the parameters do "
                 f"not change (warned once per strategy)")
+        raw = f64[finite] if nonfinite else f64  # the metrics describe the finite fitnesses
 
         idx, coeffs = antithetic_fold(w, self.antithetic)
         # the optimizer minimises, so it gets -g: negating the coefficients gives exactly -g
@@ -754,15 +784,16 @@ class EvolutionStrategy:
         metrics = {
             "grad_norm": norm,
             "param_delta_norm": delta,
-            "fitness_mean": float(f64.mean()),
-            "fitness_std": float(f64.std(unbiased=False)) if n > 1 else 0.0,
-            "fitness_max": float(f64.max()),
-            "fitness_min": float(f64.min()),
+            "fitness_mean": float(raw.mean()),
+            "fitness_std": float(raw.std(unbiased=False)) if raw.numel() > 1 else 0.0,
+            "fitness_max": float(raw.max()),
+            "fitness_min": float(raw.min()),
             "normalized_fitness_mean": float(w.mean()),
             "epoch": int(epoch),
             "lr": float(self._lr),
             "sigma": float(self._sigma),
             "population_size": int(n),
+            "nonfinite_count": int(nonfinite),
         }
         for fn in self._callbacks["on_step"]:
             fn(dict(metrics))
@@ -797,6 +828,7 @@ class EvolutionStrategy:
             "rank": 0 if self._full_rank else int(self._rank),
             "antithetic": bool(self.antithetic),
             "noise_reuse": int(self.noise_reuse),
+            "nonfinite_fitness": self.nonfinite_fitness,
             "optimizer": copy.deepcopy(self._optimizer.state_dict()),
             "parameters": {e.name: e.param.detach().clone() for e in self._evolved},
         }
@@ -830,8 +862,9 @@ class EvolutionStrategy:
                              f"({type(err).__name__}: {err}); nothing was loaded") from err
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore a :meth:`state_dict` (the loaded seed, rank, antithetic and noise_reuse
-        override the constructor's).
+        """Restore a :meth:`state_dict` (the loaded seed, rank, antithetic, noise_reuse and
+        nonfinite_fitness override the constructor's; a state without
+        ``nonfinite_fitness``, saved before that setting existed, keeps the current one).
 
         Validated before anything changes: keys, algorithm and noise stream version, the
         types and ranges of the settings, the parameter names (the same architecture),
@@ -869,6 +902,8 @@ class EvolutionStrategy:
         if not self._full_rank and rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         noise_reuse = _integer("noise_reuse", state["noise_reuse"], 0)
+        nonfinite_fitness = check_nonfinite_policy(
+            state.get("nonfinite_fitness", self.nonfinite_fitness), "state_dict nonfinite_fitness")
         values = state["parameters"]
         names = [e.name for e in self._evolved]
         if not isinstance(values, Mapping) or sorted(values) != sorted(names):
@@ -894,7 +929,7 @@ class EvolutionStrategy:
         self._rehearse_optimizer_state(state["optimizer"])
         self._check_ranks_agree({e.name: values[e.name] for e in self._evolved}, seed=seed,
                                 sigma=sigma, lr=lr, rank=rank, antithetic=state["antithetic"],
-                                noise_reuse=noise_reuse)
+                                noise_reuse=noise_reuse, nonfinite_fitness=nonfinite_fitness)
         previous = self._optimizer.state_dict()  # references: loading replaces, never mutates
         self._optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         try:
@@ -913,6 +948,7 @@ class EvolutionStrategy:
             self._rank = rank
         self.antithetic = bool(state["antithetic"])
         self.noise_reuse = noise_reuse
+        self.nonfinite_fitness = nonfinite_fitness
         self._last = None
         self._stepped = None
 
@@ -1009,6 +1045,19 @@ class EggrollStrategy(EvolutionStrategy):
             (bit-identical Philox words, normals within float32 rounding) computed with
             batched matrix products, on any device. ``"auto"``: the kernels on CUDA
             devices and under the interpreter, plain torch otherwise.
+        nonfinite_fitness: what ``step`` does with NaN, +inf or -inf fitnesses.
+            ``"raise"`` (default): a ValueError, nothing updated. ``"worst"``: such a
+            member has diverged and ranks below every finite member, whatever the sign
+            of its value (+inf too). Before shaping, its fitness is replaced by
+            ``lo - (hi - lo)`` (``lo``/``hi``: the smallest/largest finite fitness; when
+            those are equal, ``lo - max(|lo|, 1)``), so every transform (and a callable)
+            sees finite values: rank transforms put such members last, tied among
+            themselves; ``"normalize"`` and ``"none"`` use the replacement value. An
+            antithetic pair whose two members both diverged contributes nothing. The
+            count is the ``nonfinite_count`` metric; the fitness metrics describe the
+            finite members. All members non-finite, or non-finite prenormalized weights,
+            remain a ValueError before anything changes. Distributed, every rank applies
+            the rule to the same all-gathered fitnesses.
 
     Note:
         AdamW applies its (decoupled) weight decay, 0.01 by default, even when the ES
@@ -1049,6 +1098,7 @@ class OpenESStrategy(EvolutionStrategy):
         max_grad_norm: Optional[float] = None,
         distributed: bool = False,
         backend: str = "triton",
+        nonfinite_fitness: str = "raise",
     ):
         super().__init__(sigma=sigma, lr=lr, rank=1, optimizer=optimizer,
                          optimizer_kwargs=optimizer_kwargs, antithetic=antithetic,
@@ -1056,4 +1106,5 @@ class OpenESStrategy(EvolutionStrategy):
                          fitness_transform=fitness_transform, baseline=baseline,
                          fitness_eps=fitness_eps, group_size=group_size,
                          evolve_bias=evolve_bias, max_grad_norm=max_grad_norm,
-                         distributed=distributed, backend=backend)
+                         distributed=distributed, backend=backend,
+                         nonfinite_fitness=nonfinite_fitness)

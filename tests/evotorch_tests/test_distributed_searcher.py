@@ -317,3 +317,104 @@ def test_example_script_runs_under_torchrun(tmp_path):
     assert "rank 0/2 on cpu: members 0..1" in out and "rank 1/2 on cpu: members 2..3" in out
     assert out.count("mean_eval") == 1  # rank 0's logger only
     assert "Done after 1 generations" in out
+
+
+_FAULTY_EXAMPLE = """
+import importlib.util
+import os
+import sys
+
+# the example, with process rank {rank} exiting abruptly (no cleanup, no exception: as if
+# killed) when generation {generation} starts
+spec = importlib.util.spec_from_file_location("distributed_cartpole", {example!r})
+example = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(example)
+step = example.EGGROLL.step
+
+
+def dying_step(searcher):
+    if int(os.environ["RANK"]) == {rank} and searcher.step_count + 1 == {generation}:
+        os._exit(17)
+    return step(searcher)
+
+
+example.EGGROLL.step = dying_step
+sys.exit(example.main(sys.argv[1:]))
+"""
+
+
+def test_example_checkpoint_resumes_bit_identically_after_a_rank_dies(tmp_path):
+    """``--checkpoint PATH --checkpoint-every K``: rank 1 dies abruptly in generation 4, the
+    job ends, and ``--resume`` from the checkpoint of generation 2 finishes the run with the
+    very parameters, optimizer state, counters and observation statistics of a run that
+    never stopped."""
+    import os
+    import subprocess
+
+    repo = HERE.parents[2]
+    example = repo / "examples" / "distributed_cartpole.py"
+    (tmp_path / "faulty.py").write_text(_FAULTY_EXAMPLE.format(rank=1, generation=4, example=str(example)))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p))
+    common = ["--generations", "5", "--popsize", "4", "--episode-length", "16", "--hidden", "4",
+              "--observation-normalization"]
+
+    def torchrun(script, *args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(script), *common, *args]
+        return subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    def finish(proc):
+        try:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s:\n{proc.communicate()[0][-6000:]}")
+        return proc.returncode, out
+
+    straight_path, path = tmp_path / "straight.pt", tmp_path / "run.pt"
+    straight = torchrun(example, "--checkpoint", str(straight_path))  # both at once: 2 x 2 ranks
+    faulty = torchrun(tmp_path / "faulty.py", "--checkpoint", str(path), "--checkpoint-every", "2")
+    code, out = finish(straight)
+    assert code == 0, out[-6000:]
+    code, faulty_out = finish(faulty)
+    assert code != 0 and "Done after" not in faulty_out, faulty_out[-6000:]
+    saved = torch.load(path, weights_only=True)
+    assert saved["generation"] == 2 and saved["strategy"]["epoch"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+    code, out = finish(torchrun(example, "--checkpoint", str(path), "--checkpoint-every", "2", "--resume"))
+    assert code == 0, out[-6000:]
+    assert f"resumed from {path} after generation 2" in out and "Done after 5 generations" in out
+
+    a, b = torch.load(straight_path, weights_only=True), torch.load(path, weights_only=True)
+    assert a["generation"] == b["generation"] == 5
+    assert a["strategy"]["epoch"] == b["strategy"]["epoch"] == 5
+    for name, value in a["strategy"]["parameters"].items():
+        assert torch.equal(b["strategy"]["parameters"][name], value), name
+    for i, state in a["strategy"]["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(b["strategy"]["optimizer"]["state"][i][key], value), (i, key)
+    assert {k: v for k, v in a["problem"].items() if k != "obs_stats"} == \
+        {k: v for k, v in b["problem"].items() if k != "obs_stats"}
+    for name, value in a["problem"]["obs_stats"].items():
+        assert torch.equal(b["problem"]["obs_stats"][name], value), name
+    assert a["problem"]["obs_stats"]["count"] > 0
+    assert a["searcher"]["best"]["eval"] == b["searcher"]["best"]["eval"]
+    assert torch.equal(a["searcher"]["last"]["fitnesses"], b["searcher"]["last"]["fitnesses"])
+
+
+def test_example_checkpoint_flags_are_checked(tmp_path):
+    import subprocess
+
+    example = HERE.parents[2] / "examples" / "distributed_cartpole.py"
+    for args, message in ((["--resume"], "need --checkpoint PATH"),
+                          (["--checkpoint-every", "2"], "need --checkpoint PATH"),
+                          (["--checkpoint", "x.pt", "--checkpoint-every", "0"], "must be >= 1"),
+                          (["--checkpoint", str(tmp_path / "none.pt"), "--resume"], "no checkpoint at")):
+        proc = subprocess.run([sys.executable, str(example), *args], capture_output=True, text=True,
+                              cwd=str(tmp_path), timeout=120,
+                              env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)

@@ -3,6 +3,7 @@ before (same center, optimizer state, epoch and step count) and it continues as 
 failure never happened; a pickled searcher resumes bit-identically in a fresh process; a
 PicklingLogger checkpoint holds the exact center of its generation."""
 
+import math
 import os
 import pickle
 import subprocess
@@ -140,3 +141,109 @@ torch.save(dict(center=plain(searcher.status["center"]), steps=searcher.step_cou
     assert torch.equal(out["center"], straight.status["center"]) and out["steps"] == 4
     assert torch.equal(out["logged_center"], center_at_2)
     assert torch.equal(out["again"], logged.status["center"])
+
+
+# -- non-finite fitnesses --------------------------------------------------------------------
+
+class Diverging:
+    """Fitnesses of ``fn`` with members ``bad`` (positions within each evaluated batch)
+    replaced by ``value``."""
+
+    def __init__(self, fn, bad, value=float("nan")):
+        self.fn, self.bad, self.value = fn, bad if isinstance(bad, slice) else list(bad), value
+
+    def __call__(self, *args):
+        out = self.fn(*args).as_subclass(torch.Tensor).clone()
+        out[self.bad] = self.value
+        return out
+
+
+def _dense_diverging(bad=(), value=float("nan"), **kwargs):
+    # EvoTorch's own best/worst tracking of a plain problem fails on NaN evaluations before
+    # the searcher sees them; "worst" switches it off, "raise" is tested without it
+    problem = Problem("min", Diverging(_sphere, bad, value), solution_length=6,
+                      initial_bounds=(-3, 3), vectorized=True, seed=0, store_solution_stats=False)
+    return EGGROLL(problem, popsize=8, sigma=0.3, lr=0.1, seed=4, **kwargs)
+
+
+def _lowrank_diverging(device, bad=(), value=float("nan"), **kwargs):
+    x = torch.linspace(-1, 1, 4, device=device)[:, None]
+
+    def loss(forward):
+        return (forward.shared(x)[..., 0] - 2 * x[:, 0]).pow(2).mean(dim=1)
+
+    torch.manual_seed(0)
+    problem = EggrollNEProblem("min", nn.Linear(1, 1), batched_eval_func=Diverging(loss, bad, value),
+                               device=device)
+    return EGGROLL(problem, popsize=6, sigma=0.1, lr=0.05, rank=1, seed=4, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["dense", "lowrank"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_worst_ranks_diverged_members_last(device, mode, value):
+    """With nonfinite_fitness="worst" a member with a NaN or infinite loss ranks last (a
+    loss of -inf too: diverged, not best), exactly as a member with a huge finite loss."""
+    build = _dense_diverging if mode == "dense" else (lambda *a, **k: _lowrank_diverging(device, *a, **k))
+    diverging = build(bad=[1], value=value, nonfinite_fitness="worst")
+    huge = build(bad=[1], value=1e30)  # finite and the worst: the same centered ranks
+    for _ in range(2):
+        diverging.step()
+        huge.step()
+    assert torch.isfinite(diverging.status["center"]).all()
+    assert torch.equal(diverging.status["center"], huge.status["center"])
+    assert diverging.status["nonfinite_count"] == 1 and huge.status["nonfinite_count"] == 0
+    # the status values describe the finite members
+    finite = diverging._last["fitnesses"][torch.isfinite(diverging._last["fitnesses"])]
+    assert diverging.status["mean_eval"] == pytest.approx(float(finite.double().mean()))
+    assert diverging.status["pop_best_eval"] == float(finite.min())
+    assert math.isfinite(diverging.status["best_eval"])
+    assert diverging._last["member"] != 1
+
+
+@pytest.mark.parametrize("mode", ["dense", "lowrank"])
+def test_nonfinite_fitnesses_raise_by_default_and_all_nonfinite_always(device, mode):
+    build = _dense_diverging if mode == "dense" else (lambda *a, **k: _lowrank_diverging(device, *a, **k))
+    default = build(bad=[1])
+    before = _searcher_state(default)
+    with pytest.raises(ValueError, match="NaN or inf") as err:
+        default.step()
+    assert "nonfinite_fitness='worst'" in str(err.value)
+    every = build(bad=slice(None), nonfinite_fitness="worst")
+    with pytest.raises(ValueError, match="all .* fitnesses are NaN or inf; the center was not updated"):
+        every.step()
+    for searcher in (default, every):
+        after = _searcher_state(searcher)
+        assert torch.equal(after["center"], before["center"])
+        assert (after["epoch"], after["steps"], after["opt"]) == (before["epoch"], before["steps"],
+                                                                  before["opt"])
+        if searcher.strategy is not None:
+            assert searcher.strategy._active is None
+
+
+def test_nonfinite_option_is_checked_and_survives_pickling():
+    with pytest.raises(ValueError, match="nonfinite_fitness must be one of 'raise', 'worst'"):
+        _dense_diverging(nonfinite_fitness="skip")
+    searcher = _dense_diverging(bad=[2], nonfinite_fitness="worst")
+    assert searcher.status["nonfinite_count"] is None  # no generation yet
+    searcher.step()
+    copy = pickle.loads(pickle.dumps(searcher))
+    searcher.step()
+    copy.step()
+    assert copy.status["nonfinite_count"] == 1
+    assert torch.equal(copy.status["center"], searcher.status["center"])
+
+
+def test_rank_fitnesses_nonfinite_worst_in_both_senses():
+    from evotorch_eggroll.algorithms import rank_fitnesses
+
+    f = torch.tensor([3.0, float("inf"), 1.0, float("nan"), 2.0, -float("inf")])
+    high = rank_fitnesses(f, "centered", higher_is_better=True, nonfinite="worst")
+    low = rank_fitnesses(f, "centered", higher_is_better=False, nonfinite="worst")
+    for w in (high, low):  # the three diverged members tie for last place
+        assert torch.isfinite(w).all() and bool((w[[1, 3, 5]] == w.min()).all())
+        assert w[[0, 2, 4]].min() > w.min()
+    assert high[0] == high.max() and low[2] == low.max()
+    for method in ("linear", "nes", "normalized", "raw"):
+        assert torch.isfinite(rank_fitnesses(f, method, higher_is_better=False, nonfinite="worst")).all()
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        rank_fitnesses(f, "centered", higher_is_better=True, nonfinite="drop")

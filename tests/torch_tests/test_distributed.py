@@ -254,6 +254,20 @@ def scenario_strategy(rank: int, world: int, device: torch.device) -> dict:
     res["recovered_epoch"] = s.epoch
     res["recovered_params"] = _params(s)
 
+    # nonfinite_fitness="worst": a NaN on rank 0 only; every rank ranks that member last
+    # from the same all-gathered fitnesses and applies the same finite update
+    w = EggrollStrategy(sigma=0.1, lr=0.05, rank=2, seed=7, distributed=True,
+                        nonfinite_fitness="worst").setup(_model(device))
+    with w.perturb(n) as pop:
+        f = _fitness(pop.batched_forward(w.model, x[pop.local_member_ids().to(device)]))
+    if rank == 0:
+        f[1] = float("nan")
+    res["worst_metrics"] = w.step(f)
+    res["worst_params"] = _params(w)
+    res["policy_msg"] = expect_error(
+        lambda: EggrollStrategy(distributed=True, nonfinite_fitness=("worst", "raise")[rank])
+        .setup(_model(device)), ValueError)
+
     # ranks that disagree: a clear error on every rank at setup, naming each rank's value
     res["seed_msg"] = expect_error(
         lambda: EggrollStrategy(seed=100 + rank, distributed=True).setup(_model(device)),
@@ -343,6 +357,12 @@ def _check_error_handling(results: list[dict]) -> None:
         assert res["load_untouched"]
     for k, v in results[0]["recovered_params"].items():
         assert torch.equal(results[1]["recovered_params"][k], v)
+    for res in results:
+        assert res["worst_metrics"] == results[0]["worst_metrics"]
+        assert res["worst_metrics"]["nonfinite_count"] == 1
+        assert "nonfinite_fitness differs across ranks" in res["policy_msg"]
+        for k, v in results[0]["worst_params"].items():
+            assert torch.isfinite(v).all() and torch.equal(res["worst_params"][k], v)
 
 
 def test_two_gloo_ranks_match_single_process(tmp_path):

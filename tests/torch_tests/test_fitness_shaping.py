@@ -1,6 +1,6 @@
 """Fitness shaping (SPEC §4): z-score with the population variance (robust, float64),
-tie-averaged ranks, "none", callables, the pairwise baseline, grouping, and how the shaped
-weights enter the update.
+tie-averaged ranks, "none", callables, the pairwise baseline, grouping, how the shaped
+weights enter the update, and the non-finite fitness policy (``nonfinite_fitness``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import torch.nn as nn
 
 from evotorch_eggroll import (
     EggrollStrategy,
+    OpenESStrategy,
     antithetic_baseline,
     antithetic_fold,
     centered_rank,
     rank_transform,
+    replace_nonfinite,
     shape_fitnesses,
     zscore,
 )
@@ -217,3 +219,186 @@ def test_strategy_fitness_eps_and_group_size_reach_the_transform():
     grouped = EggrollStrategy(group_size=2).normalize_fitnesses(f)
     torch.testing.assert_close(grouped, torch.cat([zscore(f[:2]), zscore(f[2:])]))
     assert grouped[0] < 0 < grouped[1] and grouped[2] < 0 < grouped[3]
+
+
+# -- non-finite fitnesses (nonfinite_fitness="worst") ------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_replace_nonfinite_puts_diverged_members_one_spread_below_the_worst():
+    f = torch.tensor([1.0, NAN, 3.0, INF, -INF, 0.5])
+    out, count = replace_nonfinite(f)
+    assert count == 3 and out.dtype == f.dtype
+    assert out.tolist() == [1.0, -2.0, 3.0, -2.0, -2.0, 0.5]  # 0.5 - (3.0 - 0.5)
+    # all finite values equal: lo - max(|lo|, 1)
+    assert replace_nonfinite(torch.tensor([2.0, NAN, 2.0]))[0].tolist() == [2.0, 0.0, 2.0]
+    assert replace_nonfinite(torch.tensor([0.0, INF]))[0].tolist() == [0.0, -1.0]
+    assert replace_nonfinite(torch.tensor([-5.0, NAN]))[0].tolist() == [-5.0, -10.0]
+    # outside the dtype's range: its lowest finite value, still below every finite one
+    half, _ = replace_nonfinite(torch.tensor([-6e4, 6e4, NAN]).half())
+    assert half[2] == torch.finfo(torch.float16).min and half[2] < half[0]
+    # nothing to replace: the input itself
+    clean = torch.tensor([1.0, 2.0])
+    assert replace_nonfinite(clean) == (clean, 0)
+    with pytest.raises(ValueError, match="all 2 fitnesses are NaN or inf"):
+        replace_nonfinite(torch.tensor([NAN, -INF]))
+
+
+@pytest.mark.parametrize("transform", ["normalize", "rank", "centered_rank", "none",
+                                       lambda t: t * 2.0 - 1.0])
+@pytest.mark.parametrize("baseline", ["mean", "antithetic"])
+def test_worst_policy_shapes_the_replaced_fitnesses(transform, baseline):
+    f = torch.tensor([0.5, NAN, 2.0, -1.0, INF, 0.25, -INF, 3.0])
+    replaced, _ = replace_nonfinite(f)
+    got = shape_fitnesses(f, transform, baseline=baseline, nonfinite="worst")
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, shape_fitnesses(replaced, transform, baseline=baseline))
+    if baseline == "mean":  # the diverged members (NaN, +inf, -inf) get the lowest weight
+        assert bool((got[[1, 4, 6]] == got.min()).all()) and got[[0, 2, 3, 5, 7]].min() > got.min()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        shape_fitnesses(f, transform, baseline=baseline)
+
+
+def test_rank_transforms_rank_diverged_members_last_whatever_the_replacement():
+    f = torch.tensor([0.5, NAN, 2.0, -1.0, INF, 0.25])
+    below = f.clone()
+    below[[1, 4]] = -1.0001  # anything below the finite minimum ranks the same
+    for t in ("rank", "centered_rank"):
+        assert torch.equal(shape_fitnesses(f, t, nonfinite="worst"), shape_fitnesses(below, t))
+
+
+def test_nonfinite_policy_values_are_checked():
+    for bad in ("ignore", "Worst", None, 1):
+        with pytest.raises(ValueError, match="nonfinite_fitness must be one of 'raise', 'worst'"):
+            EggrollStrategy(nonfinite_fitness=bad)
+        with pytest.raises(ValueError, match="nonfinite_fitness must be one of 'raise', 'worst'"):
+            OpenESStrategy(nonfinite_fitness=bad)
+    with pytest.raises(ValueError, match="nonfinite must be one of 'raise', 'worst'"):
+        shape_fitnesses(torch.tensor([1.0, 2.0]), nonfinite="skip")
+    assert EggrollStrategy().nonfinite_fitness == "raise"
+    assert OpenESStrategy(nonfinite_fitness="worst").nonfinite_fitness == "worst"
+
+
+def test_normalize_fitnesses_applies_the_policy():
+    f = torch.tensor([1.0, NAN, 3.0, 2.0])
+    s = EggrollStrategy(nonfinite_fitness="worst", fitness_transform="centered_rank")
+    torch.testing.assert_close(s.normalize_fitnesses(f), torch.tensor([-1 / 6, -0.5, 0.5, 1 / 6]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        EggrollStrategy().normalize_fitnesses(f)
+
+
+def _nonfinite_step(device, fit, cls=EggrollStrategy, **kwargs):
+    """One step of a fresh strategy on a fixed model; returns (parameters, metrics)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(device)
+    s = cls(**{"sigma": 0.2, "lr": 0.1, "optimizer": "adam", "seed": 5, **kwargs}).setup(model)
+    x = torch.randn(len(fit), 3, device=device, generator=torch.Generator().manual_seed(1))
+    with s.perturb(len(fit)) as pop:
+        pop.batched_forward(model, x)
+    metrics = s.step(torch.as_tensor(fit).to(device))
+    return [p.detach().clone() for p in model.parameters()], metrics
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (EggrollStrategy, dict(fitness_transform="normalize")),
+    (EggrollStrategy, dict(fitness_transform="centered_rank", antithetic=False)),
+    (EggrollStrategy, dict(fitness_transform="none", baseline="antithetic")),
+    (OpenESStrategy, dict(fitness_transform="rank")),
+])
+def test_worst_policy_updates_as_if_the_member_had_the_replacement_fitness(device, cls, kwargs):
+    fit = torch.tensor([0.5, 2.0, NAN, -1.0, 0.25, INF, 1.5, 3.0])
+    replaced, _ = replace_nonfinite(fit)
+    assert replaced[2] == replaced[5] == -5.0  # -1 - (3 - -1)
+    params, metrics = _nonfinite_step(device, fit, cls, nonfinite_fitness="worst", **kwargs)
+    expected, reference = _nonfinite_step(device, replaced, cls, **kwargs)
+    assert all(torch.isfinite(p).all() for p in params)
+    assert all(torch.equal(p, q) for p, q in zip(params, expected))
+    assert metrics["nonfinite_count"] == 2 and reference["nonfinite_count"] == 0
+    assert metrics["grad_norm"] == reference["grad_norm"] > 0
+    assert metrics["param_delta_norm"] == reference["param_delta_norm"]
+    finite = fit[torch.isfinite(fit)].double()
+    assert metrics["fitness_min"] == -1.0 and metrics["fitness_max"] == 3.0
+    assert metrics["fitness_mean"] == pytest.approx(float(finite.mean()))
+    assert metrics["fitness_std"] == pytest.approx(float(finite.std(unbiased=False)))
+
+
+def test_an_antithetic_pair_that_diverged_together_contributes_nothing(device):
+    fit = torch.tensor([NAN, INF, 2.0, -1.0, 0.25, 1.5])
+    # the pair (0, 1) gets equal weights: the same update as any other tied pair
+    tied = fit.clone()
+    tied[:2] = 7.0
+    a, m = _nonfinite_step(device, fit, nonfinite_fitness="worst", fitness_transform="none",
+                           baseline="antithetic", optimizer="sgd")
+    b, _ = _nonfinite_step(device, tied, fitness_transform="none", baseline="antithetic",
+                           optimizer="sgd")
+    assert m["nonfinite_count"] == 2
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_all_nonfinite_fitnesses_raise_and_change_nothing(device):
+    import sys
+    from pathlib import Path
+
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:  # the tests folder
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from state_snapshot import assert_unchanged, capture
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(device)
+    s = EggrollStrategy(lr=0.1, nonfinite_fitness="worst").setup(model)
+    x = torch.randn(4, 3, device=device)
+    with s.perturb(4) as pop:
+        pop.batched_forward(model, x)
+    s.step(torch.tensor([1.0, 2.0, 0.0, 3.0], device=device))  # the optimizer has state
+    with s.perturb(4) as pop:
+        pop.batched_forward(model, x)
+    before = capture(s)
+    with pytest.raises(ValueError, match="all 4 fitnesses are NaN or inf; nothing was updated"):
+        s.step(torch.tensor([NAN, INF, -INF, NAN], device=device))
+    # prenormalized weights are used as given: never replaced
+    with pytest.raises(ValueError, match="prenormalized weights contain NaN or inf"):
+        s.step(torch.tensor([0.5, NAN, -0.5, 0.0], device=device), prenormalized=True)
+    assert_unchanged(s, before)
+    assert s.step(torch.tensor([1.0, NAN, 0.0, 3.0], device=device))["nonfinite_count"] == 1
+    assert s.epoch == 2
+
+
+def test_raise_is_the_default_and_names_the_alternative(device):
+    model = nn.Linear(3, 2).to(device)
+    s = EggrollStrategy().setup(model)
+    with s.perturb(4):
+        pass
+    with pytest.raises(ValueError, match="fitnesses contain NaN or inf; nothing was updated") as err:
+        s.step(torch.tensor([1.0, NAN, 0.0, 2.0], device=device))
+    assert "nonfinite_fitness='worst'" in str(err.value) and "1 of 4" in str(err.value)
+    assert s.epoch == 0
+    assert s.step(torch.tensor([1.0, 3.0, 0.0, 2.0], device=device))["nonfinite_count"] == 0
+
+
+def test_nonfinite_policy_round_trips_through_config_state_dict_and_pickle(device):
+    import io
+    import pickle
+
+    assert EggrollStrategy.from_config({"nonfinite_fitness": "worst"}).nonfinite_fitness == "worst"
+    assert OpenESStrategy.from_config({"nonfinite_fitness": "worst"}).nonfinite_fitness == "worst"
+    model = nn.Linear(3, 2).to(device)
+    s = EggrollStrategy(nonfinite_fitness="worst").setup(model)
+    state = s.state_dict()
+    assert state["nonfinite_fitness"] == "worst"
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    other = EggrollStrategy().setup(nn.Linear(3, 2).to(device))
+    other.load_state_dict(state)  # the loaded setting overrides the constructor's
+    assert other.nonfinite_fitness == "worst"
+    # a state saved before the setting existed keeps the current one
+    older = {k: v for k, v in state.items() if k != "nonfinite_fitness"}
+    fresh = EggrollStrategy().setup(nn.Linear(3, 2).to(device))
+    fresh.load_state_dict(older)
+    assert fresh.nonfinite_fitness == "raise"
+    with pytest.raises(ValueError, match="state_dict nonfinite_fitness must be one of"):
+        fresh.load_state_dict(dict(state, nonfinite_fitness="skip", epoch=5))
+    assert fresh.nonfinite_fitness == "raise" and fresh.epoch == 0
+    assert pickle.loads(pickle.dumps(EggrollStrategy(nonfinite_fitness="worst"))).nonfinite_fitness == "worst"

@@ -24,6 +24,7 @@ from evotorch_eggroll import (
 METRIC_KEYS = {
     "grad_norm", "param_delta_norm", "fitness_mean", "fitness_std", "fitness_max",
     "fitness_min", "normalized_fitness_mean", "epoch", "lr", "sigma", "population_size",
+    "nonfinite_count",
 }
 
 

@@ -243,6 +243,20 @@ def _imported_modules(sources: list) -> list:
     return sorted(set(names))
 
 
+def _check_package() -> None:
+    """The notebooks need this checkout's package with its kernels, which are installed as
+    ``evotorch_eggroll.kernels`` from the top-level kernels/ folder (``pip install -e .``)."""
+    spec = importlib.util.find_spec("evotorch_eggroll.kernels")
+    if spec is None or not spec.origin:
+        print("evotorch_eggroll.kernels is not importable: install this checkout first "
+              "(pip install --no-deps -e .)", file=sys.stderr)
+        raise SystemExit(2)
+    where = Path(spec.origin).resolve().parent
+    if where != ROOT / "kernels":
+        print(f"note: evotorch_eggroll.kernels comes from {where}, not from this checkout's "
+              f"kernels/", file=sys.stderr)
+
+
 def _device_name() -> str:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
@@ -264,6 +278,7 @@ def execute(path: Path, size: str) -> dict:
         print(f"{path.name}: cannot run, these modules are not importable: {', '.join(missing)}",
               file=sys.stderr)
         raise SystemExit(2)
+    _check_package()
 
     figures = _Figures()
     figures.install()

@@ -44,6 +44,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -360,8 +361,14 @@ def run_case(
     with_naive: bool = True,
     with_graph: bool = True,
     naive_limit_bytes: int = 8 << 30,
+    backend: str = "triton",
 ) -> Result:
-    """Time one case at one precision; see the module docstring for what is measured."""
+    """Time one case at one precision; see the module docstring for what is measured.
+
+    ``backend`` is the strategy's (``"triton"``: the kernels; ``"auto"``: the kernels on
+    CUDA, the plain-torch path on a CPU without Triton's interpreter; ``"torch"``). The
+    layer cases' graph timing calls the kernels' op directly, so it needs ``"triton"`` or
+    ``"auto"`` on CUDA."""
     from . import EggrollStrategy
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -375,7 +382,7 @@ def run_case(
         plain_graph = graph = GraphTiming()
         with torch.no_grad():
             plain_ms = wall_ms(device, lambda: model(x), warmup, reps)
-            strategy = EggrollStrategy(sigma=sigma, lr=1e-3, rank=case.rank)
+            strategy = EggrollStrategy(sigma=sigma, lr=1e-3, rank=case.rank, backend=backend)
             strategy.setup(model)
             with strategy.perturb(case.population, 0) as pop:
                 def ours():
@@ -394,8 +401,12 @@ def run_case(
                 with strategy.perturb(case.population):
                     pass
 
-            update_ms = wall_ms(device, lambda: strategy.step(fit), warmup, reps,
-                                before=open_and_close_a_context)
+            with warnings.catch_warnings():
+                # the update is timed alone, after contexts without a forward: the strategy's
+                # warning about such fitnesses is expected here
+                warnings.filterwarnings("ignore", message=r"step\(\) follows a perturb context")
+                update_ms = wall_ms(device, lambda: strategy.step(fit), warmup, reps,
+                                    before=open_and_close_a_context)
 
             naive_ms = None
             n_elems = sum(

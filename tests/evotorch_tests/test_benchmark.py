@@ -130,3 +130,14 @@ def test_rollout_benchmark_runs_through_the_benchmark_command(capsys):
         assert row["rate"] > 0 and row["eager_rate"] > 0 and row["steps"] == (12 if cuda else 2)
         assert row["replayed"] == cuda
         assert ("graph_rate" in row) == cuda
+
+
+def test_run_case_times_the_plain_torch_path_on_a_cpu():
+    """``backend="torch"``: the strategy's plain-torch path, on any device (the performance
+    notebook's CPU size)."""
+    case = benchmark.default_cases(small=True)[0]
+    res = benchmark.run_case(case, "fp32", torch.device("cpu"), warmup=1, reps=1,
+                             with_jax=False, with_graph=False, backend="torch")
+    assert res.case == case.name and res.graph_ms is None and res.jax_ms is None
+    for value in (res.plain_ms, res.eggroll_ms, res.update_ms, res.naive_ms):
+        assert value is not None and value > 0 and math.isfinite(value)

@@ -26,7 +26,9 @@ All times are wall-clock from a synchronised start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import statistics
 import time
 from typing import Any, Callable, Optional
@@ -291,6 +293,28 @@ def run(populations: list[int], tasks: list[str], steps: int, generations: int, 
             row["jax_rate"] = time_jax(task, n, steps, jax_reps) if device.type == "cuda" and jax_reps else None
             rows.append(row)
             print(_format_row(row), flush=True)
+    return rows
+
+
+def _run_quietly(populations: list[int], tasks: list[str], steps: int, generations: int,
+                 jax_reps: int, device: str) -> list[dict]:
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        return run(populations, tasks, steps, generations, jax_reps, torch.device(device))
+
+
+def run_isolated(populations: list[int], tasks: list[str], steps: int, generations: int,
+                 jax_reps: int, device: torch.device) -> list[dict]:
+    """:func:`run` in a freshly spawned process, its rows printed here: the measurement gets
+    its own CUDA context and memory pools, untouched by whatever the calling process holds
+    (cached blocks of torch and JAX, captured graphs), as in ``python -m`` runs."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = pool.submit(_run_quietly, list(populations), list(tasks), steps, generations,
+                           jax_reps, str(device)).result()
+    for row in rows:
+        print(_format_row(row), flush=True)
     return rows
 
 

@@ -575,7 +575,8 @@ class EGGROLL(SearchAlgorithm):
         (one all-gather). When the evaluation raises on any rank, ``restore()`` (if given)
         runs on every rank, a rank that raised reports its exception through the all-gather
         and re-raises it, and the other ranks raise ``RankFailedError`` naming it: no rank
-        updates anything, and nobody waits for the process group's timeout."""
+        updates anything, and nobody waits for the process group's timeout. ``restore()``
+        also runs when the all-gather raises for another reason (e.g. a rank exited)."""
         try:
             fitnesses = evaluate()
         except Exception as err:
@@ -588,7 +589,7 @@ class EGGROLL(SearchAlgorithm):
             return fitnesses
         try:
             return _dist.all_gather_population(fitnesses, self._popsize, epoch=epoch)
-        except _dist.RankFailedError:
+        except Exception:  # another rank failed, or exited: nothing is updated here either
             if restore is not None:
                 restore()
             raise

@@ -9,6 +9,7 @@ forward, and is regenerated for the update.
 __version__ = "0.1.0"
 
 from .context import PerturbationContext
+from .distributed import RankFailedError
 from .module import ESModule
 from .perturbation import Perturbation, PerturbationSequence
 from .shaping import (
@@ -28,6 +29,7 @@ __all__ = [
     "EvolutionStrategy",
     "ESModule",
     "PerturbationContext",
+    "RankFailedError",
     "Perturbation",
     "PerturbationSequence",
     "shape_fitnesses",

@@ -570,19 +570,49 @@ class EGGROLL(SearchAlgorithm):
             fitnesses, record = self._step_dense()
         self._remember(fitnesses, record)
 
+    def _gather(self, evaluate: Any, epoch: int, device: Any, restore: Any = None) -> torch.Tensor:
+        """``evaluate()`` (this rank's fitnesses) and, distributed, the N fitnesses of all ranks
+        (one all-gather). When the evaluation raises on any rank, ``restore()`` (if given)
+        runs on every rank, a rank that raised reports its exception through the all-gather
+        and re-raises it, and the other ranks raise ``RankFailedError`` naming it: no rank
+        updates anything, and nobody waits for the process group's timeout. ``restore()``
+        also runs when the all-gather raises for another reason (e.g. a rank exited)."""
+        try:
+            fitnesses = evaluate()
+        except Exception as err:
+            if restore is not None:
+                restore()
+            if self._distributed:
+                _dist.report_failure(err, self._popsize, like=device, epoch=epoch)
+            raise
+        if not self._distributed:
+            return fitnesses
+        try:
+            return _dist.all_gather_population(fitnesses, self._popsize, epoch=epoch)
+        except Exception:  # another rank failed, or exited: nothing is updated here either
+            if restore is not None:
+                restore()
+            raise
+
     def _step_lowrank(self) -> tuple[torch.Tensor, dict]:
         strategy = self._strategy
+        problem = self._problem
         record = dict(center=self._center_vector(), epoch=int(strategy.epoch), sigma=float(strategy.sigma))
         odd = self._warn_if_odd_popsize()
-        with warnings.catch_warnings():
-            if odd:  # said above in this searcher's own terms
-                warnings.filterwarnings("ignore", "antithetic sampling with an odd population_size", UserWarning)
-            context = strategy.perturb(self._popsize)
-        with context as pop:
-            fitnesses = self._problem.evaluate_population(pop, self._network)
+        state = problem._generation_state()
+
+        def evaluate() -> torch.Tensor:
+            with warnings.catch_warnings():
+                if odd:  # said above in this searcher's own terms
+                    warnings.filterwarnings("ignore", "antithetic sampling with an odd population_size", UserWarning)
+                context = strategy.perturb(self._popsize)
+            with context as pop:
+                return problem.evaluate_population(pop, self._network)
+
+        device = next(self._network.parameters()).device
+        fitnesses = self._gather(evaluate, record["epoch"], device, lambda: problem._restore_generation_state(state))
         if self._distributed:
-            fitnesses = _dist.all_gather_population(fitnesses, self._popsize)
-            self._problem._distributed_merge()
+            problem._distributed_merge()
         # all N weights, identical on every rank: the strategy uses them without communication
         self._warn_if_equal(fitnesses)
         weights = self._weights(fitnesses)
@@ -667,19 +697,20 @@ class EGGROLL(SearchAlgorithm):
         device = center.device
         self._warn_if_odd_popsize()
 
-        parts = []
-        local = self._local_members()
-        for start in range(local.start, local.stop, self._chunk_size):
-            ids = torch.arange(start, min(local.stop, start + self._chunk_size), device=device)
-            values = (center.float() + self._dense_member_noise(ids, epoch, self._sigma)).to(center.dtype)
-            batch = SolutionBatch(problem, popsize=int(ids.shape[0]), device=problem.device, empty=True)
-            batch.set_values(values.to(problem.device))
-            problem.evaluate(batch)
-            evals = batch.evals[:, 0]
-            parts.append(evals.as_subclass(torch.Tensor).clone().to(device))
-        fitnesses = torch.cat(parts).float()
-        if self._distributed:
-            fitnesses = _dist.all_gather_population(fitnesses, n)
+        def evaluate() -> torch.Tensor:
+            parts = []
+            local = self._local_members()
+            for start in range(local.start, local.stop, self._chunk_size):
+                ids = torch.arange(start, min(local.stop, start + self._chunk_size), device=device)
+                values = (center.float() + self._dense_member_noise(ids, epoch, self._sigma)).to(center.dtype)
+                batch = SolutionBatch(problem, popsize=int(ids.shape[0]), device=problem.device, empty=True)
+                batch.set_values(values.to(problem.device))
+                problem.evaluate(batch)
+                evals = batch.evals[:, 0]
+                parts.append(evals.as_subclass(torch.Tensor).clone().to(device))
+            return torch.cat(parts).float()
+
+        fitnesses = self._gather(evaluate, self._epoch, device)
 
         self._warn_if_equal(fitnesses)
         weights = self._weights(fitnesses)

@@ -6,8 +6,13 @@ fitnesses (N numbers) must be shared, and every rank then applies the identical 
 These helpers wrap the few collectives that needs, on the default (world) process group:
 
 * :func:`all_gather_population`: the N fitnesses from each rank's slice, with the slice
-  lengths validated *collectively*, so that a wrong length on one rank gives the same
-  clear error on every rank instead of leaving the others blocked in the collective.
+  lengths (and the epochs) validated *collectively*, so that a wrong length on one rank
+  gives the same clear error on every rank instead of leaving the others blocked in the
+  collective.
+* :func:`report_failure`: the same collective on a rank whose evaluation raised: it sends a
+  failure flag and a short description of the exception instead of fitnesses, and the
+  other ranks raise :class:`RankFailedError` at once instead of waiting for the process
+  group's timeout.
 * :func:`check_ranks_agree`: a tiny collective at set-up time that compares settings
   (seed, sigma, ...) and fingerprints of the starting parameters across ranks, turning a
   silent divergence into an error that names every rank's value.
@@ -32,7 +37,9 @@ __all__ = [
     "is_initialized",
     "process_group_info",
     "collective_device",
+    "RankFailedError",
     "all_gather_population",
+    "report_failure",
     "check_ranks_agree",
     "sum_over_ranks",
     "broadcast_from_rank0",
@@ -103,44 +110,159 @@ def _all_gather(t: torch.Tensor, world: int) -> torch.Tensor:
     return torch.stack(parts)
 
 
-def all_gather_population(local: torch.Tensor, population_size: int, *,
-                          like: DeviceLike = None) -> torch.Tensor:
-    """The fitnesses of the whole population from every rank's contiguous slice.
+class RankFailedError(RuntimeError):
+    """Raised on the other ranks when a rank reports that it failed in a generation.
 
-    Rank ``k`` holds the values of members ``k * N/W .. (k+1) * N/W - 1``; the result
-    concatenates the slices in rank order. One ``all_gather`` of ``N/W + 1`` float64
-    values per rank (the extra value carries the slice length, so that a wrong length
-    on any rank raises the same error on every rank rather than blocking the others).
-    Values travel as float64, which holds float32/float16/bfloat16 values exactly.
+    The rank that failed takes part in the generation's fitness all-gather with a flag and
+    a short description of its exception instead of fitnesses (see :func:`report_failure`),
+    then raises its own exception; the other ranks raise this error from the same
+    all-gather, so that nobody waits for the process group's timeout. No rank applies an
+    update for that generation.
 
-    Args:
-        local: ``(N/W,)`` this rank's values (any real dtype, any device).
-        population_size: N, a multiple of the world size W.
-        like: device whose backend placement to use (default: ``local``'s).
-
-    Returns:
-        ``(N,)`` on ``local``'s device, in ``local``'s dtype; identical on every rank.
-
-    Raises:
-        ValueError: ``N`` not a multiple of the world size, or a rank gave a slice of the
-            wrong length (raised on every rank, naming the ranks and their lengths).
+    Attributes:
+        failures: process rank -> ``"ExceptionType: message"`` (the message possibly
+            truncated) of every rank that reported a failure.
+        epoch: the epoch of the generation that failed, as this rank counts it (None when
+            unknown).
     """
+
+    def __init__(self, message: str, failures: Optional[Mapping[int, str]] = None,
+                 epoch: Optional[int] = None):
+        super().__init__(message)
+        self.failures = dict(failures or {})
+        self.epoch = epoch
+
+
+# The fitness all-gather's per-rank payload, as bytes: four int64 header words (slice
+# length, failure stage, epoch, length of the failure text), the failure text (UTF-8, at
+# most _TEXT_BYTES bytes), then the slice's fitnesses as float64.
+_OK, _FAILED_IN_EVALUATION, _FAILED_IN_STEP = range(3)
+_STAGES = {"evaluation": _FAILED_IN_EVALUATION, "step": _FAILED_IN_STEP}
+_STAGE_TEXT = {_FAILED_IN_EVALUATION: "failed during evaluation",
+               _FAILED_IN_STEP: "failed in step() before the update"}
+_WORDS = 4
+_TEXT_BYTES = 224
+_HEADER_BYTES = 8 * _WORDS + _TEXT_BYTES  # a multiple of 8: the float64 values stay aligned
+_NO_EPOCH = -1
+
+
+def describe_exception(error: BaseException, limit: int = _TEXT_BYTES) -> bytes:
+    """``"ExceptionType: message"`` as UTF-8, cut to at most ``limit`` bytes (ending in
+    ``"..."`` when cut, never inside a character)."""
+    text = type(error).__name__
+    message = str(error)
+    if message:
+        text = f"{text}: {message}"
+    data = text.encode("utf-8", errors="replace")
+    if len(data) > limit:
+        data = data[: limit - 3].decode("utf-8", errors="ignore").encode("utf-8") + b"..."
+    return data
+
+
+def _exchange(local: Optional[torch.Tensor], population_size: int, like: DeviceLike,
+              epoch: Optional[int], failure: Optional[tuple[int, bytes]]) -> tuple:
+    """The one per-generation collective: every rank's slice of fitnesses, or its failure.
+
+    Returns ``(values, rows)``: ``values`` the ``(N,)`` float64 fitnesses on the collective
+    device (meaningful only when every rank sent a slice of the right length), ``rows`` one
+    ``(count, stage, epoch, text)`` tuple per rank.
+    """
+    import torch.distributed as dist
+
     rank, world = process_group_info()
     n = int(population_size)
     if n % world:
         raise ValueError(f"population_size {n} must be divisible by the world size {world} "
                          f"(every rank evaluates an equal slice)")
     per = n // world
+    if like is None:
+        like = local.device if local is not None else None
+    device = collective_device(like)
+    count, stage, text = -1, _OK, b""
+    values = torch.zeros(per, dtype=torch.float64, device=device)
+    if failure is not None:
+        stage, text = failure
+        count = per
+    else:
+        count = int(local.shape[0]) if local.dim() == 1 else -1
+        if count == per:
+            values = local.detach().to(device=device, dtype=torch.float64)
+    header = torch.tensor([count, stage, _NO_EPOCH if epoch is None else int(epoch), len(text)],
+                          dtype=torch.int64)
+    field = torch.zeros(_TEXT_BYTES, dtype=torch.uint8)
+    if text:
+        field[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    head = torch.cat([header.view(torch.uint8), field]).to(device)
+    payload = torch.cat([head, values.contiguous().view(torch.uint8)])
+    try:
+        gathered = _all_gather(payload, world)  # (W, header + 8 * per) bytes
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"rank {rank}: the all-gather of the generation's fitnesses failed; another rank has "
+            f"probably exited (its process died or was stopped: see its output), or the process "
+            f"group is broken; nothing was updated on this rank ({type(err).__name__}: {err})"
+        ) from err
+    heads = gathered[:, :_HEADER_BYTES].cpu()
+    words = heads[:, : 8 * _WORDS].contiguous().view(torch.int64).tolist()
+    rows = []
+    for r in range(world):
+        c, s, e, length = words[r]
+        msg = bytes(heads[r, 8 * _WORDS : 8 * _WORDS + length].tolist()).decode("utf-8", errors="replace")
+        rows.append((c, s, e, msg))
+    return gathered[:, _HEADER_BYTES:].contiguous().view(torch.float64).reshape(n), rows
+
+
+def _raise_for_failures(rows: list, epoch: Optional[int]) -> None:
+    failed = [(r, s, msg) for r, (_, s, _, msg) in enumerate(rows) if s != _OK]
+    if not failed:
+        return
+    what = "; ".join(f"rank {r} {_STAGE_TEXT.get(s, 'failed')}: {msg or '<no message>'}"
+                     for r, s, msg in failed)
+    at = "" if epoch is None else f" (epoch {epoch})"
+    raise RankFailedError(
+        f"{what}; no rank applied an update for this generation{at}; see the output of the "
+        f"failing rank for its traceback",
+        failures={r: msg for r, _, msg in failed}, epoch=epoch)
+
+
+def all_gather_population(local: torch.Tensor, population_size: int, *,
+                          like: DeviceLike = None, epoch: Optional[int] = None) -> torch.Tensor:
+    """The fitnesses of the whole population from every rank's contiguous slice.
+
+    Rank ``k`` holds the values of members ``k * N/W .. (k+1) * N/W - 1``; the result
+    concatenates the slices in rank order. One ``all_gather`` per generation of
+    ``8 * N/W`` bytes of float64 values (which hold float32/float16/bfloat16 values exactly)
+    plus a 256-byte header per rank: the slice length, so that a wrong length on any rank
+    raises the same error on every rank rather than blocking the others; the epoch, so that
+    ranks that got out of step raise instead of applying different updates; and a failure
+    flag with a short description, set by a rank that failed in this generation
+    (:func:`report_failure`), so that the others raise at once.
+
+    Args:
+        local: ``(N/W,)`` this rank's values (any real dtype, any device).
+        population_size: N, a multiple of the world size W.
+        like: device whose backend placement to use (default: ``local``'s).
+        epoch: the generation's epoch on this rank, compared across ranks (None: not
+            compared).
+
+    Returns:
+        ``(N,)`` on ``local``'s device, in ``local``'s dtype; identical on every rank.
+
+    Raises:
+        RankFailedError: another rank reported a failure in this generation (naming every
+            failing rank and its exception).
+        ValueError: ``N`` not a multiple of the world size, or a rank gave a slice of the
+            wrong length (raised on every rank, naming the ranks and their lengths).
+        RuntimeError: the ranks passed different epochs, or the collective itself failed
+            (e.g. a rank exited).
+    """
+    _, world = process_group_info()
+    n = int(population_size)
+    per = n // world if n % world == 0 else 0
     local = torch.as_tensor(local)
-    count = int(local.shape[0]) if local.dim() == 1 else -1
-    device = collective_device(local.device if like is None else like)
-    payload = torch.zeros(per + 1, dtype=torch.float64, device=device)
-    payload[0] = float(count)
-    if count == per:
-        payload[1:] = local.detach().to(device=device, dtype=torch.float64)
-    gathered = _all_gather(payload, world)  # (W, per + 1)
-    counts = [int(c) for c in gathered[:, 0].tolist()]
-    bad = [(r, c) for r, c in enumerate(counts) if c != per]
+    values, rows = _exchange(local, n, like, epoch, None)
+    _raise_for_failures(rows, epoch)
+    bad = [(r, c) for r, (c, _, _, _) in enumerate(rows) if c != per]
     if bad:
         got = ", ".join(f"rank {r}: {'not 1-D' if c < 0 else f'{c} values'}" for r, c in bad)
         raise ValueError(
@@ -148,7 +270,43 @@ def all_gather_population(local: torch.Tensor, population_size: int, *,
             f"({per} values = population_size {n} / world size {world}, see "
             f"pop.local_population_size), got {got}; nothing was updated"
         )
-    return gathered[:, 1:].reshape(n).to(device=local.device, dtype=local.dtype)
+    epochs = [e for _, _, e, _ in rows]
+    if len({e for e in epochs if e != _NO_EPOCH}) > 1:
+        listed = ", ".join(f"rank {r}: {e}" for r, e in enumerate(epochs) if e != _NO_EPOCH)
+        raise RuntimeError(
+            f"the ranks are at different epochs ({listed}), so they would apply different "
+            f"updates; nothing was updated. A step that failed on some ranks only after the "
+            f"fitnesses were gathered leaves the ranks out of step: restore every rank from "
+            f"the same checkpoint (state_dict) before continuing"
+        )
+    return values.to(device=local.device, dtype=local.dtype)
+
+
+def report_failure(error: BaseException, population_size: int, *, like: DeviceLike = None,
+                   epoch: Optional[int] = None, during: str = "evaluation") -> None:
+    """Take part in the generation's fitness all-gather as a rank that failed.
+
+    The counterpart of :func:`all_gather_population` on a rank whose evaluation (or
+    ``step``) raised ``error``: it sends a failure flag and ``"ExceptionType: message"``
+    (cut to 224 bytes) instead of fitnesses, so the ranks waiting in
+    :func:`all_gather_population` raise :class:`RankFailedError` at once. Returns
+    normally: the caller re-raises its own exception.
+
+    Args:
+        error: this rank's exception.
+        population_size: N, as the other ranks pass it to :func:`all_gather_population`.
+        like: device whose backend placement to use (default: the CPU for Gloo, the
+            current CUDA device for NCCL).
+        epoch: the generation's epoch on this rank (for the other ranks' message).
+        during: ``"evaluation"`` or ``"step"`` (where this rank failed, for the message).
+
+    Raises:
+        ValueError: ``during`` unknown, or N not a multiple of the world size.
+        RuntimeError: the collective itself failed (e.g. another rank exited).
+    """
+    if during not in _STAGES:
+        raise ValueError(f"during must be one of {sorted(_STAGES)}, got {during!r}")
+    _exchange(None, population_size, like, epoch, (_STAGES[during], describe_exception(error)))
 
 
 # -- agreement check --------------------------------------------------------------------

@@ -606,6 +606,18 @@ class EggrollNEProblem(BaseNEProblem):
         population: make the problem's running state (counters, statistics) global, the same
         on every rank. The base class keeps no such state."""
 
+    def _generation_state(self) -> dict:
+        """What evaluating one population advances in the problem, taken by the EGGROLL
+        searcher before each evaluation: a generation whose evaluation raises (on any rank,
+        when distributed) is undone with :meth:`_restore_generation_state`, so that every
+        rank continues as if it had not been evaluated. Subclasses with running state
+        (data position, counters, statistics) extend both methods."""
+        return {"after_eval_status": dict(getattr(self, "_after_eval_status", None) or {})}
+
+    def _restore_generation_state(self, state: dict) -> None:
+        """Put back what :meth:`_generation_state` took."""
+        self._after_eval_status = dict(state["after_eval_status"])
+
     def _as_fitness(self, values: Any, k: int) -> torch.Tensor:
         fit = torch.as_tensor(values) if not isinstance(values, torch.Tensor) else values
         fit = fit.detach()
@@ -749,6 +761,13 @@ class EggrollSupervisedNE(EggrollNEProblem):
     @property
     def _nonserialized_attribs(self) -> list[str]:
         return super()._nonserialized_attribs + ["_perm"]
+
+    def _generation_state(self) -> dict:
+        return dict(super()._generation_state(), data=(self._data_epoch, self._data_pos, self._perm))
+
+    def _restore_generation_state(self, state: dict) -> None:
+        super()._restore_generation_state(state)
+        self._data_epoch, self._data_pos, self._perm = state["data"]
 
     def _loss(self, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss of one member on one minibatch (a scalar)."""
@@ -1271,6 +1290,25 @@ class EggrollVecGymNE(EggrollNEProblem):
                 getattr(current, name).copy_(b + delta)  # in place: captured rollouts read these
                 offset += b.numel()
         self._after_eval_status = self._lowrank_status()
+
+    def _generation_state(self) -> dict:
+        stats = self._obs_stats
+        saved = None if stats is None else tuple(t.clone() for t in (stats.count, stats.sum, stats.sum_of_squares))
+        return dict(super()._generation_state(), resets=self._num_resets, interactions=self._interaction_count,
+                    episodes=self._episode_count, rollout_steps=self.last_rollout_steps, obs_stats=(stats, saved))
+
+    def _restore_generation_state(self, state: dict) -> None:
+        super()._restore_generation_state(state)
+        self._num_resets = state["resets"]
+        self._interaction_count = state["interactions"]
+        self._episode_count = state["episodes"]
+        self.last_rollout_steps = state["rollout_steps"]
+        self._rank_snapshot = None
+        stats, saved = state["obs_stats"]
+        self._obs_stats = stats
+        if stats is not None:
+            for name, value in zip(("count", "sum", "sum_of_squares"), saved):
+                getattr(stats, name).copy_(value)  # in place: captured rollouts read these
 
     def _rollout_step(self, buf: "_RolloutBuffers", forward: PopulationForward, env: gym.vector.VectorEnv,
                       member_ids: Optional[torch.Tensor]) -> torch.Tensor:

@@ -596,12 +596,36 @@ class EvolutionStrategy:
 
     # -- the update -------------------------------------------------------------------------
 
-    def _all_gather_fitnesses(self, local: torch.Tensor, n: int) -> torch.Tensor:
+    def _all_gather_fitnesses(self, local: torch.Tensor, n: int,
+                              epoch: Optional[int] = None) -> torch.Tensor:
         """The N fitnesses from every rank's slice (one collective; a wrong slice length on
-        any rank raises the same ValueError on every rank)."""
-        return _dist.all_gather_population(local, n, like=self._evolved.entries[0].param.device)
+        any rank raises the same ValueError on every rank, a failure reported by another
+        rank raises RankFailedError, ranks at different epochs raise RuntimeError)."""
+        return _dist.all_gather_population(local, n, like=self._collective_like(), epoch=epoch)
 
-    def _collect_fitnesses(self, fitnesses: Any, n: int) -> torch.Tensor:
+    def _collective_like(self) -> Optional[torch.device]:
+        return self._evolved.entries[0].param.device if self._evolved.entries else None
+
+    def _report_failure_to_ranks(self, error: BaseException, n: int, epoch: int,
+                                 during: str) -> None:
+        """This generation's fitness all-gather as a rank that failed (see
+        :func:`evotorch_eggroll.distributed.report_failure`)."""
+        _dist.report_failure(error, n, like=self._collective_like(), epoch=epoch, during=during)
+
+    def _pending_population(self) -> Optional[tuple[int, int]]:
+        """``(N, epoch)`` of the population the next ``step`` would use: the open perturb
+        context's, else the last one's, else (already stepped) the previous population's
+        size at the current epoch; None before any population."""
+        if self._active is not None:
+            return self._active.population_size, self._active.epoch
+        if self._last is not None:
+            return self._last[0], self._last[1]
+        if self._stepped is not None:
+            return self._stepped[0], self.epoch
+        return None
+
+    def _local_fitnesses(self, fitnesses: Any) -> torch.Tensor:
+        """``fitnesses`` as a real 1-D tensor (no communication)."""
         try:
             f = torch.as_tensor(fitnesses)
         except (TypeError, ValueError, RuntimeError):
@@ -619,13 +643,88 @@ class EvolutionStrategy:
         if f.dim() != 1:
             raise ValueError(f"fitnesses must be 1-D (one value per population member), got "
                              f"shape {tuple(f.shape)}")
+        return f
+
+    @staticmethod
+    def _all_values_given(fitnesses: Any, n: int) -> bool:
+        """Whether ``fitnesses`` holds N values (the distributed form that does not
+        communicate) rather than a slice to all-gather (or something unreadable)."""
+        try:
+            return torch.as_tensor(fitnesses).numel() == n
+        except Exception:  # noqa: BLE001 - unreadable: taken for the default, a slice
+            return False
+
+    def _collect_fitnesses(self, fitnesses: Any, n: int, epoch: Optional[int] = None) -> torch.Tensor:
+        """All N fitnesses: ``fitnesses`` itself, or (distributed, a slice) all-gathered.
+        Distributed, an error in a slice is reported to the other ranks through the
+        all-gather they wait in before it is raised here."""
         _, world = self._world_info()
+        try:
+            f = self._local_fitnesses(fitnesses)
+        except Exception as err:
+            if world > 1 and not self._all_values_given(fitnesses, n):
+                self._report_failure_to_ranks(err, n, self.epoch if epoch is None else epoch,
+                                              "step")
+            raise
         if world > 1 and f.shape[0] != n:
-            f = self._all_gather_fitnesses(f, n)
+            f = self._all_gather_fitnesses(f, n, epoch)
         if f.shape[0] != n:
             raise ValueError(f"got {f.shape[0]} fitness values for a population of {n} members "
                              f"(the population_size of the last perturb context)")
         return f
+
+    def report_failure(self, error: BaseException, population_size: Optional[int] = None) -> None:
+        """Tell the other ranks that this rank's evaluation of the generation failed.
+
+        With ``distributed=True``, call it in place of :meth:`step` on a rank whose
+        evaluation raised, then re-raise the exception::
+
+            try:
+                with strategy.perturb(N) as pop:
+                    local_fitness = evaluate(pop)
+            except Exception as exc:
+                strategy.report_failure(exc)
+                raise
+            metrics = strategy.step(local_fitness)
+
+        It takes part in the generation's fitness all-gather (the collective the other ranks
+        wait in inside ``step``) with a failure flag and ``"ExceptionType: message"`` instead
+        of fitnesses. ``step`` then raises
+        :class:`~evotorch_eggroll.distributed.RankFailedError` on the other ranks at once,
+        naming this rank and its exception, instead of leaving them waiting until the
+        process group's timeout. No rank updates anything (parameters, optimizer state and
+        epoch stay as they were), so the generation can be evaluated again on every rank.
+        The other ranks must pass their own slices to ``step`` (with all N values on every
+        rank, ``step`` does not communicate and cannot learn of the failure).
+
+        Without ``distributed`` there is nobody to tell. In both cases the population of
+        the last perturb context is discarded (``step`` needs a new one).
+
+        Args:
+            error: this rank's exception (its type and message, cut to 224 bytes, are
+                sent).
+            population_size: N, when this rank has not opened a perturb context yet (the
+                first ``perturb`` failed); by default that of the open or last context, or
+                of the previous step's population.
+
+        Raises:
+            RuntimeError: before setup; N unknown; the collective itself failed (e.g.
+                another rank exited).
+        """
+        self._require_setup("report_failure()")
+        pending = self._pending_population()
+        if population_size is not None:
+            epoch = pending[1] if pending is not None else self.epoch
+            pending = (_population_size(population_size), epoch)
+        if self._active is None:
+            self._last = None
+        _, world = self._world_info()
+        if world == 1:
+            return
+        if pending is None:
+            raise RuntimeError("report_failure() needs the population size: this rank has not "
+                               "evaluated a population yet; pass population_size=N") from error
+        self._report_failure_to_ranks(error, pending[0], pending[1], "evaluation")
 
     def step(self, fitnesses: Any, prenormalized: bool = False) -> dict:
         """Update the parameters from the fitnesses of the last perturb context's members.
@@ -642,7 +741,8 @@ class EvolutionStrategy:
                 ``(N / world,)`` slice (``pop.local_member_ids()``), all-gathered in one
                 collective; or all N values, identical on every rank, used as given
                 without communication. Every rank must call ``step`` and pass the same
-                kind (a wrong slice length on any rank raises on every rank).
+                kind (a wrong slice length on any rank raises on every rank). A rank whose
+                evaluation failed calls :meth:`report_failure` instead.
             prenormalized: use the fitnesses as the weights ``w`` as given (they must be
                 finite, whatever ``nonfinite_fitness`` says).
 
@@ -661,31 +761,48 @@ class EvolutionStrategy:
                 ``nonfinite_fitness="raise"``, in prenormalized weights, or in every
                 fitness), N not a multiple of group_size.
             TypeError: fitnesses that are not real numbers (bool, complex, strings).
+            RankFailedError: (distributed, slices) another rank reported that it failed in
+                this generation (:meth:`report_failure`, or an error in its own ``step``
+                before the all-gather); the message names the rank and its exception.
 
         Failure semantics: every validation error is raised before anything changes, and
-        the perturb context stays available for another ``step``. If the optimizer raises
-        (or the step is interrupted), the parameters and the optimizer state are restored
-        to their values before the step, ``epoch``/``total_steps`` do not advance and the
-        error propagates. ``on_step`` callbacks run after the update is complete and the
-        counters have advanced: an exception from a callback propagates (later callbacks
-        do not run) and the update is kept.
+        the perturb context stays available for another ``step``. Distributed with slices,
+        an error this rank finds before the all-gather (in its fitnesses or its state) is
+        first reported to the other ranks through the all-gather they wait in, so that every
+        rank raises at once and none updates; ranks that arrive at different epochs (after
+        a step that failed on some ranks only, past the all-gather) raise RuntimeError on
+        every rank. If the optimizer raises (or the step is interrupted), the parameters and
+        the optimizer state are restored to their values before the step,
+        ``epoch``/``total_steps`` do not advance and the error propagates. ``on_step``
+        callbacks run after the update is complete and the counters have advanced: an
+        exception from a callback propagates (later callbacks do not run) and the update
+        is kept.
         """
         self._require_setup("step()")
-        if self._active is not None:
-            raise RuntimeError("step() cannot run inside a perturb context; call it after the "
-                               "`with strategy.perturb(...)` block")
-        if self._last is None:
-            if self._stepped is not None:
-                n, epoch = self._stepped
-                raise RuntimeError(
-                    f"step() needs a preceding perturb context: the population of the last "
-                    f"one (population_size={n}, epoch={epoch}) was already used by a step(); "
-                    f"evaluate a new population in `with strategy.perturb(N) as pop:` first")
-            raise RuntimeError("step() needs a preceding perturb context: evaluate the "
-                               "population in `with strategy.perturb(N) as pop:` first")
+        try:
+            if self._active is not None:
+                raise RuntimeError("step() cannot run inside a perturb context; call it after "
+                                   "the `with strategy.perturb(...)` block")
+            if self._last is None:
+                if self._stepped is not None:
+                    n, epoch = self._stepped
+                    raise RuntimeError(
+                        f"step() needs a preceding perturb context: the population of the last "
+                        f"one (population_size={n}, epoch={epoch}) was already used by a "
+                        f"step(); evaluate a new population in `with strategy.perturb(N) as "
+                        f"pop:` first")
+                raise RuntimeError("step() needs a preceding perturb context: evaluate the "
+                                   "population in `with strategy.perturb(N) as pop:` first")
+            self._check_parameters_in_place()
+        except Exception as err:
+            # distributed, a slice: the other ranks wait in this generation's all-gather
+            pending = self._pending_population()
+            if (pending is not None and self._world_info()[1] > 1
+                    and not self._all_values_given(fitnesses, pending[0])):
+                self._report_failure_to_ranks(err, pending[0], pending[1], "step")
+            raise
         n, epoch, coords = self._last
-        self._check_parameters_in_place()
-        f = self._collect_fitnesses(fitnesses, n)
+        f = self._collect_fitnesses(fitnesses, n, epoch)
         f64 = f.detach().to(device="cpu", dtype=torch.float64)
         finite = torch.isfinite(f64)
         nonfinite = n - int(finite.sum())

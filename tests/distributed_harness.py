@@ -16,11 +16,17 @@ interpreter, so the kernels refuse CPU tensors there. ``worker_main(SCENARIOS, A
 also runs ``AFTER[scenario](rank, world, device, results)``, if given, once the process
 group is destroyed (for what must work without one) and merges the dict it returns into
 the rank's results.
+
+A scenario in which a rank exits on purpose names it in ``launch(..., exits={rank: code})``:
+that rank must end with ``code`` and saves no results (``None`` in the list), and the others
+skip the final barrier (the group is broken). ``pg_timeout`` sets the process group's
+timeout, so that a test can show that a rank ended long before it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import subprocess
 import sys
@@ -38,11 +44,15 @@ Scenario = Callable[[int, int, torch.device], dict]
 
 
 def launch(script: Path, scenario: str, world: int, backend: str, workdir: Path,
-           timeout: float = 240.0) -> list[dict]:
+           timeout: float = 240.0, *, exits: dict[int, int] | None = None,
+           pg_timeout: float | None = None) -> list[dict | None]:
     """Run ``script --worker scenario`` as ``world`` ranks; return each rank's results.
 
-    Each rank's output goes to ``workdir / f"log_{rank}.txt"``.
+    Each rank's output goes to ``workdir / f"log_{rank}.txt"``. ``exits``: rank -> the exit
+    code that rank must end with (it saves no results: ``None``). ``pg_timeout``: the
+    process group's timeout in seconds (default: torch's).
     """
+    exits = dict(exits or {})
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(TESTS), env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"
@@ -58,6 +68,10 @@ def launch(script: Path, scenario: str, world: int, backend: str, workdir: Path,
         log = open(workdir / f"log_{rank}.txt", "w")
         cmd = [sys.executable, str(script), "--worker", scenario, "--rank", str(rank),
                "--world", str(world), "--backend", backend, "--init", init, "--out", str(workdir)]
+        if pg_timeout is not None:
+            cmd += ["--pg-timeout", str(pg_timeout)]
+        if exits:
+            cmd += ["--no-barrier"]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        cwd=str(REPO)), log))
     deadline = time.monotonic() + timeout
@@ -78,9 +92,10 @@ def launch(script: Path, scenario: str, world: int, backend: str, workdir: Path,
                      for r, (p, _) in enumerate(procs))
     if timed_out:
         pytest.fail(f"distributed run {scenario!r} did not finish within {timeout} s:\n{logs}")
-    if any(p.returncode != 0 for p, _ in procs):
+    if any(p.returncode != exits.get(r, 0) for r, (p, _) in enumerate(procs)):
         pytest.fail(f"distributed run {scenario!r} failed:\n{logs}")
-    return [torch.load(workdir / f"result_{r}.pt", weights_only=True) for r in range(world)]
+    return [None if r in exits else torch.load(workdir / f"result_{r}.pt", weights_only=True)
+            for r in range(world)]
 
 
 def worker_main(scenarios: dict[str, Scenario],
@@ -95,6 +110,8 @@ def worker_main(scenarios: dict[str, Scenario],
     parser.add_argument("--backend", required=True)
     parser.add_argument("--init", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--pg-timeout", type=float, default=None)
+    parser.add_argument("--no-barrier", action="store_true")
     args = parser.parse_args()
     import torch.distributed as dist
 
@@ -104,13 +121,16 @@ def worker_main(scenarios: dict[str, Scenario],
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(args.backend, init_method=args.init, rank=args.rank, world_size=args.world)
+    timeout = {} if args.pg_timeout is None else {"timeout": datetime.timedelta(seconds=args.pg_timeout)}
+    dist.init_process_group(args.backend, init_method=args.init, rank=args.rank, world_size=args.world,
+                            **timeout)
     try:
         start = time.perf_counter()
         results = scenarios[args.worker](args.rank, args.world, device)
         print(f"rank {args.rank}: scenario {args.worker!r} took {time.perf_counter() - start:.1f} s",
               flush=True)
-        dist.barrier()
+        if not args.no_barrier:
+            dist.barrier()
     finally:
         dist.destroy_process_group()
     after = (after_group or {}).get(args.worker)

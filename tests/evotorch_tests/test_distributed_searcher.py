@@ -15,13 +15,17 @@ process; torch-native CartPole with observation normalisation, whose counters an
 statistics must be global), dense mode on a plain vector problem (sharded SolutionBatch
 evaluation), global status values identical on every rank, rank-0-only loggers
 (``log_all_ranks`` to opt out), the world-size and seed checks, and unpickling a
-distributed searcher where no process group exists.
+distributed searcher where no process group exists. Failing ranks, each in a launch of its
+own with the process group's timeout at 300 s: a rank whose evaluation raises (every rank
+raises within seconds, nothing is updated, the run continues as if that generation had
+never been evaluated) and a rank whose process dies (the other raises within seconds).
 """
 
 from __future__ import annotations
 
 import pickle
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -193,7 +197,161 @@ def after_searcher(rank: int, world: int, device: torch.device, results: dict) -
     return out
 
 
-SCENARIOS = {"searcher": scenario_searcher}
+# -- failing ranks --------------------------------------------------------------------------
+
+def _flaky_cartpole():
+    from evotorch_eggroll.envs import CartPole
+
+    class FlakyCartPole(CartPole):
+        """CartPole whose ``step`` raises once ``steps_left`` (when set) runs out."""
+
+        steps_left = None
+
+        def step(self, actions):
+            if FlakyCartPole.steps_left is not None:
+                FlakyCartPole.steps_left -= 1
+                if FlakyCartPole.steps_left < 0:
+                    raise RuntimeError("the simulator crashed")
+            return super().step(actions)
+
+    return FlakyCartPole
+
+
+def _flaky_rl(device, env):
+    from evotorch_eggroll.neuroevolution import EggrollVecGymNE
+
+    torch.manual_seed(0)
+    return EggrollVecGymNE(env, _policy, episode_length=4, observation_normalization=True,
+                           device=device, seed=4)
+
+
+_SPHERE_FAILS = {"rank": None, "exit": False}
+
+
+def _flaky_sphere(x):
+    import os
+
+    import torch.distributed as dist
+
+    if _SPHERE_FAILS["rank"] in (dist.get_rank(), "all"):
+        if _SPHERE_FAILS["exit"]:
+            os._exit(17)  # as if killed: no exception, no clean-up
+        raise FloatingPointError("the evaluation diverged")
+    return (x**2).sum(-1)
+
+
+def _flaky_dense(device):
+    from evotorch import Problem
+
+    return Problem("min", _flaky_sphere, solution_length=6, initial_bounds=(-3, 3), vectorized=True,
+                   seed=0, device=device)
+
+
+def _attempt(fn) -> dict:
+    """Call ``fn``; what it raised (type, message, failures of a RankFailedError) and how
+    long it took."""
+    from evotorch_eggroll import RankFailedError
+
+    start = time.monotonic()
+    try:
+        fn()
+        out = dict(type=None, msg="", failures=None)
+    except Exception as err:
+        out = dict(type=type(err).__name__, msg=str(err),
+                   failures=err.failures if isinstance(err, RankFailedError) else None)
+    out["seconds"] = time.monotonic() - start
+    return out
+
+
+def _state(searcher) -> dict:
+    """Everything a generation changes: center, counters, optimizer state and the problem's
+    running state."""
+    problem = searcher.problem
+    out = dict(center=searcher.status["center"].detach().cpu().clone(), epoch=searcher.epoch,
+               steps=searcher.step_count)
+    for i, st in searcher.optimizer.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"opt.{i}.{k}"] = v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+    if hasattr(problem, "interaction_count"):
+        stats = problem.get_observation_stats()
+        out.update(interactions=problem.interaction_count, episodes=problem.episode_count,
+                   resets=problem._num_resets,
+                   stats=[t.detach().cpu().clone() for t in (stats.count, stats.sum, stats.sum_of_squares)])
+    return out
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k, v in a.items():
+        w = b[k]
+        if isinstance(v, list):
+            if not all(torch.equal(x, y) for x, y in zip(v, w)):
+                return False
+        elif isinstance(v, torch.Tensor):
+            if not torch.equal(v, w):
+                return False
+        elif v != w:
+            return False
+    return True
+
+
+def scenario_failure(rank: int, world: int, device: torch.device) -> dict:
+    from evotorch_eggroll.algorithms import EGGROLL
+
+    n = world * PER_RANK
+    kw = dict(popsize=n, sigma=0.1, lr=0.05, rank=1, seed=5)
+    res = {}
+
+    # RL with observation normalisation: rank 1's simulator crashes mid-episode in the second
+    # generation; every rank raises, nothing changes (center, optimizer, epoch, counters,
+    # statistics), and the run continues as one in which that generation never failed
+    env = _flaky_cartpole()
+    searcher = EGGROLL(_flaky_rl(device, env), distributed=True, **kw)
+    searcher.step()
+    before = _state(searcher)
+    if rank == 1:
+        env.steps_left = 2
+    res["rl"] = _attempt(searcher.step)
+    env.steps_left = None
+    res["rl_untouched"] = _same_state(before, _state(searcher))
+    searcher.step()
+    searcher.step()
+    res["rl_state"] = _state(searcher)
+    reference = EGGROLL(_flaky_rl(device, env), distributed=True, **kw)
+    for _ in range(3):
+        reference.step()
+    res["rl_reference"] = _state(reference)
+
+    # dense mode, a plain problem: rank 0's evaluation raises
+    searcher = EGGROLL(_flaky_dense(device), distributed=True, chunk_size=3, **kw)
+    searcher.step()
+    before = _state(searcher)
+    _SPHERE_FAILS["rank"] = 0
+    res["dense"] = _attempt(searcher.step)
+    _SPHERE_FAILS["rank"] = "all"  # ... and then on every rank: each raises its own error
+    res["dense_all"] = _attempt(searcher.step)
+    _SPHERE_FAILS["rank"] = None
+    res["dense_untouched"] = _same_state(before, _state(searcher))
+    searcher.step()
+    res["dense_state"] = _state(searcher)
+    return res
+
+
+def scenario_exit(rank: int, world: int, device: torch.device) -> dict:
+    """Rank 1's process dies while it evaluates the second generation."""
+    from evotorch_eggroll.algorithms import EGGROLL
+
+    searcher = EGGROLL(_flaky_dense(device), popsize=world * PER_RANK, sigma=0.1, lr=0.05, seed=5,
+                       distributed=True)
+    searcher.step()
+    _SPHERE_FAILS.update(rank=1, exit=True)
+    res = dict(exit=_attempt(searcher.step), epoch=searcher.epoch)
+    _SPHERE_FAILS.update(rank=None, exit=False)
+    return res
+
+
+SCENARIOS = {"searcher": scenario_searcher, "failure": scenario_failure, "exit": scenario_exit}
 AFTER_GROUP = {"searcher": after_searcher}
 
 
@@ -281,6 +439,44 @@ def test_two_gloo_ranks(tmp_path):
 def test_two_nccl_ranks(tmp_path):
     """The same checks with NCCL, one GPU per rank."""
     _check(launch(HERE, "searcher", WORLD, "nccl", tmp_path, TIMEOUT_S), tmp_path)
+
+
+def test_a_rank_failing_in_evaluation_ends_the_generation_on_every_rank(tmp_path):
+    """Two Gloo ranks, the process group's timeout 300 s: a rank whose evaluation raises
+    makes every rank raise within seconds, the others naming it and its exception; no rank
+    updates anything, and the next generations run as if the failed one had never been
+    evaluated (RL counters and observation statistics included)."""
+    r0, r1 = launch(HERE, "failure", WORLD, "gloo", tmp_path, TIMEOUT_S, pg_timeout=300)
+    assert r1["rl"]["type"] == "RuntimeError" and r1["rl"]["msg"] == "the simulator crashed"
+    assert r0["rl"]["type"] == "RankFailedError"
+    assert "rank 1 failed during evaluation: RuntimeError: the simulator crashed" in r0["rl"]["msg"]
+    assert "no rank applied an update for this generation (epoch 1)" in r0["rl"]["msg"]
+    assert r0["rl"]["failures"] == {1: "RuntimeError: the simulator crashed"}
+
+    assert r0["dense"]["type"] == "FloatingPointError"
+    assert r1["dense"]["type"] == "RankFailedError"
+    assert "rank 0 failed during evaluation: FloatingPointError: the evaluation diverged" in r1["dense"]["msg"]
+    assert r0["dense_all"]["type"] == r1["dense_all"]["type"] == "FloatingPointError"
+    for res in (r0, r1):
+        for key in ("rl", "dense", "dense_all"):
+            assert res[key]["seconds"] < 60, (key, res[key])
+        assert res["rl_untouched"] and res["dense_untouched"]
+        assert _same_state(res["rl_state"], res["rl_reference"])
+        assert _same_state(res["rl_state"], r0["rl_state"])
+        assert res["rl_state"]["epoch"] == 3 and res["rl_state"]["episodes"] == 3 * WORLD * PER_RANK
+        assert _same_state(res["dense_state"], r0["dense_state"])
+        assert res["dense_state"]["epoch"] == 2
+
+
+def test_a_rank_that_exits_ends_the_job_within_seconds(tmp_path):
+    """Rank 1's process dies in the second generation: with Gloo, rank 0's step raises a
+    clear error within seconds (the process group's timeout is 300 s), nothing updated."""
+    r0, r1 = launch(HERE, "exit", WORLD, "gloo", tmp_path, TIMEOUT_S, exits={1: 17}, pg_timeout=300)
+    assert r1 is None
+    assert r0["exit"]["type"] == "RuntimeError", r0["exit"]
+    assert "another rank has probably exited" in r0["exit"]["msg"]
+    assert r0["exit"]["seconds"] < 60
+    assert r0["epoch"] == 1
 
 
 def test_distributed_needs_a_process_group():

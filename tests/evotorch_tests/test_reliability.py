@@ -54,15 +54,32 @@ def _lowrank(device, fail_at=None):
     return EGGROLL(problem, popsize=4, sigma=0.1, lr=0.05, rank=1, seed=4)
 
 
+def _supervised(device, fail_at=None):
+    from evotorch_eggroll.neuroevolution import EggrollSupervisedNE
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, generator=g)
+    data = torch.utils.data.TensorDataset(x, x @ torch.tensor([[1.0], [-2.0], [0.5]]))
+    torch.manual_seed(0)
+    problem = EggrollSupervisedNE(data, nn.Linear(3, 1), FailOnce(nn.functional.mse_loss, fail_at),
+                                  minibatch_size=4, device=device, seed=1)
+    return EGGROLL(problem, popsize=4, sigma=0.1, lr=0.05, rank=1, seed=4)
+
+
 def _searcher_state(searcher):
     opt = searcher.optimizer.state_dict()
     return dict(center=searcher.status["center"].clone(), epoch=searcher.epoch,
                 steps=searcher.step_count, opt=pickle.dumps(opt))
 
 
-@pytest.mark.parametrize("mode", ["dense", "lowrank"])
+@pytest.mark.parametrize("mode", ["dense", "lowrank", "supervised"])
 def test_searcher_survives_a_failing_evaluation(device, mode):
-    build = _dense if mode == "dense" else (lambda fail_at=None: _lowrank(device, fail_at))
+    """A generation whose evaluation raises changes nothing, in the searcher nor in our
+    problems' running state (the supervised adapter's position in the data: the generation
+    evaluated again sees the minibatch it would have seen), so the run continues as one in
+    which it never failed."""
+    build = {"dense": _dense, "lowrank": lambda fail_at=None: _lowrank(device, fail_at),
+             "supervised": lambda fail_at=None: _supervised(device, fail_at)}[mode]
     straight = build()
     straight.run(3)
     flaky = build(fail_at=2)  # the second generation's evaluation raises

@@ -18,6 +18,7 @@ population size (computed inside the launch, shared out over the ranks).
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,52 @@ def test_all_values_on_every_rank_need_no_gather(device, monkeypatch):
     with s.perturb(4):
         pass
     assert s.step(torch.arange(4.0))["population_size"] == 4
+
+
+def test_report_failure_without_distribution_discards_the_population(device):
+    s = EggrollStrategy().setup(make_model(device))
+    with s.perturb(4):
+        pass
+    s.report_failure(ValueError("boom"))
+    with pytest.raises(RuntimeError, match="needs a preceding perturb context"):
+        s.step(torch.arange(4.0))
+    assert s.epoch == 0
+
+
+def test_report_failure_sends_the_population_size_and_epoch(device, monkeypatch):
+    s = EggrollStrategy(distributed=True)
+    fake_world(monkeypatch, s, 1, 2)
+    sent = []
+    monkeypatch.setattr(s, "_report_failure_to_ranks",
+                        lambda err, n, epoch, during: sent.append((str(err), n, epoch, during)))
+    s.setup(make_model(device))
+    with pytest.raises(RuntimeError, match="pass population_size=N"):
+        s.report_failure(ValueError("first perturb failed"))
+    s.report_failure(ValueError("first perturb failed"), population_size=6)
+    with s.perturb(8, epoch=3):
+        pass
+    s.report_failure(KeyError("x"))
+    assert s._last is None
+    assert sent == [("first perturb failed", 6, 0, "evaluation"), ("'x'", 8, 3, "evaluation")]
+    # step's own errors before the all-gather are reported too, unless all N values were given
+    with s.perturb(8):
+        pass
+    with pytest.raises(TypeError):
+        s.step("not numbers")
+    with pytest.raises(ValueError, match="1-D"):
+        s.step(torch.zeros(2, 4))  # N values, the form that does not communicate
+    assert sent[2:] == [("fitnesses must be a 1-D tensor or a sequence of real numbers (one per "
+                         "population member), got str", 8, 0, "step")]
+
+
+def test_a_failure_is_described_in_a_bounded_number_of_bytes():
+    from evotorch_eggroll.distributed import describe_exception
+
+    assert describe_exception(ValueError("bad value")) == b"ValueError: bad value"
+    assert describe_exception(KeyboardInterrupt()) == b"KeyboardInterrupt"
+    long = describe_exception(RuntimeError("\u00e9" * 200), limit=40)
+    assert len(long) <= 40 and long.endswith(b"...")
+    assert long.decode("utf-8").startswith("RuntimeError: \u00e9")
 
 
 # ======================================================================================
@@ -285,7 +332,108 @@ def scenario_strategy(rank: int, world: int, device: torch.device) -> dict:
     return res
 
 
-SCENARIOS = {"strategy": scenario_strategy}
+def _optimizer_state(strategy) -> dict:
+    state = strategy.optimizer.state_dict()["state"]
+    return {f"{i}.{k}": v.detach().cpu().clone() for i, st in state.items() for k, v in st.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def _failing_generation(s, model, x, n, rank: int, fail: bool) -> dict:
+    """One generation written as the docs say: a rank whose evaluation raises reports the
+    failure in place of step(), then re-raises. Returns what this rank raised and when."""
+    from evotorch_eggroll import RankFailedError
+
+    start = time.monotonic()
+    try:
+        try:
+            with s.perturb(n) as pop:
+                out = pop.batched_forward(model, x[pop.local_member_ids().to(x.device)])
+                if fail:
+                    raise ValueError(f"sensor {rank} returned garbage")
+                f = _fitness(out)
+        except Exception as exc:
+            s.report_failure(exc)
+            raise
+        s.step(f)
+    except Exception as err:
+        return dict(type=type(err).__name__, msg=str(err), seconds=time.monotonic() - start,
+                    failures=getattr(err, "failures", None) if isinstance(err, RankFailedError) else None)
+    return dict(type=None, msg="", seconds=time.monotonic() - start, failures=None)
+
+
+def _good_generation(s, model, x, n) -> None:
+    with s.perturb(n) as pop:
+        f = _fitness(pop.batched_forward(model, x[pop.local_member_ids().to(x.device)]))
+    s.step(f)
+
+
+def scenario_failure(rank: int, world: int, device: torch.device) -> dict:
+    """Failing ranks in the native loop: an evaluation that raises on rank 1 (reported with
+    report_failure), a bad fitness argument on rank 0 (reported by step itself), and an
+    optimizer that fails on one rank after the all-gather (the ranks' epochs then differ,
+    which the next step finds on every rank)."""
+    from evotorch_eggroll import EggrollStrategy
+
+    n = world * PER_RANK
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(1)).to(device)
+    kw = dict(sigma=0.1, lr=0.05, rank=2, seed=7, distributed=True)
+    res = {}
+
+    model = _model(device)
+    s = EggrollStrategy(**kw).setup(model)
+    _good_generation(s, model, x, n)
+    before = dict(params=_params(s), opt=_optimizer_state(s), epoch=s.epoch, steps=s.total_steps)
+
+    # rank 1's evaluation raises: it reports; every rank raises within seconds
+    res["eval"] = _failing_generation(s, model, x, n, rank, fail=rank == 1)
+    res["eval_untouched"] = (
+        s.epoch == before["epoch"] and s.total_steps == before["steps"]
+        and all(torch.equal(v, _params(s)[k]) for k, v in before["params"].items())
+        and all(torch.equal(v, _optimizer_state(s)[k]) for k, v in before["opt"].items()))
+    # ... and the generation evaluated again (the failure was transient) continues the run
+    # as if it had never failed
+    _good_generation(s, model, x, n)
+    res["retried_params"] = _params(s)
+    res["retried_epoch"] = s.epoch
+    ref_model = _model(device)
+    ref = EggrollStrategy(**kw).setup(ref_model)
+    for _ in range(2):
+        _good_generation(ref, ref_model, x, n)
+    res["reference_params"] = _params(ref)
+
+    # a bad argument to step on rank 0 only: step reports it through the all-gather
+    with s.perturb(n) as pop:
+        f = _fitness(pop.batched_forward(model, x[pop.local_member_ids().to(device)]))
+    start = time.monotonic()
+    try:
+        s.step("not numbers" if rank == 0 else f)
+        res["step_arg"] = dict(type=None, msg="")
+    except Exception as err:
+        res["step_arg"] = dict(type=type(err).__name__, msg=str(err))
+    res["step_arg"]["seconds"] = time.monotonic() - start
+    res["step_arg_epoch"] = s.epoch
+    s.step(f)  # the population is still there: every rank steps
+    res["after_step_arg_epoch"] = s.epoch
+
+    # the optimizer fails on rank 1 only, after the all-gather: rank 1 restores its state,
+    # rank 0 applies the update; the next step finds the ranks at different epochs
+    with s.perturb(n) as pop:
+        f = _fitness(pop.batched_forward(model, x[pop.local_member_ids().to(device)]))
+    if rank == 1:
+        real_step = s.optimizer.step
+        s.optimizer.step = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    res["optimizer_msg"] = expect_error(lambda: s.step(f), RuntimeError) if rank == 1 else ""
+    if rank == 1:
+        s.optimizer.step = real_step
+    else:
+        s.step(f)
+    with s.perturb(n) as pop:
+        f = _fitness(pop.batched_forward(model, x[pop.local_member_ids().to(device)]))
+    res["out_of_step_msg"] = expect_error(lambda: s.step(f), RuntimeError)
+    return res
+
+
+SCENARIOS = {"strategy": scenario_strategy, "failure": scenario_failure}
 
 
 # -- the tests ---------------------------------------------------------------------------
@@ -363,6 +511,40 @@ def _check_error_handling(results: list[dict]) -> None:
         assert "nonfinite_fitness differs across ranks" in res["policy_msg"]
         for k, v in results[0]["worst_params"].items():
             assert torch.isfinite(v).all() and torch.equal(res["worst_params"][k], v)
+
+
+def test_a_failing_rank_ends_the_generation_on_every_rank(tmp_path):
+    """Two Gloo ranks, the process group's timeout 300 s: a rank whose evaluation raises
+    (report_failure) or whose step gets a bad argument makes every rank raise within
+    seconds, naming the rank and its exception; nothing is updated and the run continues
+    when the generation is evaluated again; a step that failed on one rank only after the
+    all-gather leaves the ranks at different epochs, which the next step reports on every
+    rank."""
+    results = launch(HERE, "failure", WORLD, "gloo", tmp_path, TIMEOUT_S, pg_timeout=300)
+    r0, r1 = results
+    assert r1["eval"]["type"] == "ValueError" and r1["eval"]["msg"] == "sensor 1 returned garbage"
+    assert r0["eval"]["type"] == "RankFailedError"
+    assert "rank 1 failed during evaluation: ValueError: sensor 1 returned garbage" in r0["eval"]["msg"]
+    assert "no rank applied an update for this generation (epoch 1)" in r0["eval"]["msg"]
+    assert r0["eval"]["failures"] == {1: "ValueError: sensor 1 returned garbage"}
+    for res in results:
+        assert res["eval"]["seconds"] < 60, res["eval"]
+        assert res["eval_untouched"]
+        assert res["retried_epoch"] == 2
+        for k, v in res["reference_params"].items():
+            assert torch.equal(res["retried_params"][k], v), k
+            assert torch.equal(r0["retried_params"][k], v), k
+
+    assert r0["step_arg"]["type"] == "TypeError" and "fitnesses must be" in r0["step_arg"]["msg"]
+    assert r1["step_arg"]["type"] == "RankFailedError"
+    assert "rank 0 failed in step() before the update: TypeError: fitnesses must be" in r1["step_arg"]["msg"]
+    for res in results:
+        assert res["step_arg"]["seconds"] < 60
+        assert res["step_arg_epoch"] == 2 and res["after_step_arg_epoch"] == 3
+
+    assert "out of memory" in r1["optimizer_msg"]
+    for res in results:
+        assert "the ranks are at different epochs (rank 0: 4, rank 1: 3)" in res["out_of_step_msg"]
 
 
 def test_two_gloo_ranks_match_single_process(tmp_path):

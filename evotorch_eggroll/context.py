@@ -20,7 +20,7 @@ import torch.nn as nn
 from . import fused_mlp, library, ops
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache, default_budget_bytes
-from .routing import RowPerturbationMode
+from .routing import ROWS, RowPerturbationMode
 
 __all__ = ["PerturbationContext"]
 
@@ -315,6 +315,7 @@ class PerturbationContext:
             self.evaluated = True
             return out
         mode = RowPerturbationMode(self._evolved, self.coords, ids, cache)
+        mode.mark(x, ROWS)  # the input carries the batch in its first dimension
         with mode:
             out = model(x)
         self._last_generated = mode.generated
@@ -324,9 +325,10 @@ class PerturbationContext:
             raise RuntimeError(
                 f"evolved parameter(s) {missing} were not consumed by any op batched_forward "
                 f"perturbs per row during this forward, so they would have been evaluated "
-                f"unperturbed. Make the forward use them (through F.linear, F.conv1d/2d, "
-                f"F.embedding, norm affines or elementwise ops with the activation), or leave "
-                f"them out with setup(model, exclude={missing!r})."
+                f"unperturbed. Make the forward use them (through F.linear, matmuls with the "
+                f"weight on the right, F.conv1d/2d, F.embedding, norm affines, elementwise ops "
+                f"with the activation, attention or recurrent layers), or leave them out with "
+                f"setup(model, exclude={missing!r})."
             )
         return out
 

@@ -539,3 +539,24 @@ def test_recurrent_uses_not_perturbed_are_errors(device, case, match):
             pop.batched_forward(model, torch.randn(2, 3, 3, device=device))
     with pytest.raises(ValueError, match="proj_size"):
         EggrollStrategy().setup(nn.LSTM(3, 4, proj_size=2).to(device))
+
+
+@pytest.mark.parametrize("factory", [TinyGPT, GPT2Block,
+                                     lambda: Recurrent(nn.LSTM, batch_first=False),
+                                     lambda: Attention("batch_second")])
+def test_member_ids_map_rows_to_members_through_the_new_routes(device, factory):
+    model = seeded(factory).to(device)
+    s = EggrollStrategy(sigma=0.3, rank=2).setup(model, exclude=[
+        n for n, _ in model.named_parameters() if n.startswith("mem.")])
+    gen = torch.Generator().manual_seed(12)
+    if isinstance(model, TinyGPT):
+        x = torch.randint(0, 7, (5, 3), generator=gen)
+    else:
+        x = torch.randn(5, 3, 3 if isinstance(model, Recurrent) else 6, generator=gen)
+    x = x.to(device)
+    ids = torch.tensor([3, 3, 0, 1, 3], device=device)
+    with s.perturb(4) as pop:
+        mapped = pop.batched_forward(model, x, member_ids=ids)
+        per_member = {k: model(x) for k in pop.iterate()}
+    for j, k in enumerate(ids.tolist()):
+        torch.testing.assert_close(mapped[j], per_member[k][j], **TOL)

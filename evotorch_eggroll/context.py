@@ -252,7 +252,9 @@ class PerturbationContext:
 
         For a linear layer ``out_j = x_j W^T + b + s_j sigma/sqrt(r) (x_j B0_j) A0_j^T +
         s_j sigma eps_b_j``. The model's own forward runs; ops that consume evolved
-        parameters are routed to per-row perturbed kernels for this call only.
+        parameters are routed to per-row perturbed kernels for this call only (the ops and
+        layers, how the batch is followed through the forward and the rule for inputs
+        without the batch dimension: :mod:`evotorch_eggroll.routing`).
 
         Args:
             model: the strategy's model or a submodule of it.

@@ -854,7 +854,7 @@ def _route_conv(nd: int):
             return func(*args, **kwargs)
         c = mode.coords
         if x.dim() != nd + 2:
-            mode.batch_error(f"F.conv{nd}d (unbatched input)", x)
+            mode.batch_error(f"F.conv{nd}d (unbatched input)", x, None)
         mode.row_members(x, f"F.conv{nd}d", trailing=nd + 1)
         base = func(*args, **kwargs)  # (B, O, *spatial)
         bsz, out_ch = base.shape[0], base.shape[1]

@@ -20,7 +20,7 @@ import torch.nn as nn
 from . import fused_mlp, library, ops
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache, default_budget_bytes
-from .routing import RowPerturbationMode
+from .routing import ROWS, RowPerturbationMode
 
 __all__ = ["PerturbationContext"]
 
@@ -252,7 +252,9 @@ class PerturbationContext:
 
         For a linear layer ``out_j = x_j W^T + b + s_j sigma/sqrt(r) (x_j B0_j) A0_j^T +
         s_j sigma eps_b_j``. The model's own forward runs; ops that consume evolved
-        parameters are routed to per-row perturbed kernels for this call only.
+        parameters are routed to per-row perturbed kernels for this call only (the ops and
+        layers, how the batch is followed through the forward and the rule for inputs
+        without the batch dimension: :mod:`evotorch_eggroll.routing`).
 
         Args:
             model: the strategy's model or a submodule of it.
@@ -315,6 +317,7 @@ class PerturbationContext:
             self.evaluated = True
             return out
         mode = RowPerturbationMode(self._evolved, self.coords, ids, cache)
+        mode.mark(x, ROWS)  # the input carries the batch in its first dimension
         with mode:
             out = model(x)
         self._last_generated = mode.generated
@@ -324,9 +327,10 @@ class PerturbationContext:
             raise RuntimeError(
                 f"evolved parameter(s) {missing} were not consumed by any op batched_forward "
                 f"perturbs per row during this forward, so they would have been evaluated "
-                f"unperturbed. Make the forward use them (through F.linear, F.conv1d/2d, "
-                f"F.embedding, norm affines or elementwise ops with the activation), or leave "
-                f"them out with setup(model, exclude={missing!r})."
+                f"unperturbed. Make the forward use them (through F.linear, matmuls with the "
+                f"weight on the right, F.conv1d/2d, F.embedding, norm affines, elementwise ops "
+                f"with the activation, attention or recurrent layers), or leave them out with "
+                f"setup(model, exclude={missing!r})."
             )
         return out
 

@@ -394,9 +394,9 @@ class WithAttention(nn.Module):
 
 
 @pytest.mark.parametrize("factory,name", [
-    (WithAttention, "attn.in_proj_weight"),
+    (lambda: nn.Sequential(nn.Linear(3, 3), nn.Conv3d(1, 1, 1)), "1.weight"),
     (lambda: nn.Sequential(nn.Linear(3, 3), nn.PReLU()), "1.weight"),
-    (lambda: nn.LSTM(3, 4), "weight_ih_l0"),
+    (lambda: nn.LSTM(3, 4, proj_size=2), "weight_ih_l0"),
 ])
 def test_unsupported_modules_are_rejected_at_setup(device, factory, name):
     model = seeded(factory).to(device)
@@ -424,7 +424,7 @@ class MatmulModule(nn.Module):
         self.weight = nn.Parameter(torch.randn(2, 3))
 
     def forward(self, x):
-        return x @ self.weight.T  # not an op batched_forward perturbs per row
+        return torch.einsum("bi,oi->bo", x, self.weight)  # not an op perturbed per row
 
 
 class UnusedHead(nn.Module):
@@ -458,20 +458,45 @@ def test_parameters_not_consumed_by_the_forward_are_errors(device):
         assert pop.batched_forward(model, torch.randn(2, 3, device=device)).shape == (2, 2)
 
 
-def test_ops_must_see_the_batch_first(device):
+def test_linear_layers_follow_the_batch_through_transposes(device):
     class Transposed(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(3, 2)
 
         def forward(self, x):  # (B, T, 3) -> (T, B, 3): positions first
-            return self.lin(x.transpose(0, 1))
+            return torch.tanh(self.lin(x.transpose(0, 1))).permute(1, 2, 0)  # (B, 2, T)
 
-    model = Transposed().to(device)
-    s = EggrollStrategy().setup(model)
+    model = seeded(Transposed).to(device)
+    s = EggrollStrategy(sigma=0.3, rank=2).setup(model)
+    x = torch.randn(2, 5, 3, device=device)
     with s.perturb(2) as pop:
-        with pytest.raises(RuntimeError, match="first dimension"):
-            pop.batched_forward(model, torch.randn(2, 5, 3, device=device))
+        out = pop.batched_forward(model, x)
+        ref = perturbed_by_iterate(pop, model, x)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("case", ["mean_over_batch", "concatenated_batch", "conv_batch_second"])
+def test_ops_must_see_the_batch(device, case):
+    class Lost(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.conv = nn.Conv1d(3, 2, 1)
+
+        def forward(self, x):  # (B, T, 3)
+            if case == "mean_over_batch":
+                return self.lin(x.mean(0))  # (T, 3): the batch is gone
+            if case == "concatenated_batch":
+                return self.lin(torch.cat([x, x]))  # (2B, T, 3)
+            return self.conv(x.transpose(0, 2))  # (3, T, B) -> channels first, batch last
+
+    model = seeded(Lost).to(device)
+    s = EggrollStrategy().setup(model, include=["conv.weight"] if case.startswith("conv")
+                                else ["lin.weight"])
+    with s.perturb(2) as pop:
+        with pytest.raises(RuntimeError, match="leading dimension"):
+            pop.batched_forward(model, torch.randn(2, 4, 3, device=device))
 
 
 # -- ESModule ----------------------------------------------------------------------------------------

@@ -135,6 +135,19 @@ def normals_from_words(
     return tuple(out)  # type: ignore[return-value]
 
 
+def normals_out(idx: torch.Tensor, numel: int, out: torch.Tensor | None) -> torch.Tensor:
+    """The ``(K, numel)`` float32 buffer on ``idx``'s device that normals of the ``K`` noise
+    indices ``idx`` are written to: ``out`` when given (checked: contiguous, that shape,
+    dtype and device), else a new one."""
+    if out is None:
+        return torch.empty((idx.numel(), numel), dtype=torch.float32, device=idx.device)
+    if (tuple(out.shape) != (idx.numel(), numel) or out.dtype != torch.float32
+            or out.device != idx.device or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous ({idx.numel()}, {numel}) float32 tensor on "
+                         f"{idx.device}")
+    return out
+
+
 def _as_index_tensor(values: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.int64).reshape(-1).cpu()
     if t.numel() and (int(t.min()) < 0 or int(t.max()) > MASK32):

@@ -100,12 +100,7 @@ def normal_block(seed: int, key: int, epoch: int, noise_indices: torch.Tensor, n
         ``(K, numel)`` float32 on ``noise_indices.device`` (``out`` when given).
     """
     idx = noise_indices.reshape(-1).to(torch.int64)
-    if out is None:
-        out = torch.empty((idx.numel(), numel), dtype=torch.float32, device=idx.device)
-    elif (tuple(out.shape) != (idx.numel(), numel) or out.dtype != torch.float32
-          or out.device != idx.device or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous ({idx.numel()}, {numel}) float32 tensor on "
-                         f"{idx.device}")
+    out = _noise.normals_out(idx, numel, out)
     if out.numel() == 0:
         return out
     q0, skip = divmod(first_element, 4)

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS
 from evotorch_eggroll.kernels.philox import device_guard, normal_run, split_seed, stream_seed
+from evotorch_eggroll.noise import normals_out
 
 BLOCK_E = 1024  # elements per program (a multiple of 4)
 
@@ -66,12 +67,7 @@ def normal_block(
     if first_element % 4:
         raise ValueError(f"first_element must be a multiple of 4, got {first_element}")
     idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
-    if out is None:
-        out = torch.empty((idx.numel(), numel), dtype=torch.float32, device=idx.device)
-    elif (tuple(out.shape) != (idx.numel(), numel) or out.dtype != torch.float32
-          or out.device != idx.device or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous ({idx.numel()}, {numel}) float32 tensor on "
-                         f"{idx.device}")
+    out = normals_out(idx, numel, out)
     if out.numel() == 0:
         return out
     seed_lo, seed_hi = split_seed(seed)

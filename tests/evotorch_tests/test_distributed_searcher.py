@@ -203,9 +203,16 @@ def _flaky_cartpole():
     from evotorch_eggroll.envs import CartPole
 
     class FlakyCartPole(CartPole):
-        """CartPole whose ``step`` raises once ``steps_left`` (when set) runs out."""
+        """CartPole whose ``step`` raises once ``steps_left`` (when set) runs out. It does not
+        declare in-place state, so on a GPU its steps run one by one instead of replaying a
+        captured graph (a replay would not call ``step``)."""
 
         steps_left = None
+
+        def __getattribute__(self, name):
+            if name == "cuda_graph_generators":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
 
         def step(self, actions):
             if FlakyCartPole.steps_left is not None:
@@ -441,12 +448,10 @@ def test_two_nccl_ranks(tmp_path):
     _check(launch(HERE, "searcher", WORLD, "nccl", tmp_path, TIMEOUT_S), tmp_path)
 
 
-def test_a_rank_failing_in_evaluation_ends_the_generation_on_every_rank(tmp_path):
-    """Two Gloo ranks, the process group's timeout 300 s: a rank whose evaluation raises
-    makes every rank raise within seconds, the others naming it and its exception; no rank
-    updates anything, and the next generations run as if the failed one had never been
-    evaluated (RL counters and observation statistics included)."""
-    r0, r1 = launch(HERE, "failure", WORLD, "gloo", tmp_path, TIMEOUT_S, pg_timeout=300)
+def _check_failure(r0: dict, r1: dict) -> None:
+    """A rank whose evaluation raised: every rank raised within seconds, the others naming
+    it and its exception; nothing was updated, and the later generations ran as if the
+    failed one had never been evaluated (RL counters and observation statistics included)."""
     assert r1["rl"]["type"] == "RuntimeError" and r1["rl"]["msg"] == "the simulator crashed"
     assert r0["rl"]["type"] == "RankFailedError"
     assert "rank 1 failed during evaluation: RuntimeError: the simulator crashed" in r0["rl"]["msg"]
@@ -466,6 +471,18 @@ def test_a_rank_failing_in_evaluation_ends_the_generation_on_every_rank(tmp_path
         assert res["rl_state"]["epoch"] == 3 and res["rl_state"]["episodes"] == 3 * WORLD * PER_RANK
         assert _same_state(res["dense_state"], r0["dense_state"])
         assert res["dense_state"]["epoch"] == 2
+
+
+def test_a_rank_failing_in_evaluation_ends_the_generation_on_every_rank(tmp_path):
+    """Two Gloo ranks, the process group's timeout 300 s: see :func:`_check_failure`."""
+    _check_failure(*launch(HERE, "failure", WORLD, "gloo", tmp_path, TIMEOUT_S, pg_timeout=300))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL test needs at least 2 CUDA GPUs")
+def test_a_rank_failing_in_evaluation_ends_the_generation_on_every_rank_nccl(tmp_path):
+    """The same with NCCL, one GPU per rank, the process group's timeout 300 s."""
+    _check_failure(*launch(HERE, "failure", WORLD, "nccl", tmp_path, TIMEOUT_S, pg_timeout=300))
 
 
 def test_a_rank_that_exits_ends_the_job_within_seconds(tmp_path):

@@ -10,7 +10,7 @@
 # CartPole generation under torch.profiler), sanitizer
 # (compute-sanitizer memcheck over the kernel tests at odd shapes), bench (the performance
 # table), demo (`python -m evotorch_eggroll.demo`), pgpe (EvoTorch's PGPE on the demo's
-# problem). Logs go to $OUT (or ./gpu-logs).
+# problem), soak (scripts/soak.py: long runs, memory and repeatability). Logs go to $OUT (or ./gpu-logs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${OUT:-./gpu-logs}
@@ -54,6 +54,7 @@ for s in "${stages[@]}"; do
     rollout) TAIL=40 stage rollout python3 -m evotorch_eggroll.rollout_benchmark ${ROLLOUT_ARGS:-} ;;
     profile) TAIL=60 stage profile python3 scripts/profile_rollout.py ${PROFILE_ARGS:-} ;;
     demo) stage demo python3 -m evotorch_eggroll.demo ${DEMO_ARGS:-} ;;
+    soak) TAIL=40 stage soak python3 scripts/soak.py ${SOAK_ARGS:-} ;;
     pgpe) stage pgpe python3 -m evotorch_eggroll.demo --algorithm pgpe --generations "${PGPE_GENERATIONS:-60}" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

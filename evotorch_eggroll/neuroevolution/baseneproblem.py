@@ -76,6 +76,11 @@ class EggrollNEProblem(BaseNEProblem):
     so ``solution_length`` is their total number of elements. Frozen parameters and
     buffers keep the network's values.
 
+    The problem implements :class:`~evotorch_eggroll.protocol.LowRankProblem`, what the
+    EGGROLL searcher's low-rank mode asks of a problem (:meth:`evaluate_population`,
+    :meth:`generation_state`/:meth:`restore_generation_state`, :meth:`distributed_setup`/
+    :meth:`distributed_merge`); subclasses with running state extend those methods.
+
     Describe the evaluation in one of two ways:
 
     * batched (preferred): ``batched_eval_func(forward) -> fitness (K,)`` or override
@@ -352,9 +357,9 @@ class EggrollNEProblem(BaseNEProblem):
         """The problem status reported after a low-rank population evaluation."""
         return {}
 
-    # ------------------------------------------------------------------ distributed EGGROLL
+    # ------------------------------------------------------------------ EGGROLL's low-rank protocol
 
-    def _distributed_setup(self) -> None:
+    def distributed_setup(self) -> None:
         """Distributed EGGROLL, once on every rank at the searcher's construction: adopt
         rank 0's seed for the problem's own randomness (data order, environment resets), so
         that a seed drawn per process (``seed=None``) cannot make the ranks' members see
@@ -364,21 +369,22 @@ class EggrollNEProblem(BaseNEProblem):
         seed = torch.tensor([self._seed_value], dtype=torch.int64)
         self._seed_value = int(_dist.broadcast_from_rank0(seed, like=self.device)[0])
 
-    def _distributed_merge(self) -> None:
+    def distributed_merge(self, state: dict) -> None:
         """Distributed EGGROLL, on every rank after each rank evaluated its slice of a
         population: make the problem's running state (counters, statistics) global, the same
-        on every rank. The base class keeps no such state."""
+        on every rank, from what changed since ``state`` (this generation's
+        :meth:`generation_state`). The base class keeps no such state."""
 
-    def _generation_state(self) -> dict:
+    def generation_state(self) -> dict:
         """What evaluating one population advances in the problem, taken by the EGGROLL
         searcher before each evaluation: a generation whose evaluation raises (on any rank,
-        when distributed) is undone with :meth:`_restore_generation_state`, so that every
+        when distributed) is undone with :meth:`restore_generation_state`, so that every
         rank continues as if it had not been evaluated. Subclasses with running state
         (data position, counters, statistics) extend both methods."""
         return {"after_eval_status": dict(getattr(self, "_after_eval_status", None) or {})}
 
-    def _restore_generation_state(self, state: dict) -> None:
-        """Put back what :meth:`_generation_state` took."""
+    def restore_generation_state(self, state: dict) -> None:
+        """Put back what :meth:`generation_state` took."""
         self._after_eval_status = dict(state["after_eval_status"])
 
     def _as_fitness(self, values: Any, k: int) -> torch.Tensor:

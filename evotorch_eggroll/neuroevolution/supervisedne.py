@@ -72,11 +72,13 @@ class EggrollSupervisedNE(EggrollNEProblem):
     def _nonserialized_attribs(self) -> list[str]:
         return super()._nonserialized_attribs + ["_perm"]
 
-    def _generation_state(self) -> dict:
-        return dict(super()._generation_state(), data=(self._data_epoch, self._data_pos, self._perm))
+    def generation_state(self) -> dict:
+        """The base snapshot plus the data order's position (epoch, offset, permutation)."""
+        return dict(super().generation_state(), data=(self._data_epoch, self._data_pos, self._perm))
 
-    def _restore_generation_state(self, state: dict) -> None:
-        super()._restore_generation_state(state)
+    def restore_generation_state(self, state: dict) -> None:
+        """Put back what :meth:`generation_state` took."""
+        super().restore_generation_state(state)
         self._data_epoch, self._data_pos, self._perm = state["data"]
 
     def _loss(self, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

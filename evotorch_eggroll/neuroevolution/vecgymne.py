@@ -188,7 +188,7 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     @property
     def _nonserialized_attribs(self) -> list[str]:
-        return super()._nonserialized_attribs + ["_env", "_rank_snapshot", "_captured", "_bounds_cache"]
+        return super()._nonserialized_attribs + ["_env", "_captured", "_bounds_cache"]
 
     def get_env(self) -> Optional[gym.vector.VectorEnv]:
         """The environment of the most recent evaluation (None before the first)."""
@@ -347,16 +347,13 @@ class EggrollVecGymNE(EggrollNEProblem):
         self._obs_stats.update(obs, active)
         return self._obs_stats.normalize(obs)
 
-    def _distributed_merge(self) -> None:
-        """Sum this generation's interactions, episodes and observation statistics over the
-        ranks (one small collective); every rank then holds the same global values."""
+    def distributed_merge(self, state: dict) -> None:
+        """Sum this generation's interactions, episodes and observation statistics (what
+        changed since ``state``, this generation's :meth:`generation_state`) over the ranks
+        (one small collective); every rank then holds the same global values."""
         from .. import distributed as _dist
 
-        snapshot = getattr(self, "_rank_snapshot", None)
-        if snapshot is None:
-            return
-        interactions, episodes, stats = snapshot
-        self._rank_snapshot = None
+        interactions, episodes, (_, stats) = state["interactions"], state["episodes"], state["obs_stats"]
         parts = [torch.tensor([self._interaction_count - interactions, self._episode_count - episodes],
                               dtype=torch.float64)]
         current = self._obs_stats
@@ -377,19 +374,21 @@ class EggrollVecGymNE(EggrollNEProblem):
                 offset += b.numel()
         self._after_eval_status = self._lowrank_status()
 
-    def _generation_state(self) -> dict:
+    def generation_state(self) -> dict:
+        """The base snapshot plus the reset and interaction counters and a copy of the
+        observation statistics."""
         stats = self._obs_stats
         saved = None if stats is None else tuple(t.clone() for t in (stats.count, stats.sum, stats.sum_of_squares))
-        return dict(super()._generation_state(), resets=self._num_resets, interactions=self._interaction_count,
+        return dict(super().generation_state(), resets=self._num_resets, interactions=self._interaction_count,
                     episodes=self._episode_count, rollout_steps=self.last_rollout_steps, obs_stats=(stats, saved))
 
-    def _restore_generation_state(self, state: dict) -> None:
-        super()._restore_generation_state(state)
+    def restore_generation_state(self, state: dict) -> None:
+        """Put back what :meth:`generation_state` took."""
+        super().restore_generation_state(state)
         self._num_resets = state["resets"]
         self._interaction_count = state["interactions"]
         self._episode_count = state["episodes"]
         self.last_rollout_steps = state["rollout_steps"]
-        self._rank_snapshot = None
         stats, saved = state["obs_stats"]
         self._obs_stats = stats
         if stats is not None:
@@ -499,12 +498,6 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     def _evaluate_members(self, forward: PopulationForward) -> torch.Tensor:
         k = forward.num_members
-        stats = self._obs_stats
-        self._rank_snapshot = (
-            self._interaction_count,
-            self._episode_count,
-            None if stats is None else tuple(t.clone() for t in (stats.count, stats.sum, stats.sum_of_squares)),
-        )
         first_member = int(forward.member_ids[0]) if k else 0
         env = self._get_env(k)
         e = env.num_envs

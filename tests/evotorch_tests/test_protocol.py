@@ -1,13 +1,20 @@
 """The protocol between EGGROLL and its problems: a problem of one's own that implements
 :class:`~evotorch_eggroll.protocol.LowRankProblem` (and nothing of our adapters) runs in
-EGGROLL's low-rank mode, with its running state rolled back when a generation fails."""
+EGGROLL's low-rank mode, with its running state rolled back when a generation fails, also
+over two Gloo ranks (this file is also their rank script, see ``tests/distributed_harness.py``)."""
 
 import pickle
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from evotorch import Problem
 from torch import nn
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # the tests folder: the harness
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distributed_harness import launch, worker_main  # noqa: E402
 
 from evotorch_eggroll.algorithms import EGGROLL
 from evotorch_eggroll.envs import CartPole
@@ -152,3 +159,48 @@ def test_a_partial_implementation_is_refused_with_the_missing_methods():
 
     with pytest.raises(TypeError, match="restore_generation_state"):
         _searcher(NoRollback())
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A plain-tensor copy of a status tensor (EvoTorch hands out read-only ones)."""
+    return t.as_subclass(torch.Tensor).clone()
+
+
+def scenario_distributed(rank, world, device):
+    """Two generations, one in which rank 1's evaluation fails, and one more; then the same
+    three successful generations in a single process."""
+    problem = LinearFit(fail_at=3 if rank == 1 else None)
+    searcher = _searcher(problem, distributed=True)
+    searcher.run(2)
+    before = _plain(searcher.status["center"])
+    try:
+        searcher.step()
+        failure = ""
+    except RuntimeError as err:  # RankFailedError on the rank that did not fail
+        failure = type(err).__name__
+    after_failure = _plain(searcher.status["center"])
+    searcher.step()
+    single = _searcher(LinearFit())
+    single.run(3)
+    return dict(calls=problem.calls, evaluations=problem.evaluations, failure=failure, before=before,
+                after_failure=after_failure, center=_plain(searcher.status["center"]),
+                single=_plain(single.status["center"]), best_eval=float(searcher.status["best_eval"]))
+
+
+def test_the_protocol_over_two_gloo_ranks(tmp_path):
+    r0, r1 = launch(Path(__file__).resolve(), "distributed", 2, "gloo", tmp_path, 300)
+    generation = ["generation_state", "distributed_merge"]
+    for r in (r0, r1):
+        assert r["calls"] == ["distributed_setup"] + generation * 2 + ["generation_state",
+                                                                       "restore_generation_state"] + generation
+        assert r["evaluations"] == 3  # the failed generation is not counted
+        assert torch.equal(r["after_failure"], r["before"])
+    assert (r0["failure"], r1["failure"]) == ("RankFailedError", "RuntimeError")
+    assert torch.equal(r0["center"], r1["center"]) and r0["best_eval"] == r1["best_eval"]
+    torch.testing.assert_close(r0["center"], r0["single"], rtol=1e-5, atol=1e-6)
+
+
+SCENARIOS = {"distributed": scenario_distributed}
+
+if __name__ == "__main__":
+    worker_main(SCENARIOS)

@@ -34,7 +34,8 @@ Modules (laid out like EvoTorch's ``evotorch.neuroevolution``):
 * :mod:`.obsnorm`: :class:`RunningObsNorm`, the running observation statistics.
 * :mod:`.rollout`: a rollout's buffers and its steps captured in CUDA graphs.
 
-Every name is importable from this package as before the split. Pickles name a class by the
+Every name is importable from this package as before the split (a module constant such as
+``rollout._REPLAY_CHUNK`` is read where it is defined: set it there). Pickles name a class by the
 module that defines it (e.g. ``evotorch_eggroll.neuroevolution.vecgymne``); pickles written
 when all adapters lived in one module name ``evotorch_eggroll.neuroevolution`` and load
 through the names re-exported here.

@@ -9,15 +9,21 @@ forward and again for the update.
 loggers (``StdOutLogger``, ``PandasLogger``, ``PicklingLogger``) and status keys work as
 with PGPE or SNES. It runs in one of two modes, chosen from the problem:
 
-* **low-rank** (an :class:`~evotorch_eggroll.neuroevolution.EggrollNEProblem`): an internal
+* **low-rank** (a problem implementing :class:`~evotorch_eggroll.protocol.LowRankProblem`,
+  such as the adapters of :mod:`evotorch_eggroll.neuroevolution`): an internal
   :class:`~evotorch_eggroll.strategy.EggrollStrategy` evolves a copy of the problem's
-  network, and each generation is evaluated through the problem's side channel inside one
-  perturbation context (each network call is one ``batched_forward`` for all members).
+  network, and each generation is evaluated through the problem's
+  ``evaluate_population`` inside one perturbation context (each network call is one
+  ``batched_forward`` for all members).
 * **dense** (any other EvoTorch ``Problem`` with a numeric decision vector): the center is a
   1-D vector; the population is materialised in chunks as ``SolutionBatch`` objects with
   full-rank noise from the same Philox stream (the dense noise of a 1-D parameter named
   ``"center"``) and evaluated with ``problem.evaluate``, so EvoTorch's Ray actors
   (``num_actors``) spread the work as usual.
+
+Each mode is a small object of its own (:class:`_LowRankMode`, :class:`_DenseMode`) chosen
+at construction; :class:`EGGROLL` holds what both share: settings, fitness shaping, the
+distributed all-gather and its failure protocol, status and pickling.
 
 In both modes a generation is: sample ``popsize`` members around the center, evaluate them,
 shape the fitnesses with ``ranking_method`` (better is larger, whatever the objective
@@ -41,7 +47,7 @@ import copy
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from evotorch import Problem, Solution, SolutionBatch
@@ -51,7 +57,7 @@ from evotorch.tools.hook import Hook
 from . import distributed as _dist
 from . import noise as _noise
 from . import ops, shaping
-from .neuroevolution import EggrollNEProblem
+from .protocol import LowRankProblem, missing_members
 from .strategy import _MAX_POPULATION, _optimizer_class
 
 __all__ = ["EGGROLL", "RANKING_METHODS", "rank_fitnesses"]
@@ -226,6 +232,293 @@ def _make_optimizer(params: list, optimizer: Any, lr: float, config: Optional[di
     return _optimizer_class(optimizer)(params, lr=lr, **dict(config or {}))
 
 
+# What the strategy says about a generation that the searcher reports in its own terms.
+_STRATEGY_ODD_POPSIZE = "antithetic sampling with an odd population_size"
+_STRATEGY_TIED_WEIGHTS = r"all \d+ prenormalized weights are equal"
+# Status keys of EvoTorch's best/worst tracking in Problem.evaluate.
+_SOLUTION_STATS = ("best", "worst", "best_eval", "worst_eval")
+
+
+def _keeps_solution_stats(problem: Problem) -> bool:
+    """Whether ``problem.evaluate`` runs EvoTorch's best/worst tracking on batches on the
+    problem's device (``store_solution_stats=None`` decides by the first batch: on for the CPU)."""
+    stores = problem.stores_solution_stats
+    if stores is None:
+        return torch.device(problem.device).type == "cpu"
+    return bool(stores)
+
+
+class _LowRankMode:
+    """EGGROLL's low-rank mode, for a problem implementing
+    :class:`~evotorch_eggroll.protocol.LowRankProblem`: an internal
+    :class:`~evotorch_eggroll.strategy.EggrollStrategy` evolves a copy of the problem's
+    network, and a generation is one perturbation context in which the problem evaluates
+    this process's members.
+
+    Both modes offer :class:`EGGROLL` the same interface: :meth:`evaluate` (this
+    generation's N fitnesses and the record of the population they describe),
+    :meth:`update` (the ES step from the N weights), :meth:`member_vector` (one member of a
+    recorded generation), :meth:`center`, the properties ``epoch``, ``sigma``,
+    ``optimizer``, ``strategy`` and ``network``, and :meth:`resume`
+    (after unpickling).
+    """
+
+    def __init__(self, problem: Problem, center_init: Optional[Any], popsize: int, strategy_kwargs: dict) -> None:
+        self._problem = problem
+        self._popsize = popsize
+        self._strategy_kwargs = dict(strategy_kwargs)
+        self._network = copy.deepcopy(problem.network).to(problem.device)
+        if center_init is not None:
+            center = problem.ensure_tensor_length_and_dtype(center_init, allow_scalar=False, about="center_init")
+            problem.vector_to_parameters(center, self._network)
+        if self._strategy_kwargs["distributed"]:
+            # One-time agreement: rank 0's starting center and problem seed everywhere.
+            with torch.no_grad():
+                center = _dist.broadcast_from_rank0(problem.parameters_to_vector(self._network))
+            problem.vector_to_parameters(center, self._network)
+            problem.distributed_setup()
+        self._strategy = self._build_strategy()
+
+    def _build_strategy(self) -> Any:
+        from .strategy import EggrollStrategy
+
+        _optimizer_class(self._strategy_kwargs["optimizer"])  # a clear error before anything is built
+        strategy = EggrollStrategy(**self._strategy_kwargs)
+        names = self._problem.evolved_parameter_names
+        strategy.setup(self._network, include=names)
+        got = [n for n, _ in strategy.named_parameters()]
+        if got != names:
+            raise RuntimeError(
+                f"the strategy evolves {got} but the problem's decision vector is made of {names}; "
+                "use the problem's include/exclude to choose the evolved parameters"
+            )
+        return strategy
+
+    @property
+    def epoch(self) -> int:
+        return int(self._strategy.epoch)
+
+    @property
+    def sigma(self) -> float:
+        return self._strategy.sigma
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._strategy.optimizer
+
+    @property
+    def strategy(self) -> Any:
+        return self._strategy
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self._network
+
+    def center(self) -> torch.Tensor:
+        """A copy of the current center ``(L,)``."""
+        with torch.no_grad():
+            return self._problem.parameters_to_vector(self._network).clone()
+
+    def evaluate(self, gather: Callable, local: range) -> tuple[torch.Tensor, dict]:
+        """The N fitnesses of this generation (``gather`` evaluates this process's members,
+        the perturbation context's own slice, and all-gathers) and the record of the population."""
+        strategy = self._strategy
+        problem = self._problem
+        record = dict(center=self.center(), epoch=int(strategy.epoch), sigma=float(strategy.sigma))
+        state = problem.generation_state()
+
+        def evaluate() -> torch.Tensor:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", _STRATEGY_ODD_POPSIZE, UserWarning)
+                context = strategy.perturb(self._popsize)
+            with context as pop:
+                return problem.evaluate_population(pop, self._network)
+
+        device = next(self._network.parameters()).device
+        fitnesses = gather(evaluate, record["epoch"], device, lambda: problem.restore_generation_state(state))
+        if self._strategy_kwargs["distributed"]:
+            problem.distributed_merge(state)
+        return fitnesses, record
+
+    def update(self, weights: torch.Tensor) -> None:
+        """One strategy step from the N weights (the same on every rank)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _STRATEGY_TIED_WEIGHTS, UserWarning)
+            self._strategy.step(weights, prenormalized=True)
+
+    def member_vector(self, record: dict) -> torch.Tensor:
+        """The decision vector of ``record["member"]`` in the generation ``record`` describes."""
+        strategy = self._strategy
+        parts = []
+        for _, param in strategy.named_parameters():
+            pert = strategy.member_perturbation(param, record["member"], record["epoch"], sigma=record["sigma"])
+            parts.append(pert.as_matrix().reshape(-1).to(record["center"].dtype))
+        return record["center"] + torch.cat(parts).to(record["center"].device)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_strategy"] = None
+        state["_strategy_state"] = self._strategy.state_dict()
+        return state
+
+    def resume(self, distributed: bool) -> None:
+        """After unpickling: rebuild the strategy for the searcher's (possibly changed)
+        ``distributed`` setting and load its pickled state."""
+        strategy_state = self.__dict__.pop("_strategy_state")
+        self._strategy_kwargs["distributed"] = distributed
+        self._strategy = self._build_strategy()
+        self._strategy.load_state_dict(strategy_state)
+
+
+class _DenseMode:
+    """EGGROLL's dense (materialised) mode, for any other numeric EvoTorch problem: the
+    center is a 1-D vector, members are materialised in chunks as ``SolutionBatch`` objects
+    with full-rank noise from the Philox stream (the dense noise of a 1-D parameter named
+    ``"center"``) and evaluated with ``problem.evaluate``. Same interface as
+    :class:`_LowRankMode`."""
+
+    strategy = None
+    network = None
+
+    def __init__(
+        self,
+        problem: Problem,
+        center_init: Optional[Any],
+        *,
+        popsize: int,
+        sigma: float,
+        lr: float,
+        optimizer: Union[str, type],
+        optimizer_config: dict,
+        antithetic: bool,
+        noise_reuse: int,
+        seed: int,
+        backend: str,
+        chunk_size: Optional[int],
+        distributed: bool,
+    ) -> None:
+        self._problem = problem
+        self._popsize = popsize
+        self._sigma = sigma
+        self._antithetic = antithetic
+        self._noise_reuse = noise_reuse
+        self._seed = seed
+        self._backend = backend
+        if center_init is None:
+            center = problem.generate_values(1).reshape(-1)
+        else:
+            center = problem.ensure_tensor_length_and_dtype(center_init, allow_scalar=False, about="center_init")
+        if type(center) is not torch.Tensor:
+            center = center.as_subclass(torch.Tensor)
+        if distributed:
+            center = _dist.broadcast_from_rank0(center.detach().to(problem.device))
+        self._center = torch.nn.Parameter(center.detach().clone().to(problem.device), requires_grad=True)
+        self._noise_device()  # a clear error now when no kernel can draw the noise
+        self._optimizer = _make_optimizer([self._center], optimizer, lr, optimizer_config)
+        self._epoch = 0
+        length = int(problem.solution_length)
+        if chunk_size is None:
+            chunk_size = max(1, min(self._popsize, (1 << 24) // max(length, 1)))
+        self._chunk_size = _positive_int("chunk_size", chunk_size)
+        self._center_key = _noise.param_key(CENTER_NAME)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def sigma(self) -> float:
+        return self._sigma
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    def center(self) -> torch.Tensor:
+        """A copy of the current center ``(L,)``."""
+        return self._center.detach().clone()
+
+    def _dense_normals(self, noise_indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Standard normals ``(K, L)`` float32 of the center's noise draws, on its device."""
+        idx = noise_indices.to(self._noise_device())
+        out = ops.normal_block(self._seed, self._center_key, epoch, idx, self._center.numel(),
+                               backend=self._backend)
+        return out.to(self._center.device)
+
+    def _noise_device(self) -> torch.device:
+        """Where the dense noise is drawn: the center's device; for a center on the CPU
+        with the kernels (``backend="triton"``, or ``"auto"`` without the interpreter),
+        the GPU when there is one. Otherwise a CPU center gets plain torch (``"auto"``,
+        ``"torch"``), the kernels in Triton's interpreter, or, with ``"triton"`` and
+        neither, the error that says why a GPU is needed."""
+        device = self._center.device
+        if (device.type == "cpu" and self._backend != "torch" and not ops.interpreter_active()
+                and torch.cuda.is_available()):
+            return torch.device("cuda")
+        ops.check_kernel_device(self._center, "the problem's decision vector", self._backend)
+        return device
+
+    def _dense_member_noise(self, member_ids: torch.Tensor, epoch: int, sigma: float) -> torch.Tensor:
+        """Perturbations ``s_i * sigma * eps_i``: ``(K, L)`` float32."""
+        ids = member_ids.to(torch.int64)
+        if self._antithetic:
+            idx, sign = ids // 2, 1.0 - 2.0 * (ids % 2).to(torch.float32)
+        else:
+            idx, sign = ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        return self._dense_normals(idx, epoch) * (sign * sigma)[:, None]
+
+    def evaluate(self, gather: Callable, local: range) -> tuple[torch.Tensor, dict]:
+        """The N fitnesses of this generation (``gather`` evaluates the members ``local`` in
+        chunks with ``problem.evaluate`` and all-gathers) and the record of the population."""
+        problem = self._problem
+        epoch = _noise.effective_epoch(self._epoch, self._noise_reuse)
+        center = self._center.detach()
+        record = dict(center=center.clone(), epoch=self._epoch, sigma=self._sigma)
+        device = center.device
+
+        def evaluate() -> torch.Tensor:
+            parts = []
+            for start in range(local.start, local.stop, self._chunk_size):
+                ids = torch.arange(start, min(local.stop, start + self._chunk_size), device=device)
+                values = (center.float() + self._dense_member_noise(ids, epoch, self._sigma)).to(center.dtype)
+                batch = SolutionBatch(problem, popsize=int(ids.shape[0]), device=problem.device, empty=True)
+                batch.set_values(values.to(problem.device))
+                problem.evaluate(batch)
+                evals = batch.evals[:, 0]
+                parts.append(evals.as_subclass(torch.Tensor).clone().to(device))
+            return torch.cat(parts).float()
+
+        return gather(evaluate, self._epoch, device), record
+
+    def update(self, weights: torch.Tensor) -> None:
+        """The ES step from the N weights: the gradient from regenerated noise, in chunks."""
+        n = self._popsize
+        epoch = _noise.effective_epoch(self._epoch, self._noise_reuse)
+        device = self._center.device
+        noise_indices, coeffs = shaping.antithetic_fold(weights, self._antithetic)
+        grad = torch.zeros(self._center.numel(), dtype=torch.float32, device=device)
+        for start in range(0, noise_indices.shape[0], self._chunk_size):
+            idx = noise_indices[start : start + self._chunk_size].to(device)
+            grad += coeffs[start : start + self._chunk_size].to(device, torch.float32) @ self._dense_normals(idx, epoch)
+        grad *= self._sigma / math.sqrt(n)
+
+        self._optimizer.zero_grad(set_to_none=True)
+        self._center.grad = (-grad).to(self._center.dtype)
+        self._optimizer.step()
+        self._center.grad = None
+        self._epoch += 1
+
+    def member_vector(self, record: dict) -> torch.Tensor:
+        """The decision vector of ``record["member"]`` in the generation ``record`` describes."""
+        epoch = _noise.effective_epoch(record["epoch"], self._noise_reuse)
+        ids = torch.tensor([record["member"]], device=record["center"].device)
+        delta = self._dense_member_noise(ids, epoch, record["sigma"])[0]
+        return (record["center"].float() + delta).to(record["center"].dtype)
+
+    def resume(self, distributed: bool) -> None:
+        """After unpickling: nothing to rebuild."""
+
+
 class EGGROLL(SearchAlgorithm):
     """EGGROLL: evolution strategies with low-rank perturbations, for EvoTorch problems.
 
@@ -248,9 +541,10 @@ class EGGROLL(SearchAlgorithm):
     are not pickled: attach new ones after loading.
 
     Args:
-        problem: An :class:`~evotorch_eggroll.neuroevolution.EggrollNEProblem` (low-rank
-            mode) or any single-objective, numeric, unbounded EvoTorch ``Problem`` (dense
-            mode).
+        problem: An EvoTorch ``Problem`` implementing
+            :class:`~evotorch_eggroll.protocol.LowRankProblem`, such as an
+            :class:`~evotorch_eggroll.neuroevolution.EggrollNEProblem` (low-rank mode), or
+            any other single-objective, numeric, unbounded EvoTorch ``Problem`` (dense mode).
         popsize: Population size N.
         sigma: Noise scale, the standard deviation of every perturbed parameter entry
             (default 0.1). EvoTorch's scalar ``stdev_init`` is accepted in its place.
@@ -280,9 +574,10 @@ class EGGROLL(SearchAlgorithm):
             environment resets) is broadcast to all ranks, and the ranks are checked to
             agree on seed, popsize and the other settings (raising the same ValueError on
             every rank otherwise). Dense mode (plain problems)
-            evaluates each rank's slice with ``problem.evaluate``; the problem's own
-            best/worst tracking is switched off there because it would see one slice only
-            (``best``, ``best_eval``, ``pop_best`` come from the searcher and are global).
+            evaluates each rank's slice with ``problem.evaluate``; the best/worst statistics
+            of the problem's own tracking are left out of the status because they see one
+            slice only (``best``, ``best_eval``, ``pop_best`` come from the searcher and are
+            global).
         log_all_ranks: Distributed only: run attached loggers (``log_hook`` and
             ``end_of_run_hook``) on every rank. Default False: only rank 0's loggers run,
             so loggers may be attached on every rank unconditionally.
@@ -304,7 +599,9 @@ class EGGROLL(SearchAlgorithm):
             is the status key ``nonfinite_count``; ``mean_eval``, ``median_eval``,
             ``pop_best``/``pop_best_eval`` and ``best``/``best_eval`` describe the finite
             members. Distributed, every rank applies the rule to the same all-gathered
-            fitnesses.
+            fitnesses. A plain problem (dense mode) with ``"worst"`` must be built with
+            EvoTorch's ``store_solution_stats=False`` (EvoTorch's own best/worst tracking
+            fails on NaN evaluations); one that keeps the statistics is a ValueError.
         **evotorch_names: EvoTorch's names of the settings above (``stdev_init``,
             ``center_learning_rate``, ``symmetric``). Other settings of EvoTorch's
             searchers raise a TypeError that says what to do instead: ``radius_init``
@@ -360,6 +657,18 @@ class EGGROLL(SearchAlgorithm):
         problem.ensure_single_objective()
         problem.ensure_numeric()
         problem.ensure_unbounded()
+        lowrank = isinstance(problem, LowRankProblem)
+        if not lowrank and getattr(problem, "evaluate_population", None) is not None:
+            raise TypeError(
+                f"{type(problem).__name__} has evaluate_population but not {missing_members(problem)} of "
+                "evotorch_eggroll.protocol.LowRankProblem: implement them all for the low-rank mode"
+            )
+        if not lowrank and self._nonfinite_fitness == "worst" and _keeps_solution_stats(problem):
+            raise ValueError(
+                "nonfinite_fitness='worst' needs a problem without EvoTorch's best/worst solution "
+                f"tracking, which fails on NaN evaluations: construct the {type(problem).__name__} with "
+                "store_solution_stats=False"
+            )
         self._popsize = _positive_int("popsize", popsize)
         if self._popsize > _MAX_POPULATION:
             raise ValueError(f"popsize must be at most 2**32 (member ids are 32-bit noise counters), got {popsize}")
@@ -374,7 +683,6 @@ class EGGROLL(SearchAlgorithm):
         self._optimizer_spec = optimizer
         self._optimizer_config = dict(optimizer_config or {})
         self._higher_is_better = problem.senses[0] == "max"
-        self._lowrank = isinstance(problem, EggrollNEProblem)
         self._distributed = bool(distributed)
         self._log_all_ranks = bool(log_all_ranks)
         self._proc_rank, self._world = _dist.process_group_info() if self._distributed else (0, 1)
@@ -407,10 +715,26 @@ class EGGROLL(SearchAlgorithm):
         self._best_solution: Optional[Solution] = None
         self._install_log_filter()
 
-        if self._lowrank:
-            self._init_lowrank(problem, center_init)
+        # The mode: how a generation is sampled, evaluated and turned into an update.
+        self._mode: Union[_LowRankMode, _DenseMode]
+        if lowrank:
+            self._mode = _LowRankMode(problem, center_init, self._popsize, self._strategy_kwargs())
         else:
-            self._init_dense(problem, center_init, chunk_size)
+            self._mode = _DenseMode(
+                problem,
+                center_init,
+                popsize=self._popsize,
+                sigma=self._sigma,
+                lr=self._lr,
+                optimizer=self._optimizer_spec,
+                optimizer_config=self._optimizer_config,
+                antithetic=self._antithetic,
+                noise_reuse=self._noise_reuse,
+                seed=self._seed,
+                backend=self._backend,
+                chunk_size=chunk_size,
+                distributed=self._distributed,
+            )
 
     # ------------------------------------------------------------------ set-up
 
@@ -429,58 +753,6 @@ class EGGROLL(SearchAlgorithm):
             backend=self._backend,
         )
 
-    def _build_strategy(self) -> Any:
-        from .strategy import EggrollStrategy
-
-        _optimizer_class(self._optimizer_spec)  # a clear error before anything is built
-        strategy = EggrollStrategy(**self._strategy_kwargs())
-        names = self._problem.evolved_parameter_names
-        strategy.setup(self._network, include=names)
-        got = [n for n, _ in strategy.named_parameters()]
-        if got != names:
-            raise RuntimeError(
-                f"the strategy evolves {got} but the problem's decision vector is made of {names}; "
-                "use the problem's include/exclude to choose the evolved parameters"
-            )
-        return strategy
-
-    def _init_lowrank(self, problem: EggrollNEProblem, center_init: Optional[Any]) -> None:
-        self._network = copy.deepcopy(problem.network).to(problem.device)
-        if center_init is not None:
-            center = problem.ensure_tensor_length_and_dtype(center_init, allow_scalar=False, about="center_init")
-            problem.vector_to_parameters(center, self._network)
-        if self._distributed:
-            # One-time agreement: rank 0's starting center and problem seed everywhere.
-            with torch.no_grad():
-                center = _dist.broadcast_from_rank0(problem.parameters_to_vector(self._network))
-            problem.vector_to_parameters(center, self._network)
-            problem._distributed_setup()
-        self._strategy = self._build_strategy()
-
-    def _init_dense(self, problem: Problem, center_init: Optional[Any], chunk_size: Optional[int]) -> None:
-        if center_init is None:
-            center = problem.generate_values(1).reshape(-1)
-        else:
-            center = problem.ensure_tensor_length_and_dtype(center_init, allow_scalar=False, about="center_init")
-        if type(center) is not torch.Tensor:
-            center = center.as_subclass(torch.Tensor)
-        if self._distributed:
-            center = _dist.broadcast_from_rank0(center.detach().to(problem.device))
-        if self._distributed or self._nonfinite_fitness == "worst":
-            # The problem would track best/worst over this rank's slice only, and EvoTorch's
-            # tracking fails on NaN evaluations; the searcher's best, best_eval and pop_best
-            # are global and skip non-finite members.
-            problem._store_solution_stats = False
-        self._center = torch.nn.Parameter(center.detach().clone().to(problem.device), requires_grad=True)
-        self._noise_device()  # a clear error now when no kernel can draw the noise
-        self._optimizer = _make_optimizer([self._center], self._optimizer_spec, self._lr, self._optimizer_config)
-        self._epoch = 0
-        length = int(problem.solution_length)
-        if chunk_size is None:
-            chunk_size = max(1, min(self._popsize, (1 << 24) // max(length, 1)))
-        self._chunk_size = _positive_int("chunk_size", chunk_size)
-        self._center_key = _noise.param_key(CENTER_NAME)
-
     # ------------------------------------------------------------------ properties
 
     @property
@@ -491,22 +763,22 @@ class EGGROLL(SearchAlgorithm):
     @property
     def sigma(self) -> float:
         """Noise scale."""
-        return self._strategy.sigma if self._lowrank else self._sigma
+        return self._mode.sigma
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer that moves the center."""
-        return self._strategy.optimizer if self._lowrank else self._optimizer
+        return self._mode.optimizer
 
     @property
     def strategy(self) -> Any:
         """The internal ``EggrollStrategy`` (low-rank mode), else None."""
-        return self._strategy if self._lowrank else None
+        return self._mode.strategy
 
     @property
     def network(self) -> Optional[torch.nn.Module]:
         """Low-rank mode: the network holding the current center (updated in place)."""
-        return self._network if self._lowrank else None
+        return self._mode.network
 
     @property
     def distributed(self) -> bool:
@@ -527,7 +799,7 @@ class EGGROLL(SearchAlgorithm):
             "popsize": self._popsize,
             "sigma": self._sigma,
             "lr": self._lr,
-            "noise rank": self._rank if self._lowrank else 0,
+            "noise rank": self._rank if isinstance(problem, LowRankProblem) else 0,
             "antithetic": self._antithetic,
             "noise_reuse": self._noise_reuse,
             "ranking_method": self._ranking_method,
@@ -553,21 +825,17 @@ class EGGROLL(SearchAlgorithm):
     @property
     def epoch(self) -> int:
         """Generations completed (the noise epoch of the next generation)."""
-        return int(self._strategy.epoch) if self._lowrank else self._epoch
+        return self._mode.epoch
 
     # ------------------------------------------------------------------ the step
 
-    def _center_vector(self) -> torch.Tensor:
-        if self._lowrank:
-            with torch.no_grad():
-                return self._problem.parameters_to_vector(self._network).clone()
-        return self._center.detach().clone()
-
     def _step(self) -> None:
-        if self._lowrank:
-            fitnesses, record = self._step_lowrank()
-        else:
-            fitnesses, record = self._step_dense()
+        self._warn_if_odd_popsize()
+        fitnesses, record = self._mode.evaluate(self._gather, self._local_members())
+        # all N weights, identical on every rank: the update needs no communication
+        self._warn_if_equal(fitnesses)
+        weights = self._weights(fitnesses)
+        self._mode.update(weights.to(fitnesses.device))
         self._remember(fitnesses, record)
 
     def _gather(self, evaluate: Any, epoch: int, device: Any, restore: Any = None) -> torch.Tensor:
@@ -594,31 +862,6 @@ class EGGROLL(SearchAlgorithm):
                 restore()
             raise
 
-    def _step_lowrank(self) -> tuple[torch.Tensor, dict]:
-        strategy = self._strategy
-        problem = self._problem
-        record = dict(center=self._center_vector(), epoch=int(strategy.epoch), sigma=float(strategy.sigma))
-        odd = self._warn_if_odd_popsize()
-        state = problem._generation_state()
-
-        def evaluate() -> torch.Tensor:
-            with warnings.catch_warnings():
-                if odd:  # said above in this searcher's own terms
-                    warnings.filterwarnings("ignore", "antithetic sampling with an odd population_size", UserWarning)
-                context = strategy.perturb(self._popsize)
-            with context as pop:
-                return problem.evaluate_population(pop, self._network)
-
-        device = next(self._network.parameters()).device
-        fitnesses = self._gather(evaluate, record["epoch"], device, lambda: problem._restore_generation_state(state))
-        if self._distributed:
-            problem._distributed_merge()
-        # all N weights, identical on every rank: the strategy uses them without communication
-        self._warn_if_equal(fitnesses)
-        weights = self._weights(fitnesses)
-        strategy.step(weights.to(fitnesses.device), prenormalized=True)
-        return fitnesses, record
-
     def _weights(self, fitnesses: torch.Tensor) -> torch.Tensor:
         """The ES weights of the N fitnesses (the same on every rank), under the
         ``nonfinite_fitness`` policy; raises before anything changes."""
@@ -639,14 +882,11 @@ class EGGROLL(SearchAlgorithm):
         if getattr(self, "_warned_equal", False) or n < 2 or not bool((fitnesses == fitnesses[0]).all()):
             return
         self._warned_equal = True
-        strategy = getattr(self, "_strategy", None)
-        if strategy is not None:
-            strategy._warned.add("equal")  # the strategy would say it of the tied ranks
         warnings.warn(
             f"all {n} fitnesses are equal ({float(fitnesses[0])!r}): the ES gradient is zero and the "
             f"center does not change (warned once per searcher)",
             UserWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
 
     def _warn_if_odd_popsize(self) -> bool:
@@ -655,78 +895,9 @@ class EGGROLL(SearchAlgorithm):
         if not (self._antithetic and n % 2):
             return False
         warnings.warn(
-            f"antithetic sampling with an odd popsize ({n}): the last member has no mirror", UserWarning, stacklevel=5
+            f"antithetic sampling with an odd popsize ({n}): the last member has no mirror", UserWarning, stacklevel=4
         )
         return True
-
-    def _dense_normals(self, noise_indices: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Standard normals ``(K, L)`` float32 of the center's noise draws, on its device."""
-        idx = noise_indices.to(self._noise_device())
-        out = ops.normal_block(self._seed, self._center_key, epoch, idx, self._center.numel(),
-                               backend=self._backend)
-        return out.to(self._center.device)
-
-    def _noise_device(self) -> torch.device:
-        """Where the dense noise is drawn: the center's device; for a center on the CPU
-        with the kernels (``backend="triton"``, or ``"auto"`` without the interpreter),
-        the GPU when there is one. Otherwise a CPU center gets plain torch (``"auto"``,
-        ``"torch"``), the kernels in Triton's interpreter, or, with ``"triton"`` and
-        neither, the error that says why a GPU is needed."""
-        device = self._center.device
-        if (device.type == "cpu" and self._backend != "torch" and not ops.interpreter_active()
-                and torch.cuda.is_available()):
-            return torch.device("cuda")
-        ops.check_kernel_device(self._center, "the problem's decision vector", self._backend)
-        return device
-
-    def _dense_member_noise(self, member_ids: torch.Tensor, epoch: int, sigma: float) -> torch.Tensor:
-        """Perturbations ``s_i * sigma * eps_i``: ``(K, L)`` float32."""
-        ids = member_ids.to(torch.int64)
-        if self._antithetic:
-            idx, sign = ids // 2, 1.0 - 2.0 * (ids % 2).to(torch.float32)
-        else:
-            idx, sign = ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
-        return self._dense_normals(idx, epoch) * (sign * sigma)[:, None]
-
-    def _step_dense(self) -> tuple[torch.Tensor, dict]:
-        problem = self._problem
-        n = self._popsize
-        epoch = _noise.effective_epoch(self._epoch, self._noise_reuse)
-        center = self._center.detach()
-        record = dict(center=center.clone(), epoch=self._epoch, sigma=self._sigma)
-        device = center.device
-        self._warn_if_odd_popsize()
-
-        def evaluate() -> torch.Tensor:
-            parts = []
-            local = self._local_members()
-            for start in range(local.start, local.stop, self._chunk_size):
-                ids = torch.arange(start, min(local.stop, start + self._chunk_size), device=device)
-                values = (center.float() + self._dense_member_noise(ids, epoch, self._sigma)).to(center.dtype)
-                batch = SolutionBatch(problem, popsize=int(ids.shape[0]), device=problem.device, empty=True)
-                batch.set_values(values.to(problem.device))
-                problem.evaluate(batch)
-                evals = batch.evals[:, 0]
-                parts.append(evals.as_subclass(torch.Tensor).clone().to(device))
-            return torch.cat(parts).float()
-
-        fitnesses = self._gather(evaluate, self._epoch, device)
-
-        self._warn_if_equal(fitnesses)
-        weights = self._weights(fitnesses)
-        noise_indices, coeffs = shaping.antithetic_fold(weights, self._antithetic)
-        grad = torch.zeros(center.numel(), dtype=torch.float32, device=device)
-        for start in range(0, noise_indices.shape[0], self._chunk_size):
-            idx = noise_indices[start : start + self._chunk_size].to(device)
-            grad += coeffs[start : start + self._chunk_size].to(device, torch.float32) @ self._dense_normals(idx, epoch)
-        grad *= self._sigma / math.sqrt(n)
-
-        self._optimizer.zero_grad(set_to_none=True)
-        self._center.grad = (-grad).to(self._center.dtype)
-        self._optimizer.step()
-        self._center.grad = None
-        self._epoch += 1
-        return fitnesses, record
 
     def _better(self, a: float, b: float) -> bool:
         return a > b if self._higher_is_better else a < b
@@ -747,26 +918,6 @@ class EGGROLL(SearchAlgorithm):
 
     # ------------------------------------------------------------------ materialising one member
 
-    def _member_vector(self, record: dict) -> torch.Tensor:
-        """The decision vector of ``record["member"]`` in the generation ``record`` describes."""
-        member = record["member"]
-        if not self._lowrank:
-            epoch = _noise.effective_epoch(record["epoch"], self._noise_reuse)
-            ids = torch.tensor([member], device=record["center"].device)
-            delta = self._dense_member_noise(ids, epoch, record["sigma"])[0]
-            return (record["center"].float() + delta).to(record["center"].dtype)
-        strategy = self._strategy
-        saved_sigma = strategy.sigma
-        parts = []
-        try:
-            strategy.sigma = record["sigma"]
-            for _, param in strategy.named_parameters():
-                pert = strategy._sample_perturbation(param, member, record["epoch"])
-                parts.append(pert.as_matrix().reshape(-1).to(record["center"].dtype))
-        finally:
-            strategy.sigma = saved_sigma
-        return record["center"] + torch.cat(parts).to(record["center"].device)
-
     def _solution(self, values: torch.Tensor, evaluation: float) -> Solution:
         problem = self._problem
         batch = SolutionBatch(problem, popsize=1, device=problem.device, empty=True)
@@ -777,7 +928,7 @@ class EGGROLL(SearchAlgorithm):
     # ------------------------------------------------------------------ status getters
 
     def _get_center(self) -> torch.Tensor:
-        return self._center_vector()
+        return self._mode.center()
 
     def _get_sigma(self) -> float:
         return float(self.sigma)
@@ -807,14 +958,23 @@ class EGGROLL(SearchAlgorithm):
             return None
         if self._last is self._best_record:
             return self._get_best()
-        return self._solution(self._member_vector(self._last), self._last["eval"])
+        return self._solution(self._mode.member_vector(self._last), self._last["eval"])
 
     def _get_best(self) -> Optional[Solution]:
         if self._best_record is None:
             return None
         if self._best_solution is None:
-            self._best_solution = self._solution(self._member_vector(self._best_record), self._best_record["eval"])
+            self._best_solution = self._solution(self._mode.member_vector(self._best_record), self._best_record["eval"])
         return self._best_solution
+
+    def update_status(self, additional_status: Mapping) -> None:
+        """As EvoTorch's, except that a distributed searcher leaves out the best/worst
+        solution statistics of a plain problem's own tracking (they describe this rank's
+        slice only): ``best``, ``best_eval`` and ``pop_best`` come from the searcher and are
+        global."""
+        if getattr(self, "_distributed", False) and additional_status is self._problem.status:
+            additional_status = {k: v for k, v in additional_status.items() if k not in _SOLUTION_STATS}
+        super().update_status(additional_status)
 
     # ------------------------------------------------------------------ pickling
 
@@ -822,16 +982,14 @@ class EGGROLL(SearchAlgorithm):
         state = self.__dict__.copy()
         for name in ("_before_step_hook", "_after_step_hook", "_log_hook", "_end_of_run_hook"):
             state[name] = Hook()
-        if self._lowrank:
-            state["_strategy"] = None
-            state["_strategy_state"] = self._strategy.state_dict()
         return state
 
     def __setstate__(self, state: dict) -> None:
-        strategy_state = state.pop("_strategy_state", None)
         state.setdefault("_backend", "auto")  # pickled before the backend choice existed
         state.setdefault("_nonfinite_fitness", "raise")  # ... or the non-finite policy
         self.__dict__.update(state)
+        if "_mode" not in state:  # ... or before the two modes were objects of their own
+            self._mode = self._legacy_mode()
         if self._distributed and not _dist.is_initialized():
             warnings.warn(
                 "this EGGROLL searcher was pickled with distributed=True, but no torch.distributed "
@@ -847,6 +1005,22 @@ class EGGROLL(SearchAlgorithm):
                     f"{self._world} of the current process group"
                 )
         self._install_log_filter()
-        if self._lowrank:
-            self._strategy = self._build_strategy()
-            self._strategy.load_state_dict(strategy_state)
+        self._mode.resume(self._distributed)
+
+    def _legacy_mode(self) -> Union[_LowRankMode, _DenseMode]:
+        """The mode of a searcher pickled when both modes kept their state in the searcher's
+        own attributes (which move into the mode)."""
+        attrs = self.__dict__
+        shared = dict(_problem=self._problem, _popsize=self._popsize)
+        if attrs.pop("_lowrank"):
+            mode: Union[_LowRankMode, _DenseMode] = _LowRankMode.__new__(_LowRankMode)
+            attrs.pop("_strategy", None)
+            mode.__dict__.update(shared, _network=attrs.pop("_network"), _strategy_kwargs=self._strategy_kwargs(),
+                                 _strategy_state=attrs.pop("_strategy_state"))
+            return mode
+        mode = _DenseMode.__new__(_DenseMode)
+        mode.__dict__.update(shared, **{name: attrs.pop(name) for name in
+                                        ("_center", "_optimizer", "_epoch", "_chunk_size", "_center_key")})
+        mode.__dict__.update({name: attrs[name] for name in
+                              ("_sigma", "_antithetic", "_noise_reuse", "_seed", "_backend")})
+        return mode

@@ -1081,10 +1081,11 @@ class EvolutionStrategy:
                              "(looked up by identity); see strategy.parameters()")
         return e
 
-    def _perturbation(self, e: EvolvedParam, member_id: int, epoch: Optional[int]) -> Perturbation:
+    def _perturbation(self, e: EvolvedParam, member_id: int, epoch: Optional[int],
+                      sigma: Optional[float] = None) -> Perturbation:
         k = _check_member(member_id)
         epoch = self.epoch if epoch is None else _integer("epoch", epoch, 0)
-        coords = self._coords(epoch)
+        coords = self._coords(epoch, sigma)
         ids = torch.tensor([k], dtype=torch.int64, device=e.param.device)
         if e.lowrank:
             a, b = e.factors(coords, ids)
@@ -1102,6 +1103,15 @@ class EvolutionStrategy:
         """Member ``member_id``'s perturbation of ``param`` (an evolved Parameter object) at
         ``epoch`` (default ``self.epoch``): exactly the noise forward and update use."""
         return self._perturbation(self._entry(param), member_id, epoch)
+
+    def member_perturbation(self, param: Union[torch.Tensor, str], member_id: int,
+                            epoch: Optional[int] = None, *, sigma: Optional[float] = None) -> Perturbation:
+        """Member ``member_id``'s perturbation of ``param`` (an evolved Parameter object or its
+        dotted name) at ``epoch`` (default ``self.epoch``), scaled by ``sigma`` (default
+        ``self.sigma``): with the sigma a generation ran with, exactly the noise its forward
+        and update used, e.g. to rebuild a member of an earlier generation."""
+        e = self._entry(param)
+        return self._perturbation(e, member_id, epoch, None if sigma is None else _real("sigma", sigma))
 
     def sample_perturbations(self, param: torch.Tensor, population_size: int,
                              epoch: Optional[int] = None) -> PerturbationSequence:
@@ -1128,7 +1138,7 @@ class EvolutionStrategy:
 
 
 class EggrollStrategy(EvolutionStrategy):
-    """EGGROLL: low-rank evolution strategy (SPEC §1).
+    """EGGROLL: evolution strategy with low-rank weight perturbations.
 
     Args:
         sigma: noise scale (0 is legal: all perturbations exactly zero).
@@ -1149,7 +1159,7 @@ class EggrollStrategy(EvolutionStrategy):
         evolve_bias: False leaves 1-D parameters alone.
         max_grad_norm: clip the global norm of the ES gradient.
         distributed: shard the population over the ranks of the initialized
-            ``torch.distributed`` group (SPEC §7): ``pop.local_member_ids()`` is this rank's
+            ``torch.distributed`` group: ``pop.local_member_ids()`` is this rank's
             contiguous slice, ``step`` all-gathers the N fitnesses and every rank applies
             the same update. ``setup``, ``step`` and ``load_state_dict`` are then collective
             (call them on every rank); ``setup`` checks that all ranks agree on the seed,

@@ -260,6 +260,23 @@ def test_env_instance_with_spare_environments():
         problem.evaluate(_batch(problem, [torch.randn(problem.solution_length) for _ in range(7)]))
 
 
+@pytest.mark.parametrize("module", ["supervisedne", "vecgymne"])
+def test_pickles_naming_the_single_module_load(module):
+    """Pickles of the time when the adapters lived in one module name their classes
+    ``evotorch_eggroll.neuroevolution.<class>``: they load through the package's names."""
+    if module == "supervisedne":
+        problem = EggrollSupervisedNE(_regression_data(16), nn.Linear(3, 1), nn.functional.mse_loss, device="cpu",
+                                      seed=1)
+    else:
+        problem = EggrollVecGymNE(CartPole, _policy, device="cpu", seed=1, episode_length=5)
+    data = pickle.dumps(problem, protocol=2)  # names classes as text lines
+    path = f"evotorch_eggroll.neuroevolution.{module}\n".encode()
+    assert path in data
+    loaded = pickle.loads(data.replace(path, b"evotorch_eggroll.neuroevolution\n"))
+    assert type(loaded) is type(problem)
+    assert torch.equal(loaded.parameters_to_vector(loaded.network), problem.parameters_to_vector(problem.network))
+
+
 def test_stock_searchers_run_on_rl_adapter_and_pickle():
     problem = EggrollVecGymNE(CartPole, _policy, device="cpu", seed=0, episode_length=30)
     searcher = SNES(problem, popsize=8, stdev_init=0.3)

@@ -104,3 +104,6 @@ def test_wheel_has_no_top_level_kernels(tmp_path):
     in_tree = {p.name for p in (ROOT / "kernels").glob("*.py")}
     assert in_tree and shipped == in_tree
     assert "evotorch_eggroll/noise.py" in names
+    package = {p.name for p in (ROOT / "evotorch_eggroll" / "neuroevolution").glob("*.py")}
+    shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("evotorch_eggroll/neuroevolution/")}
+    assert "vecgymne.py" in package and shipped == package

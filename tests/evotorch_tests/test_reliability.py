@@ -177,7 +177,7 @@ class Diverging:
 
 def _dense_diverging(bad=(), value=float("nan"), **kwargs):
     # EvoTorch's own best/worst tracking of a plain problem fails on NaN evaluations before
-    # the searcher sees them; "worst" switches it off, "raise" is tested without it
+    # the searcher sees them; "worst" needs it off, "raise" is tested without it
     problem = Problem("min", Diverging(_sphere, bad, value), solution_length=6,
                       initial_bounds=(-3, 3), vectorized=True, seed=0, store_solution_stats=False)
     return EGGROLL(problem, popsize=8, sigma=0.3, lr=0.1, seed=4, **kwargs)
@@ -235,6 +235,19 @@ def test_nonfinite_fitnesses_raise_by_default_and_all_nonfinite_always(device, m
                                                                   before["opt"])
         if searcher.strategy is not None:
             assert searcher.strategy._active is None
+
+
+def test_worst_refuses_a_plain_problem_that_keeps_evotorchs_solution_stats():
+    """EvoTorch's best/worst tracking fails on NaN evaluations: a plain problem that keeps it
+    is refused with nonfinite_fitness="worst", before anything is built, and says how to
+    build it; with "raise", or built with store_solution_stats=False, it is accepted."""
+    tracking = Problem("min", Diverging(_sphere, [1], float("nan")), solution_length=6,
+                       initial_bounds=(-3, 3), vectorized=True, seed=0)
+    with pytest.raises(ValueError, match="construct the Problem with store_solution_stats=False"):
+        EGGROLL(tracking, popsize=8, nonfinite_fitness="worst")
+    assert tracking.stores_solution_stats is None  # untouched
+    assert EGGROLL(tracking, popsize=8).strategy is None
+    assert _dense_diverging(nonfinite_fitness="worst").problem.stores_solution_stats is False
 
 
 def test_nonfinite_option_is_checked_and_survives_pickling():

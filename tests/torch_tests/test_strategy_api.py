@@ -1,4 +1,4 @@
-"""The strategy interface contract (SPEC §1, §5, §6, §8, §9, §10): constructor, attributes,
+"""The strategy interface contract: constructor, attributes,
 setup and parameter discovery, the perturb/step cycle, metrics, callbacks, inspection,
 checkpoints and the error table. Models are tiny; CPU runs go through Triton's interpreter.
 """
@@ -395,7 +395,7 @@ def test_callbacks(device):
     assert len(steps) == 1 and steps[0] == m
 
 
-# -- errors of SPEC §8 ----------------------------------------------------------------------------
+# -- errors of bad calls ----------------------------------------------------------------------------
 
 def test_fitness_length_must_match_the_population(device):
     model = make_mlp(device)
@@ -440,7 +440,7 @@ def test_population_size_must_be_positive(device):
             s.perturb(bad)
 
 
-# -- inspection and perturbation objects (SPEC §9) ---------------------------------------------
+# -- inspection and perturbation objects ---------------------------------------------
 
 def test_inspection_returns_the_noise_of_forward_and_update(device):
     model = make_mlp(device)
@@ -509,6 +509,25 @@ def test_sample_perturbations_is_a_sequence(device):
     assert torch.equal(single[1].as_matrix(), s._sample_perturbation(model.weight, 1, 0).as_matrix())
 
 
+def test_member_perturbation_takes_the_sigma_of_its_generation(device):
+    """A member of a generation that ran with another sigma: its noise, scaled by that
+    sigma, without changing the strategy's own sigma; the default is the current sigma."""
+    model = make_mlp(device)
+    s = EggrollStrategy(sigma=0.2, rank=2, antithetic=True).setup(model)
+    w = model[0].weight
+    then = s._sample_perturbation(w, 3, 1)
+    s.sigma = 0.5
+    now = s._sample_perturbation(w, 3, 1)
+    assert torch.equal(s.member_perturbation(w, 3, 1, sigma=0.2).as_matrix(), then.as_matrix())
+    assert torch.equal(s.member_perturbation("0.weight", 3, 1).as_matrix(), now.as_matrix())
+    assert torch.equal(s.member_perturbation(model[0].bias, 3, 1, sigma=0.2).as_matrix(),
+                       EggrollStrategy(sigma=0.2, rank=2).setup(model)._sample_perturbation(model[0].bias, 3, 1)
+                       .as_matrix())
+    assert s.sigma == 0.5
+    with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
+        s.member_perturbation(w, 3, 1, sigma=-1.0)
+
+
 def test_inspection_rejects_foreign_parameters(device):
     model = nn.Linear(4, 3).to(device)
     s = EggrollStrategy().setup(model)
@@ -526,7 +545,7 @@ def test_antithetic_partner_and_sign_helpers():
     assert all(plain.is_positive_perturbation(i) for i in range(4))
 
 
-# -- checkpoints (SPEC §6) -------------------------------------------------------------------------
+# -- checkpoints -------------------------------------------------------------------------
 
 def test_state_dict_keys_are_stable_and_load_with_weights_only(device):
     model = make_mlp(device)
@@ -598,7 +617,7 @@ def test_load_state_dict_validates_before_changing(device):
     assert all(torch.equal(a, b) for a, b in zip(snapshot(model), before))
 
 
-# -- OpenES and ESModule (SPEC §10) ------------------------------------------------------------------
+# -- OpenES and ESModule ------------------------------------------------------------------
 
 def test_openes_has_the_same_interface_with_full_rank_noise(device):
     model = make_mlp(device)
@@ -636,7 +655,7 @@ def test_strategy_on_esmodule_respects_its_choices(device):
     assert out.shape == (4, 2) and a.shape == (4, s.rank)
 
 
-# -- bad-input catalogue: the named error and no state change (DESIGN §9) ---------------------------
+# -- bad-input catalogue: the named error and no state change ---------------------------
 
 import copy as _copy  # noqa: E402
 import sys as _sys  # noqa: E402
@@ -1040,7 +1059,7 @@ def test_corrupted_or_foreign_checkpoints_raise_and_change_nothing(device):
     assert s.epoch == 2
 
 
-# -- resume in a fresh process (SPEC §6) -----------------------------------------------------------
+# -- resume in a fresh process -----------------------------------------------------------
 
 import os as _os  # noqa: E402
 import subprocess as _subprocess  # noqa: E402

@@ -1,0 +1,118 @@
+"""The state of a vectorised rollout, and rollout steps captured in CUDA graphs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+import gymnasium as gym
+import torch
+
+from .forward import PopulationForward
+
+if TYPE_CHECKING:
+    from .vecgymne import EggrollVecGymNE
+
+# Steps captured in one CUDA graph of a rollout, and eager steps before the first capture.
+_REPLAY_CHUNK = 50
+_REPLAY_WARMUP = 2
+
+
+def _episode_step():
+    """The counters' kernel module (imported on first use, so Triton is imported only then)."""
+    from ..kernels import episode_step
+
+    return episode_step
+
+
+class _RolloutBuffers:
+    """The per-episode state of a rollout: alive mask, returns, steps taken alive, current
+    observations."""
+
+    def __init__(self, num_envs: int, num_members: int, device: torch.device, dtype: torch.dtype, obs: Any) -> None:
+        self.num_members = num_members
+        self.dtype = dtype
+        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=device)
+        self.alive = torch.zeros(num_envs, dtype=torch.int64, device=device)  # steps taken alive
+        self.active = torch.zeros(num_envs, dtype=torch.bool, device=device)
+        self.active[:num_members] = True
+        self.obs = obs
+        self.executed = 0  # steps run (every environment, ended or not)
+
+
+class _CapturedRollout:
+    """Rollout steps captured in CUDA graphs: ``chunk`` steps in one graph and one step in
+    another, replayed until the episode ends. Everything the steps read and write lives at
+    fixed addresses (the environment's in-place state, the drawn factors, the parameters,
+    the observation statistics and the buffers here), so the graphs replay in later
+    generations as long as :meth:`matches` holds."""
+
+    def __init__(self, key: tuple, env: gym.vector.VectorEnv, buf: _RolloutBuffers, obs: torch.Tensor,
+                 ids: torch.Tensor, graphs: dict[int, Any]) -> None:
+        self.key = key
+        self.env_ref = env
+        self.buf = buf
+        self.obs = obs  # the observations the next replay starts from
+        self.ids = ids  # the member ids the captured forwards read
+        self.graphs = graphs
+
+    @staticmethod
+    def _key(problem: "EggrollVecGymNE", env: gym.vector.VectorEnv, buf: _RolloutBuffers,
+             forward: PopulationForward) -> Optional[tuple]:
+        fkey = forward.replay_key()
+        if fkey is None:
+            return None
+        stats = problem._obs_stats
+        stats_key = None if stats is None else tuple(t.data_ptr() for t in (stats.count, stats.sum, stats.sum_of_squares))
+        return (id(env), env.num_envs, buf.num_members, buf.dtype, problem._observation_normalization, stats_key, fkey)
+
+    def matches(self, env: gym.vector.VectorEnv, buf: _RolloutBuffers, forward: PopulationForward,
+                problem: "EggrollVecGymNE") -> bool:
+        if env is not self.env_ref:
+            return False
+        return self._key(problem, env, buf, forward) == self.key
+
+    @classmethod
+    def capture(cls, problem: "EggrollVecGymNE", env: gym.vector.VectorEnv, forward: PopulationForward,
+                buf: _RolloutBuffers, chunk: int, ids: torch.Tensor) -> Optional["_CapturedRollout"]:
+        """Capture the graphs (nothing runs) from the state ``buf`` is in, the forward reading
+        the member ids ``ids``, or return None when the forward cannot be replayed in later
+        generations."""
+        key = cls._key(problem, env, buf, forward)
+        if key is None:
+            return None
+        obs = buf.obs.clone()  # the static observations every replay starts from
+        torch.cuda.synchronize(obs.device)
+        graphs: dict[int, Any] = {}
+        pool = None
+        for steps in sorted({chunk, 1}, reverse=True):
+            graph = torch.cuda.CUDAGraph()
+            for gen in env.cuda_graph_generators:
+                graph.register_generator_state(gen)
+            with torch.cuda.graph(graph, pool=pool):
+                buf.obs = obs
+                for _ in range(steps):
+                    problem._rollout_step(buf, forward, env, ids)
+                obs.copy_(buf.obs)
+            pool = graph.pool()
+            graphs[steps] = graph
+        buf.obs = obs
+        return cls(key, env, buf, obs, ids, graphs)
+
+    def start(self, buf: _RolloutBuffers, obs: torch.Tensor) -> None:
+        """Point at a new episode: reset the buffers and load the first observations."""
+        self.buf.returns.zero_()
+        self.buf.alive.zero_()
+        self.buf.active.copy_(buf.active)
+        self.obs.copy_(obs)
+        buf.returns, buf.alive, buf.active = self.buf.returns, self.buf.alive, self.buf.active
+
+    def run(self, t: int, limit: Optional[int], chunk: int) -> int:
+        """Replay from step ``t`` until ``limit`` steps or until every environment ended
+        (checked between chunks); returns the number of steps run."""
+        while limit is None or t < limit:
+            steps = chunk if limit is None or limit - t >= chunk else 1
+            self.graphs[steps].replay()
+            t += steps
+            if steps == chunk and not bool(self.buf.active.any()):
+                break
+        return t

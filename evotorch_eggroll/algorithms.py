@@ -52,7 +52,8 @@ from . import distributed as _dist
 from . import noise as _noise
 from . import ops, shaping
 from .neuroevolution import EggrollNEProblem
-from .strategy import _MAX_POPULATION, _optimizer_class
+from ._validation import check_int, check_population_size, check_real, check_seed
+from .strategy import _optimizer_class
 
 __all__ = ["EGGROLL", "RANKING_METHODS", "rank_fitnesses"]
 
@@ -132,19 +133,6 @@ def rank_fitnesses(
     if method == "normalized":
         return shaping.zscore(f)
     return f
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _nonnegative_float(name: str, value: Any) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
 
 
 class _RankZeroHook(Hook):
@@ -360,14 +348,12 @@ class EGGROLL(SearchAlgorithm):
         problem.ensure_single_objective()
         problem.ensure_numeric()
         problem.ensure_unbounded()
-        self._popsize = _positive_int("popsize", popsize)
-        if self._popsize > _MAX_POPULATION:
-            raise ValueError(f"popsize must be at most 2**32 (member ids are 32-bit noise counters), got {popsize}")
-        self._sigma = _nonnegative_float("sigma", sigma)
-        self._lr = _nonnegative_float("lr", lr)
-        self._rank = _positive_int("rank", rank)
-        self._noise_reuse = _positive_int("noise_reuse", noise_reuse, minimum=0)
-        self._seed = int(seed)
+        self._popsize = check_population_size("popsize", popsize)
+        self._sigma = check_real("sigma", sigma)
+        self._lr = check_real("lr", lr)
+        self._rank = check_int("rank", rank, 1)
+        self._noise_reuse = check_int("noise_reuse", noise_reuse, 0)
+        self._seed = check_seed(seed)
         self._antithetic = bool(antithetic)
         rank_fitnesses(torch.zeros(2), ranking_method, higher_is_better=True)  # validates the name
         self._ranking_method = ranking_method
@@ -478,7 +464,7 @@ class EGGROLL(SearchAlgorithm):
         length = int(problem.solution_length)
         if chunk_size is None:
             chunk_size = max(1, min(self._popsize, (1 << 24) // max(length, 1)))
-        self._chunk_size = _positive_int("chunk_size", chunk_size)
+        self._chunk_size = check_int("chunk_size", chunk_size, 1)
         self._center_key = _noise.param_key(CENTER_NAME)
 
     # ------------------------------------------------------------------ properties

@@ -10,7 +10,6 @@ copy saved on entry, whatever happened inside.
 from __future__ import annotations
 
 import contextlib
-import operator
 import weakref
 from typing import Iterator, Optional, Sequence, Union
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import fused_mlp, library, ops
+from ._validation import check_int
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache, default_budget_bytes
 from .routing import ROWS, RowPerturbationMode
@@ -445,15 +445,9 @@ class PerturbationContext:
 
 def _check_member(member_id, population_size: Optional[int] = None) -> int:
     """Validate a member id (an integer, >= 0, below ``population_size`` if given)."""
-    if isinstance(member_id, bool):
-        raise TypeError("member ids are integers, got bool")
-    try:
-        k = operator.index(member_id)
-    except TypeError:
-        raise TypeError(f"member ids are integers, got {type(member_id).__name__}") from None
-    if k < 0 or (population_size is not None and k >= population_size):
-        bound = f"[0, {population_size})" if population_size is not None else ">= 0"
-        raise ValueError(f"member id {k} out of range: must lie in {bound}")
+    k = check_int("member_id", member_id, 0)
+    if population_size is not None and k >= population_size:
+        raise ValueError(f"member id {k} out of range: must lie in [0, {population_size})")
     return k
 
 

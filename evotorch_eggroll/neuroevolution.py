@@ -47,6 +47,7 @@ from evotorch.neuroevolution.baseneproblem import BaseNEProblem
 from evotorch.neuroevolution.net import str_to_net
 from torch import nn
 
+from ._validation import check_int, check_optional_int
 from .envs import CartPole
 from .module import ESModule
 
@@ -739,10 +740,8 @@ class EggrollSupervisedNE(EggrollNEProblem):
         device: DeviceLike = None,
         **kwargs: Any,
     ) -> None:
-        if minibatch_size is not None and int(minibatch_size) < 1:
-            raise ValueError(f"minibatch_size must be a positive integer, got {minibatch_size!r}")
-        if int(num_minibatches) < 1:
-            raise ValueError(f"num_minibatches must be a positive integer, got {num_minibatches!r}")
+        minibatch_size = check_optional_int("minibatch_size", minibatch_size, 1)
+        num_minibatches = check_int("num_minibatches", num_minibatches, 1)
         if len(dataset) < 1:
             raise ValueError("the dataset is empty")
         self.dataset = dataset
@@ -1020,10 +1019,8 @@ class EggrollVecGymNE(EggrollNEProblem):
         device: DeviceLike = None,
         **kwargs: Any,
     ) -> None:
-        if int(num_episodes) < 1:
-            raise ValueError(f"num_episodes must be a positive integer, got {num_episodes!r}")
-        if episode_length is not None and int(episode_length) < 1:
-            raise ValueError(f"episode_length must be a positive integer, got {episode_length!r}")
+        num_episodes = check_int("num_episodes", num_episodes, 1)
+        episode_length = check_optional_int("episode_length", episode_length, 1)
         if observation_normalization and kwargs.get("num_actors") not in (None, 0):
             raise ValueError("observation_normalization is not supported together with num_actors")
         self._device_for_env = _resolve_device(device)

@@ -37,6 +37,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import library, torch_ops
+from ._validation import check_int
 
 __all__ = [
     "normal_block",
@@ -164,13 +165,7 @@ def _check_stream(seed: object, key: object, epoch: object) -> tuple[int, int, i
 
 
 def _check_count(value: object, what: str, minimum: int) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
+    return check_int(what, value, minimum)
 
 
 def _check_member_ids(member_ids: torch.Tensor, rows: int, ref: tuple[str, torch.Tensor],

@@ -26,8 +26,6 @@ import copy
 import dataclasses
 import inspect
 import math
-import numbers
-import operator
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional, Union
@@ -38,6 +36,7 @@ import torch.nn as nn
 from . import distributed as _dist
 from . import noise as _noise
 from . import ops
+from ._validation import MAX_POPULATION, check_int, check_population_size, check_real, check_seed
 from .context import PerturbationContext, _check_member, _lookup_name
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .module import ESModule
@@ -61,43 +60,15 @@ _OPTIMIZERS = {
     "adamw": torch.optim.AdamW,
 }
 _EVENTS = ("on_step", "on_perturb")
-_MAX_POPULATION = 1 << 32
+_MAX_POPULATION = MAX_POPULATION
 _STATE_KEYS = ("algorithm", "noise_stream_version", "sigma", "lr", "epoch", "total_steps",
                "seed", "rank", "antithetic", "noise_reuse", "optimizer", "parameters")
 
 
 # -- argument checks ---------------------------------------------------------------------------
 
-def _real(name: str, value: Any, *, allow_zero: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
-    return value
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    """``ops``' integer check, refusing ``bool`` as well (``True`` is no population size)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got bool")
-    return ops._check_count(value, name, minimum)
-
-
 def _population_size(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"population_size must be a positive integer, got {value!r}")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise ValueError(f"population_size must be a positive integer, got {value!r}") from None
-    if n <= 0:
-        raise ValueError(f"population_size must be a positive integer, got {n}")
-    if n > _MAX_POPULATION:
-        raise ValueError(f"population_size must be at most 2**32 (member ids are 32-bit noise "
-                         f"counters), got {n}")
-    return n
+    return check_population_size("population_size", value)
 
 
 def _optimizer_class(optimizer: Any) -> type:
@@ -198,9 +169,9 @@ class EvolutionStrategy:
         backend: str = "triton",
         nonfinite_fitness: str = "raise",
     ):
-        self._sigma = _real("sigma", sigma)
-        self._lr = _real("lr", lr)
-        self._rank = _integer("rank", rank, 1)
+        self._sigma = check_real("sigma", sigma)
+        self._lr = check_real("lr", lr)
+        self._rank = check_int("rank", rank, 1)
         self._optimizer_cls = _optimizer_class(optimizer)
         if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
             raise TypeError(f"optimizer_kwargs must be a mapping, got "
@@ -209,17 +180,15 @@ class EvolutionStrategy:
         if "lr" in self.optimizer_kwargs:
             raise ValueError("pass the learning rate as lr=..., not in optimizer_kwargs")
         self.antithetic = bool(antithetic)
-        self.noise_reuse = _integer("noise_reuse", noise_reuse, 0)
-        self._seed = _integer("seed", seed, 0)
-        if self._seed >= 1 << 64:
-            raise ValueError(f"seed must be < 2**64, got {self._seed}")
+        self.noise_reuse = check_int("noise_reuse", noise_reuse, 0)
+        self._seed = check_seed(seed)
         self.fitness_transform = check_fitness_transform(fitness_transform)
         self.baseline = check_baseline(baseline)
-        self.fitness_eps = _real("fitness_eps", fitness_eps)
-        self.group_size = _integer("group_size", group_size, 0)
+        self.fitness_eps = check_real("fitness_eps", fitness_eps)
+        self.group_size = check_int("group_size", group_size, 0)
         self.evolve_bias = bool(evolve_bias)
         self.max_grad_norm = (None if max_grad_norm is None
-                              else _real("max_grad_norm", max_grad_norm, allow_zero=False))
+                              else check_real("max_grad_norm", max_grad_norm, allow_zero=False))
         self.distributed = bool(distributed)
         self._backend = ops.check_backend(backend)
         self.nonfinite_fitness = check_nonfinite_policy(nonfinite_fitness)
@@ -279,7 +248,7 @@ class EvolutionStrategy:
 
     @sigma.setter
     def sigma(self, value: float) -> None:
-        self._sigma = _real("sigma", value)
+        self._sigma = check_real("sigma", value)
 
     @property
     def lr(self) -> float:
@@ -288,7 +257,7 @@ class EvolutionStrategy:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._lr = _real("lr", value)
+        self._lr = check_real("lr", value)
         if self._optimizer is not None:
             for group in self._optimizer.param_groups:
                 group["lr"] = self._lr
@@ -530,7 +499,7 @@ class EvolutionStrategy:
         n = _population_size(population_size)
         if self._active is not None:
             raise RuntimeError("perturbation contexts of one strategy cannot be nested")
-        epoch = self.epoch if epoch is None else _integer("epoch", epoch, 0)
+        epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)
         rank, world = self._world_info()
         if n % world:
             raise ValueError(f"population_size {n} must be divisible by the world size "
@@ -1010,15 +979,15 @@ class EvolutionStrategy:
             raise ValueError(f"state_dict uses noise stream version "
                              f"{state['noise_stream_version']}, this library "
                              f"{_noise.STREAM_VERSION}")
-        sigma = _real("sigma", state["sigma"])
-        lr = _real("lr", state["lr"])
-        epoch = _integer("epoch", state["epoch"], 0)
-        total_steps = _integer("total_steps", state["total_steps"], 0)
-        seed = _integer("seed", state["seed"], 0)
-        rank = _integer("rank", state["rank"], 0)
+        sigma = check_real("sigma", state["sigma"])
+        lr = check_real("lr", state["lr"])
+        epoch = check_int("epoch", state["epoch"], 0)
+        total_steps = check_int("total_steps", state["total_steps"], 0)
+        seed = check_int("seed", state["seed"], 0)
+        rank = check_int("rank", state["rank"], 0)
         if not self._full_rank and rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        noise_reuse = _integer("noise_reuse", state["noise_reuse"], 0)
+        noise_reuse = check_int("noise_reuse", state["noise_reuse"], 0)
         nonfinite_fitness = check_nonfinite_policy(
             state.get("nonfinite_fitness", self.nonfinite_fitness), "state_dict nonfinite_fitness")
         values = state["parameters"]
@@ -1083,7 +1052,7 @@ class EvolutionStrategy:
 
     def _perturbation(self, e: EvolvedParam, member_id: int, epoch: Optional[int]) -> Perturbation:
         k = _check_member(member_id)
-        epoch = self.epoch if epoch is None else _integer("epoch", epoch, 0)
+        epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)
         coords = self._coords(epoch)
         ids = torch.tensor([k], dtype=torch.int64, device=e.param.device)
         if e.lowrank:
@@ -1108,7 +1077,7 @@ class EvolutionStrategy:
         """The perturbations of members ``0..N-1`` of ``param``: a lazy sequence."""
         e = self._entry(param)
         n = _population_size(population_size)
-        epoch = self.epoch if epoch is None else _integer("epoch", epoch, 0)
+        epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)
         return PerturbationSequence(lambda k: self._perturbation(e, k, epoch), n)
 
     def _get_perturbation(self, param_name: str, member_id: int,

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from . import checkpoint
 from . import distributed as _dist
 from . import noise as _noise
 from . import ops
@@ -61,8 +62,6 @@ _OPTIMIZERS = {
 }
 _EVENTS = ("on_step", "on_perturb")
 _MAX_POPULATION = MAX_POPULATION
-_STATE_KEYS = ("algorithm", "noise_stream_version", "sigma", "lr", "epoch", "total_steps",
-               "seed", "rank", "antithetic", "noise_reuse", "optimizer", "parameters")
 
 
 # -- argument checks ---------------------------------------------------------------------------
@@ -919,34 +918,6 @@ class EvolutionStrategy:
             "parameters": {e.name: e.param.detach().clone() for e in self._evolved},
         }
 
-    def _rehearse_optimizer_state(self, optimizer_state: Any) -> None:
-        """Load ``optimizer_state`` into a scratch optimizer of the same class and param-group
-        layout over scratch copies of the parameters and run one step with zero gradients,
-        so that a corrupted or foreign optimizer state (missing buffers, wrong shapes, another
-        optimizer's hyperparameters) fails here, before anything changes, and not part-way
-        through a later ``step``. Raises ValueError naming the cause."""
-        if not isinstance(optimizer_state, Mapping) or not {"state", "param_groups"} <= set(
-                optimizer_state):
-            raise ValueError("state_dict optimizer entry must be a torch optimizer state_dict "
-                             "(a mapping with 'state' and 'param_groups')")
-        with torch.no_grad():
-            groups = []
-            for group in self._optimizer.param_groups:
-                scratch = [torch.nn.Parameter(p.detach().clone()) for p in group["params"]]
-                groups.append({**{k: v for k, v in group.items() if k != "params"},
-                               "params": scratch})
-        try:
-            trial = self._optimizer_cls(groups, lr=self._lr, **self.optimizer_kwargs)
-            trial.load_state_dict(copy.deepcopy(dict(optimizer_state)))
-            for group in trial.param_groups:
-                for p in group["params"]:
-                    p.grad = torch.zeros_like(p)
-            trial.step()
-        except Exception as err:
-            raise ValueError(f"state_dict optimizer state does not fit this strategy's "
-                             f"{type(self._optimizer).__name__} over the evolved parameters "
-                             f"({type(err).__name__}: {err}); nothing was loaded") from err
-
     def load_state_dict(self, state: Mapping) -> None:
         """Restore a :meth:`state_dict` (the loaded seed, rank, antithetic, noise_reuse and
         nonfinite_fitness override the constructor's; a state without
@@ -955,8 +926,8 @@ class EvolutionStrategy:
         Validated before anything changes: keys, algorithm and noise stream version, the
         types and ranges of the settings, the parameter names (the same architecture),
         shapes, floating dtypes and finite values, and the optimizer state (rehearsed on a
-        scratch optimizer). On any error the strategy, its optimizer and the model are
-        exactly as before.
+        scratch optimizer); see :mod:`evotorch_eggroll.checkpoint`. On any error the
+        strategy, its optimizer and the model are exactly as before.
 
         Raises:
             KeyError: missing keys.
@@ -967,74 +938,44 @@ class EvolutionStrategy:
         self._require_setup("load_state_dict()")
         if self._active is not None:
             raise RuntimeError("load_state_dict() cannot run inside a perturb context")
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
-        missing = [k for k in _STATE_KEYS if k not in state]
-        if missing:
-            raise KeyError(f"state_dict misses {missing}")
-        if state["algorithm"] != self._algorithm:
-            raise ValueError(f"state_dict is from {state['algorithm']!r}, this strategy is "
-                             f"{self._algorithm!r}")
-        if state["noise_stream_version"] != _noise.STREAM_VERSION:
-            raise ValueError(f"state_dict uses noise stream version "
-                             f"{state['noise_stream_version']}, this library "
-                             f"{_noise.STREAM_VERSION}")
-        sigma = check_real("sigma", state["sigma"])
-        lr = check_real("lr", state["lr"])
-        epoch = check_int("epoch", state["epoch"], 0)
-        total_steps = check_int("total_steps", state["total_steps"], 0)
-        seed = check_int("seed", state["seed"], 0)
-        rank = check_int("rank", state["rank"], 0)
-        if not self._full_rank and rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        noise_reuse = check_int("noise_reuse", state["noise_reuse"], 0)
-        nonfinite_fitness = check_nonfinite_policy(
-            state.get("nonfinite_fitness", self.nonfinite_fitness), "state_dict nonfinite_fitness")
-        values = state["parameters"]
-        names = [e.name for e in self._evolved]
-        if not isinstance(values, Mapping) or sorted(values) != sorted(names):
-            got = sorted(values) if isinstance(values, Mapping) else type(values).__name__
-            raise ValueError(f"state_dict parameters {got} do not match the evolved "
-                             f"parameters {sorted(names)}")
-        if not isinstance(state["antithetic"], bool):
-            raise TypeError(f"state_dict antithetic must be a bool, got "
-                            f"{type(state['antithetic']).__name__}")
-        for e in self._evolved:
-            v = values[e.name]
-            if not isinstance(v, torch.Tensor) or v.shape != e.param.shape:
-                raise ValueError(f"state_dict value of {e.name!r} has shape "
-                                 f"{getattr(v, 'shape', None)}, expected {tuple(e.param.shape)}")
-            if not v.is_floating_point():
-                raise TypeError(f"state_dict value of {e.name!r} has dtype {v.dtype}; parameter "
-                                f"values must be floating point")
-            if v.device.type == "meta":
-                raise RuntimeError(f"state_dict value of {e.name!r} is a meta tensor, which "
-                                   f"holds no values")
-            if not bool(torch.isfinite(v).all()):
-                raise ValueError(f"state_dict value of {e.name!r} contains NaN or inf")
-        self._rehearse_optimizer_state(state["optimizer"])
-        self._check_ranks_agree({e.name: values[e.name] for e in self._evolved}, seed=seed,
-                                sigma=sigma, lr=lr, rank=rank, antithetic=state["antithetic"],
-                                noise_reuse=noise_reuse, nonfinite_fitness=nonfinite_fitness)
+        loaded = checkpoint.check_state_dict(state, algorithm=self._algorithm,
+                                             full_rank=self._full_rank, evolved=self._evolved,
+                                             nonfinite_fitness=self.nonfinite_fitness)
+        checkpoint.rehearse_optimizer_state(self._optimizer, self._optimizer_cls, self._lr,
+                                            self.optimizer_kwargs, loaded.optimizer)
+        self._check_ranks_agree(loaded.parameters, seed=loaded.seed, sigma=loaded.sigma,
+                                lr=loaded.lr, rank=loaded.rank, antithetic=loaded.antithetic,
+                                noise_reuse=loaded.noise_reuse,
+                                nonfinite_fitness=loaded.nonfinite_fitness)
+        self._load_optimizer_and_parameters(loaded)
+        self._adopt_loaded_settings(loaded)
+
+    def _load_optimizer_and_parameters(self, loaded: checkpoint.CheckedState) -> None:
+        """Load stage of :meth:`load_state_dict`: the optimizer state, then the parameter
+        values; if writing the values fails, the optimizer state goes back to what it was."""
         previous = self._optimizer.state_dict()  # references: loading replaces, never mutates
-        self._optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self._optimizer.load_state_dict(copy.deepcopy(loaded.optimizer))
         try:
             with torch.no_grad():
                 for e in self._evolved:
-                    e.param.copy_(values[e.name].to(e.param.device))
+                    e.param.copy_(loaded.parameters[e.name].to(e.param.device))
         except BaseException:
             self._optimizer.load_state_dict(previous)
             raise
-        self._sigma = sigma
-        self.lr = lr
-        self.epoch = epoch
-        self.total_steps = total_steps
-        self._seed = seed
+
+    def _adopt_loaded_settings(self, loaded: checkpoint.CheckedState) -> None:
+        """Last stage of :meth:`load_state_dict` (cannot fail): the loaded settings and
+        counters replace the strategy's, and no population is pending any more."""
+        self._sigma = loaded.sigma
+        self.lr = loaded.lr
+        self.epoch = loaded.epoch
+        self.total_steps = loaded.total_steps
+        self._seed = loaded.seed
         if not self._full_rank:
-            self._rank = rank
-        self.antithetic = bool(state["antithetic"])
-        self.noise_reuse = noise_reuse
-        self.nonfinite_fitness = nonfinite_fitness
+            self._rank = loaded.rank
+        self.antithetic = loaded.antithetic
+        self.noise_reuse = loaded.noise_reuse
+        self.nonfinite_fitness = loaded.nonfinite_fitness
         self._last = None
         self._stepped = None
 

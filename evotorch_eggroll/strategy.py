@@ -530,10 +530,12 @@ class EvolutionStrategy:
         self._last_evaluated = ctx.evaluated
         self._stepped = None
 
-    def _warn_once(self, kind: str, message: str) -> None:
+    def _warn_once(self, kind: str, message: str, stacklevel: int = 3) -> None:
+        """Warn about ``kind`` the first time only; ``stacklevel`` counts from the caller of
+        this method (3: the caller's caller, the user's call of a public method)."""
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(message, UserWarning, stacklevel=3)
+            warnings.warn(message, UserWarning, stacklevel=stacklevel)
 
     def eval(self):
         """Context manager under which ``model(x)`` is the plain, unperturbed model (also
@@ -697,12 +699,15 @@ class EvolutionStrategy:
     def step(self, fitnesses: Any, prenormalized: bool = False) -> dict:
         """Update the parameters from the fitnesses of the last perturb context's members.
 
-        Everything is validated before anything changes. Then: shape the fitnesses (unless
-        ``prenormalized``), fold antithetic pairs, regenerate the noise, form
-        ``g = (1/sqrt(N)) sum_i w_i P_i`` per parameter, clip its global norm
-        (``max_grad_norm``), hand ``-g`` to the optimizer as ``.grad`` (the parameters' own
-        ``.grad`` are restored afterwards), advance ``epoch`` and ``total_steps``, fire
-        ``on_step``.
+        Everything is validated before anything changes. The stages: find the population
+        (``_step_population``), gather the fitnesses (``_collect_fitnesses``), check and
+        shape them unless ``prenormalized`` (``_step_weights``), fold antithetic pairs,
+        regenerate the noise and form ``g = (1/sqrt(N)) sum_i w_i P_i`` per parameter
+        (``_negative_gradients``), clip its global norm to ``max_grad_norm``
+        (``_clip_gradients``), hand ``-g`` to the optimizer as ``.grad``, rolled back if it
+        fails (``_apply_update``; the parameters' own ``.grad`` are restored afterwards),
+        read the metrics (``_step_metrics``), advance ``epoch`` and ``total_steps``
+        (``_advance``), fire ``on_step``.
 
         Args:
             fitnesses: ``(N,)`` values, higher is better. Distributed: this rank's
@@ -746,6 +751,22 @@ class EvolutionStrategy:
         exception from a callback propagates (later callbacks do not run) and the update
         is kept.
         """
+        n, epoch, coords = self._step_population(fitnesses)
+        f = self._collect_fitnesses(fitnesses, n, epoch)
+        w, raw, nonfinite = self._step_weights(f, n, prenormalized)
+        neg_grads, norm = self._clip_gradients(self._negative_gradients(w, n, coords))
+        delta = self._apply_update(neg_grads)
+        metrics = self._step_metrics(norm, delta, raw, w, n, epoch, nonfinite)
+        self._advance(n, epoch)
+        for fn in self._callbacks["on_step"]:
+            fn(dict(metrics))
+        return metrics
+
+    def _step_population(self, fitnesses: Any) -> tuple[int, int, NoiseCoords]:
+        """First stage of :meth:`step`: ``(N, epoch, noise coordinates)`` of the population
+        to update from. Raises if there is none (before setup, inside a perturb context, no
+        context since the last step) or the parameters moved; distributed with a slice of
+        fitnesses, the error is first reported to the ranks waiting in the all-gather."""
         self._require_setup("step()")
         try:
             if self._active is not None:
@@ -769,8 +790,19 @@ class EvolutionStrategy:
                     and not self._all_values_given(fitnesses, pending[0])):
                 self._report_failure_to_ranks(err, pending[0], pending[1], "step")
             raise
-        n, epoch, coords = self._last
-        f = self._collect_fitnesses(fitnesses, n, epoch)
+        return self._last
+
+    def _step_weights(self, f: torch.Tensor, n: int,
+                      prenormalized: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Shaping stage of :meth:`step`: checks the N fitnesses (non-finite values against
+        the policy, N against ``group_size``), shapes them (unless ``prenormalized``) and
+        gives the once-per-strategy warnings.
+
+        Returns:
+            ``(w, raw, nonfinite)``: the weights ``(N,)`` float64 on the CPU, the finite raw
+            fitnesses (float64, CPU; what the fitness metrics describe) and the number of
+            non-finite fitnesses.
+        """
         f64 = f.detach().to(device="cpu", dtype=torch.float64)
         finite = torch.isfinite(f64)
         nonfinite = n - int(finite.sum())
@@ -801,21 +833,31 @@ class EvolutionStrategy:
                 "step() follows a perturb context in which no perturbed forward ran "
                 "(pop.batched_forward, or model(x) inside pop.iterate()): a plain model(x) "
                 "in the context computes the unperturbed model, so these fitnesses say "
-                "nothing about the perturbations (warned once per strategy)")
+                "nothing about the perturbations (warned once per strategy)", stacklevel=4)
         if n > 1 and not nonfinite and bool((f64 == f64[0]).all()):
             self._warn_once(
                 "equal",
                 f"all {n} {'prenormalized weights' if prenormalized else 'fitnesses'} are "
                 f"equal ({float(f64[0])!r}): the ES gradient is zero and the parameters do "
-                f"not change (warned once per strategy)")
+                f"not change (warned once per strategy)", stacklevel=4)
         raw = f64[finite] if nonfinite else f64  # the metrics describe the finite fitnesses
+        return w, raw, nonfinite
 
+    def _negative_gradients(self, w: torch.Tensor, n: int,
+                            coords: NoiseCoords) -> list[torch.Tensor]:
+        """Gradient stage of :meth:`step`: ``-g`` per evolved parameter (float32, flat as
+        the update kernels return it), ``g = (1/sqrt(N)) sum_i w_i P_i`` with antithetic
+        pairs folded onto their shared draw and the noise regenerated from ``coords``.
+
+        The optimizer minimises, so it gets ``-g``: negating the coefficients gives exactly
+        ``-g`` (negation is exact through every product and sum). The draws and the
+        coefficients are copied once per device, the coefficients times each noise scale
+        formed once per device and scale.
+        """
         idx, coeffs = antithetic_fold(w, self.antithetic)
-        # the optimizer minimises, so it gets -g: negating the coefficients gives exactly -g
-        # (negation is exact through every product and sum)
         neg_coeffs = -(coeffs / math.sqrt(n))
-        on_device: dict = {}  # the draws, copied once per device
-        scaled: dict = {}  # the coefficients times each scale, once per device and scale
+        on_device: dict = {}
+        scaled: dict = {}
         neg_grads = []
         for e in self._evolved:
             dev = e.param.device
@@ -826,12 +868,38 @@ class EvolutionStrategy:
                 scaled[dev, scale] = on_device[dev][1] * scale
             neg_grads.append(e.gradient(coords, on_device[dev][0], scaled[dev, scale],
                                         scaled=True))
+        return neg_grads
+
+    def _clip_gradients(self, neg_grads: list[torch.Tensor]
+                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Clipping stage of :meth:`step`: the global norm of ``neg_grads`` and, when it
+        exceeds ``max_grad_norm`` (a host read of the norm, only with ``max_grad_norm``
+        set), the gradients scaled to that norm.
+
+        Returns:
+            ``(neg_grads, norm)``: the gradients to apply and their global norm (a 0-dim
+            float32 tensor, not synchronised).
+        """
         norm = _total_norm(neg_grads)
         if self.max_grad_norm is not None and float(norm) > self.max_grad_norm:
             factor = self.max_grad_norm / (float(norm) + 1e-6)
             neg_grads = [g * factor for g in neg_grads]
             norm = _total_norm(neg_grads)
+        return neg_grads, norm
 
+    def _apply_update(self, neg_grads: list[torch.Tensor]) -> torch.Tensor:
+        """Optimizer stage of :meth:`step`: hands ``neg_grads`` to the optimizer as the
+        parameters' ``.grad`` and steps it; the parameters' own ``.grad`` are put back
+        afterwards.
+
+        If the optimizer raises (or the step is interrupted), the parameters and the
+        optimizer state go back to their values before this call and the error propagates.
+        With ``lr == 0`` the parameters are restored bit-exactly (an optimizer adding a
+        signed zero could flip -0.0 to +0.0).
+
+        Returns:
+            The norm of the parameters' change (a 0-dim float32 tensor, not synchronised).
+        """
         params = [e.param for e in self._evolved]
         with torch.no_grad():
             before = _copies([p.detach() for p in params])
@@ -842,8 +910,6 @@ class EvolutionStrategy:
                 p.grad = g.to(p.dtype).view_as(p)
             self._optimizer.step()
         except BaseException:
-            # an optimizer failing part-way (or an interrupt) leaves nothing half-updated:
-            # parameters and optimizer state go back to their values before this step
             with torch.no_grad():
                 for p, b in zip(params, before):
                     p.copy_(b)
@@ -854,19 +920,16 @@ class EvolutionStrategy:
                 p.grad = g
         with torch.no_grad():
             if self._lr == 0.0 and params:
-                # lr = 0 promises bit-identical parameters (an optimizer adding a signed zero
-                # could flip -0.0 to +0.0)
                 torch._foreach_copy_(params, before)
-            delta = _total_norm(torch._foreach_sub([p.float() for p in params],
-                                                   [b.float() for b in before]) if params else [])
-        # one device synchronisation for both norms
-        norm, delta = torch.stack([norm.to(delta.device), delta]).tolist()
+            return _total_norm(torch._foreach_sub([p.float() for p in params],
+                                                  [b.float() for b in before]) if params else [])
 
-        self.epoch += 1
-        self.total_steps += 1
-        self._last = None
-        self._stepped = (n, epoch)
-        metrics = {
+    def _step_metrics(self, norm: torch.Tensor, delta: torch.Tensor, raw: torch.Tensor,
+                      w: torch.Tensor, n: int, epoch: int, nonfinite: int) -> dict:
+        """Metrics stage of :meth:`step` (plain Python numbers; see its Returns). Reads both
+        norms from the device in one synchronisation."""
+        norm, delta = torch.stack([norm.to(delta.device), delta]).tolist()
+        return {
             "grad_norm": norm,
             "param_delta_norm": delta,
             "fitness_mean": float(raw.mean()),
@@ -880,9 +943,14 @@ class EvolutionStrategy:
             "population_size": int(n),
             "nonfinite_count": int(nonfinite),
         }
-        for fn in self._callbacks["on_step"]:
-            fn(dict(metrics))
-        return metrics
+
+    def _advance(self, n: int, epoch: int) -> None:
+        """Last stage of :meth:`step` (cannot fail): the counters advance and the population
+        ``(n, epoch)`` is marked as used."""
+        self.epoch += 1
+        self.total_steps += 1
+        self._last = None
+        self._stepped = (n, epoch)
 
     # -- callbacks --------------------------------------------------------------------------
 

@@ -17,9 +17,11 @@ import torch
 import torch.nn as nn
 
 from . import fused_mlp, library, ops
+from . import noise as _noise
 from ._validation import check_int
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache, default_budget_bytes
+from .perturbation import Perturbation
 from .routing import ROWS, RowPerturbationMode
 
 __all__ = ["PerturbationContext"]
@@ -429,18 +431,56 @@ class PerturbationContext:
             perturbation (reshaped to the parameter for conv weights).
 
         Raises:
-            ValueError: member outside ``[0, N)`` or a parameter with dense noise.
+            ValueError: member outside ``[0, N)`` or a parameter with dense noise (use
+                :meth:`get_perturbation` for those).
             KeyError: unknown parameter name.
         """
         k = _check_member(member_id, self.population_size)
         e = _lookup_name(self._evolved, param_name)
         if not e.lowrank:
             raise ValueError(f"parameter {e.name!r} has dense (full-rank) noise and no low-rank "
-                             f"factors; use strategy._get_perturbation({e.name!r}, member, "
-                             f"epoch).as_matrix()")
-        ids = torch.tensor([k], dtype=torch.int64, device=e.param.device)
-        a, b = e.factors(self.coords, ids)
-        return a[0].to(e.param.dtype), b[0].to(e.param.dtype)
+                             f"factors; use pop.get_perturbation(member_id, {e.name!r})"
+                             f".as_matrix()")
+        return member_perturbation(e, self.coords, k, self.epoch).factors
+
+    def get_perturbation(self, member_id: int, param_name: str) -> Perturbation:
+        """One member's perturbation of one evolved parameter in this population, low-rank
+        or dense: exactly the noise the batched forward and the update use.
+
+        Args:
+            member_id: a member in ``[0, N)``.
+            param_name: the parameter's dotted name (as in ``strategy.named_parameters()``).
+
+        Returns:
+            A :class:`~evotorch_eggroll.perturbation.Perturbation` at this context's epoch;
+            ``.as_matrix()`` is the additive perturbation in the parameter's shape.
+
+        Raises:
+            ValueError: member outside ``[0, N)``.
+            TypeError: a member id that is not an integer.
+            KeyError: unknown parameter name.
+        """
+        k = _check_member(member_id, self.population_size)
+        return member_perturbation(_lookup_name(self._evolved, param_name), self.coords, k,
+                                   self.epoch)
+
+
+def member_perturbation(e: EvolvedParam, coords: NoiseCoords, member_id: int,
+                        epoch: int) -> Perturbation:
+    """The :class:`Perturbation` of evolved parameter ``e`` for member ``member_id`` (already
+    validated) at the noise coordinates ``coords`` (``epoch``: the requested epoch, recorded
+    in the result)."""
+    ids = torch.tensor([member_id], dtype=torch.int64, device=e.param.device)
+    if e.lowrank:
+        a, b = e.factors(coords, ids)
+        factors: Union[tuple, torch.Tensor] = (a[0].to(e.param.dtype), b[0].to(e.param.dtype))
+        rank: Optional[int] = coords.rank
+    else:
+        factors = e.dense(coords, ids)[0].to(e.param.dtype)
+        rank = None
+    return Perturbation(param_name=e.name, shape=tuple(e.param.shape), factors=factors,
+                        rank=rank, member_id=member_id, epoch=epoch,
+                        sign=_noise.member_sign(member_id, coords.antithetic))
 
 
 def _check_member(member_id, population_size: Optional[int] = None) -> int:

@@ -38,7 +38,7 @@ from . import distributed as _dist
 from . import noise as _noise
 from . import ops
 from ._validation import MAX_POPULATION, check_int, check_population_size, check_real, check_seed
-from .context import PerturbationContext, _check_member, _lookup_name
+from .context import PerturbationContext, _check_member, _lookup_name, member_perturbation
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .module import ESModule
 from .perturbation import Perturbation, PerturbationSequence
@@ -1062,18 +1062,7 @@ class EvolutionStrategy:
     def _perturbation(self, e: EvolvedParam, member_id: int, epoch: Optional[int]) -> Perturbation:
         k = _check_member(member_id)
         epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)
-        coords = self._coords(epoch)
-        ids = torch.tensor([k], dtype=torch.int64, device=e.param.device)
-        if e.lowrank:
-            a, b = e.factors(coords, ids)
-            factors: Any = (a[0].to(e.param.dtype), b[0].to(e.param.dtype))
-            rank: Optional[int] = self._rank
-        else:
-            factors = e.dense(coords, ids)[0].to(e.param.dtype)
-            rank = None
-        return Perturbation(param_name=e.name, shape=tuple(e.param.shape), factors=factors,
-                            rank=rank, member_id=k, epoch=epoch,
-                            sign=_noise.member_sign(k, self.antithetic))
+        return member_perturbation(e, self._coords(epoch), k, epoch)
 
     def _sample_perturbation(self, param: torch.Tensor, member_id: int,
                              epoch: Optional[int] = None) -> Perturbation:
@@ -1081,9 +1070,15 @@ class EvolutionStrategy:
         ``epoch`` (default ``self.epoch``): exactly the noise forward and update use."""
         return self._perturbation(self._entry(param), member_id, epoch)
 
-    def sample_perturbations(self, param: torch.Tensor, population_size: int,
+    def sample_perturbations(self, param: Union[torch.Tensor, str], population_size: int,
                              epoch: Optional[int] = None) -> PerturbationSequence:
-        """The perturbations of members ``0..N-1`` of ``param``: a lazy sequence."""
+        """The perturbations of members ``0..N-1`` of ``param`` at ``epoch`` (default
+        ``self.epoch``): a lazy sequence (len, index, slice, iterate).
+
+        ``param`` is an evolved Parameter object or its dotted name, so
+        ``strategy.sample_perturbations("fc.weight", N)[k]`` is member ``k``'s perturbation
+        of ``fc.weight`` (inside a perturb context, ``pop.get_perturbation(k, "fc.weight")``
+        gives the same at the context's epoch)."""
         e = self._entry(param)
         n = _population_size(population_size)
         epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)

@@ -26,8 +26,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["ArgumentTypeError", "MAX_POPULATION", "check_int", "check_optional_int",
-           "check_population_size", "check_real", "check_seed"]
+__all__ = ["ArgumentTypeError", "MAX_POPULATION", "as_value_tensor", "check_int",
+           "check_optional_int", "check_population_size", "check_real", "check_seed"]
 
 MAX_POPULATION = 1 << 32  # member ids are 32-bit noise counters
 _SEED_LIMIT = 1 << 64
@@ -134,3 +134,16 @@ def check_optional_int(name: str, value: Optional[Any], minimum: int = 0) -> Opt
     """:func:`check_int` for an argument whose ``None`` means "not set"."""
     return None if value is None else check_int(name, value, minimum)
 
+
+def as_value_tensor(value: Any, *, type_message: str, meta_message: str) -> torch.Tensor:
+    """``torch.as_tensor(value)`` for an argument whose values are read (fitnesses, member
+    ids): a ``TypeError`` with ``type_message`` (followed by ``, got <type>``) when it cannot
+    be made a tensor, a ``RuntimeError`` with ``meta_message`` for a ``meta`` tensor, which
+    holds no values."""
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{type_message}, got {type(value).__name__}") from None
+    if t.device.type == "meta":
+        raise RuntimeError(meta_message)
+    return t

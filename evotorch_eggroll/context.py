@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from . import fused_mlp, library, ops
 from . import noise as _noise
-from ._validation import check_int
+from ._validation import as_value_tensor, check_int
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache, default_budget_bytes
 from .perturbation import Perturbation
@@ -171,14 +171,10 @@ class PerturbationContext:
                 )
             ids = torch.arange(start, start + rows, device=device, dtype=torch.int64)
             return ids, (start, start + rows - 1)
-        try:
-            ids = torch.as_tensor(member_ids)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"member_ids must be a 1-D integer tensor or a sequence of ints, got "
-                            f"{type(member_ids).__name__}") from None
-        if ids.device.type == "meta":
-            raise RuntimeError("member_ids is a meta tensor, which holds no values; pass the "
-                               "member ids on the CPU or on the input's device")
+        ids = as_value_tensor(
+            member_ids, type_message="member_ids must be a 1-D integer tensor or a sequence of ints",
+            meta_message="member_ids is a meta tensor, which holds no values; pass the member ids "
+                         "on the CPU or on the input's device")
         if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"member_ids must be integers, got dtype {ids.dtype}")
         if ids.dim() != 1 or ids.shape[0] != rows:

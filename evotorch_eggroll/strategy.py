@@ -37,7 +37,8 @@ from . import checkpoint
 from . import distributed as _dist
 from . import noise as _noise
 from . import ops
-from ._validation import MAX_POPULATION, check_int, check_population_size, check_real, check_seed
+from ._validation import (MAX_POPULATION, as_value_tensor, check_int, check_population_size,
+                          check_real, check_seed)
 from .context import PerturbationContext, _check_member, _lookup_name, member_perturbation
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .module import ESModule
@@ -596,14 +597,11 @@ class EvolutionStrategy:
 
     def _local_fitnesses(self, fitnesses: Any) -> torch.Tensor:
         """``fitnesses`` as a real 1-D tensor (no communication)."""
-        try:
-            f = torch.as_tensor(fitnesses)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"fitnesses must be a 1-D tensor or a sequence of real numbers (one "
-                            f"per population member), got {type(fitnesses).__name__}") from None
-        if f.device.type == "meta":
-            raise RuntimeError("fitnesses are a meta tensor, which holds no values; pass the "
-                               "evaluated fitnesses (a CPU or CUDA tensor)")
+        f = as_value_tensor(
+            fitnesses, type_message="fitnesses must be a 1-D tensor or a sequence of real numbers "
+                                    "(one per population member)",
+            meta_message="fitnesses are a meta tensor, which holds no values; pass the evaluated "
+                         "fitnesses (a CPU or CUDA tensor)")
         if f.dtype == torch.bool or f.is_complex():
             raise TypeError(f"fitnesses must be real numbers, got dtype {f.dtype}")
         if not f.is_floating_point():

@@ -91,11 +91,16 @@ def rank_fitnesses(
 
     Args:
         fitnesses: ``(N,)`` raw fitnesses.
-        ranking_method: EvoTorch's names: ``"centered"`` (tie-averaged ranks in
-            [-0.5, 0.5]), ``"linear"`` (ranks in [0, 1]), ``"nes"`` (NES log utilities),
+        ranking_method: EvoTorch's names: ``"centered"`` (ranks in [-0.5, 0.5]),
+            ``"linear"`` (ranks in [0, 1]), ``"nes"`` (NES log utilities),
             ``"normalized"`` (z-score with the population variance), ``"raw"`` or None
             (the fitnesses, negated when lower is better). Our strategy's names
             ``"centered_rank"``, ``"rank"``, ``"normalize"`` and ``"none"`` are accepted too.
+            The rank methods give the weights of ``evotorch.tools.ranking`` except on
+            ties: EvoTorch gives tied members distinct weights in the order its unstable
+            sort leaves them, here every member of a tie gets the mean of those weights, so
+            equal fitnesses get equal weights (constant fitnesses, or an antithetic pair
+            with equal fitness, contribute nothing to the update).
         higher_is_better: False for minimisation.
         nonfinite: ``"raise"`` (default): NaN or inf fitnesses are a ValueError.
             ``"worst"``: such members rank below every finite one, whatever the sign of

@@ -255,7 +255,13 @@ def rank_transform(f: torch.Tensor, group_size: int = 0) -> torch.Tensor:
 
 
 def centered_rank(f: torch.Tensor, group_size: int = 0) -> torch.Tensor:
-    """``rank / (N - 1) - 0.5`` with tie-averaged ranks (same numbers as :func:`rank_transform`)."""
+    """``rank / (N - 1) - 0.5`` with tie-averaged ranks (same numbers as :func:`rank_transform`).
+
+    This is ``evotorch.tools.ranking.centered`` (the EvoTorch searcher's
+    ``ranking_method="centered"``) except on ties: EvoTorch gives tied members distinct
+    ranks in the order its unstable sort leaves them, here they share the mean of those
+    ranks, so equal fitnesses get equal weights and give a zero update.
+    """
     return rank_transform(f, group_size)
 
 

@@ -59,7 +59,7 @@ def _remember_validated(t: object, n: int, bounds: tuple[int, int]) -> None:
         _validated_ids = (weakref.ref(t), key, bounds)
 
 class PerturbationContext:
-    """Evaluation of one population (SPEC §2). Built by ``strategy.perturb``; enter once.
+    """Evaluation of one population. Built by ``strategy.perturb``; enter once.
 
     Attributes:
         population_size: N.

@@ -5,7 +5,7 @@ and per-row member ids, and regenerates noise from the stream of
 :mod:`evotorch_eggroll.noise` inside Triton kernels (:mod:`evotorch_eggroll.kernels`);
 nothing is stored between calls.
 
-Conventions (SPEC §3): a weight ``(m, n)`` of rank ``r`` owns the factor block
+Conventions: a weight ``(m, n)`` of rank ``r`` owns the factor block
 ``F (n + m, r)``; rows ``0..n-1`` are ``B0`` and rows ``n..n+m-1`` are ``A0``. Member ``j``
 uses noise index ``j // 2`` and sign ``(-1)**j`` when ``antithetic``, else index ``j`` and
 sign ``+1``. Its weight perturbation is ``sign * sigma / sqrt(r) * A0 @ B0.T``; a 1-D

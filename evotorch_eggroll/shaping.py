@@ -5,7 +5,7 @@ any real dtype, and returns a float64 tensor of the same length on the same devi
 stated otherwise. Nothing here knows about models or noise, so the strategy and the
 EvoTorch searcher share these functions.
 
-Conventions (SPEC §4):
+Conventions (the strategy's ``fitness_transform`` values):
 
 * ``"normalize"``: ``(f - mean) / sqrt(var + eps)`` with the population variance
   (divide by N), in float64, finite for one element, constant input and ``|f|`` up to 1e30.

@@ -1099,7 +1099,7 @@ class EvolutionStrategy:
 
 
 class EggrollStrategy(EvolutionStrategy):
-    """EGGROLL: low-rank evolution strategy (SPEC §1).
+    """EGGROLL: low-rank evolution strategy.
 
     Args:
         sigma: noise scale (0 is legal: all perturbations exactly zero).
@@ -1120,7 +1120,7 @@ class EggrollStrategy(EvolutionStrategy):
         evolve_bias: False leaves 1-D parameters alone.
         max_grad_norm: clip the global norm of the ES gradient.
         distributed: shard the population over the ranks of the initialized
-            ``torch.distributed`` group (SPEC §7): ``pop.local_member_ids()`` is this rank's
+            ``torch.distributed`` group: ``pop.local_member_ids()`` is this rank's
             contiguous slice, ``step`` all-gathers the N fitnesses and every rank applies
             the same update. ``setup``, ``step`` and ``load_state_dict`` are then collective
             (call them on every rank); ``setup`` checks that all ranks agree on the seed,

@@ -62,7 +62,7 @@ _OPTIMIZERS = {
     "adamw": torch.optim.AdamW,
 }
 _EVENTS = ("on_step", "on_perturb")
-_MAX_POPULATION = MAX_POPULATION
+_MAX_POPULATION = MAX_POPULATION  # the former name of _validation.MAX_POPULATION
 
 
 # -- argument checks ---------------------------------------------------------------------------
@@ -1084,7 +1084,9 @@ class EvolutionStrategy:
 
     def _get_perturbation(self, param_name: str, member_id: int,
                           epoch: Optional[int] = None) -> Perturbation:
-        """Like :meth:`_sample_perturbation`, by dotted parameter name."""
+        """Like :meth:`_sample_perturbation`, by dotted parameter name. The public ways to
+        the same noise: ``sample_perturbations(param_name, N, epoch)[member_id]`` and,
+        inside a perturb context, ``pop.get_perturbation(member_id, param_name)``."""
         if not isinstance(param_name, str):
             raise TypeError(f"param_name must be a string, got {type(param_name).__name__}")
         return self._perturbation(self._entry(param_name), member_id, epoch)

@@ -57,8 +57,9 @@ from evotorch.tools.hook import Hook
 from . import distributed as _dist
 from . import noise as _noise
 from . import ops, shaping
+from ._validation import check_int, check_population_size, check_real, check_seed
 from .protocol import LowRankProblem, missing_members
-from .strategy import _MAX_POPULATION, _optimizer_class
+from .strategy import _optimizer_class
 
 __all__ = ["EGGROLL", "RANKING_METHODS", "rank_fitnesses"]
 
@@ -96,11 +97,16 @@ def rank_fitnesses(
 
     Args:
         fitnesses: ``(N,)`` raw fitnesses.
-        ranking_method: EvoTorch's names: ``"centered"`` (tie-averaged ranks in
-            [-0.5, 0.5]), ``"linear"`` (ranks in [0, 1]), ``"nes"`` (NES log utilities),
+        ranking_method: EvoTorch's names: ``"centered"`` (ranks in [-0.5, 0.5]),
+            ``"linear"`` (ranks in [0, 1]), ``"nes"`` (NES log utilities),
             ``"normalized"`` (z-score with the population variance), ``"raw"`` or None
             (the fitnesses, negated when lower is better). Our strategy's names
             ``"centered_rank"``, ``"rank"``, ``"normalize"`` and ``"none"`` are accepted too.
+            The rank methods give the weights of ``evotorch.tools.ranking`` except on
+            ties: EvoTorch gives tied members distinct weights in the order its unstable
+            sort leaves them, here every member of a tie gets the mean of those weights, so
+            equal fitnesses get equal weights (constant fitnesses, or an antithetic pair
+            with equal fitness, contribute nothing to the update).
         higher_is_better: False for minimisation.
         nonfinite: ``"raise"`` (default): NaN or inf fitnesses are a ValueError.
             ``"worst"``: such members rank below every finite one, whatever the sign of
@@ -138,19 +144,6 @@ def rank_fitnesses(
     if method == "normalized":
         return shaping.zscore(f)
     return f
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _nonnegative_float(name: str, value: Any) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
 
 
 class _RankZeroHook(Hook):
@@ -419,7 +412,7 @@ class _DenseMode:
         length = int(problem.solution_length)
         if chunk_size is None:
             chunk_size = max(1, min(self._popsize, (1 << 24) // max(length, 1)))
-        self._chunk_size = _positive_int("chunk_size", chunk_size)
+        self._chunk_size = check_int("chunk_size", chunk_size, 1)
         self._center_key = _noise.param_key(CENTER_NAME)
 
     @property
@@ -669,14 +662,12 @@ class EGGROLL(SearchAlgorithm):
                 f"tracking, which fails on NaN evaluations: construct the {type(problem).__name__} with "
                 "store_solution_stats=False"
             )
-        self._popsize = _positive_int("popsize", popsize)
-        if self._popsize > _MAX_POPULATION:
-            raise ValueError(f"popsize must be at most 2**32 (member ids are 32-bit noise counters), got {popsize}")
-        self._sigma = _nonnegative_float("sigma", sigma)
-        self._lr = _nonnegative_float("lr", lr)
-        self._rank = _positive_int("rank", rank)
-        self._noise_reuse = _positive_int("noise_reuse", noise_reuse, minimum=0)
-        self._seed = int(seed)
+        self._popsize = check_population_size("popsize", popsize)
+        self._sigma = check_real("sigma", sigma)
+        self._lr = check_real("lr", lr)
+        self._rank = check_int("rank", rank, 1)
+        self._noise_reuse = check_int("noise_reuse", noise_reuse, 0)
+        self._seed = check_seed(seed)
         self._antithetic = bool(antithetic)
         rank_fitnesses(torch.zeros(2), ranking_method, higher_is_better=True)  # validates the name
         self._ranking_method = ranking_method

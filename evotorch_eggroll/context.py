@@ -10,7 +10,6 @@ copy saved on entry, whatever happened inside.
 from __future__ import annotations
 
 import contextlib
-import operator
 import weakref
 from typing import Iterator, Optional, Sequence, Union
 
@@ -18,8 +17,11 @@ import torch
 import torch.nn as nn
 
 from . import fused_mlp, library, ops
+from . import noise as _noise
+from ._validation import as_value_tensor, check_int
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache, default_budget_bytes
+from .perturbation import Perturbation
 from .routing import ROWS, RowPerturbationMode
 
 __all__ = ["PerturbationContext"]
@@ -57,7 +59,7 @@ def _remember_validated(t: object, n: int, bounds: tuple[int, int]) -> None:
         _validated_ids = (weakref.ref(t), key, bounds)
 
 class PerturbationContext:
-    """Evaluation of one population (SPEC §2). Built by ``strategy.perturb``; enter once.
+    """Evaluation of one population. Built by ``strategy.perturb``; enter once.
 
     Attributes:
         population_size: N.
@@ -169,14 +171,10 @@ class PerturbationContext:
                 )
             ids = torch.arange(start, start + rows, device=device, dtype=torch.int64)
             return ids, (start, start + rows - 1)
-        try:
-            ids = torch.as_tensor(member_ids)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"member_ids must be a 1-D integer tensor or a sequence of ints, got "
-                            f"{type(member_ids).__name__}") from None
-        if ids.device.type == "meta":
-            raise RuntimeError("member_ids is a meta tensor, which holds no values; pass the "
-                               "member ids on the CPU or on the input's device")
+        ids = as_value_tensor(
+            member_ids, type_message="member_ids must be a 1-D integer tensor or a sequence of ints",
+            meta_message="member_ids is a meta tensor, which holds no values; pass the member ids "
+                         "on the CPU or on the input's device")
         if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"member_ids must be integers, got dtype {ids.dtype}")
         if ids.dim() != 1 or ids.shape[0] != rows:
@@ -429,31 +427,63 @@ class PerturbationContext:
             perturbation (reshaped to the parameter for conv weights).
 
         Raises:
-            ValueError: member outside ``[0, N)`` or a parameter with dense noise.
+            ValueError: member outside ``[0, N)`` or a parameter with dense noise (use
+                :meth:`get_perturbation` for those).
             KeyError: unknown parameter name.
         """
         k = _check_member(member_id, self.population_size)
         e = _lookup_name(self._evolved, param_name)
         if not e.lowrank:
             raise ValueError(f"parameter {e.name!r} has dense (full-rank) noise and no low-rank "
-                             f"factors; use strategy._get_perturbation({e.name!r}, member, "
-                             f"epoch).as_matrix()")
-        ids = torch.tensor([k], dtype=torch.int64, device=e.param.device)
-        a, b = e.factors(self.coords, ids)
-        return a[0].to(e.param.dtype), b[0].to(e.param.dtype)
+                             f"factors; use pop.get_perturbation(member_id, {e.name!r})"
+                             f".as_matrix()")
+        return member_perturbation(e, self.coords, k, self.epoch).factors
+
+    def get_perturbation(self, member_id: int, param_name: str) -> Perturbation:
+        """One member's perturbation of one evolved parameter in this population, low-rank
+        or dense: exactly the noise the batched forward and the update use.
+
+        Args:
+            member_id: a member in ``[0, N)``.
+            param_name: the parameter's dotted name (as in ``strategy.named_parameters()``).
+
+        Returns:
+            A :class:`~evotorch_eggroll.perturbation.Perturbation` at this context's epoch;
+            ``.as_matrix()`` is the additive perturbation in the parameter's shape.
+
+        Raises:
+            ValueError: member outside ``[0, N)``.
+            TypeError: a member id that is not an integer.
+            KeyError: unknown parameter name.
+        """
+        k = _check_member(member_id, self.population_size)
+        return member_perturbation(_lookup_name(self._evolved, param_name), self.coords, k,
+                                   self.epoch)
+
+
+def member_perturbation(e: EvolvedParam, coords: NoiseCoords, member_id: int,
+                        epoch: int) -> Perturbation:
+    """The :class:`Perturbation` of evolved parameter ``e`` for member ``member_id`` (already
+    validated) at the noise coordinates ``coords`` (``epoch``: the requested epoch, recorded
+    in the result)."""
+    ids = torch.tensor([member_id], dtype=torch.int64, device=e.param.device)
+    if e.lowrank:
+        a, b = e.factors(coords, ids)
+        factors: Union[tuple, torch.Tensor] = (a[0].to(e.param.dtype), b[0].to(e.param.dtype))
+        rank: Optional[int] = coords.rank
+    else:
+        factors = e.dense(coords, ids)[0].to(e.param.dtype)
+        rank = None
+    return Perturbation(param_name=e.name, shape=tuple(e.param.shape), factors=factors,
+                        rank=rank, member_id=member_id, epoch=epoch,
+                        sign=_noise.member_sign(member_id, coords.antithetic))
 
 
 def _check_member(member_id, population_size: Optional[int] = None) -> int:
     """Validate a member id (an integer, >= 0, below ``population_size`` if given)."""
-    if isinstance(member_id, bool):
-        raise TypeError("member ids are integers, got bool")
-    try:
-        k = operator.index(member_id)
-    except TypeError:
-        raise TypeError(f"member ids are integers, got {type(member_id).__name__}") from None
-    if k < 0 or (population_size is not None and k >= population_size):
-        bound = f"[0, {population_size})" if population_size is not None else ">= 0"
-        raise ValueError(f"member id {k} out of range: must lie in {bound}")
+    k = check_int("member_id", member_id, 0)
+    if population_size is not None and k >= population_size:
+        raise ValueError(f"member id {k} out of range: must lie in [0, {population_size})")
     return k
 
 

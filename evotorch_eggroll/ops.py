@@ -5,7 +5,7 @@ and per-row member ids, and regenerates noise from the stream of
 :mod:`evotorch_eggroll.noise` inside Triton kernels (:mod:`evotorch_eggroll.kernels`);
 nothing is stored between calls.
 
-Conventions (SPEC §3): a weight ``(m, n)`` of rank ``r`` owns the factor block
+Conventions: a weight ``(m, n)`` of rank ``r`` owns the factor block
 ``F (n + m, r)``; rows ``0..n-1`` are ``B0`` and rows ``n..n+m-1`` are ``A0``. Member ``j``
 uses noise index ``j // 2`` and sign ``(-1)**j`` when ``antithetic``, else index ``j`` and
 sign ``+1``. Its weight perturbation is ``sign * sigma / sqrt(r) * A0 @ B0.T``; a 1-D
@@ -37,6 +37,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import library, torch_ops
+from ._validation import check_int
 
 __all__ = [
     "normal_block",
@@ -164,13 +165,7 @@ def _check_stream(seed: object, key: object, epoch: object) -> tuple[int, int, i
 
 
 def _check_count(value: object, what: str, minimum: int) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
+    return check_int(what, value, minimum)
 
 
 def _check_member_ids(member_ids: torch.Tensor, rows: int, ref: tuple[str, torch.Tensor],

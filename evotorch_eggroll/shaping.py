@@ -5,7 +5,7 @@ any real dtype, and returns a float64 tensor of the same length on the same devi
 stated otherwise. Nothing here knows about models or noise, so the strategy and the
 EvoTorch searcher share these functions.
 
-Conventions (SPEC §4):
+Conventions (the strategy's ``fitness_transform`` values):
 
 * ``"normalize"``: ``(f - mean) / sqrt(var + eps)`` with the population variance
   (divide by N), in float64, finite for one element, constant input and ``|f|`` up to 1e30.
@@ -255,7 +255,13 @@ def rank_transform(f: torch.Tensor, group_size: int = 0) -> torch.Tensor:
 
 
 def centered_rank(f: torch.Tensor, group_size: int = 0) -> torch.Tensor:
-    """``rank / (N - 1) - 0.5`` with tie-averaged ranks (same numbers as :func:`rank_transform`)."""
+    """``rank / (N - 1) - 0.5`` with tie-averaged ranks (same numbers as :func:`rank_transform`).
+
+    This is ``evotorch.tools.ranking.centered`` (the EvoTorch searcher's
+    ``ranking_method="centered"``) except on ties: EvoTorch gives tied members distinct
+    ranks in the order its unstable sort leaves them, here they share the mean of those
+    ranks, so equal fitnesses get equal weights and give a zero update.
+    """
     return rank_transform(f, group_size)
 
 

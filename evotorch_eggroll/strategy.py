@@ -26,8 +26,6 @@ import copy
 import dataclasses
 import inspect
 import math
-import numbers
-import operator
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional, Union
@@ -35,10 +33,13 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from . import checkpoint
 from . import distributed as _dist
 from . import noise as _noise
 from . import ops
-from .context import PerturbationContext, _check_member, _lookup_name
+from ._validation import (MAX_POPULATION, as_value_tensor, check_int, check_population_size,
+                          check_real, check_seed)
+from .context import PerturbationContext, _check_member, _lookup_name, member_perturbation
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .module import ESModule
 from .perturbation import Perturbation, PerturbationSequence
@@ -61,43 +62,12 @@ _OPTIMIZERS = {
     "adamw": torch.optim.AdamW,
 }
 _EVENTS = ("on_step", "on_perturb")
-_MAX_POPULATION = 1 << 32
-_STATE_KEYS = ("algorithm", "noise_stream_version", "sigma", "lr", "epoch", "total_steps",
-               "seed", "rank", "antithetic", "noise_reuse", "optimizer", "parameters")
 
 
 # -- argument checks ---------------------------------------------------------------------------
 
-def _real(name: str, value: Any, *, allow_zero: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
-    return value
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    """``ops``' integer check, refusing ``bool`` as well (``True`` is no population size)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got bool")
-    return ops._check_count(value, name, minimum)
-
-
 def _population_size(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"population_size must be a positive integer, got {value!r}")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise ValueError(f"population_size must be a positive integer, got {value!r}") from None
-    if n <= 0:
-        raise ValueError(f"population_size must be a positive integer, got {n}")
-    if n > _MAX_POPULATION:
-        raise ValueError(f"population_size must be at most 2**32 (member ids are 32-bit noise "
-                         f"counters), got {n}")
-    return n
+    return check_population_size("population_size", value)
 
 
 def _optimizer_class(optimizer: Any) -> type:
@@ -198,9 +168,9 @@ class EvolutionStrategy:
         backend: str = "triton",
         nonfinite_fitness: str = "raise",
     ):
-        self._sigma = _real("sigma", sigma)
-        self._lr = _real("lr", lr)
-        self._rank = _integer("rank", rank, 1)
+        self._sigma = check_real("sigma", sigma)
+        self._lr = check_real("lr", lr)
+        self._rank = check_int("rank", rank, 1)
         self._optimizer_cls = _optimizer_class(optimizer)
         if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
             raise TypeError(f"optimizer_kwargs must be a mapping, got "
@@ -209,17 +179,15 @@ class EvolutionStrategy:
         if "lr" in self.optimizer_kwargs:
             raise ValueError("pass the learning rate as lr=..., not in optimizer_kwargs")
         self.antithetic = bool(antithetic)
-        self.noise_reuse = _integer("noise_reuse", noise_reuse, 0)
-        self._seed = _integer("seed", seed, 0)
-        if self._seed >= 1 << 64:
-            raise ValueError(f"seed must be < 2**64, got {self._seed}")
+        self.noise_reuse = check_int("noise_reuse", noise_reuse, 0)
+        self._seed = check_seed(seed)
         self.fitness_transform = check_fitness_transform(fitness_transform)
         self.baseline = check_baseline(baseline)
-        self.fitness_eps = _real("fitness_eps", fitness_eps)
-        self.group_size = _integer("group_size", group_size, 0)
+        self.fitness_eps = check_real("fitness_eps", fitness_eps)
+        self.group_size = check_int("group_size", group_size, 0)
         self.evolve_bias = bool(evolve_bias)
         self.max_grad_norm = (None if max_grad_norm is None
-                              else _real("max_grad_norm", max_grad_norm, allow_zero=False))
+                              else check_real("max_grad_norm", max_grad_norm, allow_zero=False))
         self.distributed = bool(distributed)
         self._backend = ops.check_backend(backend)
         self.nonfinite_fitness = check_nonfinite_policy(nonfinite_fitness)
@@ -279,7 +247,7 @@ class EvolutionStrategy:
 
     @sigma.setter
     def sigma(self, value: float) -> None:
-        self._sigma = _real("sigma", value)
+        self._sigma = check_real("sigma", value)
 
     @property
     def lr(self) -> float:
@@ -288,7 +256,7 @@ class EvolutionStrategy:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._lr = _real("lr", value)
+        self._lr = check_real("lr", value)
         if self._optimizer is not None:
             for group in self._optimizer.param_groups:
                 group["lr"] = self._lr
@@ -530,7 +498,7 @@ class EvolutionStrategy:
         n = _population_size(population_size)
         if self._active is not None:
             raise RuntimeError("perturbation contexts of one strategy cannot be nested")
-        epoch = self.epoch if epoch is None else _integer("epoch", epoch, 0)
+        epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)
         rank, world = self._world_info()
         if n % world:
             raise ValueError(f"population_size {n} must be divisible by the world size "
@@ -562,10 +530,12 @@ class EvolutionStrategy:
         self._last_evaluated = ctx.evaluated
         self._stepped = None
 
-    def _warn_once(self, kind: str, message: str) -> None:
+    def _warn_once(self, kind: str, message: str, stacklevel: int = 3) -> None:
+        """Warn about ``kind`` the first time only; ``stacklevel`` counts from the caller of
+        this method (3: the caller's caller, the user's call of a public method)."""
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(message, UserWarning, stacklevel=3)
+            warnings.warn(message, UserWarning, stacklevel=stacklevel)
 
     def eval(self):
         """Context manager under which ``model(x)`` is the plain, unperturbed model (also
@@ -626,14 +596,11 @@ class EvolutionStrategy:
 
     def _local_fitnesses(self, fitnesses: Any) -> torch.Tensor:
         """``fitnesses`` as a real 1-D tensor (no communication)."""
-        try:
-            f = torch.as_tensor(fitnesses)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"fitnesses must be a 1-D tensor or a sequence of real numbers (one "
-                            f"per population member), got {type(fitnesses).__name__}") from None
-        if f.device.type == "meta":
-            raise RuntimeError("fitnesses are a meta tensor, which holds no values; pass the "
-                               "evaluated fitnesses (a CPU or CUDA tensor)")
+        f = as_value_tensor(
+            fitnesses, type_message="fitnesses must be a 1-D tensor or a sequence of real numbers "
+                                    "(one per population member)",
+            meta_message="fitnesses are a meta tensor, which holds no values; pass the evaluated "
+                         "fitnesses (a CPU or CUDA tensor)")
         if f.dtype == torch.bool or f.is_complex():
             raise TypeError(f"fitnesses must be real numbers, got dtype {f.dtype}")
         if not f.is_floating_point():
@@ -729,12 +696,15 @@ class EvolutionStrategy:
     def step(self, fitnesses: Any, prenormalized: bool = False) -> dict:
         """Update the parameters from the fitnesses of the last perturb context's members.
 
-        Everything is validated before anything changes. Then: shape the fitnesses (unless
-        ``prenormalized``), fold antithetic pairs, regenerate the noise, form
-        ``g = (1/sqrt(N)) sum_i w_i P_i`` per parameter, clip its global norm
-        (``max_grad_norm``), hand ``-g`` to the optimizer as ``.grad`` (the parameters' own
-        ``.grad`` are restored afterwards), advance ``epoch`` and ``total_steps``, fire
-        ``on_step``.
+        Everything is validated before anything changes. The stages: find the population
+        (``_step_population``), gather the fitnesses (``_collect_fitnesses``), check and
+        shape them unless ``prenormalized`` (``_step_weights``), fold antithetic pairs,
+        regenerate the noise and form ``g = (1/sqrt(N)) sum_i w_i P_i`` per parameter
+        (``_negative_gradients``), clip its global norm to ``max_grad_norm``
+        (``_clip_gradients``), hand ``-g`` to the optimizer as ``.grad``, rolled back if it
+        fails (``_apply_update``; the parameters' own ``.grad`` are restored afterwards),
+        read the metrics (``_step_metrics``), advance ``epoch`` and ``total_steps``
+        (``_advance``), fire ``on_step``.
 
         Args:
             fitnesses: ``(N,)`` values, higher is better. Distributed: this rank's
@@ -778,6 +748,22 @@ class EvolutionStrategy:
         exception from a callback propagates (later callbacks do not run) and the update
         is kept.
         """
+        n, epoch, coords = self._step_population(fitnesses)
+        f = self._collect_fitnesses(fitnesses, n, epoch)
+        w, raw, nonfinite = self._step_weights(f, n, prenormalized)
+        neg_grads, norm = self._clip_gradients(self._negative_gradients(w, n, coords))
+        delta = self._apply_update(neg_grads)
+        metrics = self._step_metrics(norm, delta, raw, w, n, epoch, nonfinite)
+        self._advance(n, epoch)
+        for fn in self._callbacks["on_step"]:
+            fn(dict(metrics))
+        return metrics
+
+    def _step_population(self, fitnesses: Any) -> tuple[int, int, NoiseCoords]:
+        """First stage of :meth:`step`: ``(N, epoch, noise coordinates)`` of the population
+        to update from. Raises if there is none (before setup, inside a perturb context, no
+        context since the last step) or the parameters moved; distributed with a slice of
+        fitnesses, the error is first reported to the ranks waiting in the all-gather."""
         self._require_setup("step()")
         try:
             if self._active is not None:
@@ -801,8 +787,19 @@ class EvolutionStrategy:
                     and not self._all_values_given(fitnesses, pending[0])):
                 self._report_failure_to_ranks(err, pending[0], pending[1], "step")
             raise
-        n, epoch, coords = self._last
-        f = self._collect_fitnesses(fitnesses, n, epoch)
+        return self._last
+
+    def _step_weights(self, f: torch.Tensor, n: int,
+                      prenormalized: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Shaping stage of :meth:`step`: checks the N fitnesses (non-finite values against
+        the policy, N against ``group_size``), shapes them (unless ``prenormalized``) and
+        gives the once-per-strategy warnings.
+
+        Returns:
+            ``(w, raw, nonfinite)``: the weights ``(N,)`` float64 on the CPU, the finite raw
+            fitnesses (float64, CPU; what the fitness metrics describe) and the number of
+            non-finite fitnesses.
+        """
         f64 = f.detach().to(device="cpu", dtype=torch.float64)
         finite = torch.isfinite(f64)
         nonfinite = n - int(finite.sum())
@@ -833,21 +830,31 @@ class EvolutionStrategy:
                 "step() follows a perturb context in which no perturbed forward ran "
                 "(pop.batched_forward, or model(x) inside pop.iterate()): a plain model(x) "
                 "in the context computes the unperturbed model, so these fitnesses say "
-                "nothing about the perturbations (warned once per strategy)")
+                "nothing about the perturbations (warned once per strategy)", stacklevel=4)
         if n > 1 and not nonfinite and bool((f64 == f64[0]).all()):
             self._warn_once(
                 "equal",
                 f"all {n} {'prenormalized weights' if prenormalized else 'fitnesses'} are "
                 f"equal ({float(f64[0])!r}): the ES gradient is zero and the parameters do "
-                f"not change (warned once per strategy)")
+                f"not change (warned once per strategy)", stacklevel=4)
         raw = f64[finite] if nonfinite else f64  # the metrics describe the finite fitnesses
+        return w, raw, nonfinite
 
+    def _negative_gradients(self, w: torch.Tensor, n: int,
+                            coords: NoiseCoords) -> list[torch.Tensor]:
+        """Gradient stage of :meth:`step`: ``-g`` per evolved parameter (float32, flat as
+        the update kernels return it), ``g = (1/sqrt(N)) sum_i w_i P_i`` with antithetic
+        pairs folded onto their shared draw and the noise regenerated from ``coords``.
+
+        The optimizer minimises, so it gets ``-g``: negating the coefficients gives exactly
+        ``-g`` (negation is exact through every product and sum). The draws and the
+        coefficients are copied once per device, the coefficients times each noise scale
+        formed once per device and scale.
+        """
         idx, coeffs = antithetic_fold(w, self.antithetic)
-        # the optimizer minimises, so it gets -g: negating the coefficients gives exactly -g
-        # (negation is exact through every product and sum)
         neg_coeffs = -(coeffs / math.sqrt(n))
-        on_device: dict = {}  # the draws, copied once per device
-        scaled: dict = {}  # the coefficients times each scale, once per device and scale
+        on_device: dict = {}
+        scaled: dict = {}
         neg_grads = []
         for e in self._evolved:
             dev = e.param.device
@@ -858,12 +865,38 @@ class EvolutionStrategy:
                 scaled[dev, scale] = on_device[dev][1] * scale
             neg_grads.append(e.gradient(coords, on_device[dev][0], scaled[dev, scale],
                                         scaled=True))
+        return neg_grads
+
+    def _clip_gradients(self, neg_grads: list[torch.Tensor]
+                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Clipping stage of :meth:`step`: the global norm of ``neg_grads`` and, when it
+        exceeds ``max_grad_norm`` (a host read of the norm, only with ``max_grad_norm``
+        set), the gradients scaled to that norm.
+
+        Returns:
+            ``(neg_grads, norm)``: the gradients to apply and their global norm (a 0-dim
+            float32 tensor, not synchronised).
+        """
         norm = _total_norm(neg_grads)
         if self.max_grad_norm is not None and float(norm) > self.max_grad_norm:
             factor = self.max_grad_norm / (float(norm) + 1e-6)
             neg_grads = [g * factor for g in neg_grads]
             norm = _total_norm(neg_grads)
+        return neg_grads, norm
 
+    def _apply_update(self, neg_grads: list[torch.Tensor]) -> torch.Tensor:
+        """Optimizer stage of :meth:`step`: hands ``neg_grads`` to the optimizer as the
+        parameters' ``.grad`` and steps it; the parameters' own ``.grad`` are put back
+        afterwards.
+
+        If the optimizer raises (or the step is interrupted), the parameters and the
+        optimizer state go back to their values before this call and the error propagates.
+        With ``lr == 0`` the parameters are restored bit-exactly (an optimizer adding a
+        signed zero could flip -0.0 to +0.0).
+
+        Returns:
+            The norm of the parameters' change (a 0-dim float32 tensor, not synchronised).
+        """
         params = [e.param for e in self._evolved]
         with torch.no_grad():
             before = _copies([p.detach() for p in params])
@@ -874,8 +907,6 @@ class EvolutionStrategy:
                 p.grad = g.to(p.dtype).view_as(p)
             self._optimizer.step()
         except BaseException:
-            # an optimizer failing part-way (or an interrupt) leaves nothing half-updated:
-            # parameters and optimizer state go back to their values before this step
             with torch.no_grad():
                 for p, b in zip(params, before):
                     p.copy_(b)
@@ -886,19 +917,16 @@ class EvolutionStrategy:
                 p.grad = g
         with torch.no_grad():
             if self._lr == 0.0 and params:
-                # lr = 0 promises bit-identical parameters (an optimizer adding a signed zero
-                # could flip -0.0 to +0.0)
                 torch._foreach_copy_(params, before)
-            delta = _total_norm(torch._foreach_sub([p.float() for p in params],
-                                                   [b.float() for b in before]) if params else [])
-        # one device synchronisation for both norms
-        norm, delta = torch.stack([norm.to(delta.device), delta]).tolist()
+            return _total_norm(torch._foreach_sub([p.float() for p in params],
+                                                  [b.float() for b in before]) if params else [])
 
-        self.epoch += 1
-        self.total_steps += 1
-        self._last = None
-        self._stepped = (n, epoch)
-        metrics = {
+    def _step_metrics(self, norm: torch.Tensor, delta: torch.Tensor, raw: torch.Tensor,
+                      w: torch.Tensor, n: int, epoch: int, nonfinite: int) -> dict:
+        """Metrics stage of :meth:`step` (plain Python numbers; see its Returns). Reads both
+        norms from the device in one synchronisation."""
+        norm, delta = torch.stack([norm.to(delta.device), delta]).tolist()
+        return {
             "grad_norm": norm,
             "param_delta_norm": delta,
             "fitness_mean": float(raw.mean()),
@@ -912,9 +940,14 @@ class EvolutionStrategy:
             "population_size": int(n),
             "nonfinite_count": int(nonfinite),
         }
-        for fn in self._callbacks["on_step"]:
-            fn(dict(metrics))
-        return metrics
+
+    def _advance(self, n: int, epoch: int) -> None:
+        """Last stage of :meth:`step` (cannot fail): the counters advance and the population
+        ``(n, epoch)`` is marked as used."""
+        self.epoch += 1
+        self.total_steps += 1
+        self._last = None
+        self._stepped = (n, epoch)
 
     # -- callbacks --------------------------------------------------------------------------
 
@@ -950,34 +983,6 @@ class EvolutionStrategy:
             "parameters": {e.name: e.param.detach().clone() for e in self._evolved},
         }
 
-    def _rehearse_optimizer_state(self, optimizer_state: Any) -> None:
-        """Load ``optimizer_state`` into a scratch optimizer of the same class and param-group
-        layout over scratch copies of the parameters and run one step with zero gradients,
-        so that a corrupted or foreign optimizer state (missing buffers, wrong shapes, another
-        optimizer's hyperparameters) fails here, before anything changes, and not part-way
-        through a later ``step``. Raises ValueError naming the cause."""
-        if not isinstance(optimizer_state, Mapping) or not {"state", "param_groups"} <= set(
-                optimizer_state):
-            raise ValueError("state_dict optimizer entry must be a torch optimizer state_dict "
-                             "(a mapping with 'state' and 'param_groups')")
-        with torch.no_grad():
-            groups = []
-            for group in self._optimizer.param_groups:
-                scratch = [torch.nn.Parameter(p.detach().clone()) for p in group["params"]]
-                groups.append({**{k: v for k, v in group.items() if k != "params"},
-                               "params": scratch})
-        try:
-            trial = self._optimizer_cls(groups, lr=self._lr, **self.optimizer_kwargs)
-            trial.load_state_dict(copy.deepcopy(dict(optimizer_state)))
-            for group in trial.param_groups:
-                for p in group["params"]:
-                    p.grad = torch.zeros_like(p)
-            trial.step()
-        except Exception as err:
-            raise ValueError(f"state_dict optimizer state does not fit this strategy's "
-                             f"{type(self._optimizer).__name__} over the evolved parameters "
-                             f"({type(err).__name__}: {err}); nothing was loaded") from err
-
     def load_state_dict(self, state: Mapping) -> None:
         """Restore a :meth:`state_dict` (the loaded seed, rank, antithetic, noise_reuse and
         nonfinite_fitness override the constructor's; a state without
@@ -986,8 +991,8 @@ class EvolutionStrategy:
         Validated before anything changes: keys, algorithm and noise stream version, the
         types and ranges of the settings, the parameter names (the same architecture),
         shapes, floating dtypes and finite values, and the optimizer state (rehearsed on a
-        scratch optimizer). On any error the strategy, its optimizer and the model are
-        exactly as before.
+        scratch optimizer); see :mod:`evotorch_eggroll.checkpoint`. On any error the
+        strategy, its optimizer and the model are exactly as before.
 
         Raises:
             KeyError: missing keys.
@@ -998,74 +1003,44 @@ class EvolutionStrategy:
         self._require_setup("load_state_dict()")
         if self._active is not None:
             raise RuntimeError("load_state_dict() cannot run inside a perturb context")
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
-        missing = [k for k in _STATE_KEYS if k not in state]
-        if missing:
-            raise KeyError(f"state_dict misses {missing}")
-        if state["algorithm"] != self._algorithm:
-            raise ValueError(f"state_dict is from {state['algorithm']!r}, this strategy is "
-                             f"{self._algorithm!r}")
-        if state["noise_stream_version"] != _noise.STREAM_VERSION:
-            raise ValueError(f"state_dict uses noise stream version "
-                             f"{state['noise_stream_version']}, this library "
-                             f"{_noise.STREAM_VERSION}")
-        sigma = _real("sigma", state["sigma"])
-        lr = _real("lr", state["lr"])
-        epoch = _integer("epoch", state["epoch"], 0)
-        total_steps = _integer("total_steps", state["total_steps"], 0)
-        seed = _integer("seed", state["seed"], 0)
-        rank = _integer("rank", state["rank"], 0)
-        if not self._full_rank and rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        noise_reuse = _integer("noise_reuse", state["noise_reuse"], 0)
-        nonfinite_fitness = check_nonfinite_policy(
-            state.get("nonfinite_fitness", self.nonfinite_fitness), "state_dict nonfinite_fitness")
-        values = state["parameters"]
-        names = [e.name for e in self._evolved]
-        if not isinstance(values, Mapping) or sorted(values) != sorted(names):
-            got = sorted(values) if isinstance(values, Mapping) else type(values).__name__
-            raise ValueError(f"state_dict parameters {got} do not match the evolved "
-                             f"parameters {sorted(names)}")
-        if not isinstance(state["antithetic"], bool):
-            raise TypeError(f"state_dict antithetic must be a bool, got "
-                            f"{type(state['antithetic']).__name__}")
-        for e in self._evolved:
-            v = values[e.name]
-            if not isinstance(v, torch.Tensor) or v.shape != e.param.shape:
-                raise ValueError(f"state_dict value of {e.name!r} has shape "
-                                 f"{getattr(v, 'shape', None)}, expected {tuple(e.param.shape)}")
-            if not v.is_floating_point():
-                raise TypeError(f"state_dict value of {e.name!r} has dtype {v.dtype}; parameter "
-                                f"values must be floating point")
-            if v.device.type == "meta":
-                raise RuntimeError(f"state_dict value of {e.name!r} is a meta tensor, which "
-                                   f"holds no values")
-            if not bool(torch.isfinite(v).all()):
-                raise ValueError(f"state_dict value of {e.name!r} contains NaN or inf")
-        self._rehearse_optimizer_state(state["optimizer"])
-        self._check_ranks_agree({e.name: values[e.name] for e in self._evolved}, seed=seed,
-                                sigma=sigma, lr=lr, rank=rank, antithetic=state["antithetic"],
-                                noise_reuse=noise_reuse, nonfinite_fitness=nonfinite_fitness)
+        loaded = checkpoint.check_state_dict(state, algorithm=self._algorithm,
+                                             full_rank=self._full_rank, evolved=self._evolved,
+                                             nonfinite_fitness=self.nonfinite_fitness)
+        checkpoint.rehearse_optimizer_state(self._optimizer, self._optimizer_cls, self._lr,
+                                            self.optimizer_kwargs, loaded.optimizer)
+        self._check_ranks_agree(loaded.parameters, seed=loaded.seed, sigma=loaded.sigma,
+                                lr=loaded.lr, rank=loaded.rank, antithetic=loaded.antithetic,
+                                noise_reuse=loaded.noise_reuse,
+                                nonfinite_fitness=loaded.nonfinite_fitness)
+        self._load_optimizer_and_parameters(loaded)
+        self._adopt_loaded_settings(loaded)
+
+    def _load_optimizer_and_parameters(self, loaded: checkpoint.CheckedState) -> None:
+        """Load stage of :meth:`load_state_dict`: the optimizer state, then the parameter
+        values; if writing the values fails, the optimizer state goes back to what it was."""
         previous = self._optimizer.state_dict()  # references: loading replaces, never mutates
-        self._optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self._optimizer.load_state_dict(copy.deepcopy(loaded.optimizer))
         try:
             with torch.no_grad():
                 for e in self._evolved:
-                    e.param.copy_(values[e.name].to(e.param.device))
+                    e.param.copy_(loaded.parameters[e.name].to(e.param.device))
         except BaseException:
             self._optimizer.load_state_dict(previous)
             raise
-        self._sigma = sigma
-        self.lr = lr
-        self.epoch = epoch
-        self.total_steps = total_steps
-        self._seed = seed
+
+    def _adopt_loaded_settings(self, loaded: checkpoint.CheckedState) -> None:
+        """Last stage of :meth:`load_state_dict` (cannot fail): the loaded settings and
+        counters replace the strategy's, and no population is pending any more."""
+        self._sigma = loaded.sigma
+        self.lr = loaded.lr
+        self.epoch = loaded.epoch
+        self.total_steps = loaded.total_steps
+        self._seed = loaded.seed
         if not self._full_rank:
-            self._rank = rank
-        self.antithetic = bool(state["antithetic"])
-        self.noise_reuse = noise_reuse
-        self.nonfinite_fitness = nonfinite_fitness
+            self._rank = loaded.rank
+        self.antithetic = loaded.antithetic
+        self.noise_reuse = loaded.noise_reuse
+        self.nonfinite_fitness = loaded.nonfinite_fitness
         self._last = None
         self._stepped = None
 
@@ -1084,19 +1059,8 @@ class EvolutionStrategy:
     def _perturbation(self, e: EvolvedParam, member_id: int, epoch: Optional[int],
                       sigma: Optional[float] = None) -> Perturbation:
         k = _check_member(member_id)
-        epoch = self.epoch if epoch is None else _integer("epoch", epoch, 0)
-        coords = self._coords(epoch, sigma)
-        ids = torch.tensor([k], dtype=torch.int64, device=e.param.device)
-        if e.lowrank:
-            a, b = e.factors(coords, ids)
-            factors: Any = (a[0].to(e.param.dtype), b[0].to(e.param.dtype))
-            rank: Optional[int] = self._rank
-        else:
-            factors = e.dense(coords, ids)[0].to(e.param.dtype)
-            rank = None
-        return Perturbation(param_name=e.name, shape=tuple(e.param.shape), factors=factors,
-                            rank=rank, member_id=k, epoch=epoch,
-                            sign=_noise.member_sign(k, self.antithetic))
+        epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)
+        return member_perturbation(e, self._coords(epoch, sigma), k, epoch)
 
     def _sample_perturbation(self, param: torch.Tensor, member_id: int,
                              epoch: Optional[int] = None) -> Perturbation:
@@ -1111,19 +1075,27 @@ class EvolutionStrategy:
         ``self.sigma``): with the sigma a generation ran with, exactly the noise its forward
         and update used, e.g. to rebuild a member of an earlier generation."""
         e = self._entry(param)
-        return self._perturbation(e, member_id, epoch, None if sigma is None else _real("sigma", sigma))
+        return self._perturbation(e, member_id, epoch, None if sigma is None else check_real("sigma", sigma))
 
-    def sample_perturbations(self, param: torch.Tensor, population_size: int,
+    def sample_perturbations(self, param: Union[torch.Tensor, str], population_size: int,
                              epoch: Optional[int] = None) -> PerturbationSequence:
-        """The perturbations of members ``0..N-1`` of ``param``: a lazy sequence."""
+        """The perturbations of members ``0..N-1`` of ``param`` at ``epoch`` (default
+        ``self.epoch``): a lazy sequence (len, index, slice, iterate).
+
+        ``param`` is an evolved Parameter object or its dotted name, so
+        ``strategy.sample_perturbations("fc.weight", N)[k]`` is member ``k``'s perturbation
+        of ``fc.weight`` (inside a perturb context, ``pop.get_perturbation(k, "fc.weight")``
+        gives the same at the context's epoch)."""
         e = self._entry(param)
         n = _population_size(population_size)
-        epoch = self.epoch if epoch is None else _integer("epoch", epoch, 0)
+        epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)
         return PerturbationSequence(lambda k: self._perturbation(e, k, epoch), n)
 
     def _get_perturbation(self, param_name: str, member_id: int,
                           epoch: Optional[int] = None) -> Perturbation:
-        """Like :meth:`_sample_perturbation`, by dotted parameter name."""
+        """Like :meth:`_sample_perturbation`, by dotted parameter name. The public ways to
+        the same noise: ``sample_perturbations(param_name, N, epoch)[member_id]`` and,
+        inside a perturb context, ``pop.get_perturbation(member_id, param_name)``."""
         if not isinstance(param_name, str):
             raise TypeError(f"param_name must be a string, got {type(param_name).__name__}")
         return self._perturbation(self._entry(param_name), member_id, epoch)

@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .._validation import check_int, check_optional_int
 from .baseneproblem import DeviceLike, EggrollNEProblem, NetworkLike, _mix_seed
 from .forward import PopulationForward
 
@@ -49,10 +50,8 @@ class EggrollSupervisedNE(EggrollNEProblem):
         device: DeviceLike = None,
         **kwargs: Any,
     ) -> None:
-        if minibatch_size is not None and int(minibatch_size) < 1:
-            raise ValueError(f"minibatch_size must be a positive integer, got {minibatch_size!r}")
-        if int(num_minibatches) < 1:
-            raise ValueError(f"num_minibatches must be a positive integer, got {num_minibatches!r}")
+        minibatch_size = check_optional_int("minibatch_size", minibatch_size, 1)
+        num_minibatches = check_int("num_minibatches", num_minibatches, 1)
         if len(dataset) < 1:
             raise ValueError("the dataset is empty")
         self.dataset = dataset

@@ -18,6 +18,7 @@ import torch
 from evotorch import Solution
 from torch import nn
 
+from .._validation import check_int, check_optional_int
 from .baseneproblem import DeviceLike, EggrollNEProblem, NetworkLike, _mix_seed, _resolve_device
 from .forward import PopulationForward
 from .obsnorm import RunningObsNorm, _ObsNormPolicy
@@ -106,10 +107,8 @@ class EggrollVecGymNE(EggrollNEProblem):
         device: DeviceLike = None,
         **kwargs: Any,
     ) -> None:
-        if int(num_episodes) < 1:
-            raise ValueError(f"num_episodes must be a positive integer, got {num_episodes!r}")
-        if episode_length is not None and int(episode_length) < 1:
-            raise ValueError(f"episode_length must be a positive integer, got {episode_length!r}")
+        num_episodes = check_int("num_episodes", num_episodes, 1)
+        episode_length = check_optional_int("episode_length", episode_length, 1)
         if observation_normalization and kwargs.get("num_actors") not in (None, 0):
             raise ValueError("observation_normalization is not supported together with num_actors")
         self._device_for_env = _resolve_device(device)

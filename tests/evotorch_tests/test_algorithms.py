@@ -87,6 +87,30 @@ def test_rank_fitnesses_methods():
         rank_fitnesses(torch.tensor([1.0, float("nan")]), "centered", higher_is_better=True)
 
 
+@pytest.mark.parametrize("higher_is_better", [True, False])
+@pytest.mark.parametrize("method", ["centered", "linear", "nes"])
+def test_rank_methods_are_evotorchs_with_ties_sharing_their_mean_weight(method, higher_is_better):
+    """Without ties the weights are EvoTorch's; each tie gets the mean of the weights
+    EvoTorch gives its members (a set that does not depend on EvoTorch's order within it)."""
+    from evotorch.tools import ranking
+
+    evotorch_rank = getattr(ranking, method)
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 5, 16, 40, 301):
+        distinct = torch.randperm(n, generator=g).double()
+        ours = rank_fitnesses(distinct, method, higher_is_better=higher_is_better)
+        torch.testing.assert_close(ours, evotorch_rank(distinct, higher_is_better=higher_is_better),
+                                   rtol=1e-12, atol=1e-12)
+        tied = torch.randint(0, max(2, n // 4), (n,), generator=g).double()  # many ties
+        ours = rank_fitnesses(tied, method, higher_is_better=higher_is_better)
+        theirs = evotorch_rank(tied, higher_is_better=higher_is_better)
+        for value in tied.unique():
+            tie = tied == value
+            expected = theirs[tie].mean().expand(int(tie.sum()))
+            torch.testing.assert_close(ours[tie], expected, rtol=1e-12, atol=1e-12)
+            assert bool((ours[tie] == ours[tie][0]).all())  # equal fitness, equal weight
+
+
 # ---------------------------------------------------------------------------- dense mode
 
 

@@ -241,6 +241,25 @@ def _keeps_solution_stats(problem: Problem) -> bool:
     return bool(stores)
 
 
+def _evaluate_batch(problem: Problem, batch: SolutionBatch) -> None:
+    """``problem.evaluate(batch)``, with EvoTorch's failure on non-finite evaluations (its
+    best/worst tracking raises an ``AttributeError``) turned into an error that says what
+    happened and what to do."""
+    try:
+        problem.evaluate(batch)
+    except AttributeError as err:
+        evals = batch.evals
+        if evals is None or bool(torch.isfinite(evals.as_subclass(torch.Tensor)).all()):
+            raise
+        bad = int((~torch.isfinite(evals.as_subclass(torch.Tensor))).any(dim=-1).sum())
+        raise ValueError(
+            f"{type(problem).__name__}'s evaluation returned NaN or inf for {bad} of {len(batch)} members, "
+            "and EvoTorch's best/worst tracking of the problem fails on them; nothing was updated. "
+            "To rank such members last instead, construct the problem with store_solution_stats=False "
+            "and pass nonfinite_fitness='worst' to EGGROLL"
+        ) from err
+
+
 class _LowRankMode:
     """EGGROLL's low-rank mode, for a problem implementing
     :class:`~evotorch_eggroll.protocol.LowRankProblem`: an internal
@@ -476,7 +495,7 @@ class _DenseMode:
                 values = (center.float() + self._dense_member_noise(ids, epoch, self._sigma)).to(center.dtype)
                 batch = SolutionBatch(problem, popsize=int(ids.shape[0]), device=problem.device, empty=True)
                 batch.set_values(values.to(problem.device))
-                problem.evaluate(batch)
+                _evaluate_batch(problem, batch)
                 evals = batch.evals[:, 0]
                 parts.append(evals.as_subclass(torch.Tensor).clone().to(device))
             return torch.cat(parts).float()

@@ -250,6 +250,22 @@ def test_worst_refuses_a_plain_problem_that_keeps_evotorchs_solution_stats():
     assert _dense_diverging(nonfinite_fitness="worst").problem.stores_solution_stats is False
 
 
+def test_nan_on_a_problem_that_keeps_evotorchs_solution_stats_is_a_clear_error():
+    """With "raise", a NaN evaluation on a problem that keeps EvoTorch's best/worst tracking
+    (whose own failure is an AttributeError) is the searcher's ValueError, naming the way
+    out, and changes nothing."""
+    tracking = Problem("min", Diverging(_sphere, [1], float("nan")), solution_length=6,
+                       initial_bounds=(-3, 3), vectorized=True, seed=0)
+    searcher = EGGROLL(tracking, popsize=8, sigma=0.3, lr=0.1, seed=4)
+    before = _searcher_state(searcher)
+    with pytest.raises(ValueError, match="returned NaN or inf for 1 of 8 members") as err:
+        searcher.step()
+    assert "store_solution_stats=False" in str(err.value) and "nonfinite_fitness='worst'" in str(err.value)
+    after = _searcher_state(searcher)
+    assert torch.equal(after["center"], before["center"])
+    assert (after["epoch"], after["steps"], after["opt"]) == (before["epoch"], before["steps"], before["opt"])
+
+
 def test_nonfinite_option_is_checked_and_survives_pickling():
     with pytest.raises(ValueError, match="nonfinite_fitness must be one of 'raise', 'worst'"):
         _dense_diverging(nonfinite_fitness="skip")

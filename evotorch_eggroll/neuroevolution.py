@@ -959,7 +959,8 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     Actions: for a ``Discrete(n)`` action space the network outputs ``n`` scores and the
     action is their argmax (with ``n == 2`` a single output ``> 0`` also works); for a
-    ``Box`` space the output is reshaped to the action shape and clipped to the bounds.
+    ``Box`` space the output is reshaped to the action shape, converted to the space's
+    dtype and clipped to its bounds.
 
     Every evaluation resets the environments with a fresh seed derived from ``seed`` and an
     episode counter, plus the id of the first evaluated member, so results are reproducible
@@ -1229,9 +1230,8 @@ class EggrollVecGymNE(EggrollNEProblem):
             if space.start:
                 act = act + int(space.start)
         else:
-            act = out.reshape(k, *space.shape)
-            low, high = self._box_bounds(act)
-            act = torch.maximum(torch.minimum(act, high), low)
+            low, high = self._box_bounds(out)  # clipped in the space's dtype: exact bounds, numpy-ready
+            act = torch.maximum(torch.minimum(out.reshape(k, *space.shape).to(low.dtype), high), low)
         if num_envs > k:
             act = torch.cat([act, act[:1].expand(num_envs - k, *act.shape[1:])])
         if torch_env:
@@ -1240,14 +1240,14 @@ class EggrollVecGymNE(EggrollNEProblem):
         return act.astype(space.dtype) if isinstance(space, gym.spaces.Box) else act
 
     def _box_bounds(self, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Box action bounds as tensors like ``act`` (copied to the device once, so that a
-        captured rollout step holds no host-to-device copy)."""
+        """The Box action bounds in the space's dtype on ``act``'s device (copied to the device
+        once, so that a captured rollout step holds no host-to-device copy)."""
         cache = self.__dict__.setdefault("_bounds_cache", {})
-        key = (act.dtype, act.device)
+        key = act.device
         if key not in cache:
             space = self._act_space
-            cache[key] = (torch.as_tensor(space.low, dtype=act.dtype, device=act.device),
-                          torch.as_tensor(space.high, dtype=act.dtype, device=act.device))
+            cache[key] = (torch.as_tensor(space.low, device=act.device),
+                          torch.as_tensor(space.high, device=act.device))
         return cache[key]
 
     def _obs_tensor(self, obs: Any, dtype: torch.dtype) -> torch.Tensor:

@@ -29,6 +29,7 @@ Adapters:
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 import pickle
@@ -976,8 +977,10 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     Args:
         env: A Gymnasium id (built with ``gymnasium.make_vec(env, num_envs=K, **env_config)``),
-            a callable ``(num_envs=K, **env_config) -> VectorEnv`` (it also gets
-            ``device=`` when it accepts one and ``env_config`` has none, e.g. the
+            EvoTorch's ``"brax::<name>"`` for a Brax environment on the problem's device
+            (:class:`~evotorch_eggroll.jax_envs.BraxVecEnv`, ``env_config`` its keywords), a
+            callable ``(num_envs=K, **env_config) -> VectorEnv`` (it also gets ``device=`` when
+            it accepts one and ``env_config`` has none, e.g. the
             :class:`~evotorch_eggroll.envs.CartPole` class), or a ``VectorEnv`` instance with
             at least as many environments as members (extra environments are run but
             ignored).
@@ -1068,6 +1071,9 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     def _make_env(self, num_envs: int) -> gym.vector.VectorEnv:
         maker = self._env_maker
+        if isinstance(maker, str) and maker.startswith("brax::"):  # EvoTorch's Brax ids
+            from .jax_envs import BraxVecEnv
+            maker = functools.partial(BraxVecEnv, maker)
         if isinstance(maker, str):
             env = gym.make_vec(maker, num_envs=num_envs, **self._env_config)
         elif callable(maker):
@@ -1341,6 +1347,8 @@ class EggrollVecGymNE(EggrollNEProblem):
         if not (isinstance(obs, torch.Tensor) and obs.is_cuda) or _autoreset_disabled(env):
             return False
         if getattr(self, "_replay_disabled", False) or not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+            return False
+        if getattr(env, "cuda_graph_generators", ()) is None:  # declared not capturable (a JAX env)
             return False
         if not hasattr(env, "cuda_graph_generators"):
             if not getattr(self, "_warned_replay", False):

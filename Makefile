@@ -21,6 +21,9 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TRITON_SPEC ?= triton==3.6.0
 PYTEST_ARGS ?=
+# MuJoCo (HalfCheetah tests) and CPU JAX (the JAX environment adapter's tests); Brax is left
+# out: it brings ~35 packages and its physics takes tens of seconds to compile on the CPU.
+EXTRAS ?= test,notebooks,mujoco,jax
 
 NEWEST_VENV ?= .venv-newest
 NEWEST_TORCH_SPEC ?= torch==2.13.0
@@ -44,7 +47,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(PY) -m pip install -q -e ".[test,notebooks]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	$(PY) -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
 	echo "$(SPECS)" > $@
 

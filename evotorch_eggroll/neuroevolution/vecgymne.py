@@ -4,6 +4,7 @@ environment, one environment per member."""
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import pickle
 import warnings
@@ -46,7 +47,8 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     Actions: for a ``Discrete(n)`` action space the network outputs ``n`` scores and the
     action is their argmax (with ``n == 2`` a single output ``> 0`` also works); for a
-    ``Box`` space the output is reshaped to the action shape and clipped to the bounds.
+    ``Box`` space the output is reshaped to the action shape, converted to the space's
+    dtype and clipped to its bounds.
 
     Every evaluation resets the environments with a fresh seed derived from ``seed`` and an
     episode counter, plus the id of the first evaluated member, so results are reproducible
@@ -62,8 +64,10 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     Args:
         env: A Gymnasium id (built with ``gymnasium.make_vec(env, num_envs=K, **env_config)``),
-            a callable ``(num_envs=K, **env_config) -> VectorEnv`` (it also gets
-            ``device=`` when it accepts one and ``env_config`` has none, e.g. the
+            EvoTorch's ``"brax::<name>"`` for a Brax environment on the problem's device
+            (:class:`~evotorch_eggroll.jax_envs.BraxVecEnv`, ``env_config`` its keywords), a
+            callable ``(num_envs=K, **env_config) -> VectorEnv`` (it also gets ``device=`` when
+            it accepts one and ``env_config`` has none, e.g. the
             :class:`~evotorch_eggroll.envs.CartPole` class), or a ``VectorEnv`` instance with
             at least as many environments as members (extra environments are run but
             ignored).
@@ -152,6 +156,9 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     def _make_env(self, num_envs: int) -> gym.vector.VectorEnv:
         maker = self._env_maker
+        if isinstance(maker, str) and maker.startswith("brax::"):  # EvoTorch's Brax ids
+            from ..jax_envs import BraxVecEnv
+            maker = functools.partial(BraxVecEnv, maker)
         if isinstance(maker, str):
             env = gym.make_vec(maker, num_envs=num_envs, **self._env_config)
         elif callable(maker):
@@ -314,9 +321,8 @@ class EggrollVecGymNE(EggrollNEProblem):
             if space.start:
                 act = act + int(space.start)
         else:
-            act = out.reshape(k, *space.shape)
-            low, high = self._box_bounds(act)
-            act = torch.maximum(torch.minimum(act, high), low)
+            low, high = self._box_bounds(out)  # clipped in the space's dtype: exact bounds, numpy-ready
+            act = torch.maximum(torch.minimum(out.reshape(k, *space.shape).to(low.dtype), high), low)
         if num_envs > k:
             act = torch.cat([act, act[:1].expand(num_envs - k, *act.shape[1:])])
         if torch_env:
@@ -325,14 +331,14 @@ class EggrollVecGymNE(EggrollNEProblem):
         return act.astype(space.dtype) if isinstance(space, gym.spaces.Box) else act
 
     def _box_bounds(self, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Box action bounds as tensors like ``act`` (copied to the device once, so that a
-        captured rollout step holds no host-to-device copy)."""
+        """The Box action bounds in the space's dtype on ``act``'s device (copied to the device
+        once, so that a captured rollout step holds no host-to-device copy)."""
         cache = self.__dict__.setdefault("_bounds_cache", {})
-        key = (act.dtype, act.device)
+        key = act.device
         if key not in cache:
             space = self._act_space
-            cache[key] = (torch.as_tensor(space.low, dtype=act.dtype, device=act.device),
-                          torch.as_tensor(space.high, dtype=act.dtype, device=act.device))
+            cache[key] = (torch.as_tensor(space.low, device=act.device),
+                          torch.as_tensor(space.high, device=act.device))
         return cache[key]
 
     def _obs_tensor(self, obs: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -425,6 +431,8 @@ class EggrollVecGymNE(EggrollNEProblem):
         if not (isinstance(obs, torch.Tensor) and obs.is_cuda) or _autoreset_disabled(env):
             return False
         if getattr(self, "_replay_disabled", False) or not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+            return False
+        if getattr(env, "cuda_graph_generators", ()) is None:  # declared not capturable (a JAX env)
             return False
         if not hasattr(env, "cuda_graph_generators"):
             if not getattr(self, "_warned_replay", False):

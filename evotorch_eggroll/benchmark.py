@@ -695,6 +695,8 @@ def main(argv: Optional[list[str]] = None) -> Union[list[Result], list[LMResult]
     """Run the benchmark and print the table; returns the results (see :func:`cli` for the
     exit status)."""
     args = build_parser().parse_args(argv)
+    if args.lm and args.cases:
+        raise SystemExit("--lm times the LM alone: leave out --cases")
 
     if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         if "triton" in sys.modules:
@@ -719,17 +721,14 @@ def main(argv: Optional[list[str]] = None) -> Union[list[Result], list[LMResult]
     with_jax = not args.no_jax
     print(_environment(with_jax), flush=True)
     results: list = []
-    if args.lm:
-        lm = lm_case(small)
+    for case in [lm_case(small)] if args.lm else cases:
         for precision in precisions:
-            res = run_lm_case(lm, precision, device, reps=reps, warmup=warmup)
-            results.append(res)
-            print("\n".join(format_rows(res)), flush=True)
-    for case in [] if args.lm else cases:
-        for precision in precisions:
-            res = run_case(case, precision, device, reps=reps, warmup=warmup,
-                           with_jax=with_jax, with_naive=not args.no_naive,
-                           with_graph=not args.no_graph)
+            if args.lm:
+                res = run_lm_case(case, precision, device, reps=reps, warmup=warmup)
+            else:
+                res = run_case(case, precision, device, reps=reps, warmup=warmup,
+                               with_jax=with_jax, with_naive=not args.no_naive,
+                               with_graph=not args.no_graph)
             results.append(res)
             print("\n".join(format_rows(res)), flush=True)
     if device.type == "cuda" and not args.lm:

@@ -173,3 +173,5 @@ def test_lm_case_through_the_plain_torch_path_at_bf16():
     assert res.eggroll_tokens_per_s == pytest.approx(case.tokens / (res.eggroll_ms * 1e-3))
     with pytest.raises(ValueError, match="precision"):
         benchmark.run_lm_case(case, "fp16", torch.device("cpu"))
+    with pytest.raises(SystemExit, match="--cases"):
+        benchmark.main(["--lm", "--cases", "rl_mlp"])

@@ -65,7 +65,7 @@ class Logits(nn.Module):
 
 
 def gpt2(attn: str) -> nn.Module:
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=8, n_embd=8, n_layer=2,
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=8, n_embd=8, n_layer=1,
                                      n_head=2, bos_token_id=0, eos_token_id=0,
                                      attn_implementation=attn)
     return Logits(transformers.GPT2LMHeadModel(config), positions_with_the_batch=True)
@@ -73,7 +73,7 @@ def gpt2(attn: str) -> nn.Module:
 
 def llama(attn: str, positions_with_the_batch: bool = False) -> nn.Module:
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=12,
-                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1, max_position_embeddings=16,
                                       bos_token_id=0, eos_token_id=0, attn_implementation=attn)
     return Logits(transformers.LlamaForCausalLM(config), positions_with_the_batch)

@@ -41,7 +41,7 @@ def check_learned(out: dict) -> None:
 def test_cpu_size_learns_below_the_unigram_entropy_and_samples(example, capsys):
     out = example.main(["--device", "cpu", "--backend", "torch", "--sample-chars", "40"])
     args = example.parse_args(["--device", "cpu"])
-    assert (args.popsize, args.generations, args.d_model) == (512, 60, 16)
+    assert (args.popsize, args.generations, args.d_model, args.sigma) == (512, 60, 16, 0.05)
     assert out["history"][-1][0] == 60 and out["seconds"] > 0
     check_learned(out)
     printed = capsys.readouterr().out
@@ -52,9 +52,10 @@ def test_cpu_size_learns_below_the_unigram_entropy_and_samples(example, capsys):
 def test_gpu_population_16384_learns_below_the_unigram_entropy(example):
     args = example.parse_args(["--device", "cuda"])
     assert args.popsize == 16384  # the GPU default
-    out = example.main(["--device", "cuda", "--generations", "60", "--seq-len", "16",
-                        "--d-model", "32", "--layers", "1", "--batch-size", "4",
-                        "--sample-chars", "40"])
+    # the CPU size's model and settings with the GPU's population
+    out = example.main(["--device", "cuda", "--generations", "60", "--seq-len", "8",
+                        "--d-model", "16", "--layers", "1", "--batch-size", "8", "--sigma", "0.05",
+                        "--lr", "0.03", "--sample-chars", "40"])
     assert out["searcher"].popsize == 16384
     check_learned(out)
 
@@ -101,3 +102,5 @@ def test_bad_command_lines_are_errors(example):
         example.parse_args(["--popsize", "0"])
     with pytest.raises(SystemExit):
         example.parse_args(["--backend", "cuda"])
+    with pytest.raises(SystemExit):
+        example.parse_args(["--sigma", "0"])

@@ -39,7 +39,11 @@ def check_learned(out: dict) -> None:
 
 
 def test_cpu_size_learns_below_the_unigram_entropy_and_samples(example, capsys):
-    out = example.main(["--device", "cpu", "--backend", "torch", "--sample-chars", "40"])
+    threads = torch.get_num_threads()
+    try:
+        out = example.main(["--device", "cpu", "--backend", "torch", "--sample-chars", "40"])
+    finally:
+        torch.set_num_threads(threads)  # the example keeps the CPU to one thread
     args = example.parse_args(["--device", "cpu"])
     assert (args.popsize, args.generations, args.d_model, args.sigma) == (512, 60, 16, 0.05)
     assert out["history"][-1][0] == 60 and out["seconds"] > 0

@@ -30,6 +30,14 @@ Every time is the median of ``--reps`` samples after warm-up (the update too). P
 prints its reason under the case's row and makes the command exit with status 1. On a
 machine without a GPU the sizes shrink, the kernels run in Triton's interpreter and no
 graph is captured: those numbers only show that the code runs.
+
+``--lm`` times a character-level transformer language model instead
+(:class:`evotorch_eggroll.char_lm.CharGPT`, nanoGPT-shaped: embeddings, causal
+self-attention, GELU MLP, LayerNorms, linear head): ``pop.batched_forward`` of the whole
+population against the plain forward of the same model on the same batch of tokens (every
+member its own sequences), as population tokens per second of wall-clock time, eager, at
+the precisions asked for. The GPU size is the LM example's: 16384 members x 4 sequences x
+64 characters, 2 layers of width 128.
 """
 
 from __future__ import annotations
@@ -45,11 +53,12 @@ import sys
 import textwrap
 import time
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
-__all__ = ["Case", "Result", "default_cases", "run_case", "main"]
+__all__ = ["Case", "Result", "default_cases", "run_case", "LMCase", "LMResult", "lm_case",
+           "run_lm_case", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +141,58 @@ def default_cases(small: bool = False) -> list[Case]:
             cases.append(Case(f"layer4096_rows{rows}_r{r}_1row", "layer", rows, 1, r, (4096, 4096)))
         cases.append(Case(f"layer4096_rows{rows}_r4_16rows", "layer", rows // 16, 16, 4, (4096, 4096)))
     return cases
+
+
+@dataclasses.dataclass(frozen=True)
+class LMCase:
+    """The ``--lm`` case: a :class:`~evotorch_eggroll.char_lm.CharGPT` evaluated for a
+    population, ``seqs_per_member`` sequences of ``seq_len`` characters per member."""
+
+    name: str
+    population: int
+    seqs_per_member: int
+    seq_len: int
+    d_model: int
+    layers: int
+    heads: int
+    rank: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per forward call: population x sequences per member x sequence length."""
+        return self.population * self.seqs_per_member * self.seq_len
+
+
+@dataclasses.dataclass
+class LMResult:
+    """One row of the ``--lm`` table: wall-clock medians of one forward call of ``tokens``
+    tokens, the plain model's and ``pop.batched_forward``'s."""
+
+    case: str
+    precision: str
+    tokens: int
+    plain_ms: float
+    eggroll_ms: float
+
+    @property
+    def plain_tokens_per_s(self) -> float:
+        return self.tokens / (self.plain_ms * 1e-3)
+
+    @property
+    def eggroll_tokens_per_s(self) -> float:
+        return self.tokens / (self.eggroll_ms * 1e-3)
+
+    @property
+    def ratio(self) -> float:
+        """Time of the population's forward over the plain forward's."""
+        return self.eggroll_ms / self.plain_ms
+
+
+def lm_case(small: bool = False) -> LMCase:
+    """The LM example's GPU size, or with ``small`` a tiny one for a CPU smoke run."""
+    if small:
+        return LMCase("char_lm_small", 8, 2, 8, 16, 1, 2, 1)
+    return LMCase("char_lm_N16384", 16384, 4, 64, 128, 2, 4, 1)
 
 
 def _build_model(case: Case, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -434,6 +495,42 @@ def run_case(
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
 
+def run_lm_case(case: LMCase, precision: str, device: torch.device, *, warmup: int = 5,
+                reps: int = 20, backend: str = "triton") -> LMResult:
+    """Time the plain forward and ``pop.batched_forward`` of the LM case at one precision
+    (``backend`` as in :func:`run_case`)."""
+    from . import EggrollStrategy
+    from .char_lm import CharGPT, CharVocab, make_text
+
+    if precision not in ("fp32", "tf32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}: choose among fp32, tf32, bf16")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    text = make_text(4096)
+    vocab = CharVocab(text)
+    data = vocab.encode(text)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rows = case.population * case.seqs_per_member
+    starts = torch.randint(0, data.numel() - case.seq_len, (rows, 1), generator=g)
+    x = data[starts + torch.arange(case.seq_len)].to(device)  # (rows, T): each row its own window
+    ids = torch.arange(case.population).repeat_interleave(case.seqs_per_member).to(device)
+    torch.manual_seed(0)
+    model = CharGPT(len(vocab), case.seq_len, d_model=case.d_model, layers=case.layers,
+                    heads=case.heads).to(device=device, dtype=dtype)
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        with torch.no_grad():
+            plain_ms = wall_ms(device, lambda: model(x), warmup, reps)
+            strategy = EggrollStrategy(sigma=0.05, lr=1e-3, rank=case.rank, backend=backend)
+            strategy.setup(model)
+            with strategy.perturb(case.population, 0) as pop:
+                eggroll_ms = wall_ms(device, lambda: pop.batched_forward(model, x, member_ids=ids),
+                                     warmup, reps)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    return LMResult(case.name, precision, case.tokens, plain_ms, eggroll_ms)
+
+
 def noise_throughput(device: torch.device, numel: int = 1 << 26, reps: int = 10) -> float:
     """Normals per second of device time generated by the noise kernel (one launch of
     ``numel`` elements over four noise indices; CUDA-event time, GPU only)."""
@@ -491,6 +588,22 @@ _COLUMNS: list[tuple[str, int, Callable[[Result], str]]] = [
     ("dev ratio", 9, lambda r: _fmt(r.graph_ratio, 2)),
 ]
 
+_LM_COLUMNS: list[tuple[str, int, Callable[[LMResult], str]]] = [
+    ("tokens", 10, lambda r: str(r.tokens)),
+    ("plain ms", 9, lambda r: _fmt(r.plain_ms)),
+    ("ours ms", 9, lambda r: _fmt(r.eggroll_ms)),
+    ("ratio", 8, lambda r: _fmt(r.ratio, 2)),
+    ("plain tok/s", 11, lambda r: f"{r.plain_tokens_per_s:.3g}"),
+    ("ours tok/s", 10, lambda r: f"{r.eggroll_tokens_per_s:.3g}"),
+]
+
+LM_TABLE_LEGEND = (
+    "Times in ms, medians of wall-clock time of one eager call from a synchronised start to a "
+    "synchronised end. 'plain': the unperturbed model on all the tokens; 'ours': "
+    "pop.batched_forward, every member on its own sequences. tok/s: tokens of the call per "
+    "second."
+)
+
 TABLE_LEGEND = (
     "Times in ms, medians. Wall-clock (every column but 'dev'): one call from a synchronised "
     "start to a synchronised end, host overhead included; jax is one jitted call. 'dev': "
@@ -503,27 +616,35 @@ def _graph_cell(r: Result, value: Optional[float]) -> str:
     return "FAILED" if value is None and r.graph_error else _fmt(value)
 
 
-def format_rows(r: Result) -> list[str]:
+def _columns(r: Union[Result, LMResult]) -> list:
+    return _LM_COLUMNS if isinstance(r, LMResult) else _COLUMNS
+
+
+def format_rows(r: Union[Result, LMResult]) -> list[str]:
     """The table lines of one result: its row, and the reason of a failed graph capture."""
     cells = [f"{r.case:<30} {r.precision:<5}"]
-    cells += [f"{cell(r):>{width}}" for _, width, cell in _COLUMNS]
+    cells += [f"{cell(r):>{width}}" for _, width, cell in _columns(r)]
     lines = [" ".join(cells)]
-    if r.graph_error:
+    if getattr(r, "graph_error", None):
         lines.append(f"    ^ {r.graph_error}")
     return lines
 
 
-def format_table(results: list[Result]) -> str:
-    head = " ".join([f"{'case':<30} {'prec':<5}"] + [f"{h:>{w}}" for h, w, _ in _COLUMNS])
+def format_table(results: Union[list[Result], list[LMResult]]) -> str:
+    """The table of ``results`` (all of one kind) with its legend."""
+    lm = bool(results) and isinstance(results[0], LMResult)
+    columns, legend = (_LM_COLUMNS, LM_TABLE_LEGEND) if lm else (_COLUMNS, TABLE_LEGEND)
+    head = " ".join([f"{'case':<30} {'prec':<5}"] + [f"{h:>{w}}" for h, w, _ in columns])
     lines = [head, "-" * len(head)]
     for r in results:
         lines += format_rows(r)
-    return "\n".join(lines + [""] + textwrap.wrap(TABLE_LEGEND, 100))
+    return "\n".join(lines + [""] + textwrap.wrap(legend, 100))
 
 
 def capture_failures(results: list[Result]) -> list[str]:
     """``"case precision: reason"`` for every result whose graph capture failed."""
-    return [f"{r.case} {r.precision}: {r.graph_error}" for r in results if r.graph_error]
+    return [f"{r.case} {r.precision}: {r.graph_error}" for r in results
+            if getattr(r, "graph_error", None)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -559,16 +680,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv", default="",
                         help="also write the results to this CSV file (one column per "
                              "Result field and ratio)")
+    parser.add_argument("--lm", action="store_true",
+                        help="time the character-level transformer LM instead of the cases: "
+                             "population tokens/s of pop.batched_forward vs the plain forward "
+                             "on the same tokens (--precisions, --small, --reps, --warmup and "
+                             "--csv apply)")
     parser.add_argument("--rollout", action="store_true",
                         help="run the whole-generation RL rollout benchmark instead (env-steps/s; "
                              "see python -m evotorch_eggroll.rollout_benchmark --help)")
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> list[Result]:
+def main(argv: Optional[list[str]] = None) -> Union[list[Result], list[LMResult]]:
     """Run the benchmark and print the table; returns the results (see :func:`cli` for the
     exit status)."""
     args = build_parser().parse_args(argv)
+    if args.lm and args.cases:
+        raise SystemExit("--lm times the LM alone: leave out --cases")
 
     if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         if "triton" in sys.modules:
@@ -592,22 +720,29 @@ def main(argv: Optional[list[str]] = None) -> list[Result]:
 
     with_jax = not args.no_jax
     print(_environment(with_jax), flush=True)
-    results = []
-    for case in cases:
+    results: list = []
+    for case in [lm_case(small)] if args.lm else cases:
         for precision in precisions:
-            res = run_case(case, precision, device, reps=reps, warmup=warmup,
-                           with_jax=with_jax, with_naive=not args.no_naive,
-                           with_graph=not args.no_graph)
+            if args.lm:
+                res = run_lm_case(case, precision, device, reps=reps, warmup=warmup)
+            else:
+                res = run_case(case, precision, device, reps=reps, warmup=warmup,
+                               with_jax=with_jax, with_naive=not args.no_naive,
+                               with_graph=not args.no_graph)
             results.append(res)
             print("\n".join(format_rows(res)), flush=True)
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.lm:
         print(f"noise generation: {noise_throughput(device) / 1e9:.1f} G normals/s of device time")
     print()
     print(_environment(with_jax))
     print(format_table(results))
     if args.csv:
-        fields = [f.name for f in dataclasses.fields(Result)]
-        ratios = ["ratio", "update_ratio", "vs_jax", "graph_vs_jax", "graph_ratio"]
+        if args.lm:
+            fields = [f.name for f in dataclasses.fields(LMResult)]
+            ratios = ["ratio", "plain_tokens_per_s", "eggroll_tokens_per_s"]
+        else:
+            fields = [f.name for f in dataclasses.fields(Result)]
+            ratios = ["ratio", "update_ratio", "vs_jax", "graph_vs_jax", "graph_ratio"]
         with open(args.csv, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(fields + ratios)

@@ -141,3 +141,37 @@ def test_run_case_times_the_plain_torch_path_on_a_cpu():
     assert res.case == case.name and res.graph_ms is None and res.jax_ms is None
     for value in (res.plain_ms, res.eggroll_ms, res.update_ms, res.naive_ms):
         assert value is not None and value > 0 and math.isfinite(value)
+
+
+def test_lm_case_prints_population_tokens_per_second(capsys, tmp_path):
+    """``--lm``: the character LM's batched forward beside its plain forward on the same
+    tokens, one row per precision, with the tokens of the call and their rates."""
+    csv_path = tmp_path / "lm.csv"
+    assert benchmark.cli(["--lm", "--small", "--precisions", "fp32", "--reps", "1", "--warmup", "1",
+                          "--csv", str(csv_path)]) == 0
+    out = capsys.readouterr().out
+    case = benchmark.lm_case(small=True)
+    rows = [line.split() for line in out.splitlines() if line.startswith(case.name)]
+    assert len(rows) == 2  # printed as it ran, then in the table
+    assert "ours tok/s" in out and "pop.batched_forward" in out
+    name, precision, tokens, plain_ms, ours_ms, ratio, plain_rate, ours_rate = rows[-1]
+    assert (name, precision, int(tokens)) == (case.name, "fp32", case.tokens)
+    assert float(plain_ms) > 0 and float(ours_ms) > 0
+    assert float(ratio) == pytest.approx(float(ours_ms) / float(plain_ms), rel=0.02)
+    assert float(ours_rate) == pytest.approx(case.tokens / float(ours_ms) * 1e3, rel=0.02)
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("case,precision,tokens,plain_ms,eggroll_ms")
+
+
+def test_lm_case_through_the_plain_torch_path_at_bf16():
+    case = benchmark.lm_case(small=True)
+    assert case.tokens == case.population * case.seqs_per_member * case.seq_len
+    res = benchmark.run_lm_case(case, "bf16", torch.device("cpu"), warmup=1, reps=1, backend="torch")
+    assert (res.case, res.precision, res.tokens) == (case.name, "bf16", case.tokens)
+    for value in (res.plain_ms, res.eggroll_ms, res.plain_tokens_per_s, res.eggroll_tokens_per_s):
+        assert value > 0 and math.isfinite(value)
+    assert res.eggroll_tokens_per_s == pytest.approx(case.tokens / (res.eggroll_ms * 1e-3))
+    with pytest.raises(ValueError, match="precision"):
+        benchmark.run_lm_case(case, "fp16", torch.device("cpu"))
+    with pytest.raises(SystemExit, match="--cases"):
+        benchmark.main(["--lm", "--cases", "rl_mlp"])

@@ -44,22 +44,49 @@ def test_package_kernels_importable():
 
 
 def test_top_level_kernels_not_our_folder_from_repo_root():
-    """With the repository root first on sys.path, ``import kernels`` finds nothing of ours."""
+    """With the repository root first on sys.path and no other ``kernels`` installed,
+    ``import kernels`` gives an empty stand-in: no file, no version, none of our modules,
+    and any name imported from it is an ImportError."""
     proc = _run(
         """
         import sys
         sys.path.insert(0, '.')
+        import kernels
+        print(kernels.__file__, getattr(kernels, '__version__', 'N/A'), getattr(kernels, 'philox', None))
         try:
-            import kernels
+            import kernels.philox
         except ModuleNotFoundError as e:
             print('MISSING', e.name)
-        else:
-            print('FOUND', kernels.__file__)
+        try:
+            from kernels import get_kernel
+        except ImportError:
+            print('NO get_kernel')
         """,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "MISSING kernels", proc.stdout
+    assert proc.stdout.split("\n")[:3] == ["None N/A None", "MISSING kernels.philox", "NO get_kernel"], proc.stdout
+
+
+def test_transformers_from_repo_root_sees_no_kernels_package():
+    """``transformers`` probes for Hugging Face's ``kernels`` (find_spec, then an import when
+    no metadata names it): from the repository root it must report the package missing and
+    import its models, not fail on our folder."""
+    pytest.importorskip("transformers")
+    proc = _run(
+        """
+        import sys
+        sys.path.insert(0, '.')
+        from transformers.utils.import_utils import is_kernels_available
+        import transformers
+        transformers.GPT2Config  # noqa: B018 - a lazy import through the probe
+        print(is_kernels_available())
+        """,
+        cwd=ROOT,
+        extra_path=[p for p in sys.path if p and Path(p).resolve() != ROOT],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False", proc.stdout
 
 
 def test_top_level_kernels_resolves_to_the_other_project(tmp_path):

@@ -8,20 +8,9 @@ given: a batch-free input with a leading size-1 dimension, which ``batched_forwa
 as ambiguous (README, "The native API"). The wrapper below passes the positions with the
 batch, ``arange(T).expand(B, T)``; Llama's positions only feed its rotary embedding, which
 has no evolved parameter, so it runs either way.
-
-The repository's top-level ``kernels/`` folder (installed as ``evotorch_eggroll.kernels``)
-shadows Hugging Face's ``kernels`` package whenever the checkout's root is on ``sys.path``
-(``python -m pytest`` from the root puts it there): ``transformers`` finds it with
-``find_spec``, imports it, and the folder's import then fails by design, which breaks the
-import of every model class. The models are therefore imported with the root left out of
-``sys.path``; ``transformers`` caches what it found, so later calls are unaffected.
 """
 
 from __future__ import annotations
-
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,21 +18,7 @@ from torch import nn
 
 from evotorch_eggroll import EggrollStrategy
 
-
-
-def _import_transformers():
-    root = Path(__file__).resolve().parents[2]
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != root]
-    try:
-        module = pytest.importorskip("transformers")
-        module.GPT2LMHeadModel, module.LlamaForCausalLM  # noqa: B018 - resolve the lazy imports now
-    finally:
-        sys.path[:] = saved
-    return module
-
-
-transformers = _import_transformers()
+transformers = pytest.importorskip("transformers")
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 VOCAB = 11

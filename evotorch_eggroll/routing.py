@@ -42,12 +42,13 @@ steps, pixels) share the sample's member.
 Batch-free inputs: an input of a perturbed linear, matmul or embedding op that is not
 computed from the batch and whose first dimension is not the batch (``wpe(torch.arange
 (T))``, a constant vector) is computed once per batch row: the result gets the batch as a
-new leading dimension, ``(R, ...)``, and broadcasts against the batch as the unperturbed
-result would. A tensor not computed from the batch whose first dimension has R entries
-counts as batched (a hidden state kept from an earlier call); where that or the new
-leading dimension would pair rows of different members (``arange(T)`` with ``T == R``
-added to ``(R, T, C)`` embeddings, a batch-free ``(1, T)`` input), the op that combines
-them raises a RuntimeError. Under ``torch.compile`` nothing is followed: perturbed ops
+new leading dimension, ``(R, ...)``, or in place of a leading size-1 dimension (GPT-2's
+``arange(T)[None]``, the unbatched model's broadcast batch), and broadcasts against the
+batch as the unperturbed result would. A tensor not computed from the batch whose first
+dimension has R entries counts as batched (a hidden state kept from an earlier call); where
+that or the batch's new place would pair rows of different members (``arange(T)`` with
+``T == R`` added to ``(R, T, C)`` embeddings), the op that combines them raises a
+RuntimeError. Under ``torch.compile`` nothing is followed: perturbed ops
 then need the batch as their input's first dimension.
 
 An op that receives an evolved parameter anywhere else (``W @ x``, ``torch.einsum``,
@@ -511,11 +512,11 @@ class RowPerturbationMode(TorchFunctionMode):
                     f"lands in different dimensions ({dims}) of its result of shape "
                     f"{tuple(o.shape)}, which would pair rows of different members. A "
                     f"batch-free tensor given to a perturbed op gets the batch as a new "
-                    f"leading dimension, and a tensor not computed from the batch whose "
+                    f"leading dimension (or in place of a leading size-1 one), and a tensor "
+                    f"not computed from the batch whose "
                     f"first dimension has {self.batch} entries counts as batched: keep "
-                    f"batch-free inputs of perturbed ops without a leading batch-sized or "
-                    f"size-1 dimension (e.g. positions torch.arange(T), not [None]), or "
-                    f"give them the batch explicitly (expand to {self.batch} rows)."
+                    f"batch-free inputs of perturbed ops without a leading batch-sized "
+                    f"dimension, or give them the batch explicitly (expand to {self.batch} rows)."
                 )
             self._layouts[o] = found.pop() if found else _LOST
 
@@ -543,13 +544,18 @@ class RowPerturbationMode(TorchFunctionMode):
 
         Returns ``(t, ids, layout)``: ``ids (rows,)`` is the member of every row of
         ``t.reshape(-1, *t.shape[t.dim() - trailing:])``. A batch-free ``t`` (see
-        :meth:`layout`) is, with ``broadcast``, expanded to ``(R, *t.shape)`` so that the op
-        computes it once per batch row (the returned ``t``); without, it is an error, as is
-        a tensor computed from the batch whose batch is gone or among the features.
+        :meth:`layout`) is, with ``broadcast``, expanded to ``(R, *t.shape)`` (or, when its
+        first dimension has size 1 and is not a feature dimension, to ``(R, *t.shape[1:])``)
+        so that the op computes it once per batch row (the returned ``t``); without, it is an
+        error, as is a tensor computed from the batch whose batch is gone or among the
+        features.
         """
         lay = self.layout(t, trailing)
         if lay is None and broadcast:
-            t = t.expand(self.batch, *t.shape)
+            # a leading size-1 dimension is the unbatched model's broadcast batch: it becomes
+            # the R rows; any other batch-free input gets them as a new leading dimension
+            lead_one = t.dim() > trailing and t.shape[0] == 1
+            t = t.expand(self.batch, *t.shape[1:]) if lead_one else t.expand(self.batch, *t.shape)
             lay = ROWS
         if lay is None or lay is _LOST or lay.dim >= t.dim() - trailing:
             self.batch_error(what, t, lay)

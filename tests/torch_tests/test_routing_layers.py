@@ -79,9 +79,13 @@ class TinyGPT(nn.Module):
         self.fc, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
         self.lm_head = nn.Linear(c, vocab, bias=False)
 
+    unsqueeze_positions = False  # GPT-2's arange(T)[None] instead of nanoGPT's arange(T)
+
     def forward(self, idx):  # (B, T) int64
         b, t = idx.size()
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (T,)
+        if self.unsqueeze_positions:
+            pos = pos[None]  # (1, T)
         if isinstance(self.wpe, nn.Linear):
             pos_emb = self.wpe(F.one_hot(pos, self.block_size).float())  # (T, C)
         else:
@@ -132,20 +136,27 @@ def test_batch_free_inputs_get_the_batch_dimension(device):
     assert (rows[0] - rows[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("case", ["positions_as_many_as_rows", "leading_one"])
-def test_ambiguous_batch_free_inputs_are_errors(device, case):
+class Unsqueezed(TinyGPT):
+    """GPT-2's positions: ``arange(T)[None]``, a batch-free input with a leading size-1
+    dimension that broadcasts against the batch."""
+
+    unsqueeze_positions = True
+
+
+@pytest.mark.parametrize("linear_positions", [False, True])
+def test_leading_size_one_batch_free_input_takes_the_batch_in_its_place(device, linear_positions):
+    model = seeded(lambda: Unsqueezed(linear_positions=linear_positions)).to(device)
+    idx = torch.randint(0, 7, (4, 3), generator=torch.Generator().manual_seed(1)).to(device)
+    _, out = check(model, idx, rank=2)
+    assert out.shape == (4, 3, 7)  # (R, T, vocab): the batch took the size-1 dimension's place
+
+
+def test_ambiguous_batch_free_inputs_are_errors(device):
+    """``arange(T)`` with ``T == R`` looks batched: added to the ``(R, T, C)`` embeddings it
+    would pair row j with position j."""
     model = seeded(TinyGPT).to(device)
     s = EggrollStrategy(sigma=0.3, rank=2).setup(model)
-    if case == "leading_one":
-        class Unsqueezed(TinyGPT):
-            def forward(self, idx):
-                pos = torch.arange(idx.shape[1], device=idx.device)[None]  # (1, T)
-                return self.wte(idx) + self.wpe(pos)  # (R, 1, T, C) + (R, T, C)
-        model = seeded(Unsqueezed).to(device)
-        s = EggrollStrategy(sigma=0.3, rank=2).setup(model)
-        idx = torch.zeros(4, 3, dtype=torch.long, device=device)
-    else:
-        idx = torch.zeros(4, 4, dtype=torch.long, device=device)  # T == R: arange(T) looks batched
+    idx = torch.zeros(4, 4, dtype=torch.long, device=device)  # T == R: arange(T) looks batched
     with s.perturb(4) as pop:
         with pytest.raises(RuntimeError, match="lands in different dimensions"):
             pop.batched_forward(model, idx)

@@ -4,10 +4,9 @@ those of its member evaluated alone (``pop.iterate()`` writes the member's weigh
 model; its plain forward is the reference), with several rows per member.
 
 GPT-2 looks up its position embedding with ``position_ids = arange(T)[None]`` when none are
-given: a batch-free input with a leading size-1 dimension, which ``batched_forward`` refuses
-as ambiguous (README, "The native API"). The wrapper below passes the positions with the
-batch, ``arange(T).expand(B, T)``; Llama's positions only feed its rotary embedding, which
-has no evolved parameter, so it runs either way.
+given: a batch-free input with a leading size-1 dimension, where ``batched_forward`` puts
+the batch; the positions may also be given with the batch, ``arange(T).expand(B, T)``.
+Llama's positions only feed its rotary embedding, which has no evolved parameter.
 """
 
 from __future__ import annotations
@@ -39,11 +38,11 @@ class Logits(nn.Module):
         return self.lm(input_ids=input_ids, position_ids=pos).logits
 
 
-def gpt2(attn: str) -> nn.Module:
+def gpt2(attn: str, positions_with_the_batch: bool = False) -> nn.Module:
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=8, n_embd=8, n_layer=1,
                                      n_head=2, bos_token_id=0, eos_token_id=0,
                                      attn_implementation=attn)
-    return Logits(transformers.GPT2LMHeadModel(config), positions_with_the_batch=True)
+    return Logits(transformers.GPT2LMHeadModel(config), positions_with_the_batch)
 
 
 def llama(attn: str, positions_with_the_batch: bool = False) -> nn.Module:
@@ -56,10 +55,10 @@ def llama(attn: str, positions_with_the_batch: bool = False) -> nn.Module:
 
 @pytest.mark.parametrize("factory,attn,rank,antithetic", [
     (gpt2, "eager", 2, True),
-    (gpt2, "sdpa", 1, False),
+    (lambda attn: gpt2(attn, positions_with_the_batch=True), "sdpa", 1, False),
     (llama, "eager", 1, False),
     (lambda attn: llama(attn, positions_with_the_batch=True), "sdpa", 3, True),
-], ids=["gpt2_eager", "gpt2_sdpa", "llama_eager", "llama_sdpa_positions_given"])
+], ids=["gpt2_eager", "gpt2_sdpa_positions_given", "llama_eager", "llama_sdpa_positions_given"])
 def test_causal_lm_equals_member_by_member(device, factory, attn, rank, antithetic):
     torch.manual_seed(0)
     model = factory(attn).to(device).eval()

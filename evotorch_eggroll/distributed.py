@@ -1,4 +1,4 @@
-"""``torch.distributed`` helpers for sharding a population over ranks (SPEC §7).
+"""``torch.distributed`` helpers for sharding a population over ranks.
 
 EGGROLL needs very little communication: every rank regenerates the same noise from the
 same seed, so after each rank evaluated its contiguous slice of the population only the

@@ -1,4 +1,4 @@
-"""Immutable views of one member's perturbation of one parameter (SPEC §9).
+"""Immutable views of one member's perturbation of one parameter.
 
 These objects are for inspection: the strategy builds them from the same noise stream the
 batched forward and the update use. A weight's perturbation is kept factored as

@@ -1,4 +1,4 @@
-"""Mirrored sampling (SPEC §3, §4): members 2k and 2k+1 share draw k with signs +1/-1 on
+"""Mirrored (antithetic) sampling: members 2k and 2k+1 share draw k with signs +1/-1 on
 every parameter; the update folds each pair to one coefficient (w_2k - w_2k+1), so equal
 pair fitness gives an exactly zero update; odd populations warn.
 """

@@ -1,4 +1,4 @@
-"""Distribution (SPEC §7).
+"""Distribution over ranks (torch.distributed).
 
 In one process: the sharding of members over ranks, the world-size check, and the
 all-gathered update, with the process group faked through the strategy's ``_world_info`` /

@@ -1,4 +1,4 @@
-"""Fitness shaping (SPEC §4): z-score with the population variance (robust, float64),
+"""Fitness shaping: z-score with the population variance (robust, float64),
 tie-averaged ranks, "none", callables, the pairwise baseline, grouping, how the shaped
 weights enter the update, and the non-finite fitness policy (``nonfinite_fitness``).
 """

@@ -1,4 +1,4 @@
-"""nn.Module compatibility (SPEC §2, DESIGN §4): batched_forward runs the model's own forward
+"""nn.Module compatibility: batched_forward runs the model's own forward
 for Sequential, custom and nested modules, convolutions, embeddings, norm layers and
 elementwise parameters; it equals iterate(); parameters are restored on every exit path;
 unsupported uses are errors, never silently unperturbed; a supervised model learns.
@@ -574,7 +574,7 @@ def test_supervised_regression_learns(device):
     assert loss() < start / 3
 
 
-# -- faults: nothing half-updated (DESIGN §9) ---------------------------------------------------------
+# -- faults: nothing half-updated ---------------------------------------------------------------------
 #
 # Semantics: an exception or KeyboardInterrupt inside a perturb context or inside
 # pop.iterate() leaves the base parameters bit-identical. An optimizer that fails part-way

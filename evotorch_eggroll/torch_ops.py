@@ -15,6 +15,11 @@ through Triton's slow interpreter:
   into one ``bmm`` (many rows per member, e.g. a minibatch each);
 * the update is one ``(m, K r) @ (K r, n)`` product per chunk of noise indices.
 
+This is an optimised path, not the reference: the tests compare it (like the kernels) with
+the deliberately naive float64 formulas of :mod:`evotorch_eggroll.reference`. The factor
+block's rows and each member's noise index and sign come from
+:mod:`evotorch_eggroll.noise` (``FactorLayout``, ``member_noise``).
+
 The functions take the arguments of the kernel launchers in ``evotorch_eggroll.kernels``
 and assume the checks of :mod:`evotorch_eggroll.ops` have run (stream coordinates are
 words, shapes agree, cached blocks cover every row's noise index); they work on any

@@ -203,6 +203,18 @@ def _check_rows(rank: int, row_offset: int, d: int, total_rows: int) -> None:
         raise ValueError(f"factor block of {total_rows} x {rank} elements exceeds 2**34")
 
 
+def _check_row_input(v: torch.Tensor, member_ids: torch.Tensor, seed: object, key: object,
+                     epoch: object, backend: str) -> tuple[int, int, int]:
+    """Check a per-row input ``v (rows, D)`` (floating), its member ids and the stream
+    coordinates; returns ``(seed, key, epoch)`` as ints."""
+    _check_tensor(v, "v", backend)
+    _check_floating(v, "v")
+    if v.dim() != 2:
+        raise ValueError(f"v must be 2-D (rows, D), got shape {tuple(v.shape)}")
+    _check_member_ids(member_ids, v.shape[0], ("v", v), backend)
+    return _check_stream(seed, key, epoch)
+
+
 FactorCacheArg = Optional[tuple[torch.Tensor, int]]
 
 
@@ -329,12 +341,7 @@ def lowrank_project(
     bit for bit). ``v`` may have any strides and a floating dtype (math in float32).
     ``backend``: see the module docstring.
     """
-    _check_tensor(v, "v", backend)
-    _check_floating(v, "v")
-    if v.dim() != 2:
-        raise ValueError(f"v must be 2-D (rows, D), got shape {tuple(v.shape)}")
-    _check_member_ids(member_ids, v.shape[0], ("v", v), backend)
-    seed, key, epoch = _check_stream(seed, key, epoch)
+    seed, key, epoch = _check_row_input(v, member_ids, seed, key, epoch, backend)
     rank = _check_count(rank, "rank", 1)
     row_offset = _check_count(row_offset, "row_offset", 0)
     total_rows = _check_count(total_rows, "total_rows", 0)
@@ -674,12 +681,7 @@ def lowrank_branch(
     with ``D = len(project)``. Computed by the same autograd Function as
     :func:`perturbed_linear`.
     """
-    _check_tensor(v, "v", backend)
-    _check_floating(v, "v")
-    if v.dim() != 2:
-        raise ValueError(f"v must be 2-D (rows, D), got shape {tuple(v.shape)}")
-    _check_member_ids(member_ids, v.shape[0], ("v", v), backend)
-    seed, key, epoch = _check_stream(seed, key, epoch)
+    seed, key, epoch = _check_row_input(v, member_ids, seed, key, epoch, backend)
     rank = _check_count(layout.rank, "rank", 1)
     for name, rows in (("project", project), ("expand", expand)):
         if not isinstance(rows, slice) or rows.step not in (None, 1):

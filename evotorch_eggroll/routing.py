@@ -70,8 +70,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
-from .evolved import EvolvedParam, EvolvedSet, NoiseCoords, member_noise
+from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache
+from .noise import member_noise
 
 __all__ = ["RowPerturbationMode", "check_supported_modules", "UNSUPPORTED_MODULE_TYPES"]
 

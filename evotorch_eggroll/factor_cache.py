@@ -5,11 +5,10 @@ context, with the same members every time. Generating every member's factors ins
 kernels at every call then costs far more than the layer's arithmetic (narrow layers need
 ``r (m + n)`` normals per member and call against ``2 m n`` multiply-adds per row). A
 :class:`FactorCache` draws the factor block of every low-rank weight (laid out as
-:class:`evotorch_eggroll.noise.FactorLayout` says) and the
-noise of every 1-D parameter once, for the noise indices of the context's local members,
-with the same normal-block kernel that inspection uses (the very numbers the kernels
-generate and the update regenerates); the forward kernels then read those instead of
-generating them.
+:class:`evotorch_eggroll.noise.FactorLayout` says) and the noise of every 1-D parameter
+once, for the noise indices of the context's local members, with the same normal-block
+kernel that inspection uses (the very numbers the kernels generate and the update
+regenerates); the forward kernels then read those instead of generating them.
 
 The cache lives only while its context is open: its buffers are zeroed when the context
 exits (no noise outlives its context). The buffers themselves are kept by the strategy and

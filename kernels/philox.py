@@ -164,7 +164,9 @@ def normal_run(seed, first_quad, noise_index, key, epoch, BLOCK_Q: tl.constexpr)
 # (``member_noise``: the member -> noise index and sign rule; ``FactorLayout``: the factor
 # block ``(n + m, R)`` of an ``(m, n)`` weight, ``B0`` in rows ``0..n-1`` and ``A0`` in rows
 # ``n..n+m-1``); these helpers are its device-side mirror, and the tests run them against
-# that module. Launchers pass factor-block row offsets taken from ``FactorLayout``.
+# that module. The project/expand kernels receive their factor-block row offsets as
+# arguments, taken from ``FactorLayout`` by their callers; drawn_mlp.py says why it keeps
+# its offsets inline.
 
 
 @triton.jit

@@ -472,11 +472,7 @@ class _DenseMode:
 
     def _dense_member_noise(self, member_ids: torch.Tensor, epoch: int, sigma: float) -> torch.Tensor:
         """Perturbations ``s_i * sigma * eps_i``: ``(K, L)`` float32."""
-        ids = member_ids.to(torch.int64)
-        if self._antithetic:
-            idx, sign = ids // 2, 1.0 - 2.0 * (ids % 2).to(torch.float32)
-        else:
-            idx, sign = ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        idx, sign = _noise.member_noise(member_ids, self._antithetic)
         return self._dense_normals(idx, epoch) * (sign * sigma)[:, None]
 
     def evaluate(self, gather: Callable, local: range) -> tuple[torch.Tensor, dict]:

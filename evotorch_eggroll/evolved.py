@@ -18,6 +18,7 @@ import torch
 
 from . import noise as _noise
 from . import ops
+from .noise import member_noise  # noqa: F401  (re-exported: its home is noise.py)
 
 __all__ = ["NoiseCoords", "EvolvedParam", "EvolvedSet", "member_noise"]
 
@@ -49,16 +50,9 @@ class NoiseCoords:
         return self.sigma / math.sqrt(self.rank)
 
 
-def member_noise(member_ids: torch.Tensor, antithetic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise index ``(rows,)`` int64 and sign ``(rows,)`` float32 of each member id."""
-    ids = member_ids.to(torch.int64)
-    if antithetic:
-        return ids // 2, 1.0 - 2.0 * (ids % 2).to(torch.float32)
-    return ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
-
-
 class EvolvedParam:
-    """One evolved parameter and the layout of its noise.
+    """One evolved parameter and the kind of its noise (the factor block's layout and the
+    member -> noise index rule are :mod:`evotorch_eggroll.noise`'s).
 
     Attributes:
         name: dotted name (keys the noise stream).
@@ -78,6 +72,10 @@ class EvolvedParam:
         numel = param.numel()
         self.m = int(param.shape[0]) if param.dim() >= 1 else 1
         self.n = numel // max(self.m, 1)
+
+    def layout(self, rank: int) -> _noise.FactorLayout:
+        """The factor-block layout of this weight's ``(m, n)`` matrix view at ``rank``."""
+        return _noise.FactorLayout(self.m, self.n, rank)
 
     @property
     def shape(self) -> torch.Size:

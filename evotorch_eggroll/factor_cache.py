@@ -4,11 +4,11 @@ An RL rollout calls ``pop.batched_forward`` hundreds of times inside one perturb
 context, with the same members every time. Generating every member's factors inside the
 kernels at every call then costs far more than the layer's arithmetic (narrow layers need
 ``r (m + n)`` normals per member and call against ``2 m n`` multiply-adds per row). A
-:class:`FactorCache` draws the factor block ``(n + m, r)`` of every low-rank weight and the
-noise of every 1-D parameter once, for the noise indices of the context's local members,
-with the same normal-block kernel that inspection uses (the very numbers the kernels
-generate and the update regenerates); the forward kernels then read those instead of
-generating them.
+:class:`FactorCache` draws the factor block of every low-rank weight (laid out as
+:class:`evotorch_eggroll.noise.FactorLayout` says) and the noise of every 1-D parameter
+once, for the noise indices of the context's local members, with the same normal-block
+kernel that inspection uses (the very numbers the kernels generate and the update
+regenerates); the forward kernels then read those instead of generating them.
 
 The cache lives only while its context is open: its buffers are zeroed when the context
 exits (no noise outlives its context). The buffers themselves are kept by the strategy and
@@ -24,6 +24,7 @@ import torch
 
 from . import ops
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
+from .noise import noise_index_range  # re-exported: its home is noise.py
 
 __all__ = ["FactorCache", "noise_index_range", "default_budget_bytes"]
 
@@ -31,15 +32,6 @@ __all__ = ["FactorCache", "noise_index_range", "default_budget_bytes"]
 # this share of the device's memory (and half of what is free).
 DEFAULT_BUDGET = 1 << 30
 DEFAULT_MEMORY_SHARE = 0.25
-
-
-def noise_index_range(members: range, antithetic: bool) -> range:
-    """The noise indices the members of ``members`` draw from (``k // 2`` when antithetic)."""
-    if len(members) == 0:
-        return range(0)
-    if antithetic:
-        return range(members.start // 2, (members.stop - 1) // 2 + 1)
-    return range(members.start, members.stop)
 
 
 def default_budget_bytes(device: torch.device) -> int:
@@ -58,7 +50,7 @@ def _cached_entries(evolved: EvolvedSet) -> list[EvolvedParam]:
 
 
 def _row_width(e: EvolvedParam, rank: int) -> tuple[int, ...]:
-    return (e.n + e.m, rank) if e.lowrank else (e.param.numel(),)
+    return (e.layout(rank).rows, rank) if e.lowrank else (e.param.numel(),)
 
 
 class FactorCache:

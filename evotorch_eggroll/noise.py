@@ -11,18 +11,30 @@ element)``:
   ``theta = 2 pi u_b``; the even lane gets ``r cos theta``, the odd lane ``r sin theta``.
 * a weight of shape ``(m, n)`` and rank ``r`` owns the factor block ``F`` of shape
   ``(n + m, r)``, row-major (``element = row * r + k``): rows ``0..n-1`` are ``B0``, rows
-  ``n..n+m-1`` are ``A0``. A 1-D parameter of length ``L`` owns elements ``0..L-1``.
+  ``n..n+m-1`` are ``A0`` (:class:`FactorLayout`). A 1-D parameter of length ``L`` owns
+  elements ``0..L-1``.
+* with antithetic sampling members ``2k`` and ``2k + 1`` share noise index ``k`` with signs
+  ``+1`` and ``-1``; without it member ``j`` uses noise index ``j`` with sign ``+1``
+  (:func:`noise_index`, :func:`member_sign`, :func:`member_noise`).
 
-This module is the plain-torch reference: integer-exact Philox words and float64
-Box–Muller rounded to float32. The Triton kernels in ``evotorch_eggroll.kernels`` follow it
-and are tested against it. Changing anything here is a new stream version, never an edit.
+This module is the one definition of that layout: every other module takes the factor
+block's row offsets from :class:`FactorLayout` and a member's noise index and sign from
+:func:`member_noise` (or passes them to the kernels as arguments). The Triton kernels
+implement the same rules on the device in ``evotorch_eggroll.kernels.philox``
+(``row_noise_index`` and the ``factor_*_row`` helpers), documented there as mirrors of this
+module and tested against it.
+
+This module is also the plain-torch reference of the stream: integer-exact Philox words
+and float64 Box–Muller rounded to float32. The Triton kernels in
+``evotorch_eggroll.kernels`` follow it and are tested against it. Changing anything here is
+a new stream version, never an edit.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -38,6 +50,9 @@ __all__ = [
     "philox_words",
     "normal_stream",
     "lowrank_factors",
+    "FactorLayout",
+    "member_noise",
+    "noise_index_range",
 ]
 
 STREAM_VERSION = 1
@@ -74,6 +89,86 @@ def noise_index(member: int, antithetic: bool) -> int:
 def member_sign(member: int, antithetic: bool) -> int:
     """+1 for even members (and every member without antithetic sampling), -1 for odd ones."""
     return -1 if (antithetic and member % 2 == 1) else 1
+
+
+def member_noise(member_ids: torch.Tensor, antithetic: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`noise_index` and :func:`member_sign` of every member id, vectorised.
+
+    Returns:
+        noise indices (int64) and signs (float32, ``+1.0``/``-1.0``) of ``member_ids``'
+        shape, on its device.
+    """
+    ids = member_ids.to(torch.int64)
+    if antithetic:
+        return ids // 2, 1.0 - 2.0 * (ids % 2).to(torch.float32)
+    return ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+
+
+def noise_index_range(members: range, antithetic: bool) -> range:
+    """The noise indices a contiguous range of members draws from (:func:`noise_index`)."""
+    if len(members) == 0:
+        return range(0)
+    return range(noise_index(members.start, antithetic),
+                 noise_index(members.stop - 1, antithetic) + 1)
+
+
+class FactorLayout(NamedTuple):
+    """Where the factors of an ``(m, n)`` weight of rank ``rank`` sit in its stream.
+
+    The weight owns the factor block ``F`` of shape ``(rows, rank) = (n + m, rank)``,
+    row-major: stream element ``row * rank + k`` is ``F[row, k]``. Rows
+    ``b_offset .. b_offset + n - 1`` (``b_offset = 0``) are ``B0 (n, r)`` and rows
+    ``a_offset .. a_offset + m - 1`` (``a_offset = n``) are ``A0 (m, r)``; the weight's
+    unscaled perturbation is ``A0 @ B0.T``.
+
+    A linear layer ``x W^T`` projects its input through ``B0`` and expands through ``A0``;
+    its backward, and a right product ``x W``, do the mirror image.
+    """
+
+    m: int
+    n: int
+    rank: int
+
+    @property
+    def rows(self) -> int:
+        """Rows of the factor block: ``n + m``."""
+        return self.n + self.m
+
+    @property
+    def numel(self) -> int:
+        """Stream elements of the factor block: ``(n + m) * rank``."""
+        return self.rows * self.rank
+
+    @property
+    def b_offset(self) -> int:
+        """First factor-block row of ``B0``: 0."""
+        return 0
+
+    @property
+    def a_offset(self) -> int:
+        """First factor-block row of ``A0``: ``n``."""
+        return self.n
+
+    @property
+    def b_rows(self) -> slice:
+        """The factor-block rows of ``B0``."""
+        return slice(self.b_offset, self.b_offset + self.n)
+
+    @property
+    def a_rows(self) -> slice:
+        """The factor-block rows of ``A0``."""
+        return slice(self.a_offset, self.a_offset + self.m)
+
+    def a_part(self, part: slice) -> slice:
+        """The factor-block rows of ``A0[part]``: the factors of the weight's output rows
+        ``part`` (a slice with start and stop, step 1)."""
+        return slice(self.a_offset + part.start, self.a_offset + part.stop)
+
+    def split(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``(A0, B0)`` of factor blocks ``(..., n + m, rank)``: ``(..., m, rank)`` and
+        ``(..., n, rank)``."""
+        return block[..., self.a_rows, :], block[..., self.b_rows, :]
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +295,7 @@ def lowrank_factors(
     rank: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscaled factors of a ``(m, n)`` weight: ``A0`` ``(K, m, r)`` and ``B0`` ``(K, n, r)``."""
-    block = normal_stream(seed, key, epoch, noise_indices, (n + m) * rank)
-    block = block.reshape(-1, n + m, rank)
-    return block[:, n:].contiguous(), block[:, :n].contiguous()
+    layout = FactorLayout(m, n, rank)
+    block = normal_stream(seed, key, epoch, noise_indices, layout.numel)
+    a0, b0 = layout.split(block.reshape(-1, layout.rows, rank))
+    return a0.contiguous(), b0.contiguous()

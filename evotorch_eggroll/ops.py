@@ -5,10 +5,11 @@ and per-row member ids, and regenerates noise from the stream of
 :mod:`evotorch_eggroll.noise` inside Triton kernels (:mod:`evotorch_eggroll.kernels`);
 nothing is stored between calls.
 
-Conventions: a weight ``(m, n)`` of rank ``r`` owns the factor block
-``F (n + m, r)``; rows ``0..n-1`` are ``B0`` and rows ``n..n+m-1`` are ``A0``. Member ``j``
-uses noise index ``j // 2`` and sign ``(-1)**j`` when ``antithetic``, else index ``j`` and
-sign ``+1``. Its weight perturbation is ``sign * sigma / sqrt(r) * A0 @ B0.T``; a 1-D
+Conventions: the factor block of a weight ``(m, n)`` of rank ``r`` and the rows ``B0`` and
+``A0`` occupy in it, and each member's noise index and sign, are defined once in
+:mod:`evotorch_eggroll.noise` (:class:`~evotorch_eggroll.noise.FactorLayout`,
+:func:`~evotorch_eggroll.noise.member_noise`); the ops take factor-block row offsets from
+there. A member's weight perturbation is ``sign * sigma / sqrt(r) * A0 @ B0.T``; a 1-D
 parameter's is ``sign * sigma * eps``.
 
 Backends: every op takes ``backend=`` (:data:`BACKENDS`), resolved per device by
@@ -38,6 +39,7 @@ import torch
 
 from . import library, torch_ops
 from ._validation import check_int
+from .noise import FactorLayout
 
 __all__ = [
     "normal_block",
@@ -46,6 +48,7 @@ __all__ = [
     "lowrank_expand_",
     "dense_noise_add_",
     "perturbed_linear",
+    "lowrank_branch",
     "lowrank_update",
     "update_precision",
     "dense_update",
@@ -200,6 +203,18 @@ def _check_rows(rank: int, row_offset: int, d: int, total_rows: int) -> None:
         raise ValueError(f"factor block of {total_rows} x {rank} elements exceeds 2**34")
 
 
+def _check_row_input(v: torch.Tensor, member_ids: torch.Tensor, seed: object, key: object,
+                     epoch: object, backend: str) -> tuple[int, int, int]:
+    """Check a per-row input ``v (rows, D)`` (floating), its member ids and the stream
+    coordinates; returns ``(seed, key, epoch)`` as ints."""
+    _check_tensor(v, "v", backend)
+    _check_floating(v, "v")
+    if v.dim() != 2:
+        raise ValueError(f"v must be 2-D (rows, D), got shape {tuple(v.shape)}")
+    _check_member_ids(member_ids, v.shape[0], ("v", v), backend)
+    return _check_stream(seed, key, epoch)
+
+
 FactorCacheArg = Optional[tuple[torch.Tensor, int]]
 
 
@@ -231,6 +246,23 @@ def _kernels():
 def _runs_torch(backend: str, t: torch.Tensor) -> bool:
     """True when ``backend`` resolves to the plain-torch implementation for ``t``."""
     return resolve_backend(backend, t.device) == "torch"
+
+
+class _Impls(NamedTuple):
+    """The modules whose functions run the per-row ops for one resolved backend (the
+    kernel launchers, or :mod:`evotorch_eggroll.torch_ops` for all three)."""
+
+    project: object
+    expand: object
+    dense: object
+
+
+def _impls(backend: str) -> _Impls:
+    """:class:`_Impls` of a resolved backend (``"triton"`` or ``"torch"``)."""
+    if backend == "torch":
+        return _Impls(torch_ops, torch_ops, torch_ops)
+    kern = _kernels()
+    return _Impls(kern.lowrank_project, kern.lowrank_expand, kern.dense_noise)
 
 
 # -- noise inspection ---------------------------------------------------------------------
@@ -273,14 +305,14 @@ def lowrank_factors(
     """Unscaled factors of a ``(m, n)`` weight, exactly those the forward and update use.
 
     Returns:
-        ``A0 (K, m, r)`` and ``B0 (K, n, r)``, float32 views of one ``(K, n + m, r)`` block.
+        ``A0 (K, m, r)`` and ``B0 (K, n, r)``, float32 views of one ``(K, n + m, r)`` block
+        (:class:`~evotorch_eggroll.noise.FactorLayout`).
     """
-    m = _check_count(m, "m", 0)
-    n = _check_count(n, "n", 0)
-    rank = _check_count(rank, "rank", 1)
-    block = normal_block(seed, key, epoch, noise_indices, (n + m) * rank,
-                         backend=backend).view(-1, n + m, rank)
-    return block[:, n:], block[:, :n]
+    layout = FactorLayout(_check_count(m, "m", 0), _check_count(n, "n", 0),
+                          _check_count(rank, "rank", 1))
+    block = normal_block(seed, key, epoch, noise_indices, layout.numel,
+                         backend=backend).view(-1, layout.rows, layout.rank)
+    return layout.split(block)
 
 
 # -- per-row noise ------------------------------------------------------------------------
@@ -309,19 +341,13 @@ def lowrank_project(
     bit for bit). ``v`` may have any strides and a floating dtype (math in float32).
     ``backend``: see the module docstring.
     """
-    _check_tensor(v, "v", backend)
-    _check_floating(v, "v")
-    if v.dim() != 2:
-        raise ValueError(f"v must be 2-D (rows, D), got shape {tuple(v.shape)}")
-    _check_member_ids(member_ids, v.shape[0], ("v", v), backend)
-    seed, key, epoch = _check_stream(seed, key, epoch)
+    seed, key, epoch = _check_row_input(v, member_ids, seed, key, epoch, backend)
     rank = _check_count(rank, "rank", 1)
     row_offset = _check_count(row_offset, "row_offset", 0)
     total_rows = _check_count(total_rows, "total_rows", 0)
     _check_rows(rank, row_offset, v.shape[1], total_rows)
     cache = _check_cache(cache, "cache", total_rows, rank, ("v", v), backend)
-    impl = torch_ops if _runs_torch(backend, v) else _kernels().lowrank_project
-    return impl.lowrank_project(
+    return _impls(resolve_backend(backend, v.device)).project.lowrank_project(
         v, member_ids, seed=seed, key=key, epoch=epoch, rank=rank, row_offset=row_offset,
         antithetic=bool(antithetic), cache=cache,
     )
@@ -365,8 +391,7 @@ def lowrank_expand_(
     total_rows = _check_count(total_rows, "total_rows", 0)
     _check_rows(rank, row_offset, out.shape[1], total_rows)
     cache = _check_cache(cache, "cache", total_rows, rank, ("out", out), backend)
-    impl = torch_ops if _runs_torch(backend, out) else _kernels().lowrank_expand
-    return impl.lowrank_expand_(
+    return _impls(resolve_backend(backend, out.device)).expand.lowrank_expand_(
         out, t, member_ids, seed=seed, key=key, epoch=epoch, rank=rank, row_offset=row_offset,
         scale=float(scale), antithetic=bool(antithetic), cache=cache,
     )
@@ -396,8 +421,7 @@ def dense_noise_add_(
     seed, key, epoch = _check_stream(seed, key, epoch)
     if out.shape[1] > _MAX_ELEMENTS:
         raise ValueError(f"at most 2**34 elements per row, got {out.shape[1]}")
-    impl = torch_ops if _runs_torch(backend, out) else _kernels().dense_noise
-    return impl.dense_noise_add_(
+    return _impls(resolve_backend(backend, out.device)).dense.dense_noise_add_(
         out, member_ids, seed=seed, key=key, epoch=epoch, scale=float(scale),
         antithetic=bool(antithetic),
     )
@@ -415,53 +439,69 @@ class _LinearNoise(NamedTuple):
     scale: float  # sigma / sqrt(rank), the low-rank term's scale
     sigma: float  # the bias noise's scale
     antithetic: bool
-    backend: str = "triton"  # resolved: "triton" or "torch"
+    backend: str  # resolved: "triton" or "torch"
+    project: slice  # factor-block rows the input is projected through (B0 for a linear layer)
+    expand: slice  # factor-block rows the projection is expanded through (A0 for a linear layer)
 
 
-class _PerturbedLinear(torch.autograd.Function):
-    """``out = x W^T + b + s sigma/sqrt(r) (x B0) A0^T + s sigma eps_b``, per row.
+class _LowRankLinear(torch.autograd.Function):
+    """Project -> expand through each row's factor block, optionally on top of a linear layer.
 
-    Backward: ``dx = g W + s sigma/sqrt(r) (g A0) B0^T`` (the mirrored project/expand);
-    ``dW = g^T x`` and ``db = sum_rows g`` (the noise does not depend on W or b).
+    ``out[j] = x[j] W^T + b + s_j scale F_j[expand] (F_j[project]^T x[j]) + s_j sigma eps_b``
+    with ``F_j`` row ``j``'s unscaled factor block (laid out as
+    :class:`~evotorch_eggroll.noise.FactorLayout` says); a linear layer projects through
+    ``B0`` and expands through ``A0``. Without ``weight`` (and ``bias``) it is the low-rank
+    branch alone, ``(rows, len(expand))`` float32.
+
+    Backward: ``dx = g W + s scale F[project] (F[expand]^T g)`` (the mirrored project/expand,
+    factors regenerated from the stream coordinates: it may run after the perturbation
+    context exited); ``dW = g^T x`` and ``db = sum_rows g`` (the noise depends on neither).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, member_ids, noise: _LinearNoise, weight_cache,
                 bias_cache):
-        m, n = weight.shape
         bias_key = noise.bias_key if bias is not None else None
-        ctx.save_for_backward(x, weight, member_ids)
+        ctx.save_for_backward(x if weight is not None else None, weight, member_ids)
         ctx.noise = noise
-        if noise.backend == "torch":
+        ctx.x_dtype = x.dtype
+        linear = weight is not None and _is_linear_layout(weight, noise)
+        if noise.backend == "torch" and linear:
             return torch_ops.perturbed_linear(
                 x, weight, bias, member_ids, seed=noise.seed, weight_key=noise.weight_key,
                 bias_key=bias_key, epoch=noise.epoch, rank=noise.rank, scale=noise.scale,
                 sigma=noise.sigma, antithetic=noise.antithetic, weight_cache=weight_cache,
                 bias_cache=bias_cache if bias_key is not None else None)
-        kern = _kernels()
+        if noise.backend != "torch" and linear and weight_cache is not None:
+            kern = _kernels()
+            m, n = weight.shape
+            if x.dtype == torch.float32 and kern.drawn_linear.fits(n, m):
+                # narrow layer with drawn factors: base product and noise in one launch
+                tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+                return kern.drawn_linear.drawn_linear(
+                    x, weight, bias, member_ids, rank=noise.rank, scale=noise.scale,
+                    bias_scale=noise.sigma, antithetic=noise.antithetic, cache=weight_cache,
+                    bias_cache=bias_cache if bias_key is not None else None,
+                    precision="tf32" if tf32 else "ieee")
+        if weight is None:
+            out = torch.zeros(x.shape[0], _length(noise.expand), dtype=torch.float32,
+                              device=x.device)
+        else:
+            out = torch.nn.functional.linear(x, weight, bias)  # (rows, m)
+        impls = _impls(noise.backend)
         common = dict(seed=noise.seed, epoch=noise.epoch, antithetic=noise.antithetic)
-        if (weight_cache is not None and x.dtype == torch.float32
-                and kern.drawn_linear.fits(n, m)):
-            # narrow layer with drawn factors: base product and noise in one launch
-            tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-            return kern.drawn_linear.drawn_linear(
-                x, weight, bias, member_ids, rank=noise.rank, scale=noise.scale,
-                bias_scale=noise.sigma, antithetic=noise.antithetic, cache=weight_cache,
-                bias_cache=bias_cache if bias_key is not None else None,
-                precision="tf32" if tf32 else "ieee")
-        out = torch.nn.functional.linear(x, weight, bias)  # (rows, m)
         if noise.weight_key is not None:
-            t = kern.lowrank_project.lowrank_project(
-                x, member_ids, key=noise.weight_key, rank=noise.rank, row_offset=0,
-                cache=weight_cache, **common)
-            kern.lowrank_expand.lowrank_expand_(
-                out, t, member_ids, key=noise.weight_key, rank=noise.rank, row_offset=n,
-                scale=noise.scale, bias_key=bias_key, bias_scale=noise.sigma,
-                cache=weight_cache, bias_cache=bias_cache if bias_key is not None else None,
-                **common)
+            t = impls.project.lowrank_project(
+                x, member_ids, key=noise.weight_key, rank=noise.rank,
+                row_offset=noise.project.start, cache=weight_cache, **common)
+            impls.expand.lowrank_expand_(
+                out, t, member_ids, key=noise.weight_key, rank=noise.rank,
+                row_offset=noise.expand.start, scale=noise.scale, bias_key=bias_key,
+                bias_scale=noise.sigma, cache=weight_cache,
+                bias_cache=bias_cache if bias_key is not None else None, **common)
         elif bias_key is not None:
-            kern.dense_noise.dense_noise_add_(out, member_ids, key=bias_key, scale=noise.sigma,
-                                              **common)
+            impls.dense.dense_noise_add_(out, member_ids, key=bias_key, scale=noise.sigma,
+                                         **common)
         return out
 
     @staticmethod
@@ -469,28 +509,46 @@ class _PerturbedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, member_ids = ctx.saved_tensors
         noise: _LinearNoise = ctx.noise
-        m, n = weight.shape
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0] and noise.backend == "torch":
-            grad_x = torch_ops.perturbed_linear_grad_x(
-                grad_out, weight, member_ids, seed=noise.seed, weight_key=noise.weight_key,
-                epoch=noise.epoch, rank=noise.rank, scale=noise.scale,
-                antithetic=noise.antithetic)
-        elif ctx.needs_input_grad[0]:
-            grad_x = grad_out.mm(weight)  # (rows, n)
-            if noise.weight_key is not None:
-                kern = _kernels()
-                common = dict(seed=noise.seed, key=noise.weight_key, epoch=noise.epoch,
-                              rank=noise.rank, antithetic=noise.antithetic)
-                u = kern.lowrank_project.lowrank_project(grad_out, member_ids, row_offset=n,
-                                                         **common)  # (rows, r)
-                kern.lowrank_expand.lowrank_expand_(grad_x, u, member_ids, row_offset=0,
-                                                    scale=noise.scale, **common)
+        if ctx.needs_input_grad[0]:
+            if noise.backend == "torch" and weight is not None and _is_linear_layout(weight, noise):
+                grad_x = torch_ops.perturbed_linear_grad_x(
+                    grad_out, weight, member_ids, seed=noise.seed, weight_key=noise.weight_key,
+                    epoch=noise.epoch, rank=noise.rank, scale=noise.scale,
+                    antithetic=noise.antithetic)
+            else:
+                if weight is not None:
+                    grad_x = grad_out.mm(weight)  # (rows, n)
+                else:
+                    grad_x = torch.zeros(grad_out.shape[0], _length(noise.project),
+                                         dtype=torch.float32, device=grad_out.device)
+                if noise.weight_key is not None:
+                    impls = _impls(noise.backend)
+                    common = dict(seed=noise.seed, key=noise.weight_key, epoch=noise.epoch,
+                                  rank=noise.rank, antithetic=noise.antithetic)
+                    u = impls.project.lowrank_project(grad_out, member_ids,
+                                                      row_offset=noise.expand.start,
+                                                      **common)  # (rows, r)
+                    impls.expand.lowrank_expand_(grad_x, u, member_ids,
+                                                 row_offset=noise.project.start,
+                                                 scale=noise.scale, **common)
+                grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = grad_out.t().mm(x)  # (m, n)
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0)  # (m,)
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _length(rows: slice) -> int:
+    return rows.stop - rows.start
+
+
+def _is_linear_layout(weight: torch.Tensor, noise: _LinearNoise) -> bool:
+    """True when ``noise`` perturbs ``weight (m, n)`` as a whole linear layer: the input is
+    projected through all of ``B0`` and expanded through all of ``A0``."""
+    layout = FactorLayout(weight.shape[0], weight.shape[1], noise.rank)
+    return noise.project == layout.b_rows and noise.expand == layout.a_rows
 
 
 def _rows_and_ids(x: torch.Tensor, member_ids: torch.Tensor) -> torch.Tensor:
@@ -573,7 +631,8 @@ def perturbed_linear(
     if weight_key is not None:
         weight_key = _check_word(weight_key, "weight_key")
         rank = _check_count(rank, "rank", 1)
-        _check_rows(rank, 0, n + m, n + m)
+        rows = FactorLayout(m, n, rank).rows
+        _check_rows(rank, 0, rows, rows)
     if bias_key is not None:
         bias_key = _check_word(bias_key, "bias_key")
     sigma = float(sigma)
@@ -583,15 +642,64 @@ def perturbed_linear(
         weight_key = bias_key = None
     if weight_key is None:
         rank = 1  # unused
-    weight_cache = (_check_cache(weight_cache, "weight_cache", n + m, rank, ("x", x), backend)
-                    if weight_key is not None else None)
+    layout = FactorLayout(m, n, rank)
+    weight_cache = (_check_cache(weight_cache, "weight_cache", layout.rows, rank, ("x", x),
+                                 backend) if weight_key is not None else None)
     bias_cache = (_check_cache(bias_cache, "bias_cache", m, 1, ("x", x), backend)
                   if bias_key is not None else None)
     noise = _LinearNoise(seed, weight_key, bias_key, epoch, rank, sigma / math.sqrt(rank), sigma,
-                         bool(antithetic), resolve_backend(backend, x.device))
+                         bool(antithetic), resolve_backend(backend, x.device),
+                         project=layout.b_rows, expand=layout.a_rows)
     x2 = x.reshape(-1, n)
-    out = _PerturbedLinear.apply(x2, weight, bias, ids, noise, weight_cache, bias_cache)
+    out = _LowRankLinear.apply(x2, weight, bias, ids, noise, weight_cache, bias_cache)
     return out.reshape(*x.shape[:-1], m)
+
+
+def lowrank_branch(
+    v: torch.Tensor,
+    member_ids: torch.Tensor,
+    *,
+    seed: int,
+    key: int,
+    epoch: int,
+    layout: FactorLayout,
+    project: slice,
+    expand: slice,
+    sigma: float,
+    antithetic: bool,
+    backend: str = "triton",
+) -> torch.Tensor:
+    """``out[j] = s_j sigma/sqrt(r) F_j[expand] (F_j[project]^T v[j])``: ``(rows, len(expand))``
+    float32, differentiable with respect to ``v``.
+
+    The low-rank term of a weight used in another form than a whole linear layer: ``x @ W``
+    projects through ``A0`` and expands through ``B0`` (``project=layout.a_rows``,
+    ``expand=layout.b_rows``), a slice of the weight's output rows expands through the
+    matching rows of ``A0`` (:meth:`~evotorch_eggroll.noise.FactorLayout.a_part`). ``F_j`` is
+    row ``j``'s unscaled factor block of ``layout`` (generated from the stream, never
+    stored: the backward may run after the perturbation context exited); ``v (rows, D)``
+    with ``D = len(project)``. Computed by the same autograd Function as
+    :func:`perturbed_linear`.
+    """
+    seed, key, epoch = _check_row_input(v, member_ids, seed, key, epoch, backend)
+    rank = _check_count(layout.rank, "rank", 1)
+    for name, rows in (("project", project), ("expand", expand)):
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"{name} must be a slice of factor-block rows with step 1")
+        start = _check_count(rows.start, f"{name}.start", 0)
+        _check_rows(rank, start, _check_count(rows.stop, f"{name}.stop", start) - start,
+                    layout.rows)
+    if _length(project) != v.shape[1]:
+        raise ValueError(f"v has {v.shape[1]} columns but project selects {_length(project)} "
+                         f"factor-block rows")
+    sigma = float(sigma)
+    if not math.isfinite(sigma):
+        raise ValueError(f"sigma must be finite, got {sigma}")
+    noise = _LinearNoise(seed, key, None, epoch, rank, sigma / math.sqrt(rank), sigma,
+                         bool(antithetic), resolve_backend(backend, v.device),
+                         project=slice(project.start, project.stop),
+                         expand=slice(expand.start, expand.stop))
+    return _LowRankLinear.apply(v, None, None, member_ids, noise, None, None)
 
 
 # -- the update ---------------------------------------------------------------------------
@@ -639,7 +747,8 @@ def lowrank_update(
     m = _check_count(m, "m", 0)
     n = _check_count(n, "n", 0)
     rank = _check_count(rank, "rank", 1)
-    _check_rows(rank, 0, n + m, n + m)
+    rows = FactorLayout(m, n, rank).rows
+    _check_rows(rank, 0, rows, rows)
     impl = torch_ops if _runs_torch(backend, idx) else _kernels().lowrank_update
     return impl.lowrank_update(
         m, n, seed=seed, key=key, epoch=epoch, rank=rank, noise_indices=idx,

@@ -71,8 +71,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
-from .evolved import EvolvedParam, EvolvedSet, NoiseCoords, member_noise
+from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache
+from .noise import member_noise
 
 __all__ = ["RowPerturbationMode", "check_supported_modules", "UNSUPPORTED_MODULE_TYPES"]
 
@@ -197,37 +198,15 @@ def _tuple(v: Any, nd: int) -> tuple:
 
 # -- the low-rank branch: differentiable with respect to its input ----------------------------
 
-class _LowRankBranch(torch.autograd.Function):
-    """``out[j] = s_j * scale * F_j[out_off : out_off + M] @ (F_j[in_off : in_off + D]^T v[j])``.
-
-    ``F_j`` is member ``j``'s unscaled factor block ``(total_rows, r)``; ``v (rows, D)``;
-    ``out (rows, M)`` float32. Only the noise's coordinates are kept for backward, so it
-    may run after the perturbation context exited.
-    """
-
-    @staticmethod
-    def forward(ctx, v, member_ids, coords, key, in_offset, out_offset, out_features,
-                total_rows):
-        common = dict(seed=coords.seed, key=key, epoch=coords.epoch, rank=coords.rank,
-                      total_rows=total_rows, antithetic=coords.antithetic,
-                      backend=coords.backend)
-        t = ops.lowrank_project(v, member_ids, row_offset=in_offset, **common)  # (rows, r)
-        out = torch.zeros(v.shape[0], out_features, dtype=torch.float32, device=v.device)
-        ops.lowrank_expand_(out, t, member_ids, row_offset=out_offset,
-                            scale=coords.lowrank_scale, **common)
-        ctx.save_for_backward(member_ids)
-        ctx.cfg = (coords, common, in_offset, out_offset, v.shape[1], v.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        (member_ids,) = ctx.saved_tensors
-        coords, common, in_offset, out_offset, d, v_dtype = ctx.cfg
-        u = ops.lowrank_project(dout, member_ids, row_offset=out_offset, **common)  # (rows, r)
-        dv = torch.zeros(dout.shape[0], d, dtype=torch.float32, device=dout.device)
-        ops.lowrank_expand_(dv, u, member_ids, row_offset=in_offset,
-                            scale=coords.lowrank_scale, **common)
-        return dv.to(v_dtype), None, None, None, None, None, None, None
+def _lowrank_branch(c: NoiseCoords, we: EvolvedParam, v: torch.Tensor, ids: torch.Tensor,
+                    project: slice, expand: slice) -> torch.Tensor:
+    """``s_j sigma/sqrt(r) F_j[expand] (F_j[project]^T v[j])`` of the evolved weight ``we``
+    for ``v (rows, len(project))``: ``(rows, len(expand))`` float32 (see
+    :func:`evotorch_eggroll.ops.lowrank_branch`; the rows come from ``we``'s
+    :class:`~evotorch_eggroll.noise.FactorLayout`)."""
+    return ops.lowrank_branch(v, ids, seed=c.seed, key=we.key, epoch=c.epoch,
+                              layout=we.layout(c.rank), project=project, expand=expand,
+                              sigma=c.sigma, antithetic=c.antithetic, backend=c.backend)
 
 
 def _grouped_matvec(v: torch.Tensor, inv: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
@@ -695,7 +674,8 @@ def _right_matmul_rows(mode: RowPerturbationMode, x: torch.Tensor, we: EvolvedPa
     base = torch.matmul(x, w)  # (..., n)
     v = x.reshape(-1, m)
     if we.lowrank:
-        delta = _LowRankBranch.apply(v, ids, c, we.key, n, 0, n, n + m)  # (rows, n)
+        layout = we.layout(c.rank)
+        delta = _lowrank_branch(c, we, v, ids, layout.a_rows, layout.b_rows)  # (rows, n)
     else:
         delta = _dense_weight_rows(we, c, v, ids, slice(0, n), transposed=True)
     mode.consume(we)
@@ -878,8 +858,9 @@ def _route_conv(nd: int):
             for g in range(groups):
                 v = patches[:, g * n:(g + 1) * n]  # (B * L, n)
                 if we.lowrank:
-                    parts.append(_LowRankBranch.apply(v, ids, c, we.key, 0, n + g * og, og,
-                                                      n + we.m))
+                    layout = we.layout(c.rank)
+                    parts.append(_lowrank_branch(c, we, v, ids, layout.b_rows,
+                                                 layout.a_part(slice(g * og, (g + 1) * og))))
                 else:
                     parts.append(_dense_weight_rows(we, c, v, ids, slice(g * og, (g + 1) * og)))
             d = torch.cat(parts, dim=1) if groups > 1 else parts[0]  # (B * L, O)
@@ -917,9 +898,11 @@ def _route_embedding(mode: RowPerturbationMode, func, args, kwargs):
                                     backend=c.backend)
         rows_a = a0[inv, tok]  # (tokens, r): the A0 row of each token
         delta = torch.zeros(tok.shape[0], we.n, dtype=torch.float32, device=base.device)
-        # F_j[0:n] = B0_j, so this adds s_j sigma/sqrt(r) B0_j @ A0_j[tok]
+        # F_j[b_rows] = B0_j, so this adds s_j sigma/sqrt(r) B0_j @ A0_j[tok]
+        layout = we.layout(c.rank)
         ops.lowrank_expand_(delta, rows_a.contiguous(), ids, seed=c.seed, key=we.key,
-                            epoch=c.epoch, rank=c.rank, row_offset=0, total_rows=we.n + we.m,
+                            epoch=c.epoch, rank=c.rank, row_offset=layout.b_offset,
+                            total_rows=layout.rows,
                             scale=c.lowrank_scale, antithetic=c.antithetic, backend=c.backend)
     else:
         eps = ops.normal_block(c.seed, we.key, c.epoch, uniq, we.m * we.n,
@@ -1040,14 +1023,14 @@ def _linear_part(mode: RowPerturbationMode, x: torch.Tensor, w: torch.Tensor,
     if rows == slice(0, w.shape[0]) and (b is None or bias_rows == slice(0, b.shape[0])):
         return _linear_rows(mode, x, w, b, we, be, "F.multi_head_attention_forward")
     c = mode.coords
-    m, n = w.shape
+    n = w.shape[1]
     out = F.linear(x, w[rows], None if b is None else b[bias_rows])  # (R, ..., k)
     if we is not None:
         ids = mode.row_members(x, "F.multi_head_attention_forward", trailing=1)
         v = x.reshape(-1, n)
-        k = rows.stop - rows.start
         if we.lowrank:
-            d = _LowRankBranch.apply(v, ids, c, we.key, 0, n + rows.start, k, n + m)
+            layout = we.layout(c.rank)
+            d = _lowrank_branch(c, we, v, ids, layout.b_rows, layout.a_part(rows))
         else:
             d = _dense_weight_rows(we, c, v, ids, rows)
         out = out + d.view(out.shape).to(out.dtype)

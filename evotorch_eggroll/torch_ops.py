@@ -15,6 +15,11 @@ through Triton's slow interpreter:
   into one ``bmm`` (many rows per member, e.g. a minibatch each);
 * the update is one ``(m, K r) @ (K r, n)`` product per chunk of noise indices.
 
+This is an optimised path, not the reference: the tests compare it (like the kernels) with
+the deliberately naive float64 formulas of :mod:`evotorch_eggroll.reference`. The factor
+block's rows and each member's noise index and sign come from
+:mod:`evotorch_eggroll.noise` (``FactorLayout``, ``member_noise``).
+
 The functions take the arguments of the kernel launchers in ``evotorch_eggroll.kernels``
 and assume the checks of :mod:`evotorch_eggroll.ops` have run (stream coordinates are
 words, shapes agree, cached blocks cover every row's noise index); they work on any
@@ -115,10 +120,7 @@ def normal_block(seed: int, key: int, epoch: int, noise_indices: torch.Tensor, n
 def _member_noise(member_ids: torch.Tensor, antithetic: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise index ``(rows,)`` int64 and sign ``(rows,)`` float32 of each row's member."""
-    ids = member_ids.reshape(-1).to(torch.int64)
-    if antithetic:
-        return ids // 2, 1.0 - 2.0 * (ids % 2).to(torch.float32)
-    return ids, torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+    return _noise.member_noise(member_ids.reshape(-1), antithetic)
 
 
 # -- per-row factors ----------------------------------------------------------------------
@@ -293,10 +295,11 @@ def perturbed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         eps = _dense_rows(idx, m, seed=seed, key=bias_key, epoch=epoch, cache=bias_cache)
         delta = eps * (sign * sigma)[:, None]  # (rows, m)
     else:
+        layout = _noise.FactorLayout(m, n, rank)
         f = _RowFactors(idx, seed=seed, key=weight_key, epoch=epoch, rank=rank, row_offset=0,
-                        d=n + m, cache=weight_cache)
-        t = _Slice(f, 0, n).project(x.float()) * (sign * scale)[:, None]  # (rows, r)
-        a0 = _Slice(f, n, n + m)
+                        d=layout.rows, cache=weight_cache)
+        t = _Slice(f, layout.b_rows).project(x.float()) * (sign * scale)[:, None]  # (rows, r)
+        a0 = _Slice(f, layout.a_rows)
         if bias_key is not None:
             # the bias noise as one more column of A0 (its coefficient s_j sigma): one product
             eps = f.dense(bias_key, m, bias_cache)  # (rows or groups, m)
@@ -309,10 +312,10 @@ def perturbed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 class _Slice:
-    """Rows ``lo .. hi - 1`` of a :class:`_RowFactors`' blocks (a view, nothing copied)."""
+    """Rows ``rows`` of a :class:`_RowFactors`' blocks (a view, nothing copied)."""
 
-    def __init__(self, f: _RowFactors, lo: int, hi: int):
-        self.blocks = f.blocks[:, lo:hi]
+    def __init__(self, f: _RowFactors, rows: slice):
+        self.blocks = f.blocks[:, rows]
         self.inv = f.inv
 
     project = _RowFactors.project
@@ -329,10 +332,11 @@ def perturbed_linear_grad_x(grad_out: torch.Tensor, weight: torch.Tensor,
         return grad_x
     m, n = weight.shape
     idx, sign = _member_noise(member_ids, antithetic)
+    layout = _noise.FactorLayout(m, n, rank)
     f = _RowFactors(idx, seed=seed, key=weight_key, epoch=epoch, rank=rank, row_offset=0,
-                    d=n + m, cache=None)
-    u = _Slice(f, n, n + m).project(grad_out.float())  # (rows, r)
-    delta = _Slice(f, 0, n).expand(u) * (sign * scale)[:, None]
+                    d=layout.rows, cache=None)
+    u = _Slice(f, layout.a_rows).project(grad_out.float())  # (rows, r)
+    delta = _Slice(f, layout.b_rows).expand(u) * (sign * scale)[:, None]
     return (grad_x.float() + delta).to(grad_x.dtype)
 
 
@@ -355,10 +359,12 @@ def lowrank_update(m: int, n: int, *, seed: int, key: int, epoch: int, rank: int
     k = idx.numel()
     if k == 0 or m == 0 or n == 0:
         return g
-    for sl in _chunks(k, (n + m) * rank, UPDATE_CHUNK_ELEMENTS):
-        block = normal_block(seed, key, epoch, idx[sl], (n + m) * rank).view(-1, n + m, rank)
-        a = (block[:, n:] * coef[sl, None, None]).permute(1, 0, 2).reshape(m, -1)  # (m, Kr)
-        b = block[:, :n].permute(1, 0, 2).reshape(n, -1)  # (n, Kr)
+    layout = _noise.FactorLayout(m, n, rank)
+    for sl in _chunks(k, layout.numel, UPDATE_CHUNK_ELEMENTS):
+        block = normal_block(seed, key, epoch, idx[sl], layout.numel).view(-1, layout.rows, rank)
+        a0, b0 = layout.split(block)
+        a = (a0 * coef[sl, None, None]).permute(1, 0, 2).reshape(m, -1)  # (m, Kr)
+        b = b0.permute(1, 0, 2).reshape(n, -1)  # (n, Kr)
         if precision == "bf16":
             a = a.to(torch.bfloat16).float()
             b = b.to(torch.bfloat16).float()

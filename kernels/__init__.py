@@ -1,7 +1,9 @@
 """Triton kernels of evotorch_eggroll, installed as ``evotorch_eggroll.kernels``.
 
 One op per module: ``@triton.jit`` code plus a thin launch helper. Nothing here imports
-the rest of the package.
+the rest of the package but :mod:`evotorch_eggroll.noise`, which defines the noise stream
+and its layout (the factor block of a weight, a member's noise index and sign); the device
+side of that layout is in :mod:`evotorch_eggroll.kernels.philox`.
 """
 
 if __name__ == "kernels":

@@ -2,7 +2,8 @@
 
 ``out[j] = x[j] W^T + b + s_j scale (x[j] B0_k) A0_k^T + s_j bias_scale eps_k`` with
 ``k`` row ``j``'s noise index, for factors drawn beforehand into a ``(K, n + m, R)`` block
-(rows ``0..n-1`` are ``B0``, rows ``n..n+m-1`` are ``A0``) and bias noise into ``(K, m)``.
+(laid out as ``evotorch_eggroll.noise.FactorLayout`` says, read through the layout helpers
+of :mod:`evotorch_eggroll.kernels.philox`) and bias noise into ``(K, m)``.
 
 A program owns ``BLOCK_M`` batch rows and ``BLOCK_N`` output features: it runs the base
 product over ``n`` in chunks of ``BLOCK_K`` (``tl.dot``, float32 accumulation) and, from
@@ -22,6 +23,7 @@ import triton.language as tl
 
 from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS
 from evotorch_eggroll.kernels.philox import device_guard, next_power_of_2, row_noise_index
+from evotorch_eggroll.kernels.philox import drawn_a0_column, drawn_b0_column, factor_block_rows
 
 # Layers up to this many input and output features take this kernel.
 MAX_FEATURES = 512
@@ -70,7 +72,7 @@ def _drawn_linear_kernel(
     col_ok = cols < M_OUT
     index, sign = row_noise_index(ids_ptr, rows, stride_ids, row_ok, ANTITHETIC)
     sign = sign + tl.zeros((BLOCK_M,), tl.float32)  # (BLOCK_M,) also when it is a scalar
-    block = (index - base) * ((N_IN + M_OUT) * R)  # (BLOCK_M,) start of each row's factors
+    block = (index - base) * (factor_block_rows(N_IN, M_OUT) * R)  # (BLOCK_M,) row's factors
     rk = tl.arange(0, RP)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t = tl.zeros((BLOCK_M, RP), dtype=tl.float32)  # x B0 of each row
@@ -86,16 +88,16 @@ def _drawn_linear_kernel(
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
         if WEIGHT_NOISE:
             for r in tl.static_range(R):
-                b0 = tl.load(f_ptr + block[:, None] + ks[None, :] * R + r, mask=xk_mask,
-                             other=0.0)  # (BLOCK_M, BLOCK_K): column r of each row's B0
+                b0 = drawn_b0_column(f_ptr, block, ks, r, R,
+                                     xk_mask)  # (BLOCK_M, BLOCK_K): column r of each row's B0
                 part = tl.sum(x.to(tl.float32) * b0, axis=1)  # (BLOCK_M,)
                 t += tl.where(rk[None, :] == r, part[:, None], 0.0)
         k0 += BLOCK_K
     if WEIGHT_NOISE:
         low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r in tl.static_range(R):
-            a0 = tl.load(f_ptr + block[:, None] + (N_IN + cols)[None, :] * R + r,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
+            a0 = drawn_a0_column(f_ptr, block, cols, N_IN, r, R,
+                                 row_ok[:, None] & col_ok[None, :])  # (BLOCK_M, BLOCK_N)
             t_r = tl.sum(tl.where(rk[None, :] == r, t, 0.0), axis=1)  # (BLOCK_M,)
             low += a0 * t_r[:, None]
         acc += low * (sign * scale)[:, None]

@@ -1,7 +1,10 @@
 """Low-rank update: ``G = sum_k c_k A0_k B0_k^T`` of an ``(m, n)`` weight.
 
 The factors are regenerated (never loaded from an earlier call) ``K_chunk`` noise indices
-at a time, written straight into the two matrices of one product:
+at a time (each noise index's factor block laid out as ``evotorch_eggroll.noise.FactorLayout``
+says, split by the device helpers ``factor_block_part``, ``b0_row_of`` and ``a0_row_of`` of
+:mod:`evotorch_eggroll.kernels.philox`), written straight into the two matrices of one
+product:
 ``A (m, K_chunk * R)`` with ``A[i, k*R + q] = c_k * A0_k[i, q]`` and
 ``B (n, K_chunk * R)`` with ``B[i, k*R + q] = B0_k[i, q]``; then ``G += A @ B^T`` as one
 matrix product with a float32 result, at one of three precisions:
@@ -24,7 +27,16 @@ import triton
 import triton.language as tl
 
 from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS
-from evotorch_eggroll.kernels.philox import device_guard, normal_run, split_seed, stream_seed
+from evotorch_eggroll.kernels.philox import (
+    a0_row_of,
+    b0_row_of,
+    device_guard,
+    factor_block_part,
+    normal_run,
+    split_seed,
+    stream_seed,
+)
+from evotorch_eggroll.noise import FactorLayout
 
 BLOCK_E = 1024  # normals generated per program (a multiple of 4)
 UPDATE_CHUNK_ELEMENTS = 1 << 26  # normals held at once (256 MiB of float32)
@@ -63,10 +75,9 @@ def _factor_matrices_kernel(
     coef = tl.load(coef_ptr + pid_k).to(tl.float32)
     z = normal_run(seed, first // 4, noise_index, key, epoch, BLOCK_E // 4)  # (BLOCK_E,)
     elem = first + tl.arange(0, BLOCK_E).to(tl.int64)
-    row = elem // R  # factor-block row: B0 rows first, then A0 rows
+    row = elem // R  # factor-block row (row-major block)
     col = pid_k.to(tl.int64) * R + elem % R
-    in_b = row < n
-    in_a = (row >= n) & (row < n + m)
+    in_b, in_a = factor_block_part(row, n, m)
     zb = z
     za = coef * z
     if a_ptr.dtype.element_ty == tl.bfloat16:
@@ -74,8 +85,9 @@ def _factor_matrices_kernel(
         # (Triton's interpreter truncates float32 -> bf16)
         zb = _round_to_bf16(zb)
         za = _round_to_bf16(za)
-    tl.store(b_ptr + row * stride_bn + col, zb.to(b_ptr.dtype.element_ty), mask=in_b)
-    tl.store(a_ptr + (row - n) * stride_am + col, za.to(a_ptr.dtype.element_ty), mask=in_a)
+    tl.store(b_ptr + b0_row_of(row) * stride_bn + col, zb.to(b_ptr.dtype.element_ty), mask=in_b)
+    tl.store(a_ptr + a0_row_of(row, n) * stride_am + col, za.to(a_ptr.dtype.element_ty),
+             mask=in_a)
 
 
 PRECISIONS = ("ieee", "tf32", "bf16")
@@ -144,7 +156,7 @@ def factor_matrices(
         raise ValueError(f"factor matrices are float32 or bfloat16, got {dtype}")
     a = torch.empty((m, k * rank), dtype=dtype, device=idx.device)
     b = torch.empty((n, k * rank), dtype=dtype, device=idx.device)
-    numel = (n + m) * rank
+    numel = FactorLayout(m, n, rank).numel
     if k == 0 or numel == 0:
         return a, b
     block_e = min(BLOCK_E, max(16, triton.next_power_of_2(numel)))
@@ -194,7 +206,7 @@ def lowrank_update(
     if k == 0 or m == 0 or n == 0:
         return g
     if chunk is None:
-        chunk = max(1, UPDATE_CHUNK_ELEMENTS // ((m + n) * rank))
+        chunk = max(1, UPDATE_CHUNK_ELEMENTS // FactorLayout(m, n, rank).numel)
     for start in range(0, k, chunk):
         a, b = factor_matrices(m, n, seed=seed, key=key, epoch=epoch, rank=rank,
                                noise_indices=idx[start:start + chunk],

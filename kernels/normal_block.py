@@ -12,8 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS
-from evotorch_eggroll.kernels.philox import device_guard, normal_run, split_seed, stream_seed
+from evotorch_eggroll.kernels.philox import (
+    first_quad_of,
+    launch_per_index,
+    normal_run,
+    stream_seed,
+)
 from evotorch_eggroll.noise import normals_out
 
 BLOCK_E = 1024  # elements per program (a multiple of 4)
@@ -64,16 +68,9 @@ def normal_block(
     Returns:
         ``(K, numel)`` float32 on ``noise_indices.device`` (``out`` when given).
     """
-    if first_element % 4:
-        raise ValueError(f"first_element must be a multiple of 4, got {first_element}")
+    first_quad = first_quad_of(first_element)
     idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
     out = normals_out(idx, numel, out)
-    if out.numel() == 0:
-        return out
-    seed_lo, seed_hi = split_seed(seed)
     block_e = min(BLOCK_E, max(16, triton.next_power_of_2(numel)))
-    grid = (idx.numel(), triton.cdiv(numel, block_e))
-    with device_guard(out):
-        _normal_block_kernel[grid](idx, out, numel, first_element // 4, seed_lo, seed_hi, key,
-                                   epoch, BLOCK_E=block_e, **LAUNCH_OPTIONS)
-    return out
+    return launch_per_index(_normal_block_kernel, idx, out, first_quad, seed, key, epoch,
+                            block_e, BLOCK_E=block_e)

@@ -159,11 +159,22 @@ def normal_run(seed, first_quad, noise_index, key, epoch, BLOCK_Q: tl.constexpr)
     return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
 
 
+# ----------------------------------------------------------------------------------------
+# The noise layout on the device. Its definition is evotorch_eggroll.noise's
+# (``member_noise``: the member -> noise index and sign rule; ``FactorLayout``: the factor
+# block ``(n + m, R)`` of an ``(m, n)`` weight, ``B0`` in rows ``0..n-1`` and ``A0`` in rows
+# ``n..n+m-1``); these helpers are its device-side mirror, and the tests run them against
+# that module. The project/expand kernels receive their factor-block row offsets as
+# arguments, taken from ``FactorLayout`` by their callers; drawn_mlp.py says why it keeps
+# its offsets inline.
+
+
 @triton.jit
 def row_noise_index(ids_ptr, row, stride_ids, row_ok, ANTITHETIC: tl.constexpr):
     """Noise index and sign of batch row ``row``'s member (``ids_ptr[row * stride_ids]``;
-    member 0 for a row with ``row_ok`` False): with ``ANTITHETIC`` members ``2k`` and
-    ``2k + 1`` share index ``k`` with signs ``+1``/``-1``, otherwise index = member, sign 1."""
+    member 0 for a row with ``row_ok`` False), by ``noise.member_noise``'s rule: with
+    ``ANTITHETIC`` members ``2k`` and ``2k + 1`` share index ``k`` with signs ``+1``/``-1``,
+    otherwise index = member, sign 1."""
     member = tl.load(ids_ptr + row * stride_ids, mask=row_ok, other=0).to(tl.int64)
     if ANTITHETIC:
         noise_index = member // 2
@@ -172,6 +183,60 @@ def row_noise_index(ids_ptr, row, stride_ids, row_ok, ANTITHETIC: tl.constexpr):
         noise_index = member
         sign = 1.0
     return noise_index, sign
+
+
+@triton.jit
+def factor_block_rows(n, m):
+    """Rows of an ``(m, n)`` weight's factor block: ``n + m`` (``FactorLayout.rows``)."""
+    return n + m
+
+
+@triton.jit
+def factor_b_row(i):
+    """Factor-block row of ``B0``'s row ``i``: ``i`` (``FactorLayout.b_offset`` is 0)."""
+    return i
+
+
+@triton.jit
+def factor_a_row(i, n):
+    """Factor-block row of ``A0``'s row ``i``: ``n + i`` (``FactorLayout.a_offset`` is
+    ``n``)."""
+    return n + i
+
+
+@triton.jit
+def factor_block_part(row, n, m):
+    """Which factor a factor-block row belongs to: ``(in B0, in A0)`` masks (see
+    :func:`b0_row_of` and :func:`a0_row_of` for its row there)."""
+    return row < n, (row >= n) & (row < factor_block_rows(n, m))
+
+
+@triton.jit
+def b0_row_of(row):
+    """``B0``'s row held by factor-block row ``row`` (the inverse of :func:`factor_b_row`)."""
+    return row
+
+
+@triton.jit
+def a0_row_of(row, n):
+    """``A0``'s row held by factor-block row ``row`` (the inverse of :func:`factor_a_row`)."""
+    return row - n
+
+
+@triton.jit
+def drawn_b0_column(f_ptr, block, ks, r: tl.constexpr, R: tl.constexpr, mask):
+    """``B0[ks, r]`` of each row's drawn factors (``block``: the element offset of each row's
+    factor block, ``(rows,)``): ``(rows, len(ks))``, 0 where ``mask`` is False."""
+    return tl.load(f_ptr + block[:, None] + factor_b_row(ks)[None, :] * R + r, mask=mask,
+                   other=0.0)
+
+
+@triton.jit
+def drawn_a0_column(f_ptr, block, cols, n, r: tl.constexpr, R: tl.constexpr, mask):
+    """``A0[cols, r]`` of each row's drawn factors of an ``(m, n)`` weight: ``(rows,
+    len(cols))``, 0 where ``mask`` is False."""
+    return tl.load(f_ptr + block[:, None] + factor_a_row(cols, n)[None, :] * R + r, mask=mask,
+                   other=0.0)
 
 
 @triton.jit
@@ -296,18 +361,38 @@ def philox_words(
     Returns:
         ``(K, numel)`` int64 on ``noise_indices.device``.
     """
-    if first_element % 4:
-        raise ValueError(f"first_element must be a multiple of 4, got {first_element}")
+    first_quad = first_quad_of(first_element)
     idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
     out = torch.empty((idx.numel(), numel), dtype=torch.int64, device=idx.device)
+    block_q = 64
+    return launch_per_index(_philox_words_kernel, idx, out, first_quad, seed, key, epoch,
+                            4 * block_q, BLOCK_Q=block_q)
+
+
+def first_quad_of(first_element: int) -> int:
+    """The quad of ``first_element``, which must be a multiple of 4 (a run of the stream
+    that a per-index kernel writes starts at a quad)."""
+    if first_element % 4:
+        raise ValueError(f"first_element must be a multiple of 4, got {first_element}")
+    return first_element // 4
+
+
+def launch_per_index(kernel, idx: torch.Tensor, out: torch.Tensor, first_quad: int, seed: int,
+                     key: int, epoch: int, block_elements: int, **constexprs) -> torch.Tensor:
+    """Launch a kernel that writes a run of the stream for each noise index: program
+    ``(k, e)`` writes elements ``e * block_elements ..`` of row ``k`` of ``out (K, numel)``.
+
+    The kernel's arguments are ``(idx_ptr, out_ptr, numel, first_quad, seed_lo, seed_hi,
+    key, epoch, **constexprs)``. Returns ``out`` (untouched when empty).
+    """
     if out.numel() == 0:
         return out
     seed_lo, seed_hi = split_seed(seed)
-    block_q = 64
-    grid = (idx.numel(), triton.cdiv(numel, 4 * block_q))
+    numel = out.shape[1]
+    grid = (idx.numel(), triton.cdiv(numel, block_elements))
     with device_guard(out):
-        _philox_words_kernel[grid](idx, out, numel, first_element // 4, seed_lo, seed_hi, key,
-                                   epoch, BLOCK_Q=block_q, **LAUNCH_OPTIONS)
+        kernel[grid](idx, out, numel, first_quad, seed_lo, seed_hi, key, epoch, **constexprs,
+                     **LAUNCH_OPTIONS)
     return out
 
 

@@ -5,8 +5,9 @@ Compiles the project/expand kernels at the constexpr configurations their launch
 for the benchmark shapes (4096 x 4096 at r = 1/4/16, the RL MLP 17->256->256->6 at r = 4)
 in fp32 and bf16, and every other kernel (dense noise and its update, the update's factor
 matrices, the normal block, the Philox words) at its launcher's configuration, the
-drawn-factor variant (``_drawn``) of each project/expand configuration and the one-launch
-narrow-layer kernel at the rollout benchmark's layer shapes, with
+drawn-factor variant (``_drawn``) of each project/expand configuration, the one-launch
+narrow-layer kernel at the rollout benchmark's layer shapes and the one-launch MLP kernels
+(in registers and through scratch), with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and the launch options
 of ``evotorch_eggroll.kernels.compat``, and prints per configuration: SASS instructions,
 registers, local memory (spill/stack), shared memory, barriers (BAR), warp shuffles (SHFL),
@@ -32,6 +33,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from evotorch_eggroll.kernels import dense_noise as dn  # noqa: E402
 from evotorch_eggroll.kernels import drawn_linear as dl  # noqa: E402
+from evotorch_eggroll.kernels import drawn_mlp as dm  # noqa: E402
 from evotorch_eggroll.kernels import lowrank_expand as ex  # noqa: E402
 from evotorch_eggroll.kernels import lowrank_project as pr  # noqa: E402
 from evotorch_eggroll.kernels import lowrank_update as up  # noqa: E402
@@ -136,6 +138,49 @@ def other_rows():
     yield ("normal_block_fp32", None, sig, dict(BLOCK_E=nb.BLOCK_E), nb._normal_block_kernel, 4)
     sig = dict(idx_ptr="*i64", out_ptr="*i64", numel="i32", first_quad="i64", **seeds)
     yield ("philox_words", None, sig, dict(BLOCK_Q=64), ph._philox_words_kernel, 4)
+    yield from drawn_mlp_rows()
+
+
+def _drawn_mlp_signature(fn, constexprs: dict) -> dict:
+    """Argument types of a drawn-MLP kernel: layer slots ``w/b/f/e0..3`` and the input,
+    output and scratch buffers are float32 pointers, the ids int64, scales float32."""
+    ptrs = {"x_ptr", "out_ptr", "s0_ptr", "s1_ptr"} | {f"{p}{i}" for p in "wbfe"
+                                                         for i in range(dm.MAX_LAYERS)}
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            continue
+        sig[name] = ("*i64" if name == "ids_ptr" else "*fp32" if name in ptrs
+                     else "fp32" if name in ("scale", "bias_scale") else "i32")
+    return sig
+
+
+def drawn_mlp_rows():
+    """The one-launch MLP kernels at the launcher's configuration for the rollout policies:
+    4 -> 64 -> 64 -> 2 in registers and 17 -> 256 -> 256 -> 6 through scratch, Tanh between
+    the layers, every layer with bias, factors and bias noise, rank 4."""
+    for widths, regs in (((4, 64, 64, 2), True), ((17, 256, 256, 6), False)):
+        layers = len(widths) - 1
+        flags = {}
+        for i in range(dm.MAX_LAYERS):
+            used = i < layers
+            act = dm.TANH if used and i < layers - 1 else dm.IDENTITY
+            flags.update({f"HB{i}": used, f"WN{i}": used, f"BZ{i}": used, f"ACT{i}": act})
+        const = dict(LAYERS=layers, R=4, ANTITHETIC=True, PRECISION=dm.FLOAT32_PRECISION,
+                     LIBDEVICE=True, **flags)
+        dims = list(widths) + [1] * (dm.MAX_LAYERS + 1 - len(widths))
+        label = "drawn_mlp_fp32_" + "x".join(map(str, widths)) + "_r4"
+        if regs:
+            pads = [max(16, dm.next_power_of_2(w)) for w in dims]
+            const.update(BLOCK_M=dm.REGS_BLOCK_M, PL=pads[layers],
+                         **{f"P{i}": p for i, p in enumerate(pads)})
+            fn, warps = dm._drawn_mlp_regs_kernel, dm.REGS_NUM_WARPS
+        else:
+            const.update(RP=4, BLOCK_M=dm.BLOCK_M)
+            for i in range(dm.MAX_LAYERS):
+                const[f"BN{i}"], const[f"BK{i}"] = dm._block_sizes(dims[i], dims[i + 1])
+            fn, warps = dm._drawn_mlp_kernel, dm.NUM_WARPS
+        yield label, None, _drawn_mlp_signature(fn, const), const, fn, warps
 
 
 def main() -> int:

@@ -9,13 +9,12 @@ float64 formula, bf16/fp16 within their table entries (GPU tier).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 
-from evotorch_eggroll import noise, ops
+from evotorch_eggroll import noise, ops, reference
 
 SEED, EPOCH = 77, 5
 W_KEY, B_KEY = noise.param_key("fc.weight"), noise.param_key("fc.bias")
@@ -57,41 +56,13 @@ def tol(dtype, n):
     return dict(atol=t["atol"] * scale, rtol=t["rtol"] * scale)
 
 
-@functools.lru_cache(maxsize=4)
-def reference_factors(indices: tuple, m: int, n: int, rank: int):
-    a0, b0 = noise.lowrank_factors(SEED, W_KEY, EPOCH, list(indices), m, n, rank)
-    return a0.double(), b0.double()
-
-
 def explicit(x, w, b, ids, *, rank, sigma, antithetic, perturb_weight=True, perturb_bias=True):
-    """``x (W + s sigma/sqrt(r) A0 B0^T)^T + b + s sigma eps_b`` in float64 with reference
-    factors: materialised per row at small sizes, in factored form (the same number up to
-    float64 rounding) when the per-row weights would not fit."""
-    ids = ids.cpu().to(torch.int64)
-    idx = ids // 2 if antithetic else ids
-    sign = ((1 - 2 * (ids % 2)) if antithetic else torch.ones_like(ids)).double()
-    m, n = w.shape
-    rows = ids.shape[0]
-    uniq, inv = torch.unique(idx, return_inverse=True)
-    wd = w.detach().double().cpu()
-    xd = x.detach().double().cpu()
-    if perturb_weight:
-        a0, b0 = reference_factors(tuple(uniq.tolist()), m, n, rank)
-        coef = (sign * sigma / math.sqrt(rank))[:, None, None]
-        if rows * m * n <= 1 << 22:
-            pert = torch.bmm(a0, b0.transpose(1, 2))[inv]  # (rows, m, n)
-            out = torch.einsum("jn,jmn->jm", xd, wd + coef * pert)
-        else:
-            t = torch.einsum("jn,jnr->jr", xd, b0[inv])
-            out = xd @ wd.T + (coef[:, :, 0] * torch.einsum("jr,jmr->jm", t, a0[inv]))
-    else:
-        out = xd @ wd.T
-    if b is not None:
-        out = out + b.detach().double().cpu()
-        if perturb_bias:
-            eps = noise.normal_stream(SEED, B_KEY, EPOCH, uniq, m).double()[inv]
-            out = out + (sign * sigma)[:, None] * eps
-    return out
+    """``x (W + s sigma/sqrt(r) A0 B0^T)^T + b + s sigma eps_b`` in float64 over the reference
+    stream's factors (:func:`evotorch_eggroll.reference.perturbed_linear`)."""
+    return reference.perturbed_linear(x, w, b, ids, seed=SEED,
+                                      weight_key=W_KEY if perturb_weight else None,
+                                      bias_key=B_KEY if perturb_bias else None, epoch=EPOCH,
+                                      rank=rank, sigma=sigma, antithetic=antithetic)
 
 
 def run(x, w, b, ids, *, rank, sigma, antithetic, weight_key=W_KEY, bias_key=B_KEY):
@@ -429,19 +400,15 @@ def test_property_strategy_linear_matches_the_reference_formula(device, case):
         k = case["ids"][0]
         a, b = pop.get_factors(k, "weight")
     anti = case["antithetic"]
-    idx = ids // 2 if anti else ids
-    sign = ((1 - 2 * (ids % 2)) if anti else torch.ones_like(ids)).double()
-    wkey, bkey = noise.param_key("weight"), noise.param_key("bias")
-    a0, b0 = noise.lowrank_factors(case["seed"], wkey, case["epoch"], idx, m, n, r)
-    eps = noise.normal_stream(case["seed"], bkey, case["epoch"], idx, m).double()
-    xd = x.double().cpu()
-    proj = torch.einsum("jn,jnr->jr", xd, b0.double())
-    ref = (xd @ model.weight.detach().double().cpu().T + model.bias.detach().double().cpu()
-           + (sign * sigma / math.sqrt(r))[:, None] * torch.einsum("jr,jmr->jm", proj, a0.double())
-           + (sign * sigma)[:, None] * eps)
+    ref = reference.perturbed_linear(x, model.weight, model.bias, ids, seed=case["seed"],
+                                     weight_key=noise.param_key("weight"),
+                                     bias_key=noise.param_key("bias"), epoch=case["epoch"],
+                                     rank=r, sigma=sigma, antithetic=anti)
     t = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     torch.testing.assert_close(out.double().cpu(), ref, **t)
-    sk = -1.0 if (anti and k % 2) else 1.0
+    sk = noise.member_sign(k, anti)
+    a0, b0 = noise.lowrank_factors(case["seed"], noise.param_key("weight"), case["epoch"],
+                                   [noise.noise_index(k, anti)], m, n, r)
     factor_tol = ({"atol": 2e-6, "rtol": 2e-6} if dtype == torch.float32  # kernel Box-Muller
                   else {"atol": 2e-2, "rtol": 1e-2})                       # vs float64 reference
     torch.testing.assert_close(a.float().cpu(), (sk * sigma / math.sqrt(r)) * a0[0], **factor_tol)
@@ -518,22 +485,24 @@ def test_drawn_narrow_linear_matches_the_explicit_formula(device, m, n, r, rows,
     b = torch.randn(m, generator=gen).to(device) if with_bias else None
     x = torch.randn(rows, n, generator=gen).to(device)
     ids = member_ids("shuffled", rows, device)
-    idx = ids // 2 if antithetic else ids
+    idx, _ = noise.member_noise(ids, antithetic)
     indices = torch.arange(int(idx.min()), int(idx.max()) + 1, device=device)
     base = int(indices[0])
-    block = ops.normal_block(SEED, noise.param_key("w"), EPOCH, indices, (n + m) * r).view(-1, n + m, r)
+    layout = noise.FactorLayout(m, n, r)
+    block = ops.normal_block(SEED, noise.param_key("w"), EPOCH, indices,
+                             layout.numel).view(-1, layout.rows, r)
     bias = ops.normal_block(SEED, noise.param_key("b"), EPOCH, indices, m)
     sigma = 0.3
     kw = dict(rank=r, scale=sigma / math.sqrt(r), bias_scale=sigma, antithetic=antithetic,
               cache=(block, base), bias_cache=(bias, base), precision="ieee")
     out = drawn_linear.drawn_linear(x, w, b, ids, **kw)
-    sign = (1 - 2 * (ids % 2)).double() if antithetic else torch.ones(rows, device=device).double()
-    f = block[idx - base].double()  # (rows, n + m, r)
-    want = x.double() @ w.double().T + (0 if b is None else b.double())
-    low = torch.einsum("jn,jnr,jmr->jm", x.double(), f[:, :n], f[:, n:])
-    want = want + sign[:, None] * sigma / math.sqrt(r) * low
-    want = want + sign[:, None] * sigma * bias[idx - base].double()
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, n ** 0.5))
+    # the kernel adds the drawn bias noise with or without a bias: a zero bias in the formula
+    want = reference.perturbed_linear(x, w, torch.zeros(m) if b is None else b, ids, seed=SEED,
+                                      weight_key=noise.param_key("w"),
+                                      bias_key=noise.param_key("b"), epoch=EPOCH, rank=r,
+                                      sigma=sigma, antithetic=antithetic)
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5,
+                               atol=1e-5 * max(1.0, n ** 0.5))
     perm = torch.randperm(rows, generator=gen).to(device)
     assert torch.equal(drawn_linear.drawn_linear(x[perm], w, b, ids[perm], **kw), out[perm])
 

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from evotorch_eggroll import noise, ops
+from evotorch_eggroll import noise, ops, reference
 
 SEED, EPOCH = 31, 2
 W_KEY, B_KEY = noise.param_key("head.weight"), noise.param_key("head.bias")
@@ -37,19 +37,11 @@ GRAD_TOL = {
 
 def explicit_grads(x, w, b, ids, grad_out, *, rank, sigma, antithetic):
     """Autograd through ``x (W + s sigma/sqrt(r) A0 B0^T)^T + b + s sigma eps`` in float64
-    (factored: the same function of x, W and b)."""
-    ids = ids.cpu().to(torch.int64)
-    idx = ids // 2 if antithetic else ids
-    sign = ((1 - 2 * (ids % 2)) if antithetic else torch.ones_like(ids)).double()
-    m, n = w.shape
-    uniq, inv = torch.unique(idx, return_inverse=True)
-    a0, b0 = noise.lowrank_factors(SEED, W_KEY, EPOCH, uniq, m, n, rank)
-    a0, b0 = a0.double()[inv], b0.double()[inv]
-    eps = noise.normal_stream(SEED, B_KEY, EPOCH, uniq, m).double()[inv]
+    (:func:`evotorch_eggroll.reference.perturbed_linear`)."""
     xd, wd, bd = (t.detach().double().cpu().requires_grad_() for t in (x, w, b))
-    coef = (sign * sigma / math.sqrt(rank))[:, None]
-    low = torch.einsum("jr,jmr->jm", torch.einsum("jn,jnr->jr", xd, b0), a0)
-    out = xd @ wd.T + bd + coef * low + (sign * sigma)[:, None] * eps
+    out = reference.perturbed_linear(xd, wd, bd, ids, seed=SEED, weight_key=W_KEY,
+                                     bias_key=B_KEY, epoch=EPOCH, rank=rank, sigma=sigma,
+                                     antithetic=antithetic)
     out.backward(grad_out.detach().double().cpu())
     return xd.grad, wd.grad, bd.grad
 

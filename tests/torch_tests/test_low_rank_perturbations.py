@@ -1,8 +1,8 @@
 """Low-rank and dense perturbations, per batch row.
 
 Kernel tier: ``ops.lowrank_project``, ``ops.lowrank_expand_`` and ``ops.dense_noise_add_``
-against explicit formulas over factors materialised by the reference stream
-(``noise.lowrank_factors`` / ``noise.normal_stream``), over odd shapes, several
+against the naive reference of ``evotorch_eggroll.reference`` (explicit formulas over
+factors of the reference stream), over odd shapes, several
 row-to-member maps and antithetic on/off; the factors the kernels use are exactly the
 inspected ones; results do not depend on how rows are grouped into programs; the CPU
 policy. CPU cases run through Triton's interpreter; ``gpu`` cases run at real sizes.
@@ -10,7 +10,6 @@ policy. CPU cases run through Triton's interpreter; ``gpu`` cases run at real si
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -18,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from evotorch_eggroll import noise, ops
-from evotorch_eggroll.kernels import dense_noise, lowrank_expand, lowrank_project
+from evotorch_eggroll import noise, ops, reference
+from evotorch_eggroll.kernels import dense_noise, lowrank_expand, lowrank_project, philox
 from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS, row_mask
 
 SEED, KEY, BIAS_KEY, EPOCH = 2024, noise.param_key("net.0.weight"), noise.param_key("net.0.bias"), 3
@@ -41,22 +40,6 @@ SHAPES = [
 from member_maps import MAPS, member_ids  # noqa: E402  (tests/ is on sys.path)
 
 
-@functools.lru_cache(maxsize=8)
-def _reference_lowrank(indices: tuple, m: int, n: int, r: int):
-    a0, b0 = noise.lowrank_factors(SEED, KEY, EPOCH, list(indices), m, n, r)
-    return a0.double(), b0.double()
-
-
-def reference_factors(ids, antithetic, m, n, r):
-    """Reference A0 (rows, m, r), B0 (rows, n, r) float64 and signs (rows,) of each row."""
-    ids = ids.cpu().to(torch.int64)
-    idx = ids // 2 if antithetic else ids
-    sign = (1 - 2 * (ids % 2)) if antithetic else torch.ones_like(ids)
-    uniq, inv = torch.unique(idx, return_inverse=True)
-    a0, b0 = _reference_lowrank(tuple(uniq.tolist()), m, n, r)
-    return a0[inv], b0[inv], sign.double()
-
-
 def tol(*sizes):
     """float32 tolerance: 1e-5 at small sizes, growing with the reduction length."""
     scale = max(1.0, math.sqrt(max(sizes)) / 8)
@@ -68,18 +51,15 @@ def tol(*sizes):
 def test_project_matches_explicit(device, m, n, r, rows, kind, antithetic):
     gen = torch.Generator().manual_seed(1)
     ids = member_ids(kind, rows, device)
-    a0, b0, _ = reference_factors(ids, antithetic, m, n, r)
-    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, total_rows=n + m,
-                  antithetic=antithetic)
-    x = torch.randn(rows, n, generator=gen)
-    t = ops.lowrank_project(x.to(device), ids, row_offset=0, **common)
-    assert t.shape == (rows, r) and t.dtype == torch.float32
-    torch.testing.assert_close(t.cpu().double(), torch.einsum("jn,jnr->jr", x.double(), b0),
-                               **tol(n))
-    g = torch.randn(rows, m, generator=gen)
-    u = ops.lowrank_project(g.to(device), ids, row_offset=n, **common)
-    torch.testing.assert_close(u.cpu().double(), torch.einsum("jm,jmr->jr", g.double(), a0),
-                               **tol(m))
+    layout = noise.FactorLayout(m, n, r)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, antithetic=antithetic)
+    for v, off in [(torch.randn(rows, n, generator=gen), layout.b_offset),  # x B0
+                   (torch.randn(rows, m, generator=gen), layout.a_offset)]:  # g A0
+        t = ops.lowrank_project(v.to(device), ids, row_offset=off, total_rows=layout.rows,
+                                **common)
+        assert t.shape == (rows, r) and t.dtype == torch.float32
+        want = reference.lowrank_project(v, ids, row_offset=off, **common)
+        torch.testing.assert_close(t.cpu().double(), want, **tol(v.shape[1]))
 
 
 @pytest.mark.parametrize("m,n,r,rows", SHAPES)
@@ -87,20 +67,18 @@ def test_project_matches_explicit(device, m, n, r, rows, kind, antithetic):
 def test_expand_matches_explicit(device, m, n, r, rows, kind, antithetic):
     gen = torch.Generator().manual_seed(2)
     ids = member_ids(kind, rows, device)
-    a0, b0, sign = reference_factors(ids, antithetic, m, n, r)
-    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, total_rows=n + m,
-                  antithetic=antithetic)
+    layout = noise.FactorLayout(m, n, r)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, antithetic=antithetic)
     t = torch.randn(rows, r, generator=gen)
     base = torch.randn(rows, m, generator=gen)
-    out = base.to(device, copy=True)
-    assert ops.lowrank_expand_(out, t.to(device), ids, row_offset=n, scale=0.3, **common) is out
-    want = base.double() + 0.3 * sign[:, None] * torch.einsum("jmr,jr->jm", a0, t.double())
-    torch.testing.assert_close(out.cpu().double(), want, **tol(r))
-    out = base[:, :1].expand(rows, n).clone().to(device)  # the mirror: through B0
-    ops.lowrank_expand_(out, t.to(device), ids, row_offset=0, scale=-1.5, **common)
-    want = base[:, :1].double() - 1.5 * sign[:, None] * torch.einsum("jnr,jr->jn", b0,
-                                                                     t.double())
-    torch.testing.assert_close(out.cpu().double(), want, **tol(r))
+    # through A0 (the forward), then the mirror through B0 (the backward)
+    for start, off, scale in [(base, layout.a_offset, 0.3),
+                              (base[:, :1].expand(rows, n), layout.b_offset, -1.5)]:
+        out = start.to(device, copy=True)
+        assert ops.lowrank_expand_(out, t.to(device), ids, row_offset=off, scale=scale,
+                                   total_rows=layout.rows, **common) is out
+        want = reference.lowrank_expand(start, t, ids, row_offset=off, scale=scale, **common)
+        torch.testing.assert_close(out.cpu().double(), want, **tol(r))
 
 
 @pytest.mark.parametrize("m,n,r,rows", SHAPES)
@@ -108,16 +86,54 @@ def test_expand_matches_explicit(device, m, n, r, rows, kind, antithetic):
 def test_expand_with_fused_bias_noise(device, m, n, r, rows, antithetic):
     gen = torch.Generator().manual_seed(3)
     ids = member_ids("shuffled", rows, device)
-    a0, _, sign = reference_factors(ids, antithetic, m, n, r)
-    idx = ids.cpu() // 2 if antithetic else ids.cpu()
-    eps = noise.normal_stream(SEED, BIAS_KEY, EPOCH, idx, m).double()
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, row_offset=n, scale=0.25,
+                  antithetic=antithetic, bias_key=BIAS_KEY, bias_scale=0.5)
     t = torch.randn(rows, r, generator=gen)
     out = torch.zeros(rows, m, device=device)
-    lowrank_expand.lowrank_expand_(out, t.to(device), ids, seed=SEED, key=KEY, epoch=EPOCH,
-                                   rank=r, row_offset=n, scale=0.25, antithetic=antithetic,
-                                   bias_key=BIAS_KEY, bias_scale=0.5)
-    want = sign[:, None] * (0.25 * torch.einsum("jmr,jr->jm", a0, t.double()) + 0.5 * eps)
+    lowrank_expand.lowrank_expand_(out, t.to(device), ids, **common)
+    want = reference.lowrank_expand(torch.zeros(rows, m), t, ids, **common)
     torch.testing.assert_close(out.cpu().double(), want, **tol(r))
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+@pytest.mark.parametrize("part", ["right matmul", "output rows"])
+def test_lowrank_branch_and_its_backward_match_the_reference(device, antithetic, part):
+    """``ops.lowrank_branch`` (the low-rank term of ``x @ W`` or of a slice of a weight's
+    output rows) and its gradient against autograd through the reference's project/expand."""
+    m, n, r, rows = 5, 7, 3, 6
+    layout = noise.FactorLayout(m, n, r)
+    project, expand = ((layout.a_rows, layout.b_rows) if part == "right matmul"
+                       else (layout.b_rows, layout.a_part(slice(1, 4))))
+    gen = torch.Generator().manual_seed(8)
+    ids = member_ids("shuffled", rows, device)
+    v = torch.randn(rows, project.stop - project.start, generator=gen)
+    g = torch.randn(rows, expand.stop - expand.start, generator=gen)
+    vk = v.to(device, copy=True).requires_grad_()
+    out = ops.lowrank_branch(vk, ids, seed=SEED, key=KEY, epoch=EPOCH, layout=layout,
+                             project=project, expand=expand, sigma=0.3, antithetic=antithetic)
+    out.backward(g.to(device))
+    coords = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, antithetic=antithetic)
+    vd = v.double().requires_grad_()
+    t = reference.lowrank_project(vd, ids, row_offset=project.start, **coords)
+    want = reference.lowrank_expand(torch.zeros(g.shape, dtype=torch.float64), t, ids,
+                                    row_offset=expand.start, scale=0.3 / math.sqrt(r), **coords)
+    want.backward(g.double())
+    assert out.dtype == torch.float32 and out.shape == g.shape
+    torch.testing.assert_close(out.detach().cpu().double(), want.detach(), **tol(m, n))
+    torch.testing.assert_close(vk.grad.cpu().double(), vd.grad, **tol(m, n))
+
+
+def test_lowrank_branch_rejects_rows_outside_the_factor_block(device):
+    layout = noise.FactorLayout(4, 3, 2)
+    ids = torch.arange(2, device=device)
+    v = torch.zeros(2, 3, device=device)
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, layout=layout, sigma=0.1, antithetic=False)
+    with pytest.raises(ValueError, match="factor block"):
+        ops.lowrank_branch(v, ids, project=layout.b_rows, expand=slice(5, 9), **common)
+    with pytest.raises(ValueError, match="columns"):
+        ops.lowrank_branch(v, ids, project=layout.a_rows, expand=layout.b_rows, **common)
+    with pytest.raises(TypeError, match="slice"):
+        ops.lowrank_branch(v, ids, project=slice(0, 6, 2), expand=layout.a_rows, **common)
 
 
 @pytest.mark.parametrize(
@@ -127,14 +143,11 @@ def test_expand_with_fused_bias_noise(device, m, n, r, rows, antithetic):
 @pytest.mark.parametrize("kind,antithetic", MAPS)
 def test_dense_noise_add_matches_reference(device, rows, d, kind, antithetic):
     ids = member_ids(kind, rows, device)
-    idx = ids.cpu() // 2 if antithetic else ids.cpu()
-    sign = (1 - 2 * (ids.cpu() % 2)).double() if antithetic else torch.ones(rows).double()
     base = torch.randn(rows, d, generator=torch.Generator().manual_seed(4))
     out = base.to(device, copy=True)
-    assert ops.dense_noise_add_(out, ids, seed=SEED, key=BIAS_KEY, epoch=EPOCH, scale=0.7,
-                                antithetic=antithetic) is out
-    eps = noise.normal_stream(SEED, BIAS_KEY, EPOCH, idx, d).double()
-    want = base.double() + 0.7 * sign[:, None] * eps
+    common = dict(seed=SEED, key=BIAS_KEY, epoch=EPOCH, scale=0.7, antithetic=antithetic)
+    assert ops.dense_noise_add_(out, ids, **common) is out
+    want = reference.dense_noise_add(base, ids, **common)
     torch.testing.assert_close(out.cpu().double(), want, atol=1e-5, rtol=1e-5)
 
 
@@ -258,6 +271,48 @@ def test_row_mask_and_launch_options_work_on_the_installed_triton(device):
     expected = torch.zeros(rows + 2, block, device=device)
     expected[:rows, :d] = src + 1.0
     assert torch.equal(dst, expected)
+
+
+@triton.jit
+def _layout_probe_kernel(ids_ptr, index_ptr, out_ptr, n, m, ANTITHETIC: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK).to(tl.int64)
+    index, sign = philox.row_noise_index(ids_ptr, i, 1, i < BLOCK, ANTITHETIC)
+    tl.store(index_ptr + i, index)
+    in_b, in_a = philox.factor_block_part(i, n, m)
+    probes = [sign + tl.zeros((BLOCK,), tl.float32), philox.factor_b_row(i),
+              philox.factor_a_row(i, n), philox.factor_block_rows(n, m) + i * 0, in_b, in_a,
+              philox.b0_row_of(i), philox.a0_row_of(i, n)]
+    for k in tl.static_range(len(probes)):
+        tl.store(out_ptr + k * BLOCK + i, probes[k].to(tl.float32))
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+@pytest.mark.parametrize("m,n", [(3, 5), (6, 2)])
+def test_device_layout_helpers_follow_noise_py(device, antithetic, m, n):
+    """The device side of the noise layout (kernels/philox.py) agrees with its definition in
+    evotorch_eggroll.noise: member -> noise index and sign, and the factor block's rows."""
+    block = 16
+    ids = torch.tensor([0, 1, 2, 3, 7, 8, 2**32 + 1, 2**33 - 1, 5, 4, 9, 10, 11, 12, 13, 14],
+                       device=device)
+    index = torch.zeros(block, dtype=torch.int64, device=device)
+    out = torch.zeros(8, block, device=device)
+    _layout_probe_kernel[(1,)](ids, index, out, n, m, ANTITHETIC=antithetic, BLOCK=block,
+                               **LAUNCH_OPTIONS)
+    out = out.cpu().double()
+    idx, sign = noise.member_noise(ids.cpu(), antithetic)
+    assert torch.equal(index.cpu(), idx) and torch.equal(out[0], sign.double())
+    layout = noise.FactorLayout(m, n, 1)
+    i = torch.arange(block, dtype=torch.float64)
+    assert torch.equal(out[1], layout.b_offset + i) and torch.equal(out[2], layout.a_offset + i)
+    assert torch.equal(out[3], torch.full((block,), float(layout.rows), dtype=torch.float64))
+    rows = range(block)
+    in_b = torch.tensor([float(r in range(layout.rows)[layout.b_rows]) for r in rows],
+                        dtype=torch.float64)
+    in_a = torch.tensor([float(r in range(layout.rows)[layout.a_rows]) for r in rows],
+                        dtype=torch.float64)
+    assert torch.equal(out[4], in_b) and torch.equal(out[5], in_a)
+    assert torch.equal(out[6], i - layout.b_offset) and torch.equal(out[7], i - layout.a_offset)
 
 
 def test_shape_and_dtype_errors(device):

@@ -2,10 +2,10 @@
 
 Kernel tier: ``ops.lowrank_update`` (``sum_k c_k A0_k B0_k^T`` as chunked
 ``(m, K r) @ (K r, n)`` products in IEEE float32, or on TF32/bf16 tensor cores for weights
-whose forward runs at that precision) against an einsum over factors materialised by the
-reference stream; ``ops.dense_update`` against ``c @ eps``; the update's
-factors are bit-equal to the inspected ones; results do not depend on the chunking beyond
-float32 rounding.
+whose forward runs at that precision) and ``ops.dense_update`` (``c @ eps``) against the
+naive reference of ``evotorch_eggroll.reference`` (einsums over the reference stream's
+noise); the update's factors are bit-equal to the inspected ones; results do not depend on
+the chunking beyond float32 rounding.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from evotorch_eggroll import noise, ops
+from evotorch_eggroll import noise, ops, reference
 from evotorch_eggroll.kernels import lowrank_update as lowrank_update_kernel
 
 SEED, EPOCH = 4242, 9
@@ -60,8 +60,8 @@ def test_lowrank_update_matches_einsum(device, m, n, r, k):
     g = ops.lowrank_update(m, n, seed=SEED, key=KEY, epoch=EPOCH, rank=r,
                            noise_indices=idx.to(device), coeffs=c.to(device))
     assert g.shape == (m, n) and g.dtype == torch.float32 and g.device == idx.to(device).device
-    a0, b0 = noise.lowrank_factors(SEED, KEY, EPOCH, idx, m, n, r)
-    want = torch.einsum("k,kmr,knr->mn", c.double(), a0.double(), b0.double())
+    want = reference.lowrank_update(m, n, seed=SEED, key=KEY, epoch=EPOCH, rank=r,
+                                    noise_indices=idx, coeffs=c)
     torch.testing.assert_close(g.cpu().double(), want, **tol(k, r))
 
 
@@ -204,7 +204,8 @@ def test_dense_update_matches_reference(device, numel, k):
     g = ops.dense_update(numel, seed=SEED, key=KEY, epoch=EPOCH, noise_indices=idx.to(device),
                          coeffs=c.to(device))
     assert g.shape == (numel,) and g.dtype == torch.float32
-    want = c.double() @ noise.normal_stream(SEED, KEY, EPOCH, idx, numel).double()
+    want = reference.dense_update(numel, seed=SEED, key=KEY, epoch=EPOCH, noise_indices=idx,
+                                  coeffs=c)
     scale = max(1.0, math.sqrt(k) / 8)
     torch.testing.assert_close(g.cpu().double(), want, atol=1e-5 * scale, rtol=1e-5 * scale)
 
@@ -339,14 +340,12 @@ def test_property_strategy_update_matches_einsum(device, m, n, r, weights, antit
     with ctx:
         pass
     s.step(torch.tensor(weights), prenormalized=True)
-    ids = torch.arange(big_n)
-    idx = ids // 2 if antithetic else ids
-    sign = ((1 - 2 * (ids % 2)) if antithetic else torch.ones_like(ids)).double()
+    idx, sign = reference.row_noise(torch.arange(big_n), antithetic)
     coef = torch.tensor(weights, dtype=torch.float64) * sign / math.sqrt(big_n)
-    a0, b0 = noise.lowrank_factors(seed, noise.param_key("weight"), epoch, idx, m, n, r)
-    eps = noise.normal_stream(seed, noise.param_key("bias"), epoch, idx, m).double()
-    g_w = torch.einsum("k,kmr,knr->mn", coef * 0.5 / math.sqrt(r), a0.double(), b0.double())
-    g_b = torch.einsum("k,km->m", coef * 0.5, eps)
+    g_w = reference.lowrank_update(m, n, seed=seed, key=noise.param_key("weight"), epoch=epoch,
+                                   rank=r, noise_indices=idx, coeffs=coef * 0.5 / math.sqrt(r))
+    g_b = reference.dense_update(m, seed=seed, key=noise.param_key("bias"), epoch=epoch,
+                                 noise_indices=idx, coeffs=coef * 0.5)
     k_eff = max(1, big_n)
     torch.testing.assert_close(model.weight.detach().double().cpu(), before[0] + g_w,
                                **tol(k_eff, r))

@@ -250,6 +250,14 @@ def _as_index_tensor(values: int | Sequence[int] | torch.Tensor) -> torch.Tensor
     return t
 
 
+def _philox_at(seed: int, key: int, epoch: int, noise_indices: int | Sequence[int] | torch.Tensor,
+               quads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four Philox words of counters ``(quads, noise index, key, epoch)`` for every noise
+    index (rows) and quad (``quads (1, Q)``): four ``(K, Q)`` int64 tensors."""
+    idx = _as_index_tensor(noise_indices)[:, None]  # (K, 1)
+    return philox4x32(quads, idx, torch.tensor(key), torch.tensor(epoch), seed)
+
+
 def philox_words(
     seed: int,
     key: int,
@@ -261,9 +269,8 @@ def philox_words(
 
     ``key`` is a :func:`param_key`, ``epoch`` the effective epoch.
     """
-    idx = _as_index_tensor(noise_indices)[:, None]  # (K, 1)
     elem = torch.arange(numel, dtype=torch.int64)[None, :]  # (1, E)
-    words = philox4x32(elem // 4, idx, torch.tensor(key), torch.tensor(epoch), seed)
+    words = _philox_at(seed, key, epoch, noise_indices, elem // 4)
     stacked = torch.stack(words, dim=0)  # (4, K, E)
     lane = (elem % 4).expand_as(words[0])[None]
     return torch.gather(stacked, 0, lane)[0]
@@ -277,12 +284,11 @@ def normal_stream(
     numel: int,
 ) -> torch.Tensor:
     """Standard normals of elements ``0..numel-1`` for each noise index: ``(K, numel)`` float32."""
-    idx = _as_index_tensor(noise_indices)[:, None]  # (K, 1)
     quads = (numel + 3) // 4
     q = torch.arange(quads, dtype=torch.int64)[None, :]  # (1, Q)
-    words = philox4x32(q, idx, torch.tensor(key), torch.tensor(epoch), seed)
+    words = _philox_at(seed, key, epoch, noise_indices, q)
     z = torch.stack(normals_from_words(*words), dim=-1)  # (K, Q, 4)
-    return z.reshape(idx.shape[0], quads * 4)[:, :numel].contiguous()
+    return z.reshape(z.shape[0], quads * 4)[:, :numel].contiguous()
 
 
 def lowrank_factors(

@@ -186,16 +186,26 @@ def test_loggers_and_quiet_run(capsys, tmp_path):
     assert len(list(tmp_path.iterdir())) == 3
 
 
-def test_dense_pickle_resumes_bit_identically():
-    straight = EGGROLL(_sphere_problem(), popsize=10, sigma=0.3, lr=0.1)
-    straight.run(6)
-    first = EGGROLL(_sphere_problem(), popsize=10, sigma=0.3, lr=0.1)
-    PandasLogger(first)  # hooks are dropped when pickling
-    first.run(3)
+def _pickled_resume_matches_straight(make, generations: int, logger=None) -> EGGROLL:
+    """``make()`` run ``generations`` straight, and another ``make()`` run half of them,
+    pickled, unpickled and run the other half: the same center and mean evaluation, bit for
+    bit. Returns the resumed searcher."""
+    straight = make()
+    straight.run(generations)
+    first = make()
+    if logger is not None:
+        logger(first)  # hooks are dropped when pickling
+    first.run(generations // 2)
     resumed = pickle.loads(pickle.dumps(first))
-    resumed.run(3)
+    resumed.run(generations - generations // 2)
     assert torch.equal(resumed.status["center"], straight.status["center"])
     assert resumed.status["mean_eval"] == straight.status["mean_eval"]
+    return resumed
+
+
+def test_dense_pickle_resumes_bit_identically():
+    resumed = _pickled_resume_matches_straight(
+        lambda: EGGROLL(_sphere_problem(), popsize=10, sigma=0.3, lr=0.1), 6, logger=PandasLogger)
     assert resumed.step_count == 6
 
 
@@ -280,16 +290,8 @@ def test_lowrank_min_equals_max_of_negation(device):
 
 
 def test_lowrank_pickle_resumes_bit_identically(device):
-    straight_problem, _, _ = _regression_problem(device)
-    straight = EGGROLL(straight_problem, popsize=6, sigma=0.1, lr=0.05, rank=1)
-    straight.run(4)
-    problem, _, _ = _regression_problem(device)
-    first = EGGROLL(problem, popsize=6, sigma=0.1, lr=0.05, rank=1)
-    first.run(2)
-    resumed = pickle.loads(pickle.dumps(first))
-    resumed.run(2)
-    assert torch.equal(resumed.status["center"], straight.status["center"])
-    assert resumed.status["mean_eval"] == straight.status["mean_eval"]
+    resumed = _pickled_resume_matches_straight(
+        lambda: EGGROLL(_regression_problem(device)[0], popsize=6, sigma=0.1, lr=0.05, rank=1), 4)
     assert resumed.epoch == 4
 
 

@@ -37,6 +37,16 @@ def _batch(problem, vectors):
     return batch
 
 
+def _assert_same_evals(a, b, members: int) -> None:
+    """Problems ``a`` and ``b`` (same solution length) evaluate ``members`` random decision
+    vectors to the same fitnesses."""
+    vectors = [torch.randn(a.solution_length) for _ in range(members)]
+    ba, bb = _batch(a, vectors), _batch(b, vectors)
+    a.evaluate(ba)
+    b.evaluate(bb)
+    torch.testing.assert_close(ba.evals, bb.evals)
+
+
 def test_decision_vector_layout_and_roundtrip():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
@@ -81,11 +91,7 @@ def test_batched_and_per_network_evaluation_agree():
     net = nn.Linear(2, 3)
     a = EggrollNEProblem("min", net, batched_eval_func=batched, device="cpu")
     b = EggrollNEProblem("min", net, network_eval_func=single, device="cpu")
-    vectors = [torch.randn(a.solution_length) for _ in range(5)]
-    ba, bb = _batch(a, vectors), _batch(b, vectors)
-    a.evaluate(ba)
-    b.evaluate(bb)
-    torch.testing.assert_close(ba.evals, bb.evals)
+    _assert_same_evals(a, b, 5)
 
 
 def test_population_forward_modes():
@@ -316,11 +322,7 @@ def test_loss_without_vmap_support_falls_back_to_a_loop():
     torch.manual_seed(0)
     a = EggrollSupervisedNE(data, nn.Linear(3, 1), eager_loss, device="cpu", seed=0)
     b = EggrollSupervisedNE(data, nn.Linear(3, 1), nn.functional.mse_loss, device="cpu", seed=0)
-    vectors = [torch.randn(a.solution_length) for _ in range(3)]
-    ba, bb = _batch(a, vectors), _batch(b, vectors)
-    a.evaluate(ba)
-    b.evaluate(bb)
-    torch.testing.assert_close(ba.evals, bb.evals)
+    _assert_same_evals(a, b, 3)
 
 
 def test_box_action_space_is_clipped():

@@ -10,10 +10,14 @@ test_fused_mlp.py), so the eager references here take the routed path too, for b
 equality; one test compares compiled code with the fused eager path to rounding.
 """
 
+import contextlib
+from typing import Any, Iterator
+
 import pytest
 import torch
 import torch.nn as nn
 
+from cuda_graphs import capture  # tests/ is on sys.path
 from evotorch_eggroll import EggrollStrategy, fused_mlp, library
 
 N = 6
@@ -30,6 +34,17 @@ def strategy(model, drawn: bool = True, antithetic: bool = True) -> EggrollStrat
     if not drawn:
         s.factor_cache_bytes = 0
     return s
+
+
+@contextlib.contextmanager
+def drawn_context(device) -> Iterator[tuple[nn.Module, torch.Tensor, Any]]:
+    """``(model, x, pop)``: the MLP, an input of N rows and its open perturb context (no
+    grad), whose factors are already drawn."""
+    model = mlp(device)
+    x = torch.randn(N, 5, device=device)
+    with torch.no_grad(), strategy(model).perturb(N, epoch=1) as pop:
+        pop.cache_factors()
+        yield model, x, pop
 
 
 @pytest.fixture(autouse=True)
@@ -178,11 +193,7 @@ def test_compiled_norm_and_conv_models_equal_eager(device, layer):
 
 
 def test_batched_forward_traces_into_one_graph(device):
-    model = mlp(device)
-    s = strategy(model)
-    x = torch.randn(N, 5, device=device)
-    with torch.no_grad(), s.perturb(N, epoch=1) as pop:
-        pop.cache_factors()
+    with drawn_context(device) as (model, x, pop):
         for ids in (None, given_ids(device)):
             torch._dynamo.reset()
             report = torch._dynamo.explain(lambda x, i: pop.batched_forward(model, x, i))(x, ids)
@@ -210,11 +221,7 @@ def test_first_compiled_call_draws_no_factors(device):
 
 
 def test_compiled_batched_forward_rejects_member_ids_out_of_range(device):
-    model = mlp(device)
-    s = strategy(model)
-    x = torch.randn(N, 5, device=device)
-    with torch.no_grad(), s.perturb(N, epoch=1) as pop:
-        pop.cache_factors()
+    with drawn_context(device) as (model, x, pop):
         f = torch.compile(lambda x, i: pop.batched_forward(model, x, i), backend="aot_eager",
                           fullgraph=True)
         f(x, given_ids(device))
@@ -264,19 +271,6 @@ def test_compiled_function_across_contexts(device):
 
 
 # -- GPU: Inductor and CUDA graphs ------------------------------------------------------------
-
-
-def _capture(fn):
-    """``fn`` captured in a CUDA graph (after one warm-up call on a side stream)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 @pytest.mark.gpu
@@ -329,7 +323,7 @@ def test_cuda_graph_replays_batched_forward_across_contexts(ids):
     with torch.no_grad():
         with s.perturb(N, epoch=1) as pop:
             pop.batched_forward(model, x, member_ids)  # warm-up: draws the factors
-            graph, out = _capture(lambda: pop.batched_forward(model, x, member_ids))
+            graph, out = capture(lambda: pop.batched_forward(model, x, member_ids))
             key = pop._replay_key()
             assert key is not None
             x.copy_(torch.randn(N, 5, device="cuda"))
@@ -377,7 +371,7 @@ def test_cuda_graph_of_compiled_batched_forward_across_contexts():
     with torch.no_grad():
         with s.perturb(N, epoch=1) as pop:
             pop.cache_factors()
-            graph, out = _capture(lambda: f(pop, x, ids))
+            graph, out = capture(lambda: f(pop, x, ids))
             x.copy_(torch.randn(N, 5, device="cuda"))
             graph.replay()
             torch.cuda.synchronize()

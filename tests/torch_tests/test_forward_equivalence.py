@@ -36,7 +36,8 @@ SHAPES = [  # (m, n, rank, rows)
     pytest.param(4096, 1024, 64, 64, marks=pytest.mark.gpu),
     pytest.param(6, 256, 4, 4096, marks=pytest.mark.gpu),
 ]
-from member_maps import MAPS, member_ids  # noqa: E402  (tests/ is on sys.path)
+from cuda_graphs import capture  # noqa: E402  (tests/ is on sys.path)
+from member_maps import MAPS, member_ids  # noqa: E402
 
 
 def layer(m, n, dtype, device, seed=0):
@@ -213,19 +214,6 @@ def test_expanded_input(device):
     assert torch.equal(out, want)
 
 
-def _capture(fn):
-    """``fn`` captured in a CUDA graph after a warm-up (kernels compiled outside)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_perturbed_linear_replays_in_a_cuda_graph(dtype):
@@ -235,7 +223,7 @@ def test_perturbed_linear_replays_in_a_cuda_graph(dtype):
     x = torch.randn(rows, n, generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
     ids = member_ids("shuffled", rows, "cuda")
     with torch.no_grad():
-        graph, out = _capture(lambda: run(x, w, b, ids, rank=r, sigma=0.1, antithetic=True))
+        graph, out = capture(lambda: run(x, w, b, ids, rank=r, sigma=0.1, antithetic=True))
         x.copy_(torch.randn(rows, n, generator=torch.Generator().manual_seed(4)).to(dtype))
         graph.replay()
         want = run(x, w, b, ids, rank=r, sigma=0.1, antithetic=True)
@@ -256,7 +244,7 @@ def test_batched_forward_of_an_mlp_replays_in_a_cuda_graph():
     s = EggrollStrategy(sigma=0.1, rank=4).setup(model)
     x = torch.randn(256, 17, device="cuda")
     with torch.no_grad(), s.perturb(256, epoch=2) as pop:
-        graph, out = _capture(lambda: pop.batched_forward(model, x))
+        graph, out = capture(lambda: pop.batched_forward(model, x))
         x.copy_(torch.randn(256, 17, device="cuda"))
         graph.replay()
         want = pop.batched_forward(model, x)

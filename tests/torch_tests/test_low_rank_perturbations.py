@@ -46,13 +46,18 @@ def tol(*sizes):
     return dict(atol=1e-5 * scale, rtol=1e-5 * scale)
 
 
+def _case(data_seed: int, m: int, n: int, r: int, rows: int, kind: str, antithetic: bool, device):
+    """A generator for the case's data, its member ids, the weight's factor layout and the
+    noise arguments every op of the case takes."""
+    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, antithetic=antithetic)
+    return (torch.Generator().manual_seed(data_seed), member_ids(kind, rows, device),
+            noise.FactorLayout(m, n, r), common)
+
+
 @pytest.mark.parametrize("m,n,r,rows", SHAPES)
 @pytest.mark.parametrize("kind,antithetic", MAPS)
 def test_project_matches_explicit(device, m, n, r, rows, kind, antithetic):
-    gen = torch.Generator().manual_seed(1)
-    ids = member_ids(kind, rows, device)
-    layout = noise.FactorLayout(m, n, r)
-    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, antithetic=antithetic)
+    gen, ids, layout, common = _case(1, m, n, r, rows, kind, antithetic, device)
     for v, off in [(torch.randn(rows, n, generator=gen), layout.b_offset),  # x B0
                    (torch.randn(rows, m, generator=gen), layout.a_offset)]:  # g A0
         t = ops.lowrank_project(v.to(device), ids, row_offset=off, total_rows=layout.rows,
@@ -65,10 +70,7 @@ def test_project_matches_explicit(device, m, n, r, rows, kind, antithetic):
 @pytest.mark.parametrize("m,n,r,rows", SHAPES)
 @pytest.mark.parametrize("kind,antithetic", MAPS)
 def test_expand_matches_explicit(device, m, n, r, rows, kind, antithetic):
-    gen = torch.Generator().manual_seed(2)
-    ids = member_ids(kind, rows, device)
-    layout = noise.FactorLayout(m, n, r)
-    common = dict(seed=SEED, key=KEY, epoch=EPOCH, rank=r, antithetic=antithetic)
+    gen, ids, layout, common = _case(2, m, n, r, rows, kind, antithetic, device)
     t = torch.randn(rows, r, generator=gen)
     base = torch.randn(rows, m, generator=gen)
     # through A0 (the forward), then the mirror through B0 (the backward)

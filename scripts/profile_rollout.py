@@ -4,15 +4,20 @@
 
 Runs two generations (compilation, drawing, capture), then profiles a third with
 ``torch.profiler`` and prints the kernels by total device time, the wall-clock time and
-the summed device time; with ``--host``, a fourth generation under cProfile (host time).
+the summed device time; with ``--host``, a fourth generation under cProfile (host time);
+with ``--syncs``, the places in the package where a generation makes the host wait for the
+device (``torch.cuda.set_sync_debug_mode``), with their counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import pstats
 import time
+import traceback
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -59,6 +64,39 @@ def phases(searcher, problem) -> None:
             setattr(owner, name, fn)
 
 
+def syncs(searcher) -> None:
+    """One generation with PyTorch's synchronisation debug mode on: every operation that
+    makes the host wait for the device, counted by the innermost line of this package
+    (or of EvoTorch) that led to it. Explicit ``torch.cuda.synchronize`` calls and graph
+    replays are not reported by the debug mode."""
+    places: collections.Counter = collections.Counter()
+
+    def where() -> str:
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if "evotorch_eggroll" in frame.filename or "/evotorch/" in frame.filename:
+                name = frame.filename.split("site-packages/")[-1].split("/work/")[-1]
+                return f"{name}:{frame.lineno} {frame.name}: {frame.line}"
+        return "elsewhere"
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        places[where()] += 1
+
+    torch.cuda.synchronize()
+    saved = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            searcher.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = saved
+    print(f"host waits for the device in one generation: {sum(places.values())}")
+    for place, count in places.most_common():
+        print(f"{count:6d}  {place}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--population", type=int, default=65536)
@@ -66,6 +104,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--phases", action="store_true",
                         help="also time the host phases of a generation (no profiler)")
+    parser.add_argument("--syncs", action="store_true",
+                        help="also count where a generation makes the host wait for the device")
     parser.add_argument("--host", action="store_true",
                         help="also profile a generation's Python with cProfile (host time)")
     args = parser.parse_args()
@@ -86,6 +126,8 @@ def main() -> None:
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
     if args.phases:
         phases(searcher, problem)
+    if args.syncs:
+        syncs(searcher)
     if args.host:
         profiler = cProfile.Profile()
         torch.cuda.synchronize()

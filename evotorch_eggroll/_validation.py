@@ -27,7 +27,8 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["ArgumentTypeError", "MAX_POPULATION", "as_value_tensor", "check_int",
-           "check_optional_int", "check_population_size", "check_real", "check_seed"]
+           "check_optional_int", "check_population_size", "check_real", "check_seed",
+           "optimizer_class"]
 
 MAX_POPULATION = 1 << 32  # member ids are 32-bit noise counters
 _SEED_LIMIT = 1 << 64
@@ -147,3 +148,25 @@ def as_value_tensor(value: Any, *, type_message: str, meta_message: str) -> torc
     if t.device.type == "meta":
         raise RuntimeError(meta_message)
     return t
+
+
+_OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+
+def optimizer_class(optimizer: Any) -> type:
+    """The optimizer class an ``optimizer=`` argument names: ``'sgd'``, ``'adam'``,
+    ``'adamw'`` (any case) or a ``torch.optim.Optimizer`` subclass, which is returned as is."""
+    if isinstance(optimizer, str):
+        cls = _OPTIMIZERS.get(optimizer.lower())
+        if cls is None:
+            raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd', 'adam', 'adamw' "
+                             f"or a torch.optim.Optimizer subclass")
+        return cls
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        return optimizer
+    raise TypeError(f"optimizer must be 'sgd', 'adam', 'adamw' or a torch.optim.Optimizer "
+                    f"subclass, got {optimizer!r}")

@@ -57,9 +57,8 @@ from evotorch.tools.hook import Hook
 from . import distributed as _dist
 from . import noise as _noise
 from . import ops, shaping
-from ._validation import check_int, check_population_size, check_real, check_seed
+from ._validation import check_int, check_population_size, check_real, check_seed, optimizer_class
 from .protocol import LowRankProblem, missing_members
-from .strategy import _optimizer_class
 
 __all__ = ["EGGROLL", "RANKING_METHODS", "rank_fitnesses"]
 
@@ -222,7 +221,7 @@ def _evotorch_settings(given: dict, problem: Problem, explicit: dict) -> dict:
 
 
 def _make_optimizer(params: list, optimizer: Any, lr: float, config: Optional[dict]) -> torch.optim.Optimizer:
-    return _optimizer_class(optimizer)(params, lr=lr, **dict(config or {}))
+    return optimizer_class(optimizer)(params, lr=lr, **dict(config or {}))
 
 
 # What the strategy says about a generation that the searcher reports in its own terms.
@@ -294,7 +293,7 @@ class _LowRankMode:
     def _build_strategy(self) -> Any:
         from .strategy import EggrollStrategy
 
-        _optimizer_class(self._strategy_kwargs["optimizer"])  # a clear error before anything is built
+        optimizer_class(self._strategy_kwargs["optimizer"])  # a clear error before anything is built
         strategy = EggrollStrategy(**self._strategy_kwargs)
         names = self._problem.evolved_parameter_names
         strategy.setup(self._network, include=names)

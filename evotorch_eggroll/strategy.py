@@ -38,7 +38,7 @@ from . import distributed as _dist
 from . import noise as _noise
 from . import ops
 from ._validation import (MAX_POPULATION, as_value_tensor, check_int, check_population_size,
-                          check_real, check_seed)
+                          check_real, check_seed, optimizer_class)
 from .context import PerturbationContext, _check_member, _lookup_name, member_perturbation
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .module import ESModule
@@ -56,11 +56,6 @@ from .shaping import (
 
 __all__ = ["EvolutionStrategy", "EggrollStrategy", "OpenESStrategy"]
 
-_OPTIMIZERS = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-}
 _EVENTS = ("on_step", "on_perturb")
 
 
@@ -68,19 +63,6 @@ _EVENTS = ("on_step", "on_perturb")
 
 def _population_size(value: Any) -> int:
     return check_population_size("population_size", value)
-
-
-def _optimizer_class(optimizer: Any) -> type:
-    if isinstance(optimizer, str):
-        cls = _OPTIMIZERS.get(optimizer.lower())
-        if cls is None:
-            raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd', 'adam', 'adamw' "
-                             f"or a torch.optim.Optimizer subclass")
-        return cls
-    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
-        return optimizer
-    raise TypeError(f"optimizer must be 'sgd', 'adam', 'adamw' or a torch.optim.Optimizer "
-                    f"subclass, got {optimizer!r}")
 
 
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -171,7 +153,7 @@ class EvolutionStrategy:
         self._sigma = check_real("sigma", sigma)
         self._lr = check_real("lr", lr)
         self._rank = check_int("rank", rank, 1)
-        self._optimizer_cls = _optimizer_class(optimizer)
+        self._optimizer_cls = optimizer_class(optimizer)
         if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
             raise TypeError(f"optimizer_kwargs must be a mapping, got "
                             f"{type(optimizer_kwargs).__name__}")

@@ -1,5 +1,6 @@
 # Two commands on a fresh machine:
-#   make demo   train a CartPole policy (GPU when present, else the plain-torch CPU path)
+#   make demo   install the package and train a CartPole policy (GPU when present, else
+#               the plain-torch CPU path)
 #   make test   install the package with its test extras and run the whole suite
 # Both create and reuse a virtualenv in .venv, with a torch/Triton pair that is tested
 # together: on a machine with an NVIDIA GPU the CUDA build of torch 2.11 and the Triton it
@@ -39,21 +40,31 @@ NEWEST_TESTS ?= tests/torch_tests/test_low_rank_perturbations.py \
 .PHONY: demo test test-newest install clean
 
 SPECS := $(TORCH_SPEC) $(TRITON_SPEC)
-ifneq ($(shell cat $(VENV)/.installed 2>/dev/null),$(SPECS))
+# .venv/.base: the torch/Triton pair and the package (what the demo needs); .venv/.installed:
+# also the extras the tests use. Each stamp records what it installed; a different request
+# reinstalls.
+ifneq ($(shell cat $(VENV)/.base 2>/dev/null),$(SPECS))
+.PHONY: $(VENV)/.base
+endif
+ifneq ($(shell cat $(VENV)/.installed 2>/dev/null),$(SPECS) [$(EXTRAS)])
 .PHONY: $(VENV)/.installed
 endif
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PY) -m pip install -q -e . "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	$(PY) -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
 	echo "$(SPECS)" > $@
 
+$(VENV)/.installed: $(VENV)/.base
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	echo "$(SPECS) [$(EXTRAS)]" > $@
+
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.base
 	PYTHONUNBUFFERED=1 $(PY) -m evotorch_eggroll.demo
 
 test: $(VENV)/.installed

@@ -450,8 +450,9 @@ class _LowRankLinear(torch.autograd.Function):
     ``out[j] = x[j] W^T + b + s_j scale F_j[expand] (F_j[project]^T x[j]) + s_j sigma eps_b``
     with ``F_j`` row ``j``'s unscaled factor block (laid out as
     :class:`~evotorch_eggroll.noise.FactorLayout` says); a linear layer projects through
-    ``B0`` and expands through ``A0``. Without ``weight`` (and ``bias``) it is the low-rank
-    branch alone, ``(rows, len(expand))`` float32.
+    ``B0`` and expands through ``A0``. ``weight`` is given only for such a whole linear layer
+    (:func:`perturbed_linear`); without it (and ``bias``) it is the low-rank branch alone,
+    ``(rows, len(expand))`` float32 (:func:`lowrank_branch`).
 
     Backward: ``dx = g W + s scale F[project] (F[expand]^T g)`` (the mirrored project/expand,
     factors regenerated from the stream coordinates: it may run after the perturbation
@@ -465,7 +466,7 @@ class _LowRankLinear(torch.autograd.Function):
         ctx.save_for_backward(x if weight is not None else None, weight, member_ids)
         ctx.noise = noise
         ctx.x_dtype = x.dtype
-        linear = weight is not None and _is_linear_layout(weight, noise)
+        linear = weight is not None  # a whole linear layer: project B0, expand A0
         if noise.backend == "torch" and linear:
             return torch_ops.perturbed_linear(
                 x, weight, bias, member_ids, seed=noise.seed, weight_key=noise.weight_key,
@@ -511,7 +512,7 @@ class _LowRankLinear(torch.autograd.Function):
         noise: _LinearNoise = ctx.noise
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            if noise.backend == "torch" and weight is not None and _is_linear_layout(weight, noise):
+            if noise.backend == "torch" and weight is not None:
                 grad_x = torch_ops.perturbed_linear_grad_x(
                     grad_out, weight, member_ids, seed=noise.seed, weight_key=noise.weight_key,
                     epoch=noise.epoch, rank=noise.rank, scale=noise.scale,
@@ -542,13 +543,6 @@ class _LowRankLinear(torch.autograd.Function):
 
 def _length(rows: slice) -> int:
     return rows.stop - rows.start
-
-
-def _is_linear_layout(weight: torch.Tensor, noise: _LinearNoise) -> bool:
-    """True when ``noise`` perturbs ``weight (m, n)`` as a whole linear layer: the input is
-    projected through all of ``B0`` and expanded through all of ``A0``."""
-    layout = FactorLayout(weight.shape[0], weight.shape[1], noise.rank)
-    return noise.project == layout.b_rows and noise.expand == layout.a_rows
 
 
 def _rows_and_ids(x: torch.Tensor, member_ids: torch.Tensor) -> torch.Tensor:

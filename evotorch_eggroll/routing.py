@@ -687,7 +687,8 @@ def _right_matmul_rows(mode: RowPerturbationMode, x: torch.Tensor, we: EvolvedPa
 def _matmul_rows(mode: RowPerturbationMode, x: torch.Tensor, view: tuple[EvolvedParam, bool],
                  what: str, bias: Optional[torch.Tensor] = None,
                  be: Optional[EvolvedParam] = None) -> torch.Tensor:
-    """``x @ V (+ bias)`` where ``V`` is an evolved weight ``W`` or its transpose ``W.T``."""
+    """``x @ V`` where ``V`` is an evolved weight ``W`` or its transpose ``W.T``; with the
+    transpose (a linear layer of ``W``) plus ``bias`` (evolved as ``be``) if given."""
     e, transposed = view
     if transposed:  # x @ W.T is a linear layer of W
         if x.dim() < 1 or x.shape[-1] != e.param.shape[1]:
@@ -695,12 +696,8 @@ def _matmul_rows(mode: RowPerturbationMode, x: torch.Tensor, view: tuple[Evolved
                                f"multiplied by the transpose of {e.name!r} of shape "
                                f"{tuple(e.param.shape)}")
         return _linear_rows(mode, x, e.param, bias, e, be, what)
-    out = _right_matmul_rows(mode, x, e, what)
-    if bias is not None:
-        lay = mode.layout(out, trailing=1)
-        out = out + _bias_rows(mode, bias, be, out, lay)
-        mode.mark(out, lay)
-    return out
+    assert bias is None, "a bias goes with the transposed view (a linear layer) only"
+    return _right_matmul_rows(mode, x, e, what)
 
 
 def _bias_rows(mode: RowPerturbationMode, bias: torch.Tensor, be: Optional[EvolvedParam],
@@ -1002,9 +999,7 @@ def _route_elementwise(mode: RowPerturbationMode, func, args, kwargs):
         mode.reject(func, [p])
     # the batch of the activation anywhere before the dims the parameter broadcasts over
     _, _, lay = mode.rows(other, _func_name(func), trailing=len(shape))
-    ids = mode.member_ids if lay.per == 1 else mode.member_ids.repeat_interleave(lay.per)
-    delta = e.row_deltas(mode.coords, ids).reshape(ids.shape[0], *shape)
-    rows = p.reshape(shape).unsqueeze(0) + delta.to(p.dtype)  # (R * per, *shape)
+    rows = mode.per_row_values(p, e, lay.per).reshape(-1, *shape)  # (R * per, *shape)
     rows = _batch_view(rows, lay, other.dim(), len(shape))
     mode.consume(e)
     new = (rows, a1) if e0 is not None else (a0, rows)
@@ -1048,11 +1043,7 @@ _bind_mha = _python_binder(F.multi_head_attention_forward)
 
 def _mha_batch_first(mode: RowPerturbationMode, t: torch.Tensor, what: str) -> torch.Tensor:
     """``(L, N, E)`` attention input -> ``(N, L, E)``, checking that N is the batch."""
-    known = mode._layouts.get(t) if mode._layouts is not None else None
-    if t.dim() != 3 or t.shape[1] != mode.batch or known not in (None, BatchLayout(1, 1)):
-        mode.batch_error(f"F.multi_head_attention_forward ({what}, batch in dimension 1; "
-                         f"unbatched inputs are not perturbed per row)", t,
-                         known if t.dim() == 3 else None)
+    _check_batch_dim(mode, t, 1, f"F.multi_head_attention_forward's {what}", ndim=3)
     return t.transpose(0, 1)
 
 
@@ -1192,12 +1183,15 @@ def _cell_step(kind: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor,
     return (torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)), None
 
 
-def _check_recurrent_batch(mode: RowPerturbationMode, t: torch.Tensor, dim: int,
-                           what: str) -> None:
+def _check_batch_dim(mode: RowPerturbationMode, t: torch.Tensor, dim: int, what: str,
+                     ndim: Optional[int] = None) -> None:
+    """Check that ``t`` (of exactly ``ndim`` dimensions, when given) carries the batch in
+    dimension ``dim``, where attention and recurrent layers take it."""
     known = mode._layouts.get(t) if mode._layouts is not None else None
-    if t.dim() <= dim or t.shape[dim] != mode.batch or known not in (None, BatchLayout(dim, 1)):
+    shaped = t.dim() > dim if ndim is None else t.dim() == ndim
+    if not shaped or t.shape[dim] != mode.batch or known not in (None, BatchLayout(dim, 1)):
         mode.batch_error(f"{what} (batch in dimension {dim}; unbatched inputs are not "
-                         f"perturbed per row)", t, known if t.dim() > dim else None)
+                         f"perturbed per row)", t, known if shaped else None)
 
 
 def _route_rnn(kind: str):
@@ -1226,11 +1220,11 @@ def _route_rnn(kind: str):
             raise RuntimeError(f"{what}: dropout between layers in training mode cannot be "
                                f"perturbed per row by batched_forward; use eval() or "
                                f"dropout=0")
-        _check_recurrent_batch(mode, x, 0 if batch_first else 1, what)
+        _check_batch_dim(mode, x, 0 if batch_first else 1, what)
         h0, c0 = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
         for t in (h0, c0):
             if t is not None:
-                _check_recurrent_batch(mode, t, 1, f"{what} (initial state)")
+                _check_batch_dim(mode, t, 1, f"{what} (initial state)")
         seq = x if batch_first else x.transpose(0, 1)  # (R, T, in)
         steps = seq.shape[1]
         finals_h, finals_c = [], []
@@ -1278,10 +1272,10 @@ def _route_rnn_cell(kind: str):
         mode.reject(func, [a["input"], a["hx"]])
         x, hx = a["input"], a["hx"]
         h, c = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
-        _check_recurrent_batch(mode, x, 0, what)
+        _check_batch_dim(mode, x, 0, what)
         for t in (h, c):
             if t is not None:
-                _check_recurrent_batch(mode, t, 0, f"{what} (state)")
+                _check_batch_dim(mode, t, 0, f"{what} (state)")
         h, c = _cell_step(kind, _gates(mode, x, a["w_ih"], a["b_ih"], what),
                           _gates(mode, h, a["w_hh"], a["b_hh"], what), h, c)
         out = (h, c) if kind == "lstm" else h

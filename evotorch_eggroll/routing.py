@@ -542,7 +542,7 @@ class RowPerturbationMode(TorchFunctionMode):
         key = (lead, lay)
         ids = self._rows_cache.get(key)
         if ids is None:
-            ids = self.member_ids if lay.per == 1 else self.member_ids.repeat_interleave(lay.per)
+            ids = self.ids_per(lay.per)
             if len(lead) > 1:
                 shape = [1] * len(lead)
                 shape[lay.dim] = -1
@@ -576,14 +576,23 @@ class RowPerturbationMode(TorchFunctionMode):
             f"model (all other positions of a sample share its member)."
         )
 
+    def ids_per(self, per: int) -> torch.Tensor:
+        """``(R * per,)``: each row's member id repeated ``per`` times (built once per call
+        of ``batched_forward`` for each ``per``)."""
+        if per == 1:
+            return self.member_ids
+        ids = self._rows_cache.get(per)
+        if ids is None:
+            ids = self._rows_cache[per] = self.member_ids.repeat_interleave(per)
+        return ids
+
     def per_row_values(self, p: torch.Tensor, e: Optional[EvolvedParam],
                        per: int = 1) -> torch.Tensor:
         """``(R * per, *p.shape)`` perturbed values of ``p`` per batch row, each repeated
         ``per`` times (``p`` itself if not evolved)."""
         if e is None:
             return p
-        ids = self.member_ids if per == 1 else self.member_ids.repeat_interleave(per)
-        delta = e.row_deltas(self.coords, ids)
+        delta = e.row_deltas(self.coords, self.ids_per(per))
         return p.unsqueeze(0) + delta.to(p.dtype)
 
     # dispatch ----------------------------------------------------------------------------
@@ -848,7 +857,7 @@ def _route_conv(nd: int):
             if length != base[0, 0].numel():
                 raise RuntimeError(f"conv{nd}d: unfolded {length} positions, expected "
                                    f"{base[0, 0].numel()}")
-            ids = mode.member_ids.repeat_interleave(length)
+            ids = mode.ids_per(length)
             groups = int(a["groups"])
             n, og = we.n, out_ch // groups
             parts = []
@@ -1012,9 +1021,12 @@ def _route_elementwise(mode: RowPerturbationMode, func, args, kwargs):
 
 def _linear_part(mode: RowPerturbationMode, x: torch.Tensor, w: torch.Tensor,
                  we: Optional[EvolvedParam], rows: slice, b: Optional[torch.Tensor],
-                 be: Optional[EvolvedParam], bias_rows: slice) -> torch.Tensor:
+                 be: Optional[EvolvedParam], bias_rows: slice,
+                 bias_deltas: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, w[rows], b[bias_rows])`` per batch row, perturbed as the whole evolved
-    ``w``/``b`` are (``x (R, ..., n)`` batch first): the projections packed in one weight."""
+    ``w``/``b`` are (``x (R, ..., n)`` batch first): the projections packed in one weight.
+    ``bias_deltas()``: the ``(R, len(b))`` per-row noise of the evolved ``b``, drawn once for
+    every part of the same call."""
     if rows == slice(0, w.shape[0]) and (b is None or bias_rows == slice(0, b.shape[0])):
         return _linear_rows(mode, x, w, b, we, be, "F.multi_head_attention_forward")
     c = mode.coords
@@ -1030,7 +1042,7 @@ def _linear_part(mode: RowPerturbationMode, x: torch.Tensor, w: torch.Tensor,
             d = _dense_weight_rows(we, c, v, ids, rows)
         out = out + d.view(out.shape).to(out.dtype)
     if be is not None:
-        bd = be.row_deltas(c, mode.member_ids)[:, bias_rows]  # (R, k)
+        bd = bias_deltas()[:, bias_rows]  # (R, k)
         out = out + bd.view(bd.shape[0], *([1] * (x.dim() - 2)), bd.shape[1]).to(out.dtype)
     mode.consume(we, be)
     return out
@@ -1084,9 +1096,16 @@ def _route_mha(mode: RowPerturbationMode, func, args, kwargs):
         if kpm is not None:
             is_causal = False
 
+    drawn: list[torch.Tensor] = []
+
+    def bias_deltas() -> torch.Tensor:  # the packed bias's per-row noise, drawn once
+        if not drawn:
+            drawn.append(ent["in_proj_bias"].row_deltas(mode.coords, mode.member_ids))
+        return drawn[0]
+
     def part(x, wname, rows, brows):
         return _linear_part(mode, x, a[wname], ent[wname], rows, a["in_proj_bias"],
-                            ent["in_proj_bias"], brows)
+                            ent["in_proj_bias"], brows, bias_deltas)
 
     thirds = [slice(i * embed, (i + 1) * embed) for i in range(3)]
     if not a["use_separate_proj_weight"]:

@@ -37,10 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from evotorch_eggroll.benchmark import _synchronize as _sync
 
 
 def run(label: str, searcher: Any, problem: Any, generations: int, steps_of: Callable[[], int],

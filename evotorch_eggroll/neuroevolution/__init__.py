@@ -34,28 +34,21 @@ Modules (laid out like EvoTorch's ``evotorch.neuroevolution``):
 * :mod:`.obsnorm`: :class:`RunningObsNorm`, the running observation statistics.
 * :mod:`.rollout`: a rollout's buffers and its steps captured in CUDA graphs.
 
-Every name is importable from this package as before the split (a module constant such as
-``rollout._REPLAY_CHUNK`` is read where it is defined: set it there). Pickles name a class by the
-module that defines it (e.g. ``evotorch_eggroll.neuroevolution.vecgymne``); pickles written
-when all adapters lived in one module name ``evotorch_eggroll.neuroevolution`` and load
-through the names re-exported here.
+The public names, and the classes that pickles written when all adapters lived in one
+module refer to, are importable from this package as before the split. Pickles name a class
+by the module that defines it (e.g. ``evotorch_eggroll.neuroevolution.vecgymne``); pickles
+written before name ``evotorch_eggroll.neuroevolution`` and load through the names
+re-exported here.
 """
 
 from ..envs import CartPole  # noqa: F401 - importable from here as before the split
-from .baseneproblem import (  # noqa: F401 - private helpers importable from here as before
-    DeviceLike,
-    EggrollNEProblem,
-    NetworkLike,
-    _call_with_accepted,
-    _default_device,
-    _mix_seed,
-    _resolve_device,
-)
-from .forward import _VMAP_ERRORS, PopulationForward, _MaterialisedMembers  # noqa: F401
+from .baseneproblem import DeviceLike, EggrollNEProblem, NetworkLike, _mix_seed  # noqa: F401
+# classes that pickles written before the split refer to by this module's name
+from .forward import PopulationForward, _MaterialisedMembers  # noqa: F401
 from .obsnorm import RunningObsNorm, _ObsNormPolicy  # noqa: F401
-from .rollout import _REPLAY_CHUNK, _REPLAY_WARMUP, _CapturedRollout, _episode_step, _RolloutBuffers  # noqa: F401
+from .rollout import _CapturedRollout, _RolloutBuffers  # noqa: F401
 from .supervisedne import EggrollSupervisedNE
-from .vecgymne import EggrollVecGymNE, _autoreset_disabled  # noqa: F401
+from .vecgymne import EggrollVecGymNE
 
 __all__ = [
     "PopulationForward",

@@ -72,6 +72,16 @@ def _searcher_state(searcher):
                 steps=searcher.step_count, opt=pickle.dumps(opt))
 
 
+def _assert_unchanged(searcher, before: dict) -> None:
+    """The searcher is as :func:`_searcher_state` found it, with no perturb context open."""
+    after = _searcher_state(searcher)
+    assert torch.equal(after["center"], before["center"])
+    assert (after["epoch"], after["steps"], after["opt"]) == (before["epoch"], before["steps"],
+                                                               before["opt"])
+    if searcher.strategy is not None:
+        assert searcher.strategy._active is None
+
+
 @pytest.mark.parametrize("mode", ["dense", "lowrank", "supervised"])
 def test_searcher_survives_a_failing_evaluation(device, mode):
     """A generation whose evaluation raises changes nothing, in the searcher nor in our
@@ -87,12 +97,7 @@ def test_searcher_survives_a_failing_evaluation(device, mode):
     before = _searcher_state(flaky)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         flaky.step()
-    after = _searcher_state(flaky)
-    assert torch.equal(after["center"], before["center"])
-    assert (after["epoch"], after["steps"], after["opt"]) == (before["epoch"], before["steps"],
-                                                               before["opt"])
-    if flaky.strategy is not None:
-        assert flaky.strategy._active is None
+    _assert_unchanged(flaky, before)
     flaky.step()
     flaky.step()
     assert flaky.step_count == straight.step_count == 3
@@ -229,12 +234,7 @@ def test_nonfinite_fitnesses_raise_by_default_and_all_nonfinite_always(device, m
     with pytest.raises(ValueError, match="all .* fitnesses are NaN or inf; the center was not updated"):
         every.step()
     for searcher in (default, every):
-        after = _searcher_state(searcher)
-        assert torch.equal(after["center"], before["center"])
-        assert (after["epoch"], after["steps"], after["opt"]) == (before["epoch"], before["steps"],
-                                                                  before["opt"])
-        if searcher.strategy is not None:
-            assert searcher.strategy._active is None
+        _assert_unchanged(searcher, before)
 
 
 def test_worst_refuses_a_plain_problem_that_keeps_evotorchs_solution_stats():
@@ -261,9 +261,7 @@ def test_nan_on_a_problem_that_keeps_evotorchs_solution_stats_is_a_clear_error()
     with pytest.raises(ValueError, match="returned NaN or inf for 1 of 8 members") as err:
         searcher.step()
     assert "store_solution_stats=False" in str(err.value) and "nonfinite_fitness='worst'" in str(err.value)
-    after = _searcher_state(searcher)
-    assert torch.equal(after["center"], before["center"])
-    assert (after["epoch"], after["steps"], after["opt"]) == (before["epoch"], before["steps"], before["opt"])
+    _assert_unchanged(searcher, before)
 
 
 def test_nonfinite_option_is_checked_and_survives_pickling():

@@ -185,7 +185,10 @@ class JaxVecEnv(gym.vector.VectorEnv):
         self.env = env
         self.name = str(name) if name is not None else type(env).__name__
         self.num_envs = int(num_envs)
-        self.device = torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device  # with its index, like the tensors the steps return
         self.jax_device = _jax_device(jax, self.device)
         self._initial_seed = seed
 

@@ -28,7 +28,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -85,37 +85,43 @@ def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def _tensor_leaves(obj: Any, leaves: list[torch.Tensor]) -> None:
+    """Appends the tensors of a nested dict/list/tuple structure to ``leaves``, in order."""
+    if isinstance(obj, torch.Tensor):
+        leaves.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensor_leaves(v, leaves)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensor_leaves(v, leaves)
+
+
+def _with_leaves(obj: Any, leaves: Iterator[torch.Tensor]) -> Any:
+    """``obj`` rebuilt with its tensors replaced, in :func:`_tensor_leaves` order, by
+    those of ``leaves``."""
+    if isinstance(obj, torch.Tensor):
+        return next(leaves)
+    if isinstance(obj, dict):
+        return {k: _with_leaves(v, leaves) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_with_leaves(v, leaves) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_with_leaves(v, leaves) for v in obj)
+    return obj
+
+
 def _clone_tensors(obj: Any) -> Any:
     """A copy of a nested dict/list/tuple structure (an optimizer ``state_dict``) in which
     every tensor is copied and everything else shared — what a rollback needs, far cheaper
-    than ``copy.deepcopy``."""
+    than ``copy.deepcopy``.
+
+    Module-level helpers rather than recursive closures: a closure that calls itself is a
+    reference cycle, and it would keep the copies alive until the garbage collector ran
+    (GPU memory growing generation after generation between collections)."""
     leaves: list[torch.Tensor] = []
-
-    def collect(o: Any) -> None:
-        if isinstance(o, torch.Tensor):
-            leaves.append(o)
-        elif isinstance(o, dict):
-            for v in o.values():
-                collect(v)
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                collect(v)
-
-    collect(obj)
-    copies = iter(_copies(leaves))
-
-    def rebuild(o: Any) -> Any:
-        if isinstance(o, torch.Tensor):
-            return next(copies)
-        if isinstance(o, dict):
-            return {k: rebuild(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return [rebuild(v) for v in o]
-        if isinstance(o, tuple):
-            return tuple(rebuild(v) for v in o)
-        return o
-
-    return rebuild(obj)
+    _tensor_leaves(obj, leaves)
+    return _with_leaves(obj, iter(_copies(leaves)))
 
 
 class EvolutionStrategy:

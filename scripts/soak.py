@@ -13,7 +13,8 @@ Three parts, each run twice with the same seed:
   regressing a fixed random target.
 
 For each part: allocated GPU memory after the warm-up and at the end (``torch.cuda.
-memory_allocated``: live tensors, so it must not grow), the peak, the process's resident
+memory_allocated``: live tensors, so it must not grow) and the growth in bytes (the larger
+of the two runs), the peak, the process's resident
 host memory after the warm-up and at the end, and whether the two runs ended bit-identical.
 The test suite runs a short version (tests/evotorch_tests/test_soak.py).
 """
@@ -151,7 +152,7 @@ def main() -> None:
     device = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     print(f"{'part':<12} {'iters':>6} {'s':>7} {'alloc warm MiB':>15} {'alloc end MiB':>14} "
-          f"{'peak MiB':>9} {'rss warm MiB':>13} {'rss end MiB':>12} {'repeatable':>10}")
+          f"{'growth B':>9} {'peak MiB':>9} {'rss warm MiB':>13} {'rss end MiB':>12} {'repeatable':>10}")
     mib = 1 << 20
     for part in args.parts.split(","):
         steps = args.eager_steps if part == "eager" else args.steps
@@ -160,7 +161,9 @@ def main() -> None:
         b = run_part(part, args.generations, device, popsize=popsize, steps=steps)
         same = torch.equal(a.final, b.final)
         print(f"{part:<12} {a.iterations:>6} {a.seconds:>7.1f} {a.allocated_warm / mib:>15.2f} "
-              f"{a.allocated_end / mib:>14.2f} {a.peak / mib:>9.1f} {a.rss_warm / mib:>13.1f} "
+              f"{a.allocated_end / mib:>14.2f} "
+              f"{max(a.allocated_end - a.allocated_warm, b.allocated_end - b.allocated_warm):>9d} "
+              f"{a.peak / mib:>9.1f} {a.rss_warm / mib:>13.1f} "
               f"{b.rss_end / mib:>12.1f} {str(same):>10}", flush=True)
 
 

@@ -54,6 +54,10 @@ class _CapturedRollout:
         self.obs = obs  # the observations the next replay starts from
         self.ids = ids  # the member ids the captured forwards read
         self.graphs = graphs
+        # "is any environment still running" after a chunk, read back one chunk late
+        self._any_active = torch.zeros((), dtype=torch.bool, device=buf.active.device)
+        self._any_active_host = torch.zeros((), dtype=torch.bool, pin_memory=True)
+        self._any_active_ready = torch.cuda.Event()
 
     @staticmethod
     def _key(problem: "EggrollVecGymNE", env: gym.vector.VectorEnv, buf: _RolloutBuffers,
@@ -107,12 +111,29 @@ class _CapturedRollout:
         buf.returns, buf.alive, buf.active = self.buf.returns, self.buf.alive, self.buf.active
 
     def run(self, t: int, limit: Optional[int], chunk: int) -> int:
-        """Replay from step ``t`` until ``limit`` steps or until every environment ended
-        (checked between chunks); returns the number of steps run."""
+        """Replay from step ``t`` until ``limit`` steps or until every environment ended;
+        returns the number of steps run.
+
+        Whether every environment ended is known one chunk late: after a chunk, the flag
+        is computed and copied to pinned host memory behind it on the stream, and read
+        once the next chunk has been queued. The device therefore never idles while the
+        host decides, and after the last chunk the host goes on without waiting. A chunk
+        that runs after every environment ended changes no result (ended environments are
+        masked out of the returns, the step counts and the observation statistics); it
+        is counted in the steps run."""
+        pending = False
         while limit is None or t < limit:
             steps = chunk if limit is None or limit - t >= chunk else 1
             self.graphs[steps].replay()
             t += steps
-            if steps == chunk and not bool(self.buf.active.any()):
-                break
+            if pending:
+                pending = False
+                self._any_active_ready.synchronize()  # the chunk before this one
+                if not bool(self._any_active_host):
+                    break
+            if steps == chunk and (limit is None or t < limit):
+                torch.any(self.buf.active, out=self._any_active)
+                self._any_active_host.copy_(self._any_active, non_blocking=True)
+                self._any_active_ready.record()
+                pending = True
         return t

@@ -186,7 +186,7 @@ class JaxVecEnv(gym.vector.VectorEnv):
         self.name = str(name) if name is not None else type(env).__name__
         self.num_envs = int(num_envs)
         device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device  # with its index, like the tensors the steps return
         self.jax_device = _jax_device(jax, self.device)

@@ -177,7 +177,8 @@ def _record_step(env):
 def _check_zero_copy(env):
     env.reset(seed=0)
     seen = _record_step(env)
-    actions = torch.linspace(-1, 1, env.num_envs, device=env.device)[:, None].contiguous()
+    shape = (env.num_envs, *env.single_action_space.shape)
+    actions = torch.linspace(-1, 1, env.num_envs, device=env.device)[:, None].expand(shape).contiguous()
     outputs = env.step(actions)[:4]
     assert seen["actions"].unsafe_buffer_pointer() == actions.data_ptr()
     for tensor, array in zip(outputs, seen["outputs"]):

@@ -763,3 +763,59 @@ def test_episode_step_kernel_equals_the_torch_counters(device, reward_dtype, e):
     assert torch.equal(active, want_active)
     assert not episode_step.supports(returns, alive, active, reward.to(torch.float16), terminated, truncated)
     assert not episode_step.supports(returns, alive, active, reward[:-1], terminated, truncated)
+
+
+class _FakeGraph:
+    """A captured chunk of ``steps`` steps: replaying it advances a step counter and ends
+    every environment once the counter reaches ``end``."""
+
+    def __init__(self, clock: dict, steps: int, active: torch.Tensor, end) -> None:
+        self.clock, self.steps, self.active, self.end = clock, steps, active, end
+
+    def replay(self) -> None:
+        self.clock["replays"].append(self.steps)
+        self.clock["t"] += self.steps
+        if self.end is not None and self.clock["t"] >= self.end:
+            self.active.zero_()
+
+
+class _HostEvent:
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _fake_rollout(end, chunk):
+    """A ``_CapturedRollout`` whose graphs are :class:`_FakeGraph` (the replay loop's logic
+    without a GPU) and the clock its replays advance."""
+    from evotorch_eggroll.neuroevolution.rollout import _CapturedRollout, _RolloutBuffers
+
+    buf = _RolloutBuffers(4, 4, torch.device("cpu"), torch.float32, None)
+    clock = {"t": 0, "replays": []}
+    rollout = object.__new__(_CapturedRollout)
+    rollout.buf = buf
+    rollout.graphs = {n: _FakeGraph(clock, n, buf.active, end) for n in {chunk, 1}}
+    rollout._any_active = torch.zeros((), dtype=torch.bool)
+    rollout._any_active_host = torch.zeros((), dtype=torch.bool)
+    rollout._any_active_ready = _HostEvent()
+    return rollout, clock
+
+
+@pytest.mark.parametrize("start, limit, end, replays", [
+    (2, 200, None, [50, 50, 50] + [1] * 48),  # capped: full chunks, then single steps
+    (2, 200, 70, [50, 50, 50]),  # all ended in chunk 2: read after chunk 3 was queued
+    (0, 200, 120, [50, 50, 50, 50]),  # ended in chunk 3, read after chunk 4 was queued
+    (0, None, 60, [50, 50, 50]),  # no cap: ended in chunk 2, read after chunk 3
+    (0, 100, 10, [50, 50]),  # the cap ends it; no flag is computed after the last chunk
+])
+def test_replay_loop_reads_the_all_ended_flag_one_chunk_late(start, limit, end, replays):
+    """The captured rollout's loop queues the next chunk before it reads whether every
+    environment ended after the previous one; it stops at the first chunk queued after the
+    flag says so, never reads a flag after the last chunk, and returns the steps run."""
+    rollout, clock = _fake_rollout(end, 50)
+    clock["t"] = start
+    t = rollout.run(start, limit, 50)
+    assert clock["replays"] == replays
+    assert t == start + sum(replays) == clock["t"]

@@ -221,15 +221,17 @@ def zscore(f: torch.Tensor, eps: float = 1e-8, group_size: int = 0,
 
 
 def _tie_averaged_ranks(v: torch.Tensor) -> torch.Tensor:
-    """Ranks ``0..k-1`` of a 1-D float64 tensor; equal values share their average rank."""
+    """Ranks ``0..k-1`` of a 1-D float64 tensor; equal values share their average rank.
+
+    Each sorted value's tie group is found by binary search (its first and last sorted
+    positions), so every shape is known in advance: no host synchronisation, unlike
+    ``unique_consecutive``, whose output size depends on the values."""
     k = v.shape[0]
     sorted_v, order = torch.sort(v, stable=True)
-    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True,
-                                                  return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts  # first sorted position of each tie group
-    avg = starts.to(torch.float64) + (counts.to(torch.float64) - 1.0) / 2.0
+    first = torch.searchsorted(sorted_v, sorted_v, side="left")
+    last = torch.searchsorted(sorted_v, sorted_v, side="right") - 1
     ranks = torch.empty(k, dtype=torch.float64, device=v.device)
-    ranks[order] = avg[inverse]
+    ranks[order] = (first + last).to(torch.float64) / 2.0
     return ranks
 
 

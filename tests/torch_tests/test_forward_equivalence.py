@@ -492,7 +492,14 @@ def test_drawn_narrow_linear_matches_the_explicit_formula(device, m, n, r, rows,
     torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5,
                                atol=1e-5 * max(1.0, n ** 0.5))
     perm = torch.randperm(rows, generator=gen).to(device)
-    assert torch.equal(drawn_linear.drawn_linear(x[perm], w, b, ids[perm], **kw), out[perm])
+    permuted = drawn_linear.drawn_linear(x[perm], w, b, ids[perm], **kw)
+    if device.type == "cuda":
+        assert torch.equal(permuted, out[perm])
+    else:
+        # Triton's interpreter computes tl.dot with numpy's matmul, whose BLAS may round a
+        # row differently by its place in the block (it does on some CPUs): equal to float32
+        # rounding there, bit-equal on the GPU
+        torch.testing.assert_close(permuted, out[perm], rtol=1e-6, atol=1e-6 * max(1.0, n ** 0.5))
 
 
 def test_drawn_factors_are_the_stream_and_respect_the_budget(device):

@@ -128,23 +128,41 @@ def replace_nonfinite(fitnesses: torch.Tensor) -> tuple[torch.Tensor, int]:
     _as_fitness_vector(f)  # 1-D real, else the usual error
     if not f.is_floating_point():
         return f, 0
-    bad = ~torch.isfinite(f)
-    count = int(bad.sum())
+    count = int((~torch.isfinite(f)).sum())
     if count == 0:
         return f, 0
     n = f.shape[0]
     if count == n:
         raise ValueError(f"all {n} fitnesses are NaN or inf: nonfinite_fitness='worst' ranks such "
                          f"members below the finite ones, so at least one must be finite")
-    finite = f[~bad].to(torch.float64)
-    lo, hi = float(finite.min()), float(finite.max())
-    spread = hi - lo if hi > lo else max(abs(lo), 1.0)
-    lowest = torch.finfo(f.dtype).min
-    worst = max(lo - spread, torch.finfo(torch.float64).min)  # lo - spread may overflow
-    value = torch.tensor(worst, dtype=torch.float64).to(f.dtype)
-    if not bool(torch.isfinite(value)):
-        value = torch.tensor(lowest, dtype=f.dtype)
-    return torch.where(bad, value.to(f.device), f), count
+    return _replace_nonfinite_unchecked(f), count
+
+
+def _replace_nonfinite_unchecked(fitnesses: torch.Tensor) -> torch.Tensor:
+    """:func:`replace_nonfinite` computed on the fitnesses' device with no host read: the
+    same values where at least one fitness is finite (the input's values where none is
+    not finite), unspecified values where none is finite (the caller checks that).
+
+    Args:
+        fitnesses: ``(N,)`` real fitnesses, higher is better.
+
+    Returns:
+        A new ``(N,)`` tensor of the input's dtype and device (the input itself for an
+        integer dtype, which holds no non-finite values).
+    """
+    f = torch.as_tensor(fitnesses)
+    if not f.is_floating_point():
+        return f
+    bad = ~torch.isfinite(f)
+    f64 = f.to(torch.float64)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=f.device)
+    lo = torch.where(bad, inf, f64).amin()
+    hi = torch.where(bad, -inf, f64).amax()
+    spread = torch.where(hi > lo, hi - lo, torch.clamp(lo.abs(), min=1.0))
+    # lo - spread may overflow: the most negative float64 instead
+    worst = torch.clamp(lo - spread, min=torch.finfo(torch.float64).min).to(f.dtype)
+    worst = torch.where(torch.isfinite(worst), worst, torch.finfo(f.dtype).min)
+    return torch.where(bad, worst, f)
 
 
 def _as_fitness_vector(f: torch.Tensor) -> torch.Tensor:
@@ -310,6 +328,36 @@ def shape_fitnesses(
     f = _as_fitness_vector(fitnesses)
     if not bool(torch.isfinite(f).all()):
         raise ValueError("fitnesses contain NaN or inf")
+    return _shape_fitnesses_unchecked(fitnesses, transform, baseline=baseline, eps=eps,
+                                     group_size=group_size, nonfinite="raise")
+
+
+def _shape_fitnesses_unchecked(
+    fitnesses: torch.Tensor,
+    transform: FitnessTransform = "normalize",
+    *,
+    baseline: str = "mean",
+    eps: float = 1e-8,
+    group_size: int = 0,
+    nonfinite: str = "raise",
+) -> torch.Tensor:
+    """:func:`shape_fitnesses` without its checks of the fitnesses' values, so that no
+    built-in transform reads a value back to the host (the update can be queued on the
+    device before the fitnesses exist; the caller checks them later).
+
+    The arguments and the result are those of :func:`shape_fitnesses`. Only where it would
+    raise on the values do they differ: non-finite fitnesses under ``nonfinite="raise"``
+    and all of them under ``"worst"`` give unspecified weights instead of a ValueError.
+    ``transform``, ``baseline``, ``nonfinite``, ``group_size`` and a callable's output
+    shape are still checked (they need no values).
+    """
+    check_fitness_transform(transform)
+    check_baseline(baseline)
+    if check_nonfinite_policy(nonfinite, "nonfinite") == "worst":
+        fitnesses = torch.as_tensor(fitnesses)
+        _as_fitness_vector(fitnesses)  # 1-D real, else the usual error
+        fitnesses = _replace_nonfinite_unchecked(fitnesses)
+    f = _as_fitness_vector(fitnesses)
     if callable(transform) and not isinstance(transform, str):
         out = transform(torch.as_tensor(fitnesses))
         out = torch.as_tensor(out)

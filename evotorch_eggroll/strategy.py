@@ -28,7 +28,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -50,13 +50,32 @@ from .shaping import (
     check_baseline,
     check_fitness_transform,
     check_nonfinite_policy,
-    replace_nonfinite,
     shape_fitnesses,
 )
+from .shaping import _shape_fitnesses_unchecked
 
 __all__ = ["EvolutionStrategy", "EggrollStrategy", "OpenESStrategy"]
 
 _EVENTS = ("on_step", "on_perturb")
+
+# what a step computes on the device for its checks and metrics, read in one copy after the
+# update is queued (then the two norms, then the caller's refusal flags)
+_CHECKS = ("nonfinite", "nonfinite_weights", "all_equal", "first", "mean", "variance", "max",
+           "min", "weight_mean")
+
+
+class StepRefusal(NamedTuple):
+    """A condition that refuses a step, computed on the device by the step's caller and
+    read with the step's own checks after the update is queued (the update is then rolled
+    back and ``error()`` raised)."""
+
+    flag: torch.Tensor  # one element: nonzero refuses the step
+    error: Callable[[], BaseException]
+
+
+def _host_values(t: torch.Tensor) -> list:
+    """The values of a 1-D tensor as Python numbers: the step's one device-to-host read."""
+    return t.tolist()
 
 
 # -- argument checks ---------------------------------------------------------------------------
@@ -684,15 +703,18 @@ class EvolutionStrategy:
     def step(self, fitnesses: Any, prenormalized: bool = False) -> dict:
         """Update the parameters from the fitnesses of the last perturb context's members.
 
-        Everything is validated before anything changes. The stages: find the population
-        (``_step_population``), gather the fitnesses (``_collect_fitnesses``), check and
-        shape them unless ``prenormalized`` (``_step_weights``), fold antithetic pairs,
-        regenerate the noise and form ``g = (1/sqrt(N)) sum_i w_i P_i`` per parameter
-        (``_negative_gradients``), clip its global norm to ``max_grad_norm``
-        (``_clip_gradients``), hand ``-g`` to the optimizer as ``.grad``, rolled back if it
-        fails (``_apply_update``; the parameters' own ``.grad`` are restored afterwards),
-        read the metrics (``_step_metrics``), advance ``epoch`` and ``total_steps``
-        (``_advance``), fire ``on_step``.
+        A step either completes or leaves everything as it was. The stages: find the
+        population (``_step_population``), gather the fitnesses (``_collect_fitnesses``),
+        shape them unless ``prenormalized`` and compute their checks and statistics on their
+        device (``_step_weights``), fold antithetic pairs, regenerate the noise and form
+        ``g = (1/sqrt(N)) sum_i w_i P_i`` per parameter (``_negative_gradients``), clip its
+        global norm to ``max_grad_norm`` (``_clip_gradients``), hand ``-g`` to the optimizer
+        as ``.grad`` (``_apply_update``; the parameters' own ``.grad`` are restored
+        afterwards), read the checks and the metrics in one device-to-host copy, refuse
+        the step if a check fails (``_refuse_or_warn``: the update is rolled back), advance
+        ``epoch`` and ``total_steps`` (``_advance``), fire ``on_step``. No stage before the
+        update reads the fitnesses' values back to the host, so on a GPU the whole update
+        is queued behind the evaluation that produced them.
 
         Args:
             fitnesses: ``(N,)`` values, higher is better. Distributed: this rank's
@@ -723,7 +745,10 @@ class EvolutionStrategy:
                 this generation (:meth:`report_failure`, or an error in its own ``step``
                 before the all-gather); the message names the rank and its exception.
 
-        Failure semantics: every validation error is raised before anything changes, and
+        Failure semantics: errors in the arguments and the state are raised before anything
+        changes; errors in the fitnesses' values (NaN/inf) are found after the update is
+        queued, which is then rolled back (the parameters and the optimizer state
+        bit-exactly as before). Either way ``epoch``/``total_steps`` do not advance and
         the perturb context stays available for another ``step``. Distributed with slices,
         an error this rank finds before the all-gather (in its fitnesses or its state) is
         first reported to the other ranks through the all-gather they wait in, so that every
@@ -736,12 +761,38 @@ class EvolutionStrategy:
         exception from a callback propagates (later callbacks do not run) and the update
         is kept.
         """
+        return self._step(fitnesses, prenormalized)
+
+    def _step(self, fitnesses: Any, prenormalized: bool,
+              refusals: Sequence[StepRefusal] = ()) -> dict:
+        """:meth:`step`, with ``refusals``: conditions computed by the caller on the device
+        (EGGROLL's checks of the raw fitnesses) that refuse the step like the strategy's own
+        checks, read with them.
+
+        No stage before the update reads a value of the fitnesses back to the host: the
+        update is queued on the device behind the evaluation, and the checks that depend
+        on the values (non-finite fitnesses, the warnings) are read in one copy with the
+        metrics afterwards. A refused step is rolled back from the snapshots the update
+        takes (the parameters and the optimizer state bit-exactly as before) and raises;
+        ``epoch`` does not advance and the perturb context stays available.
+        """
         n, epoch, coords = self._step_population(fitnesses)
         f = self._collect_fitnesses(fitnesses, n, epoch)
-        w, raw, nonfinite = self._step_weights(f, n, prenormalized)
+        if self.group_size and n % self.group_size:
+            raise ValueError(f"population size {n} is not a multiple of group_size="
+                             f"{self.group_size}")
+        w, checks = self._step_weights(f, prenormalized)
         neg_grads, norm = self._clip_gradients(self._negative_gradients(w, n, coords))
-        delta = self._apply_update(neg_grads)
-        metrics = self._step_metrics(norm, delta, raw, w, n, epoch, nonfinite)
+        delta, snapshot = self._apply_update(neg_grads)
+        try:
+            parts = [checks, torch.stack([norm.to(delta.device), delta]).to(checks)]
+            parts += [r.flag.reshape(1).to(checks) for r in refusals]
+            values = _host_values(torch.cat(parts))
+            self._refuse_or_warn(values, refusals, n, prenormalized)
+        except BaseException:
+            self._roll_back(*snapshot)
+            raise
+        metrics = self._step_metrics(values, n, epoch)
         self._advance(n, epoch)
         for fn in self._callbacks["on_step"]:
             fn(dict(metrics))
@@ -777,20 +828,50 @@ class EvolutionStrategy:
             raise
         return self._last
 
-    def _step_weights(self, f: torch.Tensor, n: int,
-                      prenormalized: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Shaping stage of :meth:`step`: checks the N fitnesses (non-finite values against
-        the policy, N against ``group_size``), shapes them (unless ``prenormalized``) and
-        gives the once-per-strategy warnings.
+    def _step_weights(self, f: torch.Tensor, prenormalized: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shaping stage of :meth:`step`: the weights of the N fitnesses (``f`` itself when
+        ``prenormalized``, else shaped under the ``nonfinite_fitness`` policy) and what the
+        checks and the metrics need, both computed on ``f``'s device with no host read.
 
         Returns:
-            ``(w, raw, nonfinite)``: the weights ``(N,)`` float64 on the CPU, the finite raw
-            fitnesses (float64, CPU; what the fitness metrics describe) and the number of
-            non-finite fitnesses.
+            ``(w, checks)``: the weights ``(N,)`` float64 and the float64 vector of
+            :data:`_CHECKS` (the non-finite fitnesses and weights, whether all fitnesses are
+            equal, the first fitness, and the mean, population variance, maximum and
+            minimum of the finite fitnesses, the mean weight).
         """
-        f64 = f.detach().to(device="cpu", dtype=torch.float64)
+        f64 = f.detach().to(torch.float64)
+        w = f64 if prenormalized else _shape_fitnesses_unchecked(
+            f.detach(), self.fitness_transform, baseline=self.baseline, eps=self.fitness_eps,
+            group_size=self.group_size, nonfinite=self.nonfinite_fitness)
         finite = torch.isfinite(f64)
-        nonfinite = n - int(finite.sum())
+        count = finite.sum(dtype=torch.float64)
+        inf = torch.tensor(float("inf"), dtype=torch.float64, device=f64.device)
+        mean = torch.where(finite, f64, 0.0).sum() / count
+        var = torch.where(finite, (f64 - mean).square(), 0.0).sum() / count
+        checks = torch.stack([
+            f64.shape[0] - count,
+            (~torch.isfinite(w)).sum(dtype=torch.float64),
+            (f64 == f64[0]).all().to(torch.float64),
+            f64[0],
+            mean,
+            var,
+            torch.where(finite, f64, -inf).amax(),
+            torch.where(finite, f64, inf).amin(),
+            w.mean(),
+        ])
+        return w, checks
+
+    def _refuse_or_warn(self, values: list, refusals: Sequence[StepRefusal], n: int,
+                        prenormalized: bool) -> None:
+        """Raises the first error that the values read after the update call for (the
+        caller's refusals first, then non-finite fitnesses against the policy, then
+        non-finite shaped weights); else gives the once-per-strategy warnings."""
+        for refusal, flag in zip(refusals, values[len(_CHECKS) + 2:]):
+            if flag:
+                raise refusal.error()
+        nonfinite, bad_weights, equal, first = (int(values[0]), int(values[1]), values[2],
+                                                values[3])
         if nonfinite:
             if prenormalized:
                 raise ValueError(
@@ -806,11 +887,7 @@ class EvolutionStrategy:
                 raise ValueError(f"all {n} fitnesses are NaN or inf; nothing was updated "
                                  f"(nonfinite_fitness='worst' needs at least one finite fitness "
                                  f"to rank them below)")
-        if self.group_size and n % self.group_size:
-            raise ValueError(f"population size {n} is not a multiple of group_size="
-                             f"{self.group_size}")
-        w = f64 if prenormalized else self._shape(f.detach()).to("cpu", torch.float64)
-        if not bool(torch.isfinite(w).all()):
+        if bad_weights:
             raise ValueError("shaped fitnesses contain NaN or inf; nothing was updated")
         if not self._last_evaluated:
             self._warn_once(
@@ -818,15 +895,13 @@ class EvolutionStrategy:
                 "step() follows a perturb context in which no perturbed forward ran "
                 "(pop.batched_forward, or model(x) inside pop.iterate()): a plain model(x) "
                 "in the context computes the unperturbed model, so these fitnesses say "
-                "nothing about the perturbations (warned once per strategy)", stacklevel=4)
-        if n > 1 and not nonfinite and bool((f64 == f64[0]).all()):
+                "nothing about the perturbations (warned once per strategy)", stacklevel=5)
+        if n > 1 and not nonfinite and equal:
             self._warn_once(
                 "equal",
                 f"all {n} {'prenormalized weights' if prenormalized else 'fitnesses'} are "
-                f"equal ({float(f64[0])!r}): the ES gradient is zero and the parameters do "
-                f"not change (warned once per strategy)", stacklevel=4)
-        raw = f64[finite] if nonfinite else f64  # the metrics describe the finite fitnesses
-        return w, raw, nonfinite
+                f"equal ({first!r}): the ES gradient is zero and the parameters do "
+                f"not change (warned once per strategy)", stacklevel=5)
 
     def _negative_gradients(self, w: torch.Tensor, n: int,
                             coords: NoiseCoords) -> list[torch.Tensor]:
@@ -835,9 +910,10 @@ class EvolutionStrategy:
         pairs folded onto their shared draw and the noise regenerated from ``coords``.
 
         The optimizer minimises, so it gets ``-g``: negating the coefficients gives exactly
-        ``-g`` (negation is exact through every product and sum). The draws and the
-        coefficients are copied once per device, the coefficients times each noise scale
-        formed once per device and scale.
+        ``-g`` (negation is exact through every product and sum). The pairs are folded on
+        the weights' device (exact in float64 there as anywhere); the draws and the
+        coefficients are copied once per parameter device, the coefficients times each
+        noise scale formed once per device and scale.
         """
         idx, coeffs = antithetic_fold(w, self.antithetic)
         neg_coeffs = -(coeffs / math.sqrt(n))
@@ -857,22 +933,25 @@ class EvolutionStrategy:
 
     def _clip_gradients(self, neg_grads: list[torch.Tensor]
                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Clipping stage of :meth:`step`: the global norm of ``neg_grads`` and, when it
-        exceeds ``max_grad_norm`` (a host read of the norm, only with ``max_grad_norm``
-        set), the gradients scaled to that norm.
+        """Clipping stage of :meth:`step`: the global norm of ``neg_grads`` and, with
+        ``max_grad_norm`` set, the gradients scaled to that norm where it is exceeded (the
+        factor ``max_grad_norm / (norm + 1e-6)`` formed on the device in float64; a norm
+        within the bound multiplies by exactly 1), with no host read.
 
         Returns:
             ``(neg_grads, norm)``: the gradients to apply and their global norm (a 0-dim
             float32 tensor, not synchronised).
         """
         norm = _total_norm(neg_grads)
-        if self.max_grad_norm is not None and float(norm) > self.max_grad_norm:
-            factor = self.max_grad_norm / (float(norm) + 1e-6)
-            neg_grads = [g * factor for g in neg_grads]
+        if self.max_grad_norm is not None and neg_grads:
+            wide = norm.to(torch.float64)
+            factor = torch.where(wide > self.max_grad_norm, self.max_grad_norm / (wide + 1e-6),
+                                 1.0).to(torch.float32)
+            neg_grads = [g * factor.to(g.device) for g in neg_grads]
             norm = _total_norm(neg_grads)
         return neg_grads, norm
 
-    def _apply_update(self, neg_grads: list[torch.Tensor]) -> torch.Tensor:
+    def _apply_update(self, neg_grads: list[torch.Tensor]) -> tuple[torch.Tensor, tuple]:
         """Optimizer stage of :meth:`step`: hands ``neg_grads`` to the optimizer as the
         parameters' ``.grad`` and steps it; the parameters' own ``.grad`` are put back
         afterwards.
@@ -883,22 +962,20 @@ class EvolutionStrategy:
         signed zero could flip -0.0 to +0.0).
 
         Returns:
-            The norm of the parameters' change (a 0-dim float32 tensor, not synchronised).
+            ``(delta, snapshot)``: the norm of the parameters' change (a 0-dim float32
+            tensor, not synchronised) and the snapshot that :meth:`_roll_back` restores.
         """
         params = [e.param for e in self._evolved]
         with torch.no_grad():
             before = _copies([p.detach() for p in params])
         own_grads = [p.grad for p in params]
-        optimizer_state = _clone_tensors(self._optimizer.state_dict())
+        snapshot = (params, before, _clone_tensors(self._optimizer.state_dict()))
         try:
             for p, g in zip(params, neg_grads):
                 p.grad = g.to(p.dtype).view_as(p)
             self._optimizer.step()
         except BaseException:
-            with torch.no_grad():
-                for p, b in zip(params, before):
-                    p.copy_(b)
-            self._optimizer.load_state_dict(optimizer_state)
+            self._roll_back(*snapshot)
             raise
         finally:
             for p, g in zip(params, own_grads):
@@ -906,27 +983,37 @@ class EvolutionStrategy:
         with torch.no_grad():
             if self._lr == 0.0 and params:
                 torch._foreach_copy_(params, before)
-            return _total_norm(torch._foreach_sub([p.float() for p in params],
-                                                  [b.float() for b in before]) if params else [])
+            delta = _total_norm(torch._foreach_sub([p.float() for p in params],
+                                                   [b.float() for b in before]) if params else [])
+        return delta, snapshot
 
-    def _step_metrics(self, norm: torch.Tensor, delta: torch.Tensor, raw: torch.Tensor,
-                      w: torch.Tensor, n: int, epoch: int, nonfinite: int) -> dict:
-        """Metrics stage of :meth:`step` (plain Python numbers; see its Returns). Reads both
-        norms from the device in one synchronisation."""
-        norm, delta = torch.stack([norm.to(delta.device), delta]).tolist()
+    def _roll_back(self, params: list[torch.Tensor], before: list[torch.Tensor],
+                   optimizer_state: dict) -> None:
+        """Puts the parameters and the optimizer state back to an :meth:`_apply_update`
+        snapshot."""
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+        self._optimizer.load_state_dict(optimizer_state)
+
+    def _step_metrics(self, values: list, n: int, epoch: int) -> dict:
+        """Metrics stage of :meth:`step` (plain Python numbers; see its Returns) from the
+        values read after the update."""
+        nonfinite = int(values[0])
+        checked = dict(zip(_CHECKS + ("grad_norm", "param_delta_norm"), values))
         return {
-            "grad_norm": norm,
-            "param_delta_norm": delta,
-            "fitness_mean": float(raw.mean()),
-            "fitness_std": float(raw.std(unbiased=False)) if raw.numel() > 1 else 0.0,
-            "fitness_max": float(raw.max()),
-            "fitness_min": float(raw.min()),
-            "normalized_fitness_mean": float(w.mean()),
+            "grad_norm": checked["grad_norm"],
+            "param_delta_norm": checked["param_delta_norm"],
+            "fitness_mean": checked["mean"],
+            "fitness_std": math.sqrt(checked["variance"]) if n - nonfinite > 1 else 0.0,
+            "fitness_max": checked["max"],
+            "fitness_min": checked["min"],
+            "normalized_fitness_mean": checked["weight_mean"],
             "epoch": int(epoch),
             "lr": float(self._lr),
             "sigma": float(self._sigma),
             "population_size": int(n),
-            "nonfinite_count": int(nonfinite),
+            "nonfinite_count": nonfinite,
         }
 
     def _advance(self, n: int, epoch: int) -> None:

@@ -433,6 +433,34 @@ def test_non_finite_fitness_changes_nothing(device, bad):
     assert s.epoch == 2
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_refused_step_is_rolled_back_and_the_run_goes_on_as_if_it_never_ran(device, optimizer):
+    """The fitnesses' values are checked after the update is queued: a refused step is
+    rolled back, and the run continues bit-identically to one that never saw it (Adam's
+    moments and step count included, with clipping on)."""
+    x = torch.randn(4, 3, device=device)
+    runs = []
+    for refuse in (False, True):
+        model = make_mlp(device)
+        s = EggrollStrategy(seed=5, lr=0.05, optimizer=optimizer, max_grad_norm=0.05).setup(model)
+        generation(s, model, x, 4)  # the optimizer has state
+        with s.perturb(4) as pop:
+            pop.batched_forward(model, x)
+        if refuse:
+            with pytest.raises(ValueError, match="NaN or inf"):
+                s.step(torch.tensor([1.0, 3.0, float("nan"), 2.0], device=device))
+            assert s.epoch == 1
+        metrics = s.step(torch.tensor([1.0, 3.0, 0.0, 2.0], device=device))
+        generation(s, model, x, 4)
+        runs.append((snapshot(model), s.state_dict()["optimizer"]["state"], metrics))
+    (params_a, opt_a, m_a), (params_b, opt_b, m_b) = runs
+    assert same_bits(params_a, params_b) and m_a == m_b
+    assert opt_a.keys() == opt_b.keys()
+    for i, st in opt_a.items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(opt_b[i][k]), torch.as_tensor(v)), (i, k)
+
+
 def test_population_size_must_be_positive(device):
     s = EggrollStrategy().setup(make_mlp(device))
     for bad in (0, -3, 2.5, "8"):

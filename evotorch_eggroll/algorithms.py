@@ -59,6 +59,7 @@ from . import noise as _noise
 from . import ops, shaping
 from ._validation import check_int, check_population_size, check_real, check_seed, optimizer_class
 from .protocol import LowRankProblem, missing_members
+from .strategy import StepRefusal
 
 __all__ = ["EGGROLL", "RANKING_METHODS", "rank_fitnesses"]
 
@@ -80,10 +81,14 @@ def _nes_utilities(f: torch.Tensor) -> torch.Tensor:
     k = torch.arange(n, 0, -1, dtype=torch.float64, device=f.device)  # 1 = best
     u = torch.clamp(math.log(n / 2.0 + 1.0) - torch.log(k), min=0.0)
     u = u / u.sum() - 1.0 / n
+    # ties averaged: each sorted value's tie group found by binary search (no host read);
+    # a group of one keeps its own utility exactly
     sorted_f = f[order]
-    _, inverse, counts = torch.unique_consecutive(sorted_f, return_inverse=True, return_counts=True)
-    tie_mean = torch.zeros(counts.shape[0], dtype=torch.float64, device=f.device).index_add_(0, inverse, u)
-    u = (tie_mean / counts.to(torch.float64))[inverse]
+    first = torch.searchsorted(sorted_f, sorted_f, side="left")
+    last = torch.searchsorted(sorted_f, sorted_f, side="right")
+    sums = torch.cat([u.new_zeros(1), torch.cumsum(u, 0)])
+    tied = (sums[last] - sums[first]) / (last - first).to(torch.float64)
+    u = torch.where(last - first > 1, tied, u)
     out = torch.empty_like(u)
     out[order] = u
     return out
@@ -121,19 +126,36 @@ def rank_fitnesses(
         ValueError: an unknown method or ``nonfinite``; non-finite fitnesses with
             ``"raise"``, or all of them with ``"worst"``.
     """
-    method = _ALIASES.get(ranking_method, ranking_method)
-    if method not in RANKING_METHODS:
-        raise ValueError(f"unknown ranking_method {ranking_method!r}; expected one of {RANKING_METHODS} or None")
+    method = _ranking_method(ranking_method)
     shaping.check_nonfinite_policy(nonfinite, "nonfinite")
-    f = torch.as_tensor(fitnesses).reshape(-1).to(torch.float64)
-    if not higher_is_better:
-        f = -f
+    f = _higher_is_better_values(fitnesses, higher_is_better)
     if nonfinite == "worst":
         f, _ = shaping.replace_nonfinite(f)
     elif not bool(torch.isfinite(f).all()):
-        raise ValueError(
-            "fitnesses contain NaN or inf (nonfinite_fitness='worst' ranks such members below every finite one)"
-        )
+        raise ValueError(_NONFINITE_MESSAGE)
+    return _ranked(f, method)
+
+
+_NONFINITE_MESSAGE = "fitnesses contain NaN or inf (nonfinite_fitness='worst' ranks such members below every finite one)"
+
+
+def _ranking_method(ranking_method: Optional[str]) -> str:
+    """The canonical name of ``ranking_method``; ValueError for an unknown one."""
+    method = _ALIASES.get(ranking_method, ranking_method)
+    if method not in RANKING_METHODS:
+        raise ValueError(f"unknown ranking_method {ranking_method!r}; expected one of {RANKING_METHODS} or None")
+    return method
+
+
+def _higher_is_better_values(fitnesses: Any, higher_is_better: bool) -> torch.Tensor:
+    """``(N,)`` float64 fitnesses, negated for minimisation."""
+    f = torch.as_tensor(fitnesses).reshape(-1).to(torch.float64)
+    return f if higher_is_better else -f
+
+
+def _ranked(f: torch.Tensor, method: str) -> torch.Tensor:
+    """The weights of ``f`` (float64, higher is better) under a canonical ranking method, on
+    ``f``'s device with no host read (the values are not checked)."""
     if method == "centered":
         return shaping.centered_rank(f)
     if method == "linear":
@@ -351,11 +373,13 @@ class _LowRankMode:
             problem.distributed_merge(state)
         return fitnesses, record
 
-    def update(self, weights: torch.Tensor) -> None:
-        """One strategy step from the N weights (the same on every rank)."""
+    def update(self, weights: torch.Tensor, refusal: StepRefusal) -> None:
+        """One strategy step from the N weights (the same on every rank), queued on the
+        device before ``refusal`` is read (with the step's metrics); a refused step is
+        rolled back and raises."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", _STRATEGY_TIED_WEIGHTS, UserWarning)
-            self._strategy.step(weights, prenormalized=True)
+            self._strategy._step(weights, True, (refusal,))
 
     def member_vector(self, record: dict) -> torch.Tensor:
         """The decision vector of ``record["member"]`` in the generation ``record`` describes."""
@@ -497,8 +521,11 @@ class _DenseMode:
 
         return gather(evaluate, self._epoch, device), record
 
-    def update(self, weights: torch.Tensor) -> None:
-        """The ES step from the N weights: the gradient from regenerated noise, in chunks."""
+    def update(self, weights: torch.Tensor, refusal: StepRefusal) -> None:
+        """The ES step from the N weights: the gradient from regenerated noise, in chunks
+        (``refusal`` is read first: a refused generation changes nothing)."""
+        if bool(refusal.flag):
+            raise refusal.error()
         n = self._popsize
         epoch = _noise.effective_epoch(self._epoch, self._noise_reuse)
         device = self._center.device
@@ -838,9 +865,11 @@ class EGGROLL(SearchAlgorithm):
         self._warn_if_odd_popsize()
         fitnesses, record = self._mode.evaluate(self._gather, self._local_members())
         # all N weights, identical on every rank: the update needs no communication
+        # nothing below reads the fitnesses back to the host before the update is queued
+        # (the checks that can refuse the generation are read with the step's metrics)
+        weights, refusal = self._weights(fitnesses)
+        self._mode.update(weights.to(fitnesses.device), refusal)
         self._warn_if_equal(fitnesses)
-        weights = self._weights(fitnesses)
-        self._mode.update(weights.to(fitnesses.device))
         self._remember(fitnesses, record)
 
     def _gather(self, evaluate: Any, epoch: int, device: Any, restore: Any = None) -> torch.Tensor:
@@ -867,18 +896,22 @@ class EGGROLL(SearchAlgorithm):
                 restore()
             raise
 
-    def _weights(self, fitnesses: torch.Tensor) -> torch.Tensor:
-        """The ES weights of the N fitnesses (the same on every rank), under the
-        ``nonfinite_fitness`` policy; raises before anything changes."""
+    def _weights(self, fitnesses: torch.Tensor) -> tuple[torch.Tensor, StepRefusal]:
+        """The ES weights of the N fitnesses (the same on every rank) under the
+        ``nonfinite_fitness`` policy, and the condition that refuses the generation
+        (non-finite fitnesses under ``"raise"``, all of them under ``"worst"``), both
+        computed on the fitnesses' device with no host read."""
         n = fitnesses.numel()
-        if self._nonfinite_fitness == "worst" and n and not bool(torch.isfinite(fitnesses).any()):
-            raise ValueError(
+        f = _higher_is_better_values(fitnesses, self._higher_is_better)
+        finite = torch.isfinite(f)
+        if self._nonfinite_fitness == "worst":
+            refusal = StepRefusal(~finite.any(), lambda: ValueError(
                 f"all {n} fitnesses are NaN or inf; the center was not updated (nonfinite_fitness='worst' "
-                "needs at least one finite fitness to rank them below)"
-            )
-        return rank_fitnesses(
-            fitnesses, self._ranking_method, higher_is_better=self._higher_is_better, nonfinite=self._nonfinite_fitness
-        )
+                "needs at least one finite fitness to rank them below)"))
+            f = shaping._replace_nonfinite_unchecked(f)
+        else:
+            refusal = StepRefusal(~finite.all(), lambda: ValueError(_NONFINITE_MESSAGE))
+        return _ranked(f, _ranking_method(self._ranking_method)), refusal
 
     def _warn_if_equal(self, fitnesses: torch.Tensor) -> None:
         """Warn once per searcher when every fitness of a generation is the same (the ranks

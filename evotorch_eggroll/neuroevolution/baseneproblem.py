@@ -357,6 +357,17 @@ class EggrollNEProblem(BaseNEProblem):
         """The problem status reported after a low-rank population evaluation."""
         return {}
 
+    @property
+    def status(self) -> dict:
+        """The status after the last evaluation (as EvoTorch's ``Problem.status``). After a
+        low-rank population evaluation it is formed when first read, so that counters the
+        evaluation kept on the device are read back only then (after the update that
+        follows the evaluation is queued), not when the evaluation returns."""
+        if getattr(self, "_lowrank_status_due", False):
+            self._lowrank_status_due = False
+            self._after_eval_status = self._lowrank_status()
+        return self._after_eval_status
+
     # ------------------------------------------------------------------ EGGROLL's low-rank protocol
 
     def distributed_setup(self) -> None:
@@ -381,10 +392,12 @@ class EggrollNEProblem(BaseNEProblem):
         when distributed) is undone with :meth:`restore_generation_state`, so that every
         rank continues as if it had not been evaluated. Subclasses with running state
         (data position, counters, statistics) extend both methods."""
-        return {"after_eval_status": dict(getattr(self, "_after_eval_status", None) or {})}
+        status = self.status if hasattr(self, "_after_eval_status") else None
+        return {"after_eval_status": dict(status or {})}
 
     def restore_generation_state(self, state: dict) -> None:
         """Put back what :meth:`generation_state` took."""
+        self._lowrank_status_due = False
         self._after_eval_status = dict(state["after_eval_status"])
 
     def _as_fitness(self, values: Any, k: int) -> torch.Tensor:
@@ -467,6 +480,6 @@ class EggrollNEProblem(BaseNEProblem):
                     if k in wanted:
                         values[wanted[k]] = torch.as_tensor(self._evaluate_network(network), dtype=torch.float64)
                 fit = torch.stack(values)
-        self._after_eval_status = self._lowrank_status()
+        self._lowrank_status_due = True  # formed when read: see status
         return fit.to(device=device, dtype=torch.float32)
 

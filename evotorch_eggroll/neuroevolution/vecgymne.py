@@ -133,6 +133,7 @@ class EggrollVecGymNE(EggrollNEProblem):
             raise TypeError(f"only Discrete and Box action spaces are supported, got {self._act_space}")
         self._obs_stats: Optional[RunningObsNorm] = None
         self._interaction_count = 0
+        self._pending_interactions: Optional[torch.Tensor] = None  # see _settle_interactions
         self._episode_count = 0
         self._num_resets = 0
         self.last_rollout_steps = 0
@@ -192,6 +193,10 @@ class EggrollVecGymNE(EggrollNEProblem):
             self._env = self._make_env(num_members)
         return self._env
 
+    def _get_cloned_state(self, *, memo: dict) -> dict:
+        self._settle_interactions()  # a copy or a pickle holds the plain count
+        return super()._get_cloned_state(memo=memo)
+
     @property
     def _nonserialized_attribs(self) -> list[str]:
         return super()._nonserialized_attribs + ["_env", "_captured", "_bounds_cache"]
@@ -247,12 +252,24 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     def set_interaction_count(self, n: int) -> None:
         """Set the number of environment steps taken (as EvoTorch's ``VecGymNE``)."""
+        self._pending_interactions = None
         self._interaction_count = int(n)
+
+    def _settle_interactions(self) -> int:
+        """Adds the steps that evaluations counted on the device to the interaction count
+        (one host read, when there are any) and returns the count. An evaluation leaves its
+        count on the device, so that nothing after a rollout waits for the rollout to
+        finish before the update is queued."""
+        pending = getattr(self, "_pending_interactions", None)
+        if pending is not None:
+            self._pending_interactions = None
+            self._interaction_count += int(pending)
+        return self._interaction_count
 
     @property
     def interaction_count(self) -> int:
         """Environment steps taken by active members so far."""
-        return self._interaction_count
+        return self._settle_interactions()
 
     @property
     def episode_count(self) -> int:
@@ -260,7 +277,7 @@ class EggrollVecGymNE(EggrollNEProblem):
         return self._episode_count
 
     def _extra_status(self, batch: Any = None) -> dict:
-        return {"total_interaction_count": self._interaction_count, "total_episode_count": self._episode_count}
+        return {"total_interaction_count": self._settle_interactions(), "total_episode_count": self._episode_count}
 
     def _lowrank_status(self) -> dict:
         return self._extra_status()
@@ -292,7 +309,7 @@ class EggrollVecGymNE(EggrollNEProblem):
             result["obs_stdev"] = stats.stdev.cpu()
             result["obs_sum"] = stats.sum.cpu()
             result["obs_sum_of_squares"] = stats.sum_of_squares.cpu()
-        result["interaction_count"] = self._interaction_count
+        result["interaction_count"] = self._settle_interactions()
         result["episode_count"] = self._episode_count
         result["time"] = datetime.now()
         if isinstance(self._env_maker, str):
@@ -359,7 +376,7 @@ class EggrollVecGymNE(EggrollNEProblem):
         from .. import distributed as _dist
 
         interactions, episodes, (_, stats) = state["interactions"], state["episodes"], state["obs_stats"]
-        parts = [torch.tensor([self._interaction_count - interactions, self._episode_count - episodes],
+        parts = [torch.tensor([self._settle_interactions() - interactions, self._episode_count - episodes],
                               dtype=torch.float64)]
         current = self._obs_stats
         if current is not None:
@@ -384,13 +401,14 @@ class EggrollVecGymNE(EggrollNEProblem):
         observation statistics."""
         stats = self._obs_stats
         saved = None if stats is None else tuple(t.clone() for t in (stats.count, stats.sum, stats.sum_of_squares))
-        return dict(super().generation_state(), resets=self._num_resets, interactions=self._interaction_count,
+        return dict(super().generation_state(), resets=self._num_resets, interactions=self._settle_interactions(),
                     episodes=self._episode_count, rollout_steps=self.last_rollout_steps, obs_stats=(stats, saved))
 
     def restore_generation_state(self, state: dict) -> None:
         """Put back what :meth:`generation_state` took."""
         super().restore_generation_state(state)
         self._num_resets = state["resets"]
+        self._pending_interactions = None
         self._interaction_count = state["interactions"]
         self._episode_count = state["episodes"]
         self.last_rollout_steps = state["rollout_steps"]
@@ -527,7 +545,8 @@ class EggrollVecGymNE(EggrollNEProblem):
             returns += buf.returns
             steps_taken += buf.alive.sum()
             self.last_rollout_steps += buf.executed
-        self._interaction_count += int(steps_taken)
+        pending = getattr(self, "_pending_interactions", None)
+        self._pending_interactions = steps_taken if pending is None else pending + steps_taken
         self._episode_count += k * self._num_episodes
         return (returns[:k] / self._num_episodes).to(torch.float32)
 

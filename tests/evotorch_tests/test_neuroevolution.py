@@ -819,3 +819,60 @@ def test_replay_loop_reads_the_all_ended_flag_one_chunk_late(start, limit, end, 
     t = rollout.run(start, limit, 50)
     assert clock["replays"] == replays
     assert t == start + sum(replays) == clock["t"]
+
+
+def test_interaction_count_kept_on_the_device_is_read_when_asked_for(device):
+    """An evaluation leaves its step count on the device (nothing after the rollout waits
+    for it); the count, the status, a pickle and a restored generation state all see it."""
+    from evotorch_eggroll.algorithms import EGGROLL
+
+    problem = _cartpole(device, episode_length=6)
+    searcher = EGGROLL(problem, popsize=8, rank=1, sigma=0.5, lr=0.1)
+    searcher.step()
+    state = problem.generation_state()
+    first = problem.interaction_count
+    assert 8 <= first <= 48 and state["interactions"] == first
+    assert searcher.status["total_interaction_count"] == first
+    searcher.step()
+    clone = pickle.loads(pickle.dumps(problem))  # before anything read the second count
+    second = problem.interaction_count
+    assert clone.interaction_count == second > first
+    assert problem.status["total_interaction_count"] == second
+    problem.restore_generation_state(state)
+    assert problem.interaction_count == first and problem.status["total_interaction_count"] == first
+
+
+@pytest.mark.gpu
+def test_the_update_is_queued_without_reading_the_rollout_back():
+    """After the rollout is queued, nothing reads a device value back to the host before
+    the step's one read of its checks and metrics: the whole update is queued behind the
+    rollout (CUDA's synchronisation debug mode turns any other read into an error)."""
+    from evotorch_eggroll import strategy as strategy_module
+    from evotorch_eggroll.algorithms import EGGROLL
+
+    torch.manual_seed(0)
+    problem = EggrollVecGymNE(CartPole, _policy, device="cuda", seed=3, episode_length=60)
+    searcher = EGGROLL(problem, popsize=512, rank=1, sigma=0.3, lr=0.05, optimizer="adam")
+    searcher.step()  # compiles the kernels and captures the rollout
+    reads = []
+    host_values, evaluate = strategy_module._host_values, searcher._mode.evaluate
+
+    def read(t):
+        torch.cuda.set_sync_debug_mode(0)
+        reads.append(t.numel())
+        return host_values(t)
+
+    def evaluated(*args):
+        out = evaluate(*args)
+        torch.cuda.set_sync_debug_mode("error")
+        return out
+
+    strategy_module._host_values, searcher._mode.evaluate = read, evaluated
+    try:
+        searcher.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        strategy_module._host_values = host_values
+        del searcher._mode.evaluate
+    assert len(reads) == 1
+    assert problem.interaction_count > 0 and searcher.status["mean_eval"] > 0

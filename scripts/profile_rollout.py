@@ -5,7 +5,8 @@
 Runs two generations (compilation, drawing, capture), then profiles a third with
 ``torch.profiler`` and prints the kernels by total device time, the wall-clock time and
 the summed device time; with ``--host``, a fourth generation under cProfile (host time);
-with ``--syncs``, the places in the package where a generation makes the host wait for the
+with ``--timeline``, when each stage of a generation starts on the host and how long it
+takes; with ``--syncs``, the places in the package where a generation makes the host wait for the
 device (``torch.cuda.set_sync_debug_mode``), with their counts.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
 import pstats
 import time
@@ -28,9 +30,34 @@ from evotorch_eggroll.neuroevolution import EggrollVecGymNE
 from evotorch_eggroll.rollout_benchmark import cartpole_policy
 
 
+@contextlib.contextmanager
+def _wrapped(patches, wrap):
+    """Replaces each ``owner.name`` of ``patches`` by ``wrap("Owner.name", original)`` and
+    puts the originals back on exit."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name in patches]
+    for owner, name, fn in saved:
+        setattr(owner, name, wrap(f"{owner.__name__.rsplit('.', 1)[-1]}.{name}", fn))
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def _generation(searcher) -> float:
+    """One generation synchronised at both ends; its wall-clock seconds."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    searcher.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def phases(searcher, problem) -> None:
     """Host wall-clock of a generation's phases: every graph replay call, every wait for the
-    device between chunks, the strategy's update, and the rest."""
+    device between chunks, the strategy's update (``_step``: it queues the update behind
+    the rollout, so its one read of the checks and metrics waits for the rollout's last
+    chunks), and the rest."""
     from evotorch_eggroll import neuroevolution, strategy
 
     spans: dict[str, list[float]] = {}
@@ -45,23 +72,54 @@ def phases(searcher, problem) -> None:
         return wrapper
 
     patches = [(torch.cuda.CUDAGraph, "replay"), (neuroevolution._CapturedRollout, "run"),
-               (strategy.EvolutionStrategy, "step"), (type(problem), "_evaluate_members")]
-    saved = [(owner, name, getattr(owner, name)) for owner, name in patches]
-    for owner, name, fn in saved:
-        setattr(owner, name, timed(f"{owner.__name__}.{name}", fn))
-    try:
+               (strategy.EvolutionStrategy, "_step"), (type(problem), "_evaluate_members")]
+    with _wrapped(patches, timed):
         for _ in range(3):
             spans.clear()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            searcher.step()
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
+            wall = _generation(searcher)
             print(f"generation {wall * 1e3:.2f} ms: " + ", ".join(
                 f"{k} {len(v)}x {sum(v) * 1e3:.2f} ms" for k, v in spans.items()))
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
+
+
+def timeline(searcher, problem) -> None:
+    """The host's timeline of one generation: when each stage starts and how long it takes
+    (milliseconds from the generation's start; nested stages indented). What runs after the
+    step's one read of its checks and metrics, and before the next generation's first
+    graph replay, is time in which the device has nothing queued."""
+    from evotorch_eggroll import context, strategy
+    from evotorch_eggroll.algorithms import EGGROLL
+    from evotorch_eggroll.neuroevolution import _CapturedRollout
+
+    events: list[tuple[float, float, int, str]] = []
+    depth = [0]
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            depth[0] += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                depth[0] -= 1
+                events.append((t0, time.perf_counter() - t0, depth[0], name))
+        return wrapper
+
+    patches = [(EGGROLL, "_step"), (EGGROLL, "_weights"), (EGGROLL, "_warn_if_equal"),
+               (EGGROLL, "_remember"), (strategy.EvolutionStrategy, "perturb"),
+               (strategy.EvolutionStrategy, "_step"), (strategy.EvolutionStrategy, "_step_weights"),
+               (strategy.EvolutionStrategy, "_negative_gradients"),
+               (strategy.EvolutionStrategy, "_apply_update"), (strategy, "_host_values"),
+               (context.PerturbationContext, "cache_factors"), (type(problem), "_evaluate_members"),
+               (type(problem), "_replayable"), (_CapturedRollout, "start"), (_CapturedRollout, "run"),
+               (torch.cuda.CUDAGraph, "replay")]
+    with _wrapped(patches, timed):
+        for _ in range(2):
+            events.clear()
+            t0 = time.perf_counter()
+            wall = _generation(searcher)
+    print(f"host timeline of one generation ({wall * 1e3:.2f} ms, synchronised at both ends):")
+    for start, span, level, name in sorted(events):
+        print(f"  {(start - t0) * 1e3:8.3f} ms  {'  ' * level}{name} {span * 1e3:.3f} ms")
 
 
 def syncs(searcher) -> None:
@@ -106,6 +164,8 @@ def main() -> None:
                         help="also time the host phases of a generation (no profiler)")
     parser.add_argument("--syncs", action="store_true",
                         help="also count where a generation makes the host wait for the device")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also print the host's timeline of one generation's stages")
     parser.add_argument("--host", action="store_true",
                         help="also profile a generation's Python with cProfile (host time)")
     args = parser.parse_args()
@@ -126,6 +186,8 @@ def main() -> None:
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
     if args.phases:
         phases(searcher, problem)
+    if args.timeline:
+        timeline(searcher, problem)
     if args.syncs:
         syncs(searcher)
     if args.host:

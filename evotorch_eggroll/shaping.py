@@ -155,7 +155,7 @@ def _replace_nonfinite_unchecked(fitnesses: torch.Tensor) -> torch.Tensor:
         return f
     bad = ~torch.isfinite(f)
     f64 = f.to(torch.float64)
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=f.device)
+    inf = torch.full((), float("inf"), dtype=torch.float64, device=f.device)  # no copy
     lo = torch.where(bad, inf, f64).amin()
     hi = torch.where(bad, -inf, f64).amax()
     spread = torch.where(hi > lo, hi - lo, torch.clamp(lo.abs(), min=1.0))
@@ -332,15 +332,9 @@ def shape_fitnesses(
                                      group_size=group_size, nonfinite="raise")
 
 
-def _shape_fitnesses_unchecked(
-    fitnesses: torch.Tensor,
-    transform: FitnessTransform = "normalize",
-    *,
-    baseline: str = "mean",
-    eps: float = 1e-8,
-    group_size: int = 0,
-    nonfinite: str = "raise",
-) -> torch.Tensor:
+def _shape_fitnesses_unchecked(fitnesses: torch.Tensor, transform: FitnessTransform, *,
+                               baseline: str, eps: float, group_size: int,
+                               nonfinite: str) -> torch.Tensor:
     """:func:`shape_fitnesses` without its checks of the fitnesses' values, so that no
     built-in transform reads a value back to the host (the update can be queued on the
     device before the fitnesses exist; the caller checks them later).

@@ -748,7 +748,7 @@ class EvolutionStrategy:
         Failure semantics: errors in the arguments and the state are raised before anything
         changes; errors in the fitnesses' values (NaN/inf) are found after the update is
         queued, which is then rolled back (the parameters and the optimizer state
-        bit-exactly as before). Either way ``epoch``/``total_steps`` do not advance and
+        bit-exactly as before; the optimizer's own step hooks, if any, have run). Either way ``epoch``/``total_steps`` do not advance and
         the perturb context stays available for another ``step``. Distributed with slices,
         an error this rank finds before the all-gather (in its fitnesses or its state) is
         first reported to the other ranks through the all-gather they wait in, so that every
@@ -846,7 +846,7 @@ class EvolutionStrategy:
             group_size=self.group_size, nonfinite=self.nonfinite_fitness)
         finite = torch.isfinite(f64)
         count = finite.sum(dtype=torch.float64)
-        inf = torch.tensor(float("inf"), dtype=torch.float64, device=f64.device)
+        inf = torch.full((), float("inf"), dtype=torch.float64, device=f64.device)  # no copy
         mean = torch.where(finite, f64, 0.0).sum() / count
         var = torch.where(finite, (f64 - mean).square(), 0.0).sum() / count
         checks = torch.stack([

@@ -748,8 +748,9 @@ class EvolutionStrategy:
         Failure semantics: errors in the arguments and the state are raised before anything
         changes; errors in the fitnesses' values (NaN/inf) are found after the update is
         queued, which is then rolled back (the parameters and the optimizer state
-        bit-exactly as before; the optimizer's own step hooks, if any, have run). Either way ``epoch``/``total_steps`` do not advance and
-        the perturb context stays available for another ``step``. Distributed with slices,
+        bit-exactly as before; the optimizer's own step hooks, if any, have run). Either
+        way ``epoch``/``total_steps`` do not advance and the perturb context stays
+        available for another ``step``. Distributed with slices,
         an error this rank finds before the all-gather (in its fitnesses or its state) is
         first reported to the other ranks through the all-gather they wait in, so that every
         rank raises at once and none updates; ranks that arrive at different epochs (after

@@ -360,65 +360,105 @@ def drawn_mlp(
     return x
 
 
-def _layer_arguments(layers, out) -> tuple[list, list[dict]]:
-    """Pointer/stride arguments of the kernel's four layer slots and each used layer's flags
-    (unused slots point at ``out`` and are never read)."""
-    args, flags = [], []
+# The constexpr parameters of the two kernels, in signature order (they end each signature;
+# ``tests/torch_tests/test_fused_mlp.py`` checks these names against the kernels). A launch
+# passes them positionally: Triton's launcher binds keyword arguments to the parameter list
+# one name at a time, which took about as long as specialising every runtime argument.
+_LAYER_FLAGS = ("HB", "WN", "BZ", "ACT")
+_MLP_CONSTEXPRS = ("LAYERS", "R", "RP", "BLOCK_M",
+                   *(f"{k}{i}" for i in range(MAX_LAYERS) for k in ("BN", "BK", *_LAYER_FLAGS)),
+                   "ANTITHETIC", "PRECISION", "LIBDEVICE")
+_REGS_CONSTEXPRS = ("LAYERS", "R", "BLOCK_M", *(f"P{i}" for i in range(MAX_LAYERS + 1)),
+                    *(f"{k}{i}" for i in range(MAX_LAYERS) for k in _LAYER_FLAGS),
+                    "PL", "ANTITHETIC", "PRECISION", "LIBDEVICE")
+_UNUSED_FLAGS = (False, False, False, IDENTITY)
+
+# Launch configurations (constexpr values in signature order, grid rows per program, warps)
+# by what decides them: the feature counts, the layers' flags, rank, antithetic sampling,
+# precision, the device's tanh, whether the batch is small, and the module's tuning knobs
+# (``scripts/sweep_drawn_mlp.py`` changes those between runs).
+_configs: dict[tuple, tuple[tuple, int, int]] = {}
+
+
+def _tuning() -> tuple:
+    return (REGS_MAX_FEATURES, REGS_BLOCK_M, REGS_NUM_WARPS, BLOCK_M, SMALL_BLOCK_M, SMALL_ROWS,
+            BLOCK_N_MAX, BLOCK_K_MAX, NUM_WARPS, FLOAT32_PRECISION)
+
+
+def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
+            precision: str, libdevice: bool, small: bool) -> tuple[tuple, int, int]:
+    """``(constexprs, block_m, num_warps)`` of one launch: the kernel's constexpr values in
+    signature order (:data:`_MLP_CONSTEXPRS` or :data:`_REGS_CONSTEXPRS`, by whether every
+    width in ``dims`` is at most :data:`REGS_MAX_FEATURES`), the batch rows per program and
+    the warps. ``dims`` holds the feature counts padded with 1 to ``MAX_LAYERS + 1``, ``flags``
+    each layer slot's ``(HB, WN, BZ, ACT)``."""
+    common = dict(LAYERS=layers, R=rank, ANTITHETIC=bool(antithetic),
+                  PRECISION=FLOAT32_PRECISION if precision == "ieee" else precision,
+                  LIBDEVICE=libdevice)
+    meta = {f"{k}{i}": v for i, f in enumerate(flags) for k, v in zip(_LAYER_FLAGS, f)}
+    if max(dims) <= REGS_MAX_FEATURES:
+        pads = [max(16, next_power_of_2(w)) for w in dims]
+        meta.update({f"P{i}": p for i, p in enumerate(pads)}, PL=pads[layers],
+                    BLOCK_M=REGS_BLOCK_M, **common)
+        return tuple(meta[n] for n in _REGS_CONSTEXPRS), REGS_BLOCK_M, REGS_NUM_WARPS
+    block_m = SMALL_BLOCK_M if small else BLOCK_M
     for i in range(MAX_LAYERS):
-        if i < len(layers):
-            lay = layers[i]
-            w = lay.weight
-            args += [w, w.stride(0), w.stride(1),
-                     lay.bias if lay.bias is not None else out,
-                     lay.cache[0] if lay.cache is not None else out,
-                     lay.bias_cache[0] if lay.bias_cache is not None else out]
-            flags.append(dict(HB=lay.bias is not None, WN=lay.cache is not None,
-                              BZ=lay.bias_cache is not None, ACT=int(lay.act)))
-        else:
-            args += [out, 0, 0, out, out, out]
-            flags.append(dict(HB=False, WN=False, BZ=False, ACT=IDENTITY))
-    return args, flags
+        meta[f"BN{i}"], meta[f"BK{i}"] = _block_sizes(dims[i], dims[i + 1])
+    meta.update(RP=next_power_of_2(rank), BLOCK_M=block_m, **common)
+    return tuple(meta[n] for n in _MLP_CONSTEXPRS), block_m, NUM_WARPS
 
 
 def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic, precision):
-    rows = x.shape[0]
-    widths = [x.shape[1]] + [lay.weight.shape[0] for lay in layers]
-    out = torch.empty((rows, widths[-1]), dtype=torch.float32, device=x.device)
+    rows, n0 = x.shape
+    out = torch.empty((rows, layers[-1].weight.shape[0]), dtype=torch.float32, device=x.device)
     if rows == 0:
         return out
-    args, flags = _layer_arguments(layers, out)
-    dims = widths + [1] * (MAX_LAYERS + 1 - len(widths))
-    common = dict(LAYERS=len(layers), R=rank, ANTITHETIC=bool(antithetic),
-                  PRECISION=FLOAT32_PRECISION if precision == "ieee" else precision,
-                  LIBDEVICE=x.is_cuda and _libdevice is not None, **LAUNCH_OPTIONS)
-    if max(widths) <= REGS_MAX_FEATURES:
-        meta = {f"{k}{i}": v for i, f in enumerate(flags) for k, v in f.items()}
-        pads = [max(16, next_power_of_2(w)) for w in dims]
+    # each layer slot: weight, its strides, bias, factor block, bias noise (unused slots and
+    # absent tensors point at ``out`` and are never read) and its flags
+    args, dims, flags = [], [n0], []
+    for lay in layers:
+        w, b, c, bc = lay.weight, lay.bias, lay.cache, lay.bias_cache
+        sw = w.stride()
+        args += (w, sw[0], sw[1], out if b is None else b, out if c is None else c[0],
+                 out if bc is None else bc[0])
+        dims.append(w.shape[0])
+        flags.append((b is not None, c is not None, bc is not None, int(lay.act)))
+    n_layers = len(layers)
+    for _ in range(n_layers, MAX_LAYERS):
+        args += (out, 0, 0, out, out, out)
+        flags.append(_UNUSED_FLAGS)
+    n_out = dims[-1]
+    hidden = max(dims[1:-1], default=1)
+    dims += [1] * (MAX_LAYERS - n_layers)
+    dims, flags = tuple(dims), tuple(flags)
+    libdevice = x.is_cuda and _libdevice is not None
+    key = (dims, flags, rank, antithetic, precision, libdevice, rows <= SMALL_ROWS, _tuning())
+    config = _configs.get(key)
+    if config is None:
+        config = _configs[key] = _config(dims, flags, n_layers, rank, antithetic, precision,
+                                         libdevice, rows <= SMALL_ROWS)
+    constexprs, block_m, num_warps = config
+    sx, so = x.stride(), out.stride()
+    grid = (triton.cdiv(rows, block_m),)
+    if max(dims) <= REGS_MAX_FEATURES:
         with device_guard(x):
-            _drawn_mlp_regs_kernel[(triton.cdiv(rows, REGS_BLOCK_M),)](
-                x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1),
-                member_ids, member_ids.stride(0), rows, int(base), float(scale),
-                float(bias_scale), *args, *dims, widths[-1],
-                BLOCK_M=REGS_BLOCK_M, **{f"P{i}": p for i, p in enumerate(pads)},
-                PL=pads[len(layers)], **meta, num_warps=REGS_NUM_WARPS, **common)
+            _drawn_mlp_regs_kernel[grid](
+                x, sx[0], sx[1], out, so[0], so[1], member_ids, member_ids.stride(0), rows,
+                int(base), float(scale), float(bias_scale), *args, *dims, n_out, *constexprs,
+                num_warps=num_warps, **LAUNCH_OPTIONS)
         return out
-    hidden = max(widths[1:-1], default=1)
-    scratch = [torch.empty((rows, hidden), dtype=torch.float32, device=x.device)
-               for _ in range(min(2, len(layers) - 1))]
-    s0 = scratch[0] if scratch else out
-    s1 = scratch[-1] if scratch else out
-    meta = {}
-    for i, f in enumerate(flags):
-        bn, bk = _block_sizes(dims[i], dims[i + 1])
-        meta.update({f"BN{i}": bn, f"BK{i}": bk, f"HB{i}": f["HB"], f"WN{i}": f["WN"],
-                     f"BZ{i}": f["BZ"], f"ACT{i}": f["ACT"]})
+    # the two scratch buffers in one allocation, each starting on a 16-byte boundary
+    # (as separate allocations would)
+    size = -(-rows * hidden // 4) * 4
+    if n_layers > 1:
+        s0 = torch.empty((2 * size if n_layers > 2 else size,), dtype=torch.float32,
+                         device=x.device)
+        s1 = s0[size:] if n_layers > 2 else s0
+    else:
+        s0 = s1 = out
     with device_guard(x):
-        block_m = SMALL_BLOCK_M if rows <= SMALL_ROWS else BLOCK_M
-        _drawn_mlp_kernel[(triton.cdiv(rows, block_m),)](
-            x, x.stride(0), x.stride(1), out, out.stride(0), out.stride(1),
-            s0, s1, hidden, member_ids, member_ids.stride(0), rows, int(base), float(scale),
-            float(bias_scale), *args, *dims,
-            RP=next_power_of_2(rank), BLOCK_M=block_m, **meta, num_warps=NUM_WARPS,
-            **common,
-        )
+        _drawn_mlp_kernel[grid](
+            x, sx[0], sx[1], out, so[0], so[1], s0, s1, hidden, member_ids,
+            member_ids.stride(0), rows, int(base), float(scale), float(bias_scale), *args,
+            *dims, *constexprs, num_warps=num_warps, **LAUNCH_OPTIONS)
     return out

@@ -24,6 +24,9 @@ def _net(kind: str) -> nn.Module:
                              nn.Linear(33, 2))
     if kind == "wide":  # a width above 64: chunked layers through scratch
         return nn.Sequential(nn.Linear(5, 70), nn.Sigmoid(), nn.Linear(70, 3), nn.Tanh())
+    if kind == "wide3":  # three chunked layers: both scratch buffers
+        return nn.Sequential(nn.Linear(3, 66), nn.Tanh(), nn.Linear(66, 70), nn.ReLU(),
+                             nn.Linear(70, 2))
     if kind == "deep":  # more layers than one launch takes, nested, identities, no bias
         return nn.Sequential(nn.Linear(3, 9), nn.Tanh(),
                              nn.Sequential(nn.Linear(9, 9, bias=False), nn.Identity(), nn.ReLU(),
@@ -54,6 +57,7 @@ def _routed(pop, model, x, ids, monkeypatch):
 
 @pytest.mark.parametrize("kind,rank,antithetic,evolve_bias", [
     ("narrow", 1, True, True), ("narrow", 3, False, True), ("wide", 2, True, True),
+    ("wide3", 2, False, True),
     ("deep", 1, True, False), ("deep", 2, False, True)])
 def test_fused_forward_equals_each_members_network(device, monkeypatch, kind, rank, antithetic,
                                                    evolve_bias):
@@ -156,6 +160,20 @@ def test_plan_recognises_plain_stacks():
     assert fused_mlp.plan(nn.Sequential(nn.Linear(2, 2), nn.Dropout())) is None
     assert drawn_mlp.fits([4, 64, 2]) and not drawn_mlp.fits([4, 1024, 2])
 
+
+
+def test_launch_lists_the_kernels_constexprs_in_signature_order():
+    """The launcher passes each kernel's constexprs positionally, in the order of
+    ``_MLP_CONSTEXPRS``/``_REGS_CONSTEXPRS``: those must be the constexpr parameters that
+    end the kernel's signature, in that order."""
+    import inspect
+
+    for kernel, names in ((drawn_mlp._drawn_mlp_kernel, drawn_mlp._MLP_CONSTEXPRS),
+                          (drawn_mlp._drawn_mlp_regs_kernel, drawn_mlp._REGS_CONSTEXPRS)):
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        constexprs = [p.name for p in params if "constexpr" in str(p.annotation)]
+        assert tuple(constexprs) == names
+        assert [p.name for p in params[-len(names):]] == constexprs
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["cartpole", "rl_mlp"])

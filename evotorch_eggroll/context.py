@@ -282,27 +282,12 @@ class PerturbationContext:
                                "values in the parameters; finish or break the loop first")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"batched_forward takes a Tensor input, got {type(x).__name__}")
-        backend = self.coords.backend
-        for e in self._evolved:
-            ops.check_kernel_device(e.param, f"parameter {e.name!r}", backend)
-        devices = sorted({str(e.param.device) for e in self._evolved})
-        ops.check_kernel_device(x, f"the batched_forward input (parameters on "
-                                   f"{', '.join(devices)})", backend)
-        for e in self._evolved:
-            if e.param.device != x.device:
-                raise RuntimeError(f"the batched_forward input is on {x.device} but parameter "
-                                   f"{e.name!r} is on {e.param.device}; move the input to "
-                                   f"{e.param.device}")
+        self._check_devices(x)
         if x.dim() == 0:
             raise ValueError("batched_forward needs an input with a leading batch dimension")
         ids, bounds = self._resolve_member_ids(member_ids, x.shape[0], x.device)
-        own = [self._evolved.lookup(p) for p in model.parameters()]
-        own = [e for e in own if e is not None]
-        if not own:
-            raise RuntimeError("the model given to batched_forward holds none of this "
-                               "strategy's evolved parameters; pass the model given to setup "
-                               "(or a submodule of it)")
         if not self._cache_decided:  # a flag, not a count: compiled code keeps one graph
+            self._owned(model)  # a model without evolved parameters is refused before drawing
             self._cache_decided = True
             if self._cache is None:
                 self.cache_factors()  # decided once, so every call of the context takes one path
@@ -314,6 +299,7 @@ class PerturbationContext:
             self._last_generated = False
             self.evaluated = True
             return out
+        own = self._owned(model)
         mode = RowPerturbationMode(self._evolved, self.coords, ids, cache)
         mode.mark(x, ROWS)  # the input carries the batch in its first dimension
         with mode:
@@ -331,6 +317,37 @@ class PerturbationContext:
                 f"setup(model, exclude={missing!r})."
             )
         return out
+
+    def _check_devices(self, x: torch.Tensor) -> None:
+        """Raise unless the strategy's backend computes with ``x`` and every evolved
+        parameter is on ``x``'s device (which then computes with them too)."""
+        device, backend = x.device, self.coords.backend
+        if ops.kernel_device_ok(device, backend):
+            for e in self._evolved:
+                if e.param.device != device:
+                    break
+            else:
+                return
+        for e in self._evolved:  # something is off: the first problem, parameters first
+            ops.check_kernel_device(e.param, f"parameter {e.name!r}", backend)
+        devices = sorted({str(e.param.device) for e in self._evolved})
+        ops.check_kernel_device(x, f"the batched_forward input (parameters on "
+                                   f"{', '.join(devices)})", backend)
+        for e in self._evolved:
+            if e.param.device != device:
+                raise RuntimeError(f"the batched_forward input is on {device} but parameter "
+                                   f"{e.name!r} is on {e.param.device}; move the input to "
+                                   f"{e.param.device}")
+
+    def _owned(self, model: nn.Module) -> list[EvolvedParam]:
+        """The evolved parameters among ``model``'s; raise when there are none."""
+        lookup = self._evolved.by_id.get
+        own = [e for e in map(lookup, map(id, model.parameters())) if e is not None]
+        if not own:
+            raise RuntimeError("the model given to batched_forward holds none of this "
+                               "strategy's evolved parameters; pass the model given to setup "
+                               "(or a submodule of it)")
+        return own
 
     def _prepare_replay(self) -> bool:
         """Draw the factors for forwards captured in a CUDA graph: a graph captured in an

@@ -104,6 +104,12 @@ class FactorCache:
             blocks[id(e.param)] = buf
         return cls(members, indices, blocks)
 
+    @property
+    def blocks(self) -> dict[int, torch.Tensor]:
+        """The drawn buffers by ``id`` of their parameter (what :meth:`get` looks up; the
+        start of every buffer is noise index ``indices.start``)."""
+        return self._blocks
+
     def covers(self, lo: int, hi: int) -> bool:
         """True when members ``lo .. hi`` (inclusive) all lie in the cached slice."""
         return self.members.start <= lo and hi < self.members.stop

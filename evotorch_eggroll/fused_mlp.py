@@ -41,13 +41,19 @@ def _global_hooks() -> bool:
                 or getattr(_module, "_global_backward_pre_hooks", None))
 
 
+_LEAVES = (nn.Linear, nn.Identity, *_ACTIVATIONS)
+
+
 def _flatten(model: nn.Module, out: list) -> bool:
     """Append ``model``'s leaf modules in call order; False when it is not a plain stack."""
     if _has_hooks(model):
         return False
     if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
-        return all(_flatten(child, out) for child in model)
-    if isinstance(model, (nn.Linear, nn.Identity, *_ACTIVATIONS)):
+        for child in model._modules.values():
+            if child is None or not _flatten(child, out):
+                return False
+        return True
+    if isinstance(model, _LEAVES):
         out.append(model)
         return True
     return False
@@ -80,7 +86,8 @@ def try_forward(model: nn.Module, x: torch.Tensor, member_ids: torch.Tensor,
                 evolved: EvolvedSet, coords: NoiseCoords,
                 cache: Optional[FactorCache]) -> Optional[torch.Tensor]:
     """The output of ``model(x)`` with row ``j`` perturbed as member ``member_ids[j]``,
-    computed by one drawn-MLP launch, or None when this model or call does not qualify."""
+    computed by one drawn-MLP launch, or None when this model or call does not qualify
+    (also when none of its layers' parameters is evolved: the caller then reports it)."""
     if (cache is None or x.dim() != 2 or x.dtype != torch.float32 or coords.sigma == 0.0
             or coords.rank > MAX_RANK
             or ops.resolve_backend(coords.backend, x.device) != "triton"
@@ -94,25 +101,36 @@ def try_forward(model: nn.Module, x: torch.Tensor, member_ids: torch.Tensor,
     if grad and x.requires_grad:
         return None
     kern = ops._kernels().drawn_mlp
+    device, f32 = x.device, torch.float32
+    by_id, blocks, base = evolved.by_id, cache.blocks, cache.indices.start
     widths = [x.shape[1]]
     specs = []
+    noisy = False
     for lin, act in layers:
         w, b = lin.weight, lin.bias
-        if w.dtype != torch.float32 or w.device != x.device or w.shape[1] != widths[-1]:
+        if w.dtype != f32 or w.shape[1] != widths[-1] or w.device != device:
             return None
         if grad and (w.requires_grad or (b is not None and b.requires_grad)):
             return None
-        we, be = evolved.lookup(w), evolved.lookup(b) if b is not None else None
-        if we is not None and not we.lowrank:
-            return None
-        wc, bc = cache.get(we), cache.get(be)
-        if (we is not None and wc is None) or (be is not None and bc is None):
-            return None
-        if b is not None and (b.dtype != torch.float32 or b.device != x.device):
-            return None
+        wc = bc = None
+        we = by_id.get(id(w))
+        if we is not None:
+            block = blocks.get(id(w))
+            if not we.lowrank or block is None:
+                return None
+            wc = (block, base)
+        if b is not None:
+            if b.dtype != f32 or b.device != device:
+                return None
+            if id(b) in by_id:
+                block = blocks.get(id(b))
+                if block is None:
+                    return None
+                bc = (block, base)
+        noisy = noisy or we is not None or bc is not None
         specs.append(kern.Layer(w, b, wc, bc, act))
         widths.append(w.shape[0])
-    if not kern.fits(widths):
+    if not noisy or not kern.fits(widths):
         return None
     tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
     return kern.drawn_mlp(x, specs, member_ids, rank=coords.rank,

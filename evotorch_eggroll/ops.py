@@ -108,6 +108,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
+def kernel_device_ok(device: torch.device, backend: str = "triton") -> bool:
+    """Whether :func:`check_kernel_device` passes for tensors on ``device``."""
+    kind = device.type
+    return kind == "cuda" or (kind != "meta" and (
+        resolve_backend(backend, device) == "torch" or (kind == "cpu" and interpreter_active())))
+
+
 def check_kernel_device(t: torch.Tensor, what: str = "tensor", backend: str = "triton") -> None:
     """Raise unless ``backend`` can compute with ``t``: the GPU-required RuntimeError (which
     names the plain-torch opt-in) for CPU tensors when it resolves to the kernels without

@@ -439,7 +439,7 @@ def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic,
                                          libdevice, rows <= SMALL_ROWS)
     constexprs, block_m, num_warps = config
     sx, so = x.stride(), out.stride()
-    grid = (triton.cdiv(rows, block_m),)
+    grid = (-(-rows // block_m),)
     if max(dims) <= REGS_MAX_FEATURES:
         with device_guard(x):
             _drawn_mlp_regs_kernel[grid](

@@ -162,6 +162,20 @@ def test_plan_recognises_plain_stacks():
 
 
 
+def test_model_without_evolved_parameters_is_refused(device):
+    """A plain MLP that holds none of the strategy's parameters qualifies for the one-launch
+    path by its shape, but is refused at the first call and at later ones."""
+    model = _net("narrow").to(device)
+    other = _net("narrow").to(device)
+    s = EggrollStrategy(sigma=0.1, rank=1).setup(model)
+    x = torch.randn(3, 4).to(device)
+    with torch.no_grad(), s.perturb(6) as pop:
+        with pytest.raises(RuntimeError, match="holds none of this strategy"):
+            pop.batched_forward(other, x)
+        pop.batched_forward(model, x)
+        with pytest.raises(RuntimeError, match="holds none of this strategy"):
+            pop.batched_forward(other, x)
+
 def test_launch_lists_the_kernels_constexprs_in_signature_order():
     """The launcher passes each kernel's constexprs positionally, in the order of
     ``_MLP_CONSTEXPRS``/``_REGS_CONSTEXPRS``: those must be the constexpr parameters that

@@ -349,10 +349,18 @@ def drawn_mlp(
     """
     if not layers:
         raise ValueError("drawn_mlp needs at least one layer")
-    bases = {c[1] for lay in layers for c in (lay.cache, lay.bias_cache) if c is not None}
-    if len(bases) > 1:
-        raise ValueError("every layer's factor caches must start at the same noise index")
-    base = bases.pop() if bases else 0
+    base = None
+    for lay in layers:
+        for c in (lay.cache, lay.bias_cache):
+            if c is not None and c[1] != base:
+                if base is not None:
+                    raise ValueError("every layer's factor caches must start at the same "
+                                     "noise index")
+                base = c[1]
+    base = 0 if base is None else base
+    if len(layers) <= MAX_LAYERS:
+        return _launch(x, layers, member_ids, base, rank=rank, scale=scale,
+                       bias_scale=bias_scale, antithetic=antithetic, precision=precision)
     for group in range(0, len(layers), MAX_LAYERS):
         x = _launch(x, layers[group:group + MAX_LAYERS], member_ids, base, rank=rank,
                     scale=scale, bias_scale=bias_scale, antithetic=antithetic,
@@ -377,7 +385,7 @@ _UNUSED_FLAGS = (False, False, False, IDENTITY)
 # by what decides them: the feature counts, the layers' flags, rank, antithetic sampling,
 # precision, the device's tanh, whether the batch is small, and the module's tuning knobs
 # (``scripts/sweep_drawn_mlp.py`` changes those between runs).
-_configs: dict[tuple, tuple[tuple, int, int]] = {}
+_configs: dict[tuple, tuple[tuple, int, int, bool]] = {}
 
 
 def _tuning() -> tuple:
@@ -386,11 +394,11 @@ def _tuning() -> tuple:
 
 
 def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
-            precision: str, libdevice: bool, small: bool) -> tuple[tuple, int, int]:
-    """``(constexprs, block_m, num_warps)`` of one launch: the kernel's constexpr values in
-    signature order (:data:`_MLP_CONSTEXPRS` or :data:`_REGS_CONSTEXPRS`, by whether every
-    width in ``dims`` is at most :data:`REGS_MAX_FEATURES`), the batch rows per program and
-    the warps. ``dims`` holds the feature counts padded with 1 to ``MAX_LAYERS + 1``, ``flags``
+            precision: str, libdevice: bool, small: bool) -> tuple[tuple, int, int, bool]:
+    """``(constexprs, block_m, num_warps, regs)`` of one launch: the kernel's constexpr
+    values in signature order (:data:`_MLP_CONSTEXPRS`, or :data:`_REGS_CONSTEXPRS` when
+    ``regs``: every width in ``dims`` is at most :data:`REGS_MAX_FEATURES`), the batch rows
+    per program and the warps. ``dims`` holds the feature counts padded with 1 to ``MAX_LAYERS + 1``, ``flags``
     each layer slot's ``(HB, WN, BZ, ACT)``."""
     common = dict(LAYERS=layers, R=rank, ANTITHETIC=bool(antithetic),
                   PRECISION=FLOAT32_PRECISION if precision == "ieee" else precision,
@@ -400,17 +408,18 @@ def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
         pads = [max(16, next_power_of_2(w)) for w in dims]
         meta.update({f"P{i}": p for i, p in enumerate(pads)}, PL=pads[layers],
                     BLOCK_M=REGS_BLOCK_M, **common)
-        return tuple(meta[n] for n in _REGS_CONSTEXPRS), REGS_BLOCK_M, REGS_NUM_WARPS
+        return tuple(meta[n] for n in _REGS_CONSTEXPRS), REGS_BLOCK_M, REGS_NUM_WARPS, True
     block_m = SMALL_BLOCK_M if small else BLOCK_M
     for i in range(MAX_LAYERS):
         meta[f"BN{i}"], meta[f"BK{i}"] = _block_sizes(dims[i], dims[i + 1])
     meta.update(RP=next_power_of_2(rank), BLOCK_M=block_m, **common)
-    return tuple(meta[n] for n in _MLP_CONSTEXPRS), block_m, NUM_WARPS
+    return tuple(meta[n] for n in _MLP_CONSTEXPRS), block_m, NUM_WARPS, False
 
 
 def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic, precision):
     rows, n0 = x.shape
-    out = torch.empty((rows, layers[-1].weight.shape[0]), dtype=torch.float32, device=x.device)
+    device = x.device
+    out = torch.empty((rows, layers[-1].weight.shape[0]), dtype=torch.float32, device=device)
     if rows == 0:
         return out
     # each layer slot: weight, its strides, bias, factor block, bias noise (unused slots and
@@ -437,13 +446,13 @@ def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic,
     if config is None:
         config = _configs[key] = _config(dims, flags, n_layers, rank, antithetic, precision,
                                          libdevice, rows <= SMALL_ROWS)
-    constexprs, block_m, num_warps = config
-    sx, so = x.stride(), out.stride()
+    constexprs, block_m, num_warps, regs = config
+    sx = x.stride()
     grid = (-(-rows // block_m),)
-    if max(dims) <= REGS_MAX_FEATURES:
+    if regs:  # ``out`` is contiguous: strides (n_out, 1)
         with device_guard(x):
             _drawn_mlp_regs_kernel[grid](
-                x, sx[0], sx[1], out, so[0], so[1], member_ids, member_ids.stride(0), rows,
+                x, sx[0], sx[1], out, n_out, 1, member_ids, member_ids.stride(0), rows,
                 int(base), float(scale), float(bias_scale), *args, *dims, n_out, *constexprs,
                 num_warps=num_warps, **LAUNCH_OPTIONS)
         return out
@@ -452,13 +461,13 @@ def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic,
     size = -(-rows * hidden // 4) * 4
     if n_layers > 1:
         s0 = torch.empty((2 * size if n_layers > 2 else size,), dtype=torch.float32,
-                         device=x.device)
+                         device=device)
         s1 = s0[size:] if n_layers > 2 else s0
     else:
         s0 = s1 = out
     with device_guard(x):
         _drawn_mlp_kernel[grid](
-            x, sx[0], sx[1], out, so[0], so[1], s0, s1, hidden, member_ids,
+            x, sx[0], sx[1], out, n_out, 1, s0, s1, hidden, member_ids,
             member_ids.stride(0), rows, int(base), float(scale), float(bias_scale), *args,
             *dims, *constexprs, num_warps=num_warps, **LAUNCH_OPTIONS)
     return out

@@ -479,5 +479,11 @@ def cache_arguments(cache: tuple[torch.Tensor, int] | None, dummy: torch.Tensor)
 
 
 def device_guard(t: torch.Tensor):
-    """Context that makes ``t``'s CUDA device current for a launch (no-op on the CPU)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Context that makes ``t``'s CUDA device current for a launch (no-op on the CPU and
+    when it already is)."""
+    if not t.is_cuda:
+        return contextlib.nullcontext()
+    index = t.get_device()
+    if index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)

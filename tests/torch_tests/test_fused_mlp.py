@@ -220,3 +220,20 @@ def test_fused_forward_at_real_sizes(kind, monkeypatch):
     assert torch.equal(head, out[:2048])
     torch.testing.assert_close(out, routed, atol=2e-5, rtol=2e-5)
     assert torch.equal(captured, want)
+
+
+@pytest.mark.gpu
+def test_device_guard_makes_the_tensors_device_current():
+    """The launch guard is a no-op on the current device and switches to (then back from)
+    another one."""
+    from evotorch_eggroll.kernels.philox import device_guard
+
+    current = torch.cuda.current_device()
+    with device_guard(torch.empty(1, device="cuda")):
+        assert torch.cuda.current_device() == current
+    for index in range(torch.cuda.device_count()):
+        with device_guard(torch.empty(1, device=f"cuda:{index}")):
+            assert torch.cuda.current_device() == index
+        assert torch.cuda.current_device() == current
+    with device_guard(torch.empty(1)):
+        assert torch.cuda.current_device() == current

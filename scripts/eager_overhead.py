@@ -38,6 +38,7 @@ import torch
 from evotorch_eggroll import EggrollStrategy, fused_mlp
 from evotorch_eggroll.kernels import drawn_mlp
 from evotorch_eggroll.rollout_benchmark import rl_mlp_policy
+from sweep_drawn_mlp import timed as _device_time  # device µs per call of a captured loop
 
 OBS, ACT, RANK = 17, 6, 4
 
@@ -52,26 +53,6 @@ def _loop(fn: Callable[[], object], calls: int) -> tuple[float, float]:
     torch.cuda.synchronize()
     end = time.perf_counter()
     return (host - start) * 1e6 / calls, (end - start) * 1e6 / calls
-
-
-def _device_time(fn: Callable[[], object], reps: int = 20, replays: int = 5) -> float:
-    """Device microseconds per call: CUDA events around replays of a graph of ``reps``
-    calls."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * replays)
 
 
 def measure(n: int, rounds: int, calls: int) -> None:
@@ -111,7 +92,7 @@ def measure(n: int, rounds: int, calls: int) -> None:
                 h, w = _loop(fn, calls)
                 host[name].append(h)
                 wall[name].append(w)
-        device = {k: _device_time(variants[k]) for k in ("plain", "ours")}
+        device = {k: _device_time(variants[k], reps=20) for k in ("plain", "ours")}
     base = statistics.median(wall["plain"])
     print(f"RL MLP {OBS}->256->256->{ACT}, N = {n}, rank {RANK}: per call, medians of "
           f"{rounds} rounds x {calls} calls")

@@ -54,10 +54,12 @@ class _CapturedRollout:
         self.obs = obs  # the observations the next replay starts from
         self.ids = ids  # the member ids the captured forwards read
         self.graphs = graphs
-        # "is any environment still running" after a chunk, read back one chunk late
+        # "is any environment still running" after a chunk, read back one or two chunks late
+        # (see run): two host slots, each with the event that says its copy arrived
         self._any_active = torch.zeros((), dtype=torch.bool, device=buf.active.device)
-        self._any_active_host = torch.zeros((), dtype=torch.bool, pin_memory=True)
-        self._any_active_ready = torch.cuda.Event()
+        self._any_active_host = torch.zeros(2, dtype=torch.bool, pin_memory=True)
+        self._any_active_ready = [torch.cuda.Event(), torch.cuda.Event()]
+        self.lag = 1
 
     @staticmethod
     def _key(problem: "EggrollVecGymNE", env: gym.vector.VectorEnv, buf: _RolloutBuffers,
@@ -114,26 +116,38 @@ class _CapturedRollout:
         """Replay from step ``t`` until ``limit`` steps or until every environment ended;
         returns the number of steps run.
 
-        Whether every environment ended is known one chunk late: after a chunk, the flag
-        is computed and copied to pinned host memory behind it on the stream, and read
-        once the next chunk has been queued. The device therefore never idles while the
-        host decides, and after the last chunk the host goes on without waiting. A chunk
+        Whether every environment ended is known :attr:`lag` chunks late: after a chunk, the
+        flag is computed and copied to pinned host memory behind it on the stream, and read
+        once ``lag`` more chunks have been queued. The device therefore never idles while
+        the host decides, and after the last chunk the host goes on without waiting. A chunk
         that runs after every environment ended changes no result (ended environments are
-        masked out of the returns, the step counts and the observation statistics); it
-        is counted in the steps run."""
-        pending = False
+        masked out of the returns, the step counts and the observation statistics); it is
+        counted in the steps run.
+
+        The lag is one chunk, and two after a capped rollout that ran to its cap (its
+        episodes outlived every check, so a later check rarely runs a chunk for nothing,
+        while the host is free one chunk sooner for the work that follows the rollout, such
+        as queueing the update); the first rollout that stops early sets it back to one."""
+        lag = self.lag
+        pending: list[int] = []  # host slots of the flags in flight, oldest first
+        queued = 0
+        stopped = False
         while limit is None or t < limit:
             steps = chunk if limit is None or limit - t >= chunk else 1
             self.graphs[steps].replay()
             t += steps
-            if pending:
-                pending = False
-                self._any_active_ready.synchronize()  # the chunk before this one
-                if not bool(self._any_active_host):
+            if len(pending) == lag:
+                slot = pending.pop(0)
+                self._any_active_ready[slot].synchronize()
+                if not bool(self._any_active_host[slot]):
+                    stopped = True
                     break
             if steps == chunk and (limit is None or t < limit):
+                slot = queued % 2  # the slot read (or never needed) two flags ago
+                queued += 1
                 torch.any(self.buf.active, out=self._any_active)
-                self._any_active_host.copy_(self._any_active, non_blocking=True)
-                self._any_active_ready.record()
-                pending = True
+                self._any_active_host[slot].copy_(self._any_active, non_blocking=True)
+                self._any_active_ready[slot].record()
+                pending.append(slot)
+        self.lag = 1 if stopped or limit is None else 2
         return t

@@ -798,8 +798,9 @@ def _fake_rollout(end, chunk):
     rollout.buf = buf
     rollout.graphs = {n: _FakeGraph(clock, n, buf.active, end) for n in {chunk, 1}}
     rollout._any_active = torch.zeros((), dtype=torch.bool)
-    rollout._any_active_host = torch.zeros((), dtype=torch.bool)
-    rollout._any_active_ready = _HostEvent()
+    rollout._any_active_host = torch.zeros(2, dtype=torch.bool)
+    rollout._any_active_ready = [_HostEvent(), _HostEvent()]
+    rollout.lag = 1
     return rollout, clock
 
 
@@ -819,6 +820,33 @@ def test_replay_loop_reads_the_all_ended_flag_one_chunk_late(start, limit, end, 
     t = rollout.run(start, limit, 50)
     assert clock["replays"] == replays
     assert t == start + sum(replays) == clock["t"]
+    assert rollout.lag == (2 if limit is not None and (end is None or end >= limit) else 1)
+
+
+@pytest.mark.parametrize("limit, end, replays, lag_after", [
+    (200, None, [50, 50, 50, 50], 2),  # capped, ran to the cap: the lag stays at two
+    (200, 70, [50, 50, 50, 50], 1),  # all ended in chunk 2: read after chunk 4 was queued
+    (200, 20, [50, 50, 50], 1),  # ended in chunk 1: read after chunk 3 was queued
+    (120, 20, [50, 50, 1], 1),  # the first single step reads chunk 1's flag
+    (300, 20, [50, 50, 50], 1),
+])
+def test_after_a_rollout_that_ran_to_its_cap_the_flag_is_read_two_chunks_late(limit, end, replays,
+                                                                              lag_after):
+    """A capped rollout that ran to its cap sets the lag to two chunks: the next rollout
+    queues two chunks past the one whose flag it reads (the host is free a chunk sooner),
+    runs at most one chunk more than with a lag of one, and a rollout that stopped early
+    sets the lag back to one; an uncapped rollout always reads one chunk late."""
+    rollout, clock = _fake_rollout(None, 50)
+    rollout.run(0, 200, 50)  # ran to its cap
+    assert rollout.lag == 2
+    rollout, clock = _fake_rollout(end, 50)
+    rollout.lag = 2
+    t = rollout.run(0, limit, 50)
+    assert clock["replays"] == replays and t == sum(replays)
+    assert rollout.lag == lag_after
+    rollout, clock = _fake_rollout(60, 50)
+    rollout.lag = 2
+    assert rollout.run(0, None, 50) == 200 and rollout.lag == 1
 
 
 def test_interaction_count_kept_on_the_device_is_read_when_asked_for(device):

@@ -161,7 +161,6 @@ def test_plan_recognises_plain_stacks():
     assert drawn_mlp.fits([4, 64, 2]) and not drawn_mlp.fits([4, 1024, 2])
 
 
-
 def test_model_without_evolved_parameters_is_refused(device):
     """A plain MLP that holds none of the strategy's parameters qualifies for the one-launch
     path by its shape, but is refused at the first call and at later ones."""
@@ -176,6 +175,7 @@ def test_model_without_evolved_parameters_is_refused(device):
         with pytest.raises(RuntimeError, match="holds none of this strategy"):
             pop.batched_forward(other, x)
 
+
 def test_launch_lists_the_kernels_constexprs_in_signature_order():
     """The launcher passes each kernel's constexprs positionally, in the order of
     ``_MLP_CONSTEXPRS``/``_REGS_CONSTEXPRS``: those must be the constexpr parameters that
@@ -188,6 +188,7 @@ def test_launch_lists_the_kernels_constexprs_in_signature_order():
         constexprs = [p.name for p in params if "constexpr" in str(p.annotation)]
         assert tuple(constexprs) == names
         assert [p.name for p in params[-len(names):]] == constexprs
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["cartpole", "rl_mlp"])

@@ -200,6 +200,32 @@ def _check_noise_indices(noise_indices: torch.Tensor, backend: str = "triton") -
     return noise_indices.reshape(-1)
 
 
+# What the checks above accept, tested cheaply: the ops test these first and run the checks
+# (which raise the same errors as always, in the same order) only when one of them fails.
+_INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                             torch.uint16, torch.uint32, torch.uint64})
+
+
+def _noise_indices_ok(noise_indices: object) -> bool:
+    """Whether ``noise_indices`` is an integer tensor of at most one dimension (the device
+    is the caller's to test, with :func:`kernel_device_ok`)."""
+    return (isinstance(noise_indices, torch.Tensor) and noise_indices.dtype in _INTEGER_DTYPES
+            and noise_indices.dim() <= 1)
+
+
+def _stream_ok(seed: object, key: object, epoch: object) -> bool:
+    """Whether :func:`_check_stream` passes and returns its arguments unchanged."""
+    return (type(seed) is int and type(key) is int and type(epoch) is int
+            and 0 <= key < _WORD and 0 <= epoch < _WORD)
+
+
+def _runs_torch_fast(backend: str, t: torch.Tensor) -> bool:
+    """:func:`_runs_torch` without re-validating the usual backend names."""
+    if backend == "triton":
+        return False
+    return backend == "torch" or _runs_torch(backend, t)
+
+
 def _check_rows(rank: int, row_offset: int, d: int, total_rows: int) -> None:
     if row_offset < 0 or row_offset + d > total_rows:
         raise ValueError(
@@ -293,14 +319,20 @@ def normal_block(
     Returns:
         ``(K, numel)`` float32 on ``noise_indices.device`` (``out`` when given).
     """
-    idx = _check_noise_indices(noise_indices, backend)
-    seed, key, epoch = _check_stream(seed, key, epoch)
-    numel = _check_count(numel, "numel", 0)
-    if numel > _MAX_ELEMENTS:
-        raise ValueError(f"numel must be at most 2**34, got {numel}")
-    if out is not None:
-        _check_tensor(out, "out", backend)
-    if _runs_torch(backend, idx):
+    if not (_noise_indices_ok(noise_indices) and _stream_ok(seed, key, epoch)
+            and type(numel) is int and 0 <= numel <= _MAX_ELEMENTS
+            and (out is None or isinstance(out, torch.Tensor)
+                 and out.device == noise_indices.device)
+            and kernel_device_ok(noise_indices.device, backend)):
+        idx = _check_noise_indices(noise_indices, backend)
+        seed, key, epoch = _check_stream(seed, key, epoch)
+        numel = _check_count(numel, "numel", 0)
+        if numel > _MAX_ELEMENTS:
+            raise ValueError(f"numel must be at most 2**34, got {numel}")
+        if out is not None:
+            _check_tensor(out, "out", backend)
+    idx = noise_indices if noise_indices.dim() == 1 else noise_indices.reshape(-1)
+    if _runs_torch_fast(backend, idx):
         return torch_ops.normal_block(seed, key, epoch, idx, numel, out=out)
     return _kernels().normal_block.normal_block(seed, key, epoch, idx, numel, out=out)
 
@@ -720,6 +752,16 @@ def _check_update_inputs(noise_indices: torch.Tensor, coeffs: torch.Tensor,
     return idx
 
 
+def _update_inputs_ok(noise_indices: object, coeffs: object, backend: str) -> bool:
+    """Whether :func:`_check_update_inputs` passes (tested cheaply; the device last, so that
+    an unknown backend raises as the checks would)."""
+    return (_noise_indices_ok(noise_indices) and isinstance(coeffs, torch.Tensor)
+            and coeffs.is_floating_point() and coeffs.dim() <= 1
+            and coeffs.numel() == noise_indices.numel()
+            and coeffs.device == noise_indices.device
+            and kernel_device_ok(noise_indices.device, backend))
+
+
 def lowrank_update(
     m: int,
     n: int,
@@ -743,17 +785,21 @@ def lowrank_update(
     """
     if precision not in ("ieee", "tf32", "bf16"):
         raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16', got {precision!r}")
-    idx = _check_update_inputs(noise_indices, coeffs, backend)
-    seed, key, epoch = _check_stream(seed, key, epoch)
-    m = _check_count(m, "m", 0)
-    n = _check_count(n, "n", 0)
-    rank = _check_count(rank, "rank", 1)
-    rows = FactorLayout(m, n, rank).rows
-    _check_rows(rank, 0, rows, rows)
-    impl = torch_ops if _runs_torch(backend, idx) else _kernels().lowrank_update
+    if not (_update_inputs_ok(noise_indices, coeffs, backend) and _stream_ok(seed, key, epoch)
+            and type(m) is int and type(n) is int and type(rank) is int and m >= 0 and n >= 0
+            and rank >= 1 and (n + m) * rank <= _MAX_ELEMENTS):
+        _check_update_inputs(noise_indices, coeffs, backend)
+        seed, key, epoch = _check_stream(seed, key, epoch)
+        m = _check_count(m, "m", 0)
+        n = _check_count(n, "n", 0)
+        rank = _check_count(rank, "rank", 1)
+        rows = FactorLayout(m, n, rank).rows
+        _check_rows(rank, 0, rows, rows)
+    idx = noise_indices if noise_indices.dim() == 1 else noise_indices.reshape(-1)
+    impl = torch_ops if _runs_torch_fast(backend, idx) else _kernels().lowrank_update
     return impl.lowrank_update(
         m, n, seed=seed, key=key, epoch=epoch, rank=rank, noise_indices=idx,
-        coeffs=coeffs.reshape(-1), precision=precision,
+        coeffs=coeffs if coeffs.dim() == 1 else coeffs.reshape(-1), precision=precision,
     )
 
 
@@ -784,12 +830,16 @@ def dense_update(
 ) -> torch.Tensor:
     """``g = sum_k coeffs[k] * eps_k``: ``(numel,)`` float32, summed over ``k`` in order
     (``backend``: see the module docstring; plain torch sums by matrix products)."""
-    idx = _check_update_inputs(noise_indices, coeffs, backend)
-    seed, key, epoch = _check_stream(seed, key, epoch)
-    numel = _check_count(numel, "numel", 0)
-    if numel > _MAX_ELEMENTS:
-        raise ValueError(f"numel must be at most 2**34, got {numel}")
-    impl = torch_ops if _runs_torch(backend, idx) else _kernels().dense_noise
+    if not (_update_inputs_ok(noise_indices, coeffs, backend) and _stream_ok(seed, key, epoch)
+            and type(numel) is int and 0 <= numel <= _MAX_ELEMENTS):
+        _check_update_inputs(noise_indices, coeffs, backend)
+        seed, key, epoch = _check_stream(seed, key, epoch)
+        numel = _check_count(numel, "numel", 0)
+        if numel > _MAX_ELEMENTS:
+            raise ValueError(f"numel must be at most 2**34, got {numel}")
+    idx = noise_indices if noise_indices.dim() == 1 else noise_indices.reshape(-1)
+    impl = torch_ops if _runs_torch_fast(backend, idx) else _kernels().dense_noise
     return impl.dense_update(
-        numel, seed=seed, key=key, epoch=epoch, noise_indices=idx, coeffs=coeffs.reshape(-1),
+        numel, seed=seed, key=key, epoch=epoch, noise_indices=idx,
+        coeffs=coeffs if coeffs.dim() == 1 else coeffs.reshape(-1),
     )

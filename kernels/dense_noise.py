@@ -20,6 +20,7 @@ import triton.language as tl
 from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS, row_mask
 from evotorch_eggroll.kernels.philox import (
     device_guard,
+    next_power_of_2,
     normal_run,
     row_noise_index,
     rows_per_program,
@@ -167,25 +168,29 @@ def dense_update(
     Returns:
         ``(numel,)`` float32 on ``noise_indices.device``.
     """
-    idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
-    coef = coeffs.reshape(-1).to(device=idx.device, dtype=torch.float32).contiguous()
-    g = torch.empty((numel,), dtype=torch.float32, device=idx.device)
-    if numel == 0:
-        return g
-    if idx.numel() == 0:
-        return g.zero_()
-    k = idx.numel()
+    idx = noise_indices if noise_indices.dim() == 1 else noise_indices.reshape(-1)
+    if idx.dtype != torch.int64 or not idx.is_contiguous():
+        idx = idx.to(torch.int64).contiguous()
+    device = idx.device
+    coef = coeffs if coeffs.dim() == 1 else coeffs.reshape(-1)
+    if coef.dtype != torch.float32 or coef.device != device or not coef.is_contiguous():
+        coef = coef.to(device=device, dtype=torch.float32).contiguous()
+    k = idx.shape[0]
+    if numel == 0 or k == 0:
+        return torch.zeros((numel,), dtype=torch.float32, device=device)
     # Split K into fixed slices, each summed in order by its own program, then reduce the
     # partial sums with one deterministic torch.sum: enough parallelism for huge populations
     # and few elements (biases), and the order of additions depends only on (K, numel).
-    k_per_split = max(UPDATE_SPLIT_K, triton.cdiv(k, max(1, MAX_PARTIAL_ELEMENTS // numel)))
-    splits = triton.cdiv(k, k_per_split)
-    partial = torch.empty((splits, numel), dtype=torch.float32, device=idx.device)
-    block_e = _block_e(numel)
+    per = max(1, MAX_PARTIAL_ELEMENTS // numel)
+    k_per_split = max(UPDATE_SPLIT_K, -(-k // per))
+    splits = -(-k // k_per_split)
+    partial = torch.empty((splits, numel), dtype=torch.float32, device=device)
+    block_e = min(BLOCK_E, max(16, next_power_of_2(numel)))  # _block_e(numel)
     seed_lo, seed_hi = split_seed(seed)
+    # BLOCK_E goes positionally (Triton binds keyword arguments one parameter name at a time)
     with device_guard(partial):
-        _dense_update_kernel[(triton.cdiv(numel, block_e), splits)](
+        _dense_update_kernel[(-(-numel // block_e), splits)](
             idx, coef, partial, k, k_per_split, numel, seed_lo, seed_hi, key, epoch,
-            BLOCK_E=block_e, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
+            block_e, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )
     return partial[0] if splits == 1 else partial.sum(dim=0)

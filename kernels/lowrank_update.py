@@ -32,11 +32,11 @@ from evotorch_eggroll.kernels.philox import (
     b0_row_of,
     device_guard,
     factor_block_part,
+    next_power_of_2,
     normal_run,
     split_seed,
     stream_seed,
 )
-from evotorch_eggroll.noise import FactorLayout
 
 BLOCK_E = 1024  # normals generated per program (a multiple of 4)
 UPDATE_CHUNK_ELEMENTS = 1 << 26  # normals held at once (256 MiB of float32)
@@ -108,6 +108,20 @@ def float32_matmul(tf32: bool):
         setattr(matmul, attr, saved)
 
 
+def _add_float32_product(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tf32: bool) -> None:
+    """``g += a @ b^T`` for float32 operands in TF32 (``tf32``) or IEEE precision: as
+    :func:`float32_matmul` does around it, without changing the switch when it already
+    says so."""
+    matmul = torch.backends.cuda.matmul
+    attr, value = (("fp32_precision", "tf32" if tf32 else "ieee")
+                   if hasattr(matmul, "fp32_precision") else ("allow_tf32", tf32))
+    if getattr(matmul, attr) == value:
+        g.addmm_(a, b.T)
+        return
+    with float32_matmul(tf32):
+        g.addmm_(a, b.T)
+
+
 def _add_bf16_product(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``g += a @ b^T`` for bf16 ``a``, ``b`` and float32 ``g``, accumulated in float32."""
     if g.is_cuda:
@@ -149,22 +163,29 @@ def factor_matrices(
         ``A (m, K*R)`` with ``A[:, k*R:(k+1)*R] = coeffs[k] * A0_k`` and
         ``B (n, K*R)`` with ``B[:, k*R:(k+1)*R] = B0_k``, of ``dtype``.
     """
-    idx = noise_indices.reshape(-1).to(torch.int64).contiguous()
-    coef = coeffs.reshape(-1).to(device=idx.device, dtype=torch.float32).contiguous()
-    k = idx.numel()
+    idx = noise_indices if noise_indices.dim() == 1 else noise_indices.reshape(-1)
+    if idx.dtype != torch.int64 or not idx.is_contiguous():
+        idx = idx.to(torch.int64).contiguous()
+    device = idx.device
+    coef = coeffs if coeffs.dim() == 1 else coeffs.reshape(-1)
+    if coef.dtype != torch.float32 or coef.device != device or not coef.is_contiguous():
+        coef = coef.to(device=device, dtype=torch.float32).contiguous()
+    k = idx.shape[0]
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"factor matrices are float32 or bfloat16, got {dtype}")
-    a = torch.empty((m, k * rank), dtype=dtype, device=idx.device)
-    b = torch.empty((n, k * rank), dtype=dtype, device=idx.device)
-    numel = FactorLayout(m, n, rank).numel
+    a = torch.empty((m, k * rank), dtype=dtype, device=device)
+    b = torch.empty((n, k * rank), dtype=dtype, device=device)
+    numel = (n + m) * rank  # FactorLayout(m, n, rank).numel
     if k == 0 or numel == 0:
         return a, b
-    block_e = min(BLOCK_E, max(16, triton.next_power_of_2(numel)))
+    block_e = min(BLOCK_E, max(16, next_power_of_2(numel)))
     seed_lo, seed_hi = split_seed(seed)
+    # a and b are contiguous: their row strides are k * rank. The constexprs R, BLOCK_E go
+    # positionally (Triton binds keyword arguments one parameter name at a time).
     with device_guard(a):
-        _factor_matrices_kernel[(k, triton.cdiv(numel, block_e))](
-            idx, coef, a, b, m, n, a.stride(0), b.stride(0), seed_lo, seed_hi, key, epoch,
-            R=rank, BLOCK_E=block_e, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
+        _factor_matrices_kernel[(k, -(-numel // block_e))](
+            idx, coef, a, b, m, n, k * rank, k * rank, seed_lo, seed_hi, key, epoch,
+            rank, block_e, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )
     return a, b
 
@@ -199,22 +220,24 @@ def lowrank_update(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    idx = noise_indices.reshape(-1)
-    coef = coeffs.reshape(-1)
+    idx = noise_indices if noise_indices.dim() == 1 else noise_indices.reshape(-1)
+    coef = coeffs if coeffs.dim() == 1 else coeffs.reshape(-1)
     g = torch.zeros((m, n), dtype=torch.float32, device=idx.device)
-    k = idx.numel()
+    k = idx.shape[0]
     if k == 0 or m == 0 or n == 0:
         return g
     if chunk is None:
-        chunk = max(1, UPDATE_CHUNK_ELEMENTS // FactorLayout(m, n, rank).numel)
+        chunk = max(1, UPDATE_CHUNK_ELEMENTS // ((n + m) * rank))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     for start in range(0, k, chunk):
+        if start or chunk < k:
+            chunk_idx, chunk_coef = idx[start:start + chunk], coef[start:start + chunk]
+        else:  # one chunk: all of them
+            chunk_idx, chunk_coef = idx, coef
         a, b = factor_matrices(m, n, seed=seed, key=key, epoch=epoch, rank=rank,
-                               noise_indices=idx[start:start + chunk],
-                               coeffs=coef[start:start + chunk],
-                               dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+                               noise_indices=chunk_idx, coeffs=chunk_coef, dtype=dtype)
         if precision == "bf16":
             _add_bf16_product(g, a, b)
         else:
-            with float32_matmul(precision == "tf32"):
-                g.addmm_(a, b.T)
+            _add_float32_product(g, a, b, precision == "tf32")
     return g

@@ -366,7 +366,7 @@ def philox_words(
     out = torch.empty((idx.numel(), numel), dtype=torch.int64, device=idx.device)
     block_q = 64
     return launch_per_index(_philox_words_kernel, idx, out, first_quad, seed, key, epoch,
-                            4 * block_q, BLOCK_Q=block_q)
+                            4 * block_q, block_q)
 
 
 def first_quad_of(first_element: int) -> int:
@@ -378,20 +378,22 @@ def first_quad_of(first_element: int) -> int:
 
 
 def launch_per_index(kernel, idx: torch.Tensor, out: torch.Tensor, first_quad: int, seed: int,
-                     key: int, epoch: int, block_elements: int, **constexprs) -> torch.Tensor:
+                     key: int, epoch: int, block_elements: int, *constexprs) -> torch.Tensor:
     """Launch a kernel that writes a run of the stream for each noise index: program
     ``(k, e)`` writes elements ``e * block_elements ..`` of row ``k`` of ``out (K, numel)``.
 
     The kernel's arguments are ``(idx_ptr, out_ptr, numel, first_quad, seed_lo, seed_hi,
-    key, epoch, **constexprs)``. Returns ``out`` (untouched when empty).
+    key, epoch, *constexprs)``: the constexpr values in signature order, passed positionally
+    (Triton binds keyword arguments one parameter name at a time). Returns ``out``
+    (untouched when empty).
     """
-    if out.numel() == 0:
+    k, numel = out.shape
+    if k == 0 or numel == 0:
         return out
     seed_lo, seed_hi = split_seed(seed)
-    numel = out.shape[1]
-    grid = (idx.numel(), triton.cdiv(numel, block_elements))
+    grid = (idx.shape[0], -(-numel // block_elements))
     with device_guard(out):
-        kernel[grid](idx, out, numel, first_quad, seed_lo, seed_hi, key, epoch, **constexprs,
+        kernel[grid](idx, out, numel, first_quad, seed_lo, seed_hi, key, epoch, *constexprs,
                      **LAUNCH_OPTIONS)
     return out
 

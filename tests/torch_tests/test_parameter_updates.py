@@ -351,3 +351,20 @@ def test_property_strategy_update_matches_einsum(device, m, n, r, weights, antit
                                **tol(k_eff, r))
     torch.testing.assert_close(model.bias.detach().double().cpu(), before[1] + g_b,
                                **tol(k_eff, 1))
+
+
+def test_update_launches_pass_the_constexprs_that_end_each_signature():
+    """The update and normal-block launchers pass their constexprs positionally, after the
+    runtime arguments: each kernel's signature must end with exactly these constexprs."""
+    import inspect
+
+    from evotorch_eggroll.kernels import dense_noise, normal_block, philox
+
+    for kernel, names in ((lowrank_update_kernel._factor_matrices_kernel, ("R", "BLOCK_E")),
+                          (dense_noise._dense_update_kernel, ("BLOCK_E",)),
+                          (normal_block._normal_block_kernel, ("BLOCK_E",)),
+                          (philox._philox_words_kernel, ("BLOCK_Q",))):
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        constexprs = [p.name for p in params if "constexpr" in str(p.annotation)]
+        assert tuple(constexprs) == names
+        assert [p.name for p in params[-len(names):]] == constexprs

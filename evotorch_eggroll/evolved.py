@@ -174,7 +174,8 @@ class EvolvedParam:
             g = ops.dense_update(self.param.numel(), seed=coords.seed, key=self.key,
                                  epoch=coords.epoch, noise_indices=noise_indices,
                                  coeffs=coeffs, backend=coords.backend)
-        return g.reshape(self.shape)
+        shape = self.param.shape
+        return g if g.shape == shape else g.reshape(shape)
 
 
 class EvolvedSet:

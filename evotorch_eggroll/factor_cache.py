@@ -84,23 +84,27 @@ class FactorCache:
         """Draw the noise of ``members`` into buffers of ``storage`` (a dict kept by the
         strategy: buffers of matching shape and device are reused, others replaced)."""
         indices = noise_index_range(members, coords.antithetic)
+        k = len(indices)
+        seed, epoch, rank, backend = coords.seed, coords.epoch, coords.rank, coords.backend
         blocks: dict[int, torch.Tensor] = {}
         index_tensors: dict[torch.device, torch.Tensor] = {}  # one per device, not per parameter
         for e in _cached_entries(evolved):
             device = e.param.device
-            width = _row_width(e, coords.rank)
-            shape = (len(indices), *width)
+            width = _row_width(e, rank)
+            shape = (k, *width)
             buf = storage.get(e.name)
-            if buf is None or tuple(buf.shape) != shape or buf.device != device:
+            if buf is None or buf.shape != shape or buf.device != device:
                 buf = torch.empty(shape, dtype=torch.float32, device=device)
                 storage[e.name] = buf
             idx = index_tensors.get(device)
             if idx is None:
                 idx = torch.arange(indices.start, indices.stop, dtype=torch.int64, device=device)
                 index_tensors[device] = idx
-            numel = buf[0].numel() if len(indices) else 0
-            ops.normal_block(coords.seed, e.key, coords.epoch, idx, numel,
-                             out=buf.view(len(indices), numel), backend=coords.backend)
+            numel = width[0] * width[1] if len(width) == 2 else width[0]
+            if not k:
+                numel = 0
+            ops.normal_block(seed, e.key, epoch, idx, numel, out=buf.view(k, numel),
+                             backend=backend)
             blocks[id(e.param)] = buf
         return cls(members, indices, blocks)
 

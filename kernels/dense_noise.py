@@ -26,6 +26,7 @@ from evotorch_eggroll.kernels.philox import (
     rows_per_program,
     split_seed,
     stream_seed,
+    update_operands,
 )
 
 BLOCK_E = 1024  # elements per program (a multiple of 4)
@@ -168,13 +169,8 @@ def dense_update(
     Returns:
         ``(numel,)`` float32 on ``noise_indices.device``.
     """
-    idx = noise_indices if noise_indices.dim() == 1 else noise_indices.reshape(-1)
-    if idx.dtype != torch.int64 or not idx.is_contiguous():
-        idx = idx.to(torch.int64).contiguous()
+    idx, coef = update_operands(noise_indices, coeffs)
     device = idx.device
-    coef = coeffs if coeffs.dim() == 1 else coeffs.reshape(-1)
-    if coef.dtype != torch.float32 or coef.device != device or not coef.is_contiguous():
-        coef = coef.to(device=device, dtype=torch.float32).contiguous()
     k = idx.shape[0]
     if numel == 0 or k == 0:
         return torch.zeros((numel,), dtype=torch.float32, device=device)

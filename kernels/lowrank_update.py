@@ -36,6 +36,7 @@ from evotorch_eggroll.kernels.philox import (
     normal_run,
     split_seed,
     stream_seed,
+    update_operands,
 )
 
 BLOCK_E = 1024  # normals generated per program (a multiple of 4)
@@ -163,13 +164,8 @@ def factor_matrices(
         ``A (m, K*R)`` with ``A[:, k*R:(k+1)*R] = coeffs[k] * A0_k`` and
         ``B (n, K*R)`` with ``B[:, k*R:(k+1)*R] = B0_k``, of ``dtype``.
     """
-    idx = noise_indices if noise_indices.dim() == 1 else noise_indices.reshape(-1)
-    if idx.dtype != torch.int64 or not idx.is_contiguous():
-        idx = idx.to(torch.int64).contiguous()
+    idx, coef = update_operands(noise_indices, coeffs)
     device = idx.device
-    coef = coeffs if coeffs.dim() == 1 else coeffs.reshape(-1)
-    if coef.dtype != torch.float32 or coef.device != device or not coef.is_contiguous():
-        coef = coef.to(device=device, dtype=torch.float32).contiguous()
     k = idx.shape[0]
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"factor matrices are float32 or bfloat16, got {dtype}")

@@ -379,7 +379,7 @@ class _LowRankMode:
         rolled back and raises."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", _STRATEGY_TIED_WEIGHTS, UserWarning)
-            self._strategy._step(weights, True, (refusal,))
+            self._strategy._step(weights, True, (refusal,), metrics=False)
 
     def member_vector(self, record: dict) -> torch.Tensor:
         """The decision vector of ``record["member"]`` in the generation ``record`` describes."""

@@ -62,6 +62,8 @@ _EVENTS = ("on_step", "on_perturb")
 # update is queued (then the two norms, then the caller's refusal flags)
 _CHECKS = ("nonfinite", "nonfinite_weights", "all_equal", "first", "mean", "variance", "max",
            "min", "weight_mean")
+# what a step whose caller does not want the metrics computes: what its refusals need
+_LEAN_CHECKS = ("nonfinite", "nonfinite_weights")
 
 
 class StepRefusal(NamedTuple):
@@ -765,10 +767,13 @@ class EvolutionStrategy:
         return self._step(fitnesses, prenormalized)
 
     def _step(self, fitnesses: Any, prenormalized: bool,
-              refusals: Sequence[StepRefusal] = ()) -> dict:
+              refusals: Sequence[StepRefusal] = (), metrics: bool = True) -> Optional[dict]:
         """:meth:`step`, with ``refusals``: conditions computed by the caller on the device
         (EGGROLL's checks of the raw fitnesses) that refuse the step like the strategy's own
-        checks, read with them.
+        checks, read with them; and ``metrics=False`` for a caller that does not use the
+        metrics (EGGROLL): then, unless an ``on_step`` callback wants them, the step computes
+        only what its checks need (no fitness statistics, no norms unless clipping needs
+        one) and returns None. The update is the same either way.
 
         No stage before the update reads a value of the fitnesses back to the host: the
         update is queued on the device behind the evaluation, and the checks that depend
@@ -782,22 +787,31 @@ class EvolutionStrategy:
         if self.group_size and n % self.group_size:
             raise ValueError(f"population size {n} is not a multiple of group_size="
                              f"{self.group_size}")
-        w, checks = self._step_weights(f, prenormalized)
-        neg_grads, norm = self._clip_gradients(self._negative_gradients(w, n, coords))
-        delta, snapshot = self._apply_update(neg_grads)
+        lean = not metrics and not self._callbacks["on_step"]
+        w, checks = self._step_weights(f, prenormalized, lean)
+        neg_grads, norm = self._clip_gradients(self._negative_gradients(w, n, coords),
+                                               need_norm=not lean)
+        delta, snapshot = self._apply_update(neg_grads, need_delta=not lean)
         try:
-            parts = [checks, torch.stack([norm.to(delta.device), delta]).to(checks)]
+            names = _LEAN_CHECKS if lean else _CHECKS + ("grad_norm", "param_delta_norm")
+            parts = [checks]
+            if not lean:
+                parts.append(torch.stack([norm.to(delta.device), delta]).to(checks))
             parts += [r.flag.reshape(1).to(checks) for r in refusals]
             values = _host_values(torch.cat(parts))
-            self._refuse_or_warn(values, refusals, n, prenormalized)
+            checked = dict(zip(names, values))
+            self._refuse_or_warn(checked, values[len(names):], refusals, n, prenormalized)
         except BaseException:
             self._roll_back(*snapshot)
             raise
-        metrics = self._step_metrics(values, n, epoch)
+        if lean:
+            self._advance(n, epoch)
+            return None
+        result = self._step_metrics(checked, n, epoch)
         self._advance(n, epoch)
         for fn in self._callbacks["on_step"]:
-            fn(dict(metrics))
-        return metrics
+            fn(dict(result))
+        return result
 
     def _step_population(self, fitnesses: Any) -> tuple[int, int, NoiseCoords]:
         """First stage of :meth:`step`: ``(N, epoch, noise coordinates)`` of the population
@@ -829,7 +843,7 @@ class EvolutionStrategy:
             raise
         return self._last
 
-    def _step_weights(self, f: torch.Tensor, prenormalized: bool
+    def _step_weights(self, f: torch.Tensor, prenormalized: bool, lean: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Shaping stage of :meth:`step`: the weights of the N fitnesses (``f`` itself when
         ``prenormalized``, else shaped under the ``nonfinite_fitness`` policy) and what the
@@ -839,12 +853,17 @@ class EvolutionStrategy:
             ``(w, checks)``: the weights ``(N,)`` float64 and the float64 vector of
             :data:`_CHECKS` (the non-finite fitnesses and weights, whether all fitnesses are
             equal, the first fitness, and the mean, population variance, maximum and
-            minimum of the finite fitnesses, the mean weight).
+            minimum of the finite fitnesses, the mean weight); with ``lean``, of
+            :data:`_LEAN_CHECKS` only (the two counts).
         """
         f64 = f.detach().to(torch.float64)
         w = f64 if prenormalized else _shape_fitnesses_unchecked(
             f.detach(), self.fitness_transform, baseline=self.baseline, eps=self.fitness_eps,
             group_size=self.group_size, nonfinite=self.nonfinite_fitness)
+        if lean:
+            bad = (~torch.isfinite(f64)).sum(dtype=torch.float64)
+            bad_w = bad if prenormalized else (~torch.isfinite(w)).sum(dtype=torch.float64)
+            return w, torch.stack([bad, bad_w])
         finite = torch.isfinite(f64)
         count = finite.sum(dtype=torch.float64)
         inf = torch.full((), float("inf"), dtype=torch.float64, device=f64.device)  # no copy
@@ -863,16 +882,17 @@ class EvolutionStrategy:
         ])
         return w, checks
 
-    def _refuse_or_warn(self, values: list, refusals: Sequence[StepRefusal], n: int,
-                        prenormalized: bool) -> None:
+    def _refuse_or_warn(self, checked: dict, flags: list, refusals: Sequence[StepRefusal],
+                        n: int, prenormalized: bool) -> None:
         """Raises the first error that the values read after the update call for (the
-        caller's refusals first, then non-finite fitnesses against the policy, then
-        non-finite shaped weights); else gives the once-per-strategy warnings."""
-        for refusal, flag in zip(refusals, values[len(_CHECKS) + 2:]):
+        caller's refusals first, by their ``flags``, then non-finite fitnesses against the
+        policy, then non-finite shaped weights); else gives the once-per-strategy warnings
+        (the equal-fitness one only when ``checked`` has ``all_equal``)."""
+        for refusal, flag in zip(refusals, flags):
             if flag:
                 raise refusal.error()
-        nonfinite, bad_weights, equal, first = (int(values[0]), int(values[1]), values[2],
-                                                values[3])
+        nonfinite, bad_weights = int(checked["nonfinite"]), int(checked["nonfinite_weights"])
+        equal, first = checked.get("all_equal", 0.0), checked.get("first")
         if nonfinite:
             if prenormalized:
                 raise ValueError(
@@ -932,8 +952,8 @@ class EvolutionStrategy:
                                         scaled=True))
         return neg_grads
 
-    def _clip_gradients(self, neg_grads: list[torch.Tensor]
-                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _clip_gradients(self, neg_grads: list[torch.Tensor], need_norm: bool = True
+                        ) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
         """Clipping stage of :meth:`step`: the global norm of ``neg_grads`` and, with
         ``max_grad_norm`` set, the gradients scaled to that norm where it is exceeded (the
         factor ``max_grad_norm / (norm + 1e-6)`` formed on the device in float64; a norm
@@ -941,8 +961,11 @@ class EvolutionStrategy:
 
         Returns:
             ``(neg_grads, norm)``: the gradients to apply and their global norm (a 0-dim
-            float32 tensor, not synchronised).
+            float32 tensor, not synchronised; None when neither ``need_norm`` nor clipping
+            asks for it).
         """
+        if self.max_grad_norm is None and not need_norm:
+            return neg_grads, None
         norm = _total_norm(neg_grads)
         if self.max_grad_norm is not None and neg_grads:
             wide = norm.to(torch.float64)
@@ -952,7 +975,8 @@ class EvolutionStrategy:
             norm = _total_norm(neg_grads)
         return neg_grads, norm
 
-    def _apply_update(self, neg_grads: list[torch.Tensor]) -> tuple[torch.Tensor, tuple]:
+    def _apply_update(self, neg_grads: list[torch.Tensor], need_delta: bool = True
+                      ) -> tuple[Optional[torch.Tensor], tuple]:
         """Optimizer stage of :meth:`step`: hands ``neg_grads`` to the optimizer as the
         parameters' ``.grad`` and steps it; the parameters' own ``.grad`` are put back
         afterwards.
@@ -964,7 +988,8 @@ class EvolutionStrategy:
 
         Returns:
             ``(delta, snapshot)``: the norm of the parameters' change (a 0-dim float32
-            tensor, not synchronised) and the snapshot that :meth:`_roll_back` restores.
+            tensor, not synchronised; None without ``need_delta``) and the snapshot that
+            :meth:`_roll_back` restores.
         """
         params = [e.param for e in self._evolved]
         with torch.no_grad():
@@ -984,6 +1009,8 @@ class EvolutionStrategy:
         with torch.no_grad():
             if self._lr == 0.0 and params:
                 torch._foreach_copy_(params, before)
+            if not need_delta:
+                return None, snapshot
             delta = _total_norm(torch._foreach_sub([p.float() for p in params],
                                                    [b.float() for b in before]) if params else [])
         return delta, snapshot
@@ -997,11 +1024,10 @@ class EvolutionStrategy:
                 p.copy_(b)
         self._optimizer.load_state_dict(optimizer_state)
 
-    def _step_metrics(self, values: list, n: int, epoch: int) -> dict:
+    def _step_metrics(self, checked: dict, n: int, epoch: int) -> dict:
         """Metrics stage of :meth:`step` (plain Python numbers; see its Returns) from the
-        values read after the update."""
-        nonfinite = int(values[0])
-        checked = dict(zip(_CHECKS + ("grad_norm", "param_delta_norm"), values))
+        values read after the update, by name."""
+        nonfinite = int(checked["nonfinite"])
         return {
             "grad_norm": checked["grad_norm"],
             "param_delta_norm": checked["param_delta_norm"],

@@ -486,3 +486,22 @@ def test_equal_fitnesses_warning_names_the_fitness_once(device, mode):
     messages = [str(w.message) for w in record if "equal" in str(w.message)]
     assert len(messages) == 1 and f"all 6 fitnesses are equal ({value})" in messages[0], messages
     assert torch.equal(searcher.status["center"], center)
+
+
+def test_steps_skip_the_metrics_eggroll_does_not_read_and_move_the_center_alike(device):
+    """EGGROLL does not read its strategy's step metrics, so its steps compute only what
+    their checks need (no fitness statistics, no norms unless clipping needs one); the
+    center moves exactly as when the metrics are computed, which an ``on_step`` callback on
+    the searcher's strategy asks for (and gets)."""
+    centers, seen = [], []
+    for callback in (False, True):
+        torch.manual_seed(0)
+        searcher = EGGROLL(_regression_problem(device)[0], popsize=8, rank=1, sigma=0.1, lr=0.05,
+                           optimizer="adam")
+        if callback:
+            searcher.strategy.register_callback("on_step", seen.append)
+        for _ in range(3):
+            searcher.step()
+        centers.append(searcher.status["center"].clone())
+    assert torch.equal(centers[0], centers[1])
+    assert len(seen) == 3 and seen[0]["population_size"] == 8 and seen[0]["grad_norm"] > 0

@@ -461,6 +461,32 @@ def test_a_refused_step_is_rolled_back_and_the_run_goes_on_as_if_it_never_ran(de
             assert torch.equal(torch.as_tensor(opt_b[i][k]), torch.as_tensor(v)), (i, k)
 
 
+def test_a_step_without_metrics_updates_exactly_like_one_with_them(device):
+    """The step EGGROLL takes (``metrics=False``: only the checks, no statistics, no norms
+    unless clipping needs one) updates the parameters and the optimizer exactly as
+    ``step()``, clipping included, and still refuses non-finite weights."""
+    x = torch.randn(4, 3, device=device)
+    fits = [torch.tensor(v, device=device) for v in ([1.0, 3.0, 0.0, 2.0], [0.5, -1.0, 2.0, 0.0])]
+    params = []
+    for lean in (False, True):
+        model = make_mlp(device)
+        s = EggrollStrategy(seed=5, lr=0.05, optimizer="adam", max_grad_norm=0.05).setup(model)
+        for f in fits:
+            with s.perturb(4) as pop:
+                pop.batched_forward(model, x)
+            out = s._step(f, True, metrics=False) if lean else s.step(f, prenormalized=True)
+            assert (out is None) == lean
+        params.append(snapshot(model))
+        if lean:
+            with s.perturb(4) as pop:
+                pop.batched_forward(model, x)
+            with pytest.raises(ValueError, match="prenormalized weights contain NaN"):
+                s._step(torch.tensor([1.0, float("nan"), 0.0, 2.0], device=device), True,
+                        metrics=False)
+            assert same_bits(snapshot(model), params[-1]) and s.epoch == 2
+    assert same_bits(params[0], params[1])
+
+
 def test_population_size_must_be_positive(device):
     s = EggrollStrategy().setup(make_mlp(device))
     for bad in (0, -3, 2.5, "8"):

@@ -119,13 +119,11 @@ def check_kernel_device(t: torch.Tensor, what: str = "tensor", backend: str = "t
     """Raise unless ``backend`` can compute with ``t``: the GPU-required RuntimeError (which
     names the plain-torch opt-in) for CPU tensors when it resolves to the kernels without
     the interpreter; a RuntimeError for meta tensors (no values) with any backend."""
+    if kernel_device_ok(t.device, backend):
+        return
     if t.device.type == "meta":
         raise RuntimeError(f"{what} is on the meta device, which holds shapes but no values; "
                            f"create it (or move it) on the model's device")
-    if t.device.type == "cuda" or resolve_backend(backend, t.device) == "torch":
-        return
-    if t.device.type == "cpu" and interpreter_active():
-        return
     raise RuntimeError(f"{what} is on {t.device}. {GPU_REQUIRED_MESSAGE}")
 
 

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from evotorch_eggroll.kernels.philox import (
     first_quad_of,
+    index_operand,
     launch_per_index,
     next_power_of_2,
     normal_run,
@@ -70,9 +71,7 @@ def normal_block(
         ``(K, numel)`` float32 on ``noise_indices.device`` (``out`` when given).
     """
     first_quad = first_quad_of(first_element)
-    idx = noise_indices if noise_indices.dim() == 1 else noise_indices.reshape(-1)
-    if idx.dtype != torch.int64 or not idx.is_contiguous():
-        idx = idx.to(torch.int64).contiguous()
+    idx = index_operand(noise_indices)
     out = normals_out(idx, numel, out)
     block_e = min(BLOCK_E, max(16, next_power_of_2(numel)))
     return launch_per_index(_normal_block_kernel, idx, out, first_quad, seed, key, epoch,

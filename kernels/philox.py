@@ -480,14 +480,21 @@ def cache_arguments(cache: tuple[torch.Tensor, int] | None, dummy: torch.Tensor)
     return block, int(base), int(block.shape[1])
 
 
+def index_operand(noise_indices: torch.Tensor) -> torch.Tensor:
+    """Noise indices as a kernel reads them: 1-D contiguous int64, converted only when they
+    are not already (a 1-D tensor is not reshaped to itself)."""
+    idx = noise_indices if noise_indices.dim() == 1 else noise_indices.reshape(-1)
+    if idx.dtype != torch.int64 or not idx.is_contiguous():
+        idx = idx.to(torch.int64).contiguous()
+    return idx
+
+
 def update_operands(noise_indices: torch.Tensor,
                     coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An update kernel's ``(K,)`` operands: the noise indices as contiguous int64 and the
     coefficients as contiguous float32 on the indices' device, converted only when they are
     not already (a 1-D tensor is not reshaped to itself)."""
-    idx = noise_indices if noise_indices.dim() == 1 else noise_indices.reshape(-1)
-    if idx.dtype != torch.int64 or not idx.is_contiguous():
-        idx = idx.to(torch.int64).contiguous()
+    idx = index_operand(noise_indices)
     coef = coeffs if coeffs.dim() == 1 else coeffs.reshape(-1)
     if coef.dtype != torch.float32 or coef.device != idx.device or not coef.is_contiguous():
         coef = coef.to(device=idx.device, dtype=torch.float32).contiguous()

@@ -159,27 +159,19 @@ def drawn_mlp_rows():
     """The one-launch MLP kernels at the launcher's configuration for the rollout policies:
     4 -> 64 -> 64 -> 2 in registers and 17 -> 256 -> 256 -> 6 through scratch, Tanh between
     the layers, every layer with bias, factors and bias noise, rank 4."""
-    for widths, regs in (((4, 64, 64, 2), True), ((17, 256, 256, 6), False)):
+    for widths in ((4, 64, 64, 2), (17, 256, 256, 6)):
         layers = len(widths) - 1
-        flags = {}
-        for i in range(dm.MAX_LAYERS):
-            used = i < layers
-            act = dm.TANH if used and i < layers - 1 else dm.IDENTITY
-            flags.update({f"HB{i}": used, f"WN{i}": used, f"BZ{i}": used, f"ACT{i}": act})
-        const = dict(LAYERS=layers, R=4, ANTITHETIC=True, PRECISION=dm.FLOAT32_PRECISION,
-                     LIBDEVICE=True, **flags)
-        dims = list(widths) + [1] * (dm.MAX_LAYERS + 1 - len(widths))
+        flags = tuple((used, used, used, dm.TANH if used and i < layers - 1 else dm.IDENTITY)
+                      for i in range(dm.MAX_LAYERS) for used in [i < layers])
+        dims = tuple(widths) + (1,) * (dm.MAX_LAYERS + 1 - len(widths))
         label = "drawn_mlp_fp32_" + "x".join(map(str, widths)) + "_r4"
-        if regs:
-            pads = [max(16, dm.next_power_of_2(w)) for w in dims]
-            const.update(BLOCK_M=dm.REGS_BLOCK_M, PL=pads[layers],
-                         **{f"P{i}": p for i, p in enumerate(pads)})
-            fn, warps = dm._drawn_mlp_regs_kernel, dm.REGS_NUM_WARPS
-        else:
-            const.update(RP=4, BLOCK_M=dm.BLOCK_M)
-            for i in range(dm.MAX_LAYERS):
-                const[f"BN{i}"], const[f"BK{i}"] = dm._block_sizes(dims[i], dims[i + 1])
-            fn, warps = dm._drawn_mlp_kernel, dm.NUM_WARPS
+        # the launcher's own configuration (float32 products, the device's tanh, a large
+        # batch, 32-bit noise offsets)
+        values, _, warps, regs = dm._config(dims, flags, layers, 4, True, "ieee", True,
+                                            False, True)
+        names = dm._REGS_CONSTEXPRS if regs else dm._MLP_CONSTEXPRS
+        const = dict(zip(names, values))
+        fn = dm._drawn_mlp_regs_kernel if regs else dm._drawn_mlp_kernel
         yield label, None, _drawn_mlp_signature(fn, const), const, fn, warps
 
 

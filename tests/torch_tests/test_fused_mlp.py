@@ -190,6 +190,61 @@ def test_launch_lists_the_kernels_constexprs_in_signature_order():
         assert [p.name for p in params[-len(names):]] == constexprs
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 1e30 squared
+def test_the_kernels_tanh_is_accurate_to_a_millionth_over_its_whole_range(device):
+    """The policy kernels' tanh (the hardware's exp2 and fast division on the GPU, the
+    portable quotient under the interpreter) against float64 tanh: within 16 float32 ulps
+    (1e-6 relative) from 1e-30 to saturation, odd, exact at 0, +-1 at +-inf, NaN for NaN."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tanh_kernel(x_ptr, y_ptr, n, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n, other=0.0)
+        tl.store(y_ptr + i, drawn_mlp._tanh(x, LIBDEVICE), mask=i < n)
+
+    mag = torch.cat([torch.logspace(-30, 1.3, 3001, dtype=torch.float64),
+                     torch.linspace(0.2, 0.3, 1001, dtype=torch.float64)])
+    x = torch.cat([mag, -mag, torch.tensor([0.0, 9.0, 10.0, 50.0, 1e30], dtype=torch.float64)])
+    x32 = x.float().to(device)
+    y = torch.empty_like(x32)
+    libdevice = device.type == "cuda" and drawn_mlp._libdevice is not None
+    n, block = x32.numel(), 1024
+    tanh_kernel[(-(-n // block),)](x32, y, n, libdevice, block)
+    want = torch.tanh(x32.double().cpu())
+    torch.testing.assert_close(y.cpu().double(), want, rtol=16 * 2.0**-24, atol=0.0)
+    assert torch.equal(y[mag.numel():2 * mag.numel()], -y[:mag.numel()])
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")], device=device)
+    out = torch.empty_like(special)
+    tanh_kernel[(1,)](special, out, 3, libdevice, 16)
+    assert out[0].item() == 1.0 and out[1].item() == -1.0 and out[2].isnan()
+
+
+def test_noise_offsets_narrow_to_32_bits_only_while_every_block_allows_it(monkeypatch):
+    """The in-register kernel computes its factor and bias-noise offsets in 32 bits
+    (``OFF32``) unless a layer's block has 2**31 elements or more."""
+    launches = []
+
+    class Fake:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(args)
+
+    monkeypatch.setattr(drawn_mlp, "_drawn_mlp_regs_kernel", Fake())
+    w = torch.zeros(3, 2)
+    small = (torch.zeros(4 * 5), 0)
+    huge = (torch.zeros(1).expand(2**31), 0)
+    ids = torch.arange(4)
+    x = torch.zeros(4, 2)
+    flag = drawn_mlp._REGS_CONSTEXPRS.index("OFF32") - len(drawn_mlp._REGS_CONSTEXPRS)
+    for cache, bias_cache, want in ((small, None, True), (huge, None, False),
+                                    (small, huge, False), (None, None, True)):
+        layer = drawn_mlp.Layer(w, None, cache, bias_cache, drawn_mlp.TANH)
+        drawn_mlp.drawn_mlp(x, [layer], ids, rank=1, scale=0.1, bias_scale=0.1,
+                            antithetic=False, precision="ieee")
+        assert launches[-1][flag] is want
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["cartpole", "rl_mlp"])
 def test_fused_forward_at_real_sizes(kind, monkeypatch):

@@ -18,7 +18,11 @@ import triton.language as tl
 
 from evotorch_eggroll.kernels.philox import device_guard
 
-BLOCK = 256
+# One environment per thread: the step is a chain of dependent float64 operations (sine,
+# cosine, divisions), so more threads in flight beat more environments per thread (on an
+# H200 at 65,536 environments: 4.4 us per step against 7.8 us with 256 per program).
+BLOCK = 128
+NUM_WARPS = 4
 
 # Order of the constants in the ``consts`` tensor.
 CONSTANT_NAMES = ("gravity", "masspole", "total_mass", "length", "polemass_length",
@@ -158,6 +162,6 @@ def cartpole_step_(
             state, steps, prev_done.view(torch.int8), actions, actions.stride(0),
             fresh if next_step else state, consts, obs, reward, terminated.view(torch.int8),
             truncated.view(torch.int8), e, int(max_steps),
-            NEXT_STEP=next_step, BLOCK=BLOCK, enable_fp_fusion=False,
+            NEXT_STEP=next_step, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
         )
     return obs, reward, terminated, truncated

@@ -47,8 +47,14 @@ MAX_FEATURES = 512
 MAX_LAYERS = 4
 # networks whose widths are all at most this keep the activations in registers
 REGS_MAX_FEATURES = 64
-REGS_BLOCK_M = 64
+# 32 rows on 4 warps; at rank 1, at most 128 registers per thread (four programs per SM;
+# H200, CartPole policy: 8.7 / 52.6 / 193 us per call at 4,096 / 65,536 / 262,144 rows,
+# against 10.8 / 54.7 / 204 for 64 rows row-major with 255 registers). Higher ranks keep
+# every factor in flight and would spill under that cap (sm_90 compile: 238 registers at
+# rank 2, 250 at rank 4, no spills uncapped), so they run uncapped.
+REGS_BLOCK_M = 32
 REGS_NUM_WARPS = 4
+REGS_MAXNREG: Optional[int] = 128
 # wider networks: output features in chunks of BLOCK_N, input features in chunks of BLOCK_K;
 # BLOCK_M rows per program, SMALL_BLOCK_M up to SMALL_ROWS rows (more programs)
 BLOCK_M = 64
@@ -225,30 +231,32 @@ def _layer_regs(
     HAS_BIAS: tl.constexpr, WEIGHT_NOISE: tl.constexpr, BIAS_NOISE: tl.constexpr,
     ACT: tl.constexpr, PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):
-    """One layer on a register tile: ``h (BLOCK_M, PIN)`` -> ``(BLOCK_M, POUT)``. Columns
-    past ``N_IN`` of ``h`` may hold anything: the weight and factor loads mask them."""
+    """One layer on a feature-major register tile: ``h (PIN, BLOCK_M)`` (feature, row) ->
+    ``(POUT, BLOCK_M)``. Rows of ``h`` past ``N_IN`` may hold anything: the weight and
+    factor loads mask them. The product is ``W h`` (the weight as the first operand), so
+    that neither operand is held in registers in the tensor cores' operand layout."""
     ks = tl.arange(0, PIN)
     cols = tl.arange(0, POUT)
     k_ok = ks < N_IN
     col_ok = cols < M_OUT
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    w = tl.load(w_ptr + cols[None, :] * stride_wm + ks[:, None] * stride_wk,
-                mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (PIN, POUT): W^T
-    acc = tl.dot(h, w, input_precision=PRECISION)
+    out_mask = col_ok[:, None] & row_ok[None, :]
+    w = tl.load(w_ptr + cols[:, None] * stride_wm + ks[None, :] * stride_wk,
+                mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (POUT, PIN): W
+    acc = tl.dot(w, h, input_precision=PRECISION)
     if WEIGHT_NOISE:
         block = rel * ((N_IN + M_OUT) * R)
         for r in tl.static_range(R):
-            b0 = tl.load(f_ptr + block[:, None] + ks[None, :] * R + r,
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            t_r = tl.sum(h * b0, axis=1) * (sign * scale)  # (BLOCK_M,)
-            a0 = tl.load(f_ptr + block[:, None] + (N_IN + cols)[None, :] * R + r,
+            b0 = tl.load(f_ptr + block[None, :] + ks[:, None] * R + r,
+                         mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+            t_r = tl.sum(h * b0, axis=0) * (sign * scale)  # (BLOCK_M,)
+            a0 = tl.load(f_ptr + block[None, :] + (N_IN + cols)[:, None] * R + r,
                          mask=out_mask, other=0.0)
-            acc += a0 * t_r[:, None]
+            acc += a0 * t_r[None, :]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
     if BIAS_NOISE:
-        eps = tl.load(e_ptr + rel[:, None] * M_OUT + cols[None, :], mask=out_mask, other=0.0)
-        acc += (sign * bias_scale)[:, None] * eps
+        eps = tl.load(e_ptr + rel[None, :] * M_OUT + cols[:, None], mask=out_mask, other=0.0)
+        acc += (sign * bias_scale)[None, :] * eps
     return _activate(acc, ACT, LIBDEVICE)
 
 
@@ -269,8 +277,9 @@ def _drawn_mlp_regs_kernel(
     LIBDEVICE: tl.constexpr, OFF32: tl.constexpr,
 ):
     """The whole network with the activations in registers (every width at most
-    ``REGS_MAX_FEATURES``): no scratch, no barriers. ``OFF32``: every factor and bias-noise
-    block has fewer than 2**31 elements, so offsets into them fit 32 bits (fewer address
+    ``REGS_MAX_FEATURES``), feature-major (a program's activations are a ``(features,
+    BLOCK_M)`` tile): no scratch, no barriers. ``OFF32``: every factor and bias-noise block
+    has fewer than 2**31 elements, so offsets into them fit 32 bits (fewer address
     instructions than 64-bit ones)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n_rows
@@ -280,8 +289,8 @@ def _drawn_mlp_regs_kernel(
     if OFF32:
         rel = rel.to(tl.int32)
     ks = tl.arange(0, P0)
-    h = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                mask=row_ok[:, None] & (ks < D0)[None, :], other=0.0).to(tl.float32)
+    h = tl.load(x_ptr + rows[None, :] * stride_xm + ks[:, None] * stride_xk,
+                mask=row_ok[None, :] & (ks < D0)[:, None], other=0.0).to(tl.float32)
     h = _layer_regs(h, row_ok, rel, sign, w0, sw0m, sw0k, b0, f0, e0, D0, D1, scale,
                     bias_scale, R, BLOCK_M, P0, P1, HB0, WN0, BZ0, ACT0, PRECISION, LIBDEVICE)
     if LAYERS > 1:
@@ -297,8 +306,8 @@ def _drawn_mlp_regs_kernel(
                         bias_scale, R, BLOCK_M, P3, P4, HB3, WN3, BZ3, ACT3, PRECISION,
                         LIBDEVICE)
     cols = tl.arange(0, PL)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, h,
-             mask=row_ok[:, None] & (cols < n_out)[None, :])
+    tl.store(out_ptr + rows[None, :] * stride_om + cols[:, None] * stride_on, h,
+             mask=row_ok[None, :] & (cols < n_out)[:, None])
 
 
 class Layer:
@@ -385,27 +394,28 @@ _REGS_CONSTEXPRS = ("LAYERS", "R", "BLOCK_M", *(f"P{i}" for i in range(MAX_LAYER
                     "PL", "ANTITHETIC", "PRECISION", "LIBDEVICE", "OFF32")
 _UNUSED_FLAGS = (False, False, False, IDENTITY)
 
-# Launch configurations (constexpr values in signature order, grid rows per program, warps)
-# by what decides them: the feature counts, the layers' flags, rank, antithetic sampling,
+# Launch configurations (constexpr values in signature order, grid rows per program, launch
+# options) by what decides them: the feature counts, the layers' flags, rank, antithetic sampling,
 # precision, the device's tanh, whether the batch is small, and the module's tuning knobs
 # (``scripts/sweep_drawn_mlp.py`` changes those between runs).
-_configs: dict[tuple, tuple[tuple, int, int, bool]] = {}
+_configs: dict[tuple, tuple[tuple, int, dict, bool]] = {}
 
 
 def _tuning() -> tuple:
-    return (REGS_MAX_FEATURES, REGS_BLOCK_M, REGS_NUM_WARPS, BLOCK_M, SMALL_BLOCK_M, SMALL_ROWS,
-            BLOCK_N_MAX, BLOCK_K_MAX, NUM_WARPS, FLOAT32_PRECISION)
+    return (REGS_MAX_FEATURES, REGS_BLOCK_M, REGS_NUM_WARPS, REGS_MAXNREG, BLOCK_M,
+            SMALL_BLOCK_M, SMALL_ROWS, BLOCK_N_MAX, BLOCK_K_MAX, NUM_WARPS, FLOAT32_PRECISION)
 
 
 def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
             precision: str, libdevice: bool, small: bool,
-            off32: bool) -> tuple[tuple, int, int, bool]:
-    """``(constexprs, block_m, num_warps, regs)`` of one launch: the kernel's constexpr
+            off32: bool) -> tuple[tuple, int, dict, bool]:
+    """``(constexprs, block_m, options, regs)`` of one launch: the kernel's constexpr
     values in signature order (:data:`_MLP_CONSTEXPRS`, or :data:`_REGS_CONSTEXPRS` when
     ``regs``: every width in ``dims`` is at most :data:`REGS_MAX_FEATURES`), the batch rows
-    per program and the warps. ``dims`` holds the feature counts padded with 1 to
-    ``MAX_LAYERS + 1``, ``flags`` each layer slot's ``(HB, WN, BZ, ACT)``; ``off32``: every
-    noise block has fewer than 2**31 elements."""
+    per program and the launch options (warps, register cap, :data:`LAUNCH_OPTIONS`).
+    ``dims`` holds the feature counts padded with 1 to ``MAX_LAYERS + 1``, ``flags`` each
+    layer slot's ``(HB, WN, BZ, ACT)``; ``off32``: every noise block has fewer than 2**31
+    elements."""
     common = dict(LAYERS=layers, R=rank, ANTITHETIC=bool(antithetic),
                   PRECISION=FLOAT32_PRECISION if precision == "ieee" else precision,
                   LIBDEVICE=libdevice)
@@ -414,12 +424,16 @@ def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
         pads = [max(16, next_power_of_2(w)) for w in dims]
         meta.update({f"P{i}": p for i, p in enumerate(pads)}, PL=pads[layers],
                     BLOCK_M=REGS_BLOCK_M, OFF32=off32, **common)
-        return tuple(meta[n] for n in _REGS_CONSTEXPRS), REGS_BLOCK_M, REGS_NUM_WARPS, True
+        options = dict(num_warps=REGS_NUM_WARPS, **LAUNCH_OPTIONS)
+        if REGS_MAXNREG is not None and rank == 1:
+            options["maxnreg"] = REGS_MAXNREG
+        return tuple(meta[n] for n in _REGS_CONSTEXPRS), REGS_BLOCK_M, options, True
     block_m = SMALL_BLOCK_M if small else BLOCK_M
     for i in range(MAX_LAYERS):
         meta[f"BN{i}"], meta[f"BK{i}"] = _block_sizes(dims[i], dims[i + 1])
     meta.update(RP=next_power_of_2(rank), BLOCK_M=block_m, **common)
-    return tuple(meta[n] for n in _MLP_CONSTEXPRS), block_m, NUM_WARPS, False
+    return (tuple(meta[n] for n in _MLP_CONSTEXPRS), block_m,
+            dict(num_warps=NUM_WARPS, **LAUNCH_OPTIONS), False)
 
 
 def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic, precision):
@@ -456,7 +470,7 @@ def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic,
     if config is None:
         config = _configs[key] = _config(dims, flags, n_layers, rank, antithetic, precision,
                                          libdevice, rows <= SMALL_ROWS, off32)
-    constexprs, block_m, num_warps, regs = config
+    constexprs, block_m, options, regs = config
     sx = x.stride()
     grid = (-(-rows // block_m),)
     if regs:  # ``out`` is contiguous: strides (n_out, 1)
@@ -464,7 +478,7 @@ def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic,
             _drawn_mlp_regs_kernel[grid](
                 x, sx[0], sx[1], out, n_out, 1, member_ids, member_ids.stride(0), rows,
                 int(base), float(scale), float(bias_scale), *args, *dims, n_out, *constexprs,
-                num_warps=num_warps, **LAUNCH_OPTIONS)
+                **options)
         return out
     # the two scratch buffers in one allocation, each starting on a 16-byte boundary
     # (as separate allocations would)
@@ -479,5 +493,5 @@ def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic,
         _drawn_mlp_kernel[grid](
             x, sx[0], sx[1], out, n_out, 1, s0, s1, hidden, member_ids,
             member_ids.stride(0), rows, int(base), float(scale), float(bias_scale), *args,
-            *dims, *constexprs, num_warps=num_warps, **LAUNCH_OPTIONS)
+            *dims, *constexprs, **options)
     return out

@@ -49,7 +49,7 @@ DTYPES = {"fp32": "*fp32", "bf16": "*bf16"}
 CACHE_SIG = dict(cache_ptr="*fp32", cache_base="i32", cache_rows="i32")
 
 
-def _compile(fn, signature: dict, constexprs: dict, num_warps: int):
+def _compile(fn, signature: dict, constexprs: dict, num_warps: int, **options):
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
@@ -60,7 +60,8 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if isinstance(sig[n], str) and sig[n].startswith("*")}
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, **LAUNCH_OPTIONS})
+    return triton.compile(src, target=TARGET,
+                          options={"num_warps": num_warps, **LAUNCH_OPTIONS, **options})
 
 
 def _sass_summary(cubin: bytes, dump_to: str | None, label: str) -> dict:
@@ -167,12 +168,12 @@ def drawn_mlp_rows():
         label = "drawn_mlp_fp32_" + "x".join(map(str, widths)) + "_r4"
         # the launcher's own configuration (float32 products, the device's tanh, a large
         # batch, 32-bit noise offsets)
-        values, _, warps, regs = dm._config(dims, flags, layers, 4, True, "ieee", True,
-                                            False, True)
+        values, _, options, regs = dm._config(dims, flags, layers, 4, True, "ieee", True,
+                                              False, True)
         names = dm._REGS_CONSTEXPRS if regs else dm._MLP_CONSTEXPRS
         const = dict(zip(names, values))
         fn = dm._drawn_mlp_regs_kernel if regs else dm._drawn_mlp_kernel
-        yield label, None, _drawn_mlp_signature(fn, const), const, fn, warps
+        yield label, None, _drawn_mlp_signature(fn, const), const, fn, options
 
 
 def main() -> int:
@@ -234,7 +235,9 @@ def main() -> int:
         p = "-" if plan is None else (
             f"R{plan['R']} T{plan['TILE_ROWS']}x{plan['RP']} Q{plan['BLOCK_Q']} D{int(plan['DIRECT'])}")
         try:
-            k = _compile(fn, sig, const, warps)
+            # a row's last field: its warps, or (one-launch MLP) the launcher's options
+            k = _compile(fn, sig, const, **(warps if isinstance(warps, dict)
+                                            else {"num_warps": warps}))
         except Exception as exc:  # noqa: BLE001
             failures += 1
             print(f"{label:44s} {p:34s} COMPILE FAILED: {type(exc).__name__}: {exc}"[:400])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -276,6 +276,26 @@ class PerturbationContext:
                 parameter the forward did not consume through a routed op.
             ValueError: member ids of the wrong shape or outside ``[0, N)``.
         """
+        return self._forward(model, x, member_ids, False)[0]
+
+    def _batched_argmax(self, model: nn.Module, x: torch.Tensor,
+                        member_ids: Optional[Union[torch.Tensor, Sequence[int]]] = None
+                        ) -> tuple[torch.Tensor, int]:
+        """``(indices, width)``: the ``(R,)`` int64 index of each row's largest output of
+        ``batched_forward(model, x, member_ids)`` (as ``torch.argmax`` picks it) and the
+        outputs per row. A plain MLP served by the one-launch kernel computes the indices in
+        that launch (discrete-action policies: no separate reduction per step)."""
+        out, fused = self._forward(model, x, member_ids, True)
+        if fused:
+            return out
+        scores = out.reshape(out.shape[0], -1)
+        return scores.argmax(dim=1), scores.shape[1]
+
+    def _forward(self, model: nn.Module, x: torch.Tensor,
+                 member_ids: Optional[Union[torch.Tensor, Sequence[int]]], argmax: bool
+                 ) -> tuple[Any, bool]:
+        """:meth:`batched_forward`'s work: ``(output, False)``, or ``((indices, width), True)``
+        when ``argmax`` is asked for and the one-launch kernel ran the model."""
         self._require_active("batched_forward")
         if self._iter_token is not None:
             raise RuntimeError("batched_forward cannot run while pop.iterate() holds a member's "
@@ -294,11 +314,11 @@ class PerturbationContext:
         if bounds is None:  # checked to lie in [0, N) without reading them on the host
             bounds = (0, self.population_size - 1)
         cache = self._cache if self._cache is not None and self._cache.covers(*bounds) else None
-        out = fused_mlp.try_forward(model, x, ids, self._evolved, self.coords, cache)
+        out = fused_mlp.try_forward(model, x, ids, self._evolved, self.coords, cache, argmax)
         if out is not None:  # a plain MLP served by the drawn factors: one launch
             self._last_generated = False
             self.evaluated = True
-            return out
+            return out, argmax
         own = self._owned(model)
         mode = RowPerturbationMode(self._evolved, self.coords, ids, cache)
         mode.mark(x, ROWS)  # the input carries the batch in its first dimension
@@ -316,7 +336,7 @@ class PerturbationContext:
                 f"with the activation, attention or recurrent layers), or leave them out with "
                 f"setup(model, exclude={missing!r})."
             )
-        return out
+        return out, False
 
     def _check_devices(self, x: torch.Tensor) -> None:
         """Raise unless the strategy's backend computes with ``x`` and every evolved

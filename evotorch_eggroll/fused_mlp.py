@@ -13,7 +13,7 @@ returns None here and takes the general routed path.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -84,10 +84,13 @@ def plan(model: nn.Module) -> Optional[list[tuple[nn.Linear, int]]]:
 
 def try_forward(model: nn.Module, x: torch.Tensor, member_ids: torch.Tensor,
                 evolved: EvolvedSet, coords: NoiseCoords,
-                cache: Optional[FactorCache]) -> Optional[torch.Tensor]:
+                cache: Optional[FactorCache], argmax: bool = False) -> Any:
     """The output of ``model(x)`` with row ``j`` perturbed as member ``member_ids[j]``,
     computed by one drawn-MLP launch, or None when this model or call does not qualify
-    (also when none of its layers' parameters is evolved: the caller then reports it)."""
+    (also when none of its layers' parameters is evolved: the caller then reports it).
+    With ``argmax``: ``(indices, width)``, the ``(rows,)`` int64 index of each row's largest
+    output (as ``torch.argmax(out, dim=1)``; in the same launch for networks that run in
+    registers) and the outputs per row."""
     if (cache is None or x.dim() != 2 or x.dtype != torch.float32 or coords.sigma == 0.0
             or coords.rank > MAX_RANK
             or ops.resolve_backend(coords.backend, x.device) != "triton"
@@ -133,6 +136,8 @@ def try_forward(model: nn.Module, x: torch.Tensor, member_ids: torch.Tensor,
     if not noisy or not kern.fits(widths):
         return None
     tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    return kern.drawn_mlp(x, specs, member_ids, rank=coords.rank,
+    out = kern.drawn_mlp(x, specs, member_ids, rank=coords.rank,
                           scale=coords.lowrank_scale, bias_scale=coords.sigma,
-                          antithetic=coords.antithetic, precision="tf32" if tf32 else "ieee")
+                          antithetic=coords.antithetic, precision="tf32" if tf32 else "ieee",
+                          argmax=argmax)
+    return (out, widths[-1]) if argmax else out

@@ -274,13 +274,15 @@ def _drawn_mlp_regs_kernel(
     HB2: tl.constexpr, WN2: tl.constexpr, BZ2: tl.constexpr, ACT2: tl.constexpr,
     HB3: tl.constexpr, WN3: tl.constexpr, BZ3: tl.constexpr, ACT3: tl.constexpr,
     PL: tl.constexpr, ANTITHETIC: tl.constexpr, PRECISION: tl.constexpr,
-    LIBDEVICE: tl.constexpr, OFF32: tl.constexpr,
+    LIBDEVICE: tl.constexpr, OFF32: tl.constexpr, ARGMAX: tl.constexpr,
 ):
     """The whole network with the activations in registers (every width at most
     ``REGS_MAX_FEATURES``), feature-major (a program's activations are a ``(features,
     BLOCK_M)`` tile): no scratch, no barriers. ``OFF32``: every factor and bias-noise block
     has fewer than 2**31 elements, so offsets into them fit 32 bits (fewer address
-    instructions than 64-bit ones)."""
+    instructions than 64-bit ones). ``ARGMAX``: ``out`` is ``(rows,)`` int64 and receives
+    the index of each row's largest output, as ``torch.argmax`` picks it (the first of equal
+    values; a NaN counts as larger than everything, the first NaN wins)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n_rows
     index, sign = row_noise_index(ids_ptr, rows, stride_ids, row_ok, ANTITHETIC)
@@ -306,8 +308,17 @@ def _drawn_mlp_regs_kernel(
                         bias_scale, R, BLOCK_M, P3, P4, HB3, WN3, BZ3, ACT3, PRECISION,
                         LIBDEVICE)
     cols = tl.arange(0, PL)
-    tl.store(out_ptr + rows[None, :] * stride_om + cols[:, None] * stride_on, h,
-             mask=row_ok[None, :] & (cols < n_out)[:, None])
+    if ARGMAX:
+        valid = (cols < n_out)[:, None]
+        nan = (h != h) & valid
+        first_nan = tl.min(tl.where(nan, cols[:, None], PL), axis=0)
+        top = tl.argmax(tl.where(valid & ~nan, h, float("-inf")), axis=0,
+                        tie_break_left=True)
+        pick = tl.where(first_nan < PL, first_nan, top)
+        tl.store(out_ptr + rows * stride_om, pick.to(tl.int64), mask=row_ok)
+    else:
+        tl.store(out_ptr + rows[None, :] * stride_om + cols[:, None] * stride_on, h,
+                 mask=row_ok[None, :] & (cols < n_out)[:, None])
 
 
 class Layer:
@@ -345,8 +356,12 @@ def drawn_mlp(
     bias_scale: float,
     antithetic: bool,
     precision: str,
+    argmax: bool = False,
 ) -> torch.Tensor:
-    """``x (rows, n0)`` float32 through the perturbed layers: ``(rows, m_last)`` float32.
+    """``x (rows, n0)`` float32 through the perturbed layers: ``(rows, m_last)`` float32, or
+    with ``argmax`` the ``(rows,)`` int64 index of each row's largest output (as
+    ``torch.argmax(out, dim=1)`` picks it), computed in the same launch when the network
+    runs in registers.
 
     Args:
         x: ``(rows, n0)`` input, any strides.
@@ -359,6 +374,7 @@ def drawn_mlp(
         bias_scale: multiplier of the bias noise (``sigma``).
         antithetic: members ``2k``, ``2k + 1`` share noise index ``k``, signs ``+1``/``-1``.
         precision: ``"ieee"`` or ``"tf32"`` for the base products.
+        argmax: return the index of each row's largest output instead of the outputs.
     """
     if not layers:
         raise ValueError("drawn_mlp needs at least one layer")
@@ -371,13 +387,11 @@ def drawn_mlp(
                                      "noise index")
                 base = c[1]
     base = 0 if base is None else base
-    if len(layers) <= MAX_LAYERS:
-        return _launch(x, layers, member_ids, base, rank=rank, scale=scale,
-                       bias_scale=bias_scale, antithetic=antithetic, precision=precision)
     for group in range(0, len(layers), MAX_LAYERS):
+        last = group + MAX_LAYERS >= len(layers)
         x = _launch(x, layers[group:group + MAX_LAYERS], member_ids, base, rank=rank,
                     scale=scale, bias_scale=bias_scale, antithetic=antithetic,
-                    precision=precision)
+                    precision=precision, argmax=argmax and last)
     return x
 
 
@@ -391,7 +405,7 @@ _MLP_CONSTEXPRS = ("LAYERS", "R", "RP", "BLOCK_M",
                    "ANTITHETIC", "PRECISION", "LIBDEVICE")
 _REGS_CONSTEXPRS = ("LAYERS", "R", "BLOCK_M", *(f"P{i}" for i in range(MAX_LAYERS + 1)),
                     *(f"{k}{i}" for i in range(MAX_LAYERS) for k in _LAYER_FLAGS),
-                    "PL", "ANTITHETIC", "PRECISION", "LIBDEVICE", "OFF32")
+                    "PL", "ANTITHETIC", "PRECISION", "LIBDEVICE", "OFF32", "ARGMAX")
 _UNUSED_FLAGS = (False, False, False, IDENTITY)
 
 # Launch configurations (constexpr values in signature order, grid rows per program, launch
@@ -407,15 +421,15 @@ def _tuning() -> tuple:
 
 
 def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
-            precision: str, libdevice: bool, small: bool,
-            off32: bool) -> tuple[tuple, int, dict, bool]:
+            precision: str, libdevice: bool, small: bool, off32: bool,
+            argmax: bool) -> tuple[tuple, int, dict, bool]:
     """``(constexprs, block_m, options, regs)`` of one launch: the kernel's constexpr
     values in signature order (:data:`_MLP_CONSTEXPRS`, or :data:`_REGS_CONSTEXPRS` when
     ``regs``: every width in ``dims`` is at most :data:`REGS_MAX_FEATURES`), the batch rows
     per program and the launch options (warps, register cap, :data:`LAUNCH_OPTIONS`).
     ``dims`` holds the feature counts padded with 1 to ``MAX_LAYERS + 1``, ``flags`` each
     layer slot's ``(HB, WN, BZ, ACT)``; ``off32``: every noise block has fewer than 2**31
-    elements."""
+    elements; ``argmax``: the in-register kernel returns each row's argmax."""
     common = dict(LAYERS=layers, R=rank, ANTITHETIC=bool(antithetic),
                   PRECISION=FLOAT32_PRECISION if precision == "ieee" else precision,
                   LIBDEVICE=libdevice)
@@ -423,7 +437,7 @@ def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
     if max(dims) <= REGS_MAX_FEATURES:
         pads = [max(16, next_power_of_2(w)) for w in dims]
         meta.update({f"P{i}": p for i, p in enumerate(pads)}, PL=pads[layers],
-                    BLOCK_M=REGS_BLOCK_M, OFF32=off32, **common)
+                    BLOCK_M=REGS_BLOCK_M, OFF32=off32, ARGMAX=argmax, **common)
         options = dict(num_warps=REGS_NUM_WARPS, **LAUNCH_OPTIONS)
         if REGS_MAXNREG is not None and rank == 1:
             options["maxnreg"] = REGS_MAXNREG
@@ -436,12 +450,13 @@ def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
             dict(num_warps=NUM_WARPS, **LAUNCH_OPTIONS), False)
 
 
-def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic, precision):
+def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic, precision,
+            argmax):
     rows, n0 = x.shape
     device = x.device
     out = torch.empty((rows, layers[-1].weight.shape[0]), dtype=torch.float32, device=device)
     if rows == 0:
-        return out
+        return out.argmax(dim=1) if argmax else out
     # each layer slot: weight, its strides, bias, factor block, bias noise (unused slots and
     # absent tensors point at ``out`` and are never read) and its flags
     args, dims, flags, off32 = [], [n0], [], True
@@ -465,21 +480,23 @@ def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic,
     dims, flags = tuple(dims), tuple(flags)
     libdevice = x.is_cuda and _libdevice is not None
     key = (dims, flags, rank, antithetic, precision, libdevice, rows <= SMALL_ROWS, off32,
-           _tuning())
+           argmax, _tuning())
     config = _configs.get(key)
     if config is None:
         config = _configs[key] = _config(dims, flags, n_layers, rank, antithetic, precision,
-                                         libdevice, rows <= SMALL_ROWS, off32)
+                                         libdevice, rows <= SMALL_ROWS, off32, argmax)
     constexprs, block_m, options, regs = config
     sx = x.stride()
     grid = (-(-rows // block_m),)
-    if regs:  # ``out`` is contiguous: strides (n_out, 1)
+    if regs:  # ``out`` is contiguous: strides (n_out, 1); the argmax (rows,)
+        dst, stride = ((torch.empty((rows,), dtype=torch.int64, device=device), 1) if argmax
+                       else (out, n_out))
         with device_guard(x):
             _drawn_mlp_regs_kernel[grid](
-                x, sx[0], sx[1], out, n_out, 1, member_ids, member_ids.stride(0), rows,
+                x, sx[0], sx[1], dst, stride, 1, member_ids, member_ids.stride(0), rows,
                 int(base), float(scale), float(bias_scale), *args, *dims, n_out, *constexprs,
                 **options)
-        return out
+        return dst
     # the two scratch buffers in one allocation, each starting on a 16-byte boundary
     # (as separate allocations would)
     size = -(-rows * hidden // 4) * 4
@@ -494,4 +511,4 @@ def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic,
             x, sx[0], sx[1], out, n_out, 1, s0, s1, hidden, member_ids,
             member_ids.stride(0), rows, int(base), float(scale), float(bias_scale), *args,
             *dims, *constexprs, **options)
-    return out
+    return out.argmax(dim=1) if argmax else out

@@ -169,7 +169,7 @@ def drawn_mlp_rows():
         # the launcher's own configuration (float32 products, the device's tanh, a large
         # batch, 32-bit noise offsets)
         values, _, options, regs = dm._config(dims, flags, layers, 4, True, "ieee", True,
-                                              False, True)
+                                              False, True, False)
         names = dm._REGS_CONSTEXPRS if regs else dm._MLP_CONSTEXPRS
         const = dict(zip(names, values))
         fn = dm._drawn_mlp_regs_kernel if regs else dm._drawn_mlp_kernel

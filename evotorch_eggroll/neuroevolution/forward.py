@@ -40,11 +40,13 @@ class PopulationForward:
         member_ids: torch.Tensor,
         population_size: Optional[int] = None,
         replay: Optional[tuple[Callable[[], Any], Callable[[], Optional[tuple]]]] = None,
+        argmax: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]] = None,
     ):
         self._fn = fn
         self.member_ids = member_ids
         self.population_size = int(member_ids.shape[0]) if population_size is None else int(population_size)
         self._replay = replay
+        self._argmax_fn = argmax
 
     def prepare_replay(self) -> bool:
         """Get ready for calls captured in a CUDA graph and replayed in later evaluations
@@ -75,6 +77,21 @@ class PopulationForward:
         Returns:
             ``(rows, *out)`` network output.
         """
+        return self._fn(x, self._ids(x, member_ids))
+
+    def _argmax(self, x: torch.Tensor, member_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
+        """``(indices, width)``: the ``(rows,)`` int64 index of each row's largest output of
+        ``self(x, member_ids)`` (as ``torch.argmax`` picks it: the first of equal values, NaN
+        above everything) and the outputs per row; computed in the network's own launch
+        where the forward can (EGGROLL's one-launch MLP)."""
+        ids = self._ids(x, member_ids)
+        if self._argmax_fn is not None:
+            return self._argmax_fn(x, ids)
+        scores = self._fn(x, ids).reshape(x.shape[0], -1)
+        return scores.argmax(dim=1), scores.shape[1]
+
+    def _ids(self, x: torch.Tensor, member_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """The ids of a call's rows, checked (see :meth:`__call__`)."""
         if member_ids is None:
             member_ids = self.member_ids
             if x.shape[0] != member_ids.shape[0]:
@@ -89,7 +106,7 @@ class PopulationForward:
                     f"member_ids must have shape ({x.shape[0]},) (one id per row of x), "
                     f"got {tuple(member_ids.shape)}"
                 )
-        return self._fn(x, member_ids)
+        return member_ids
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         """Every member on the same input: ``x (B, *in)`` -> ``(K, B, *out)``."""

@@ -321,6 +321,21 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     # ------------------------------------------------------------------ rollouts
 
+    def _policy_actions(self, forward: PopulationForward, x: torch.Tensor, member_ids: Optional[torch.Tensor],
+                        num_envs: int, torch_env: bool) -> Any:
+        """The environments' actions for the policy's inputs ``x``: :meth:`_to_actions` of the
+        forward's outputs. For a Discrete space with one output per action the argmax comes
+        from the forward itself, which EGGROLL's one-launch MLP computes in the same launch
+        (no reduction kernel per step); a two-action space with a single output (its sign)
+        is noticed at the first step and remembered."""
+        space = self._act_space
+        if isinstance(space, gym.spaces.Discrete) and not self.__dict__.get("_sign_actions", False):
+            act, width = forward._argmax(x, member_ids)
+            if width == space.n:
+                return self._finish_actions(act, num_envs, torch_env)
+            self._sign_actions = space.n == 2 and width == 1  # otherwise _to_actions raises
+        return self._to_actions(forward(x, member_ids), num_envs, torch_env)
+
     def _to_actions(self, out: torch.Tensor, num_envs: int, torch_env: bool) -> Any:
         k = out.shape[0]
         space = self._act_space
@@ -335,11 +350,19 @@ class EggrollVecGymNE(EggrollNEProblem):
                         f"the Discrete({space.n}) action space needs {space.n}"
                     )
                 act = scores.argmax(dim=1)
-            if space.start:
-                act = act + int(space.start)
         else:
             low, high = self._box_bounds(out)  # clipped in the space's dtype: exact bounds, numpy-ready
             act = torch.maximum(torch.minimum(out.reshape(k, *space.shape).to(low.dtype), high), low)
+        return self._finish_actions(act, num_envs, torch_env)
+
+    def _finish_actions(self, act: torch.Tensor, num_envs: int, torch_env: bool) -> Any:
+        """Members' actions ``act (K, ...)`` as the environment takes them: offset by a Discrete
+        space's start, padded to ``num_envs`` rows with the first member's, numpy unless the
+        environment is torch-native."""
+        k = act.shape[0]
+        space = self._act_space
+        if isinstance(space, gym.spaces.Discrete) and space.start:
+            act = act + int(space.start)
         if num_envs > k:
             act = torch.cat([act, act[:1].expand(num_envs - k, *act.shape[1:])])
         if torch_env:
@@ -424,9 +447,9 @@ class EggrollVecGymNE(EggrollNEProblem):
         observations). Returns the ``(E,)`` end-of-episode flags of this step."""
         k, e = buf.num_members, buf.active.shape[0]
         x = self._normalize(self._obs_tensor(buf.obs, buf.dtype), buf.active)
-        out = forward(x[:k], member_ids)
         torch_env = isinstance(buf.obs, torch.Tensor)
-        obs, reward, terminated, truncated, _ = env.step(self._to_actions(out, e, torch_env))
+        obs, reward, terminated, truncated, _ = env.step(
+            self._policy_actions(forward, x[:k], member_ids, e, torch_env))
         buf.obs = obs
         if buf.returns.is_cuda and _episode_step().supports(buf.returns, buf.alive, buf.active, reward,
                                                              terminated, truncated):

@@ -904,3 +904,50 @@ def test_the_update_is_queued_without_reading_the_rollout_back():
         del searcher._mode.evaluate
     assert len(reads) == 1
     assert problem.interaction_count > 0 and searcher.status["mean_eval"] > 0
+
+
+@pytest.mark.parametrize("outputs", [2, 1])
+def test_discrete_actions_from_the_policys_own_argmax_equal_those_from_its_outputs(device, monkeypatch,
+                                                                                     outputs):
+    """Under EGGROLL a Discrete space's actions come from the forward's own argmax (for a
+    plain MLP, the policy kernel's last step): the same fitnesses and center as actions
+    taken by ``argmax`` of the outputs. A two-action policy with one output (its sign) is
+    noticed at the first step and remembered."""
+    import warnings
+
+    from evotorch_eggroll.algorithms import EGGROLL
+    from evotorch_eggroll.kernels import drawn_mlp
+
+    def run(fused):
+        torch.manual_seed(0)
+        def policy(obs_length, act_length):
+            return nn.Sequential(nn.Linear(obs_length, 8), nn.Tanh(), nn.Linear(8, outputs))
+
+        problem = EggrollVecGymNE(CartPole, policy, episode_length=30, seed=1, device=device)
+        searcher = EGGROLL(problem, popsize=16, sigma=0.3, lr=0.05, rank=1)
+        launches = []
+        with monkeypatch.context() as m:
+            real = drawn_mlp.drawn_mlp
+            m.setattr(drawn_mlp, "drawn_mlp", lambda *a, **k: launches.append(k.get("argmax")) or real(*a, **k))
+            if not fused:
+                def from_outputs(self, x, member_ids=None):
+                    scores = self(x, member_ids).reshape(x.shape[0], -1)
+                    return scores.argmax(dim=1), scores.shape[1]
+
+                m.setattr(PopulationForward, "_argmax", from_outputs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(2):
+                    searcher.step()
+        return searcher.status["mean_eval"], searcher.status["center"].clone(), launches, problem
+
+    mean_f, center_f, launches_f, problem_f = run(True)
+    mean_o, center_o, launches_o, _ = run(False)
+    assert mean_f == mean_o and torch.equal(center_f, center_o)
+    assert not any(launches_o)
+    if outputs == 2:
+        assert launches_f and all(launches_f)  # every policy launch returned the actions
+        assert not problem_f.__dict__.get("_sign_actions")
+    else:
+        assert launches_f[0] is True and not any(launches_f[1:])  # tried once, then remembered
+        assert problem_f._sign_actions is True

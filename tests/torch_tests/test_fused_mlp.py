@@ -190,6 +190,71 @@ def test_launch_lists_the_kernels_constexprs_in_signature_order():
         assert [p.name for p in params[-len(names):]] == constexprs
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
+@pytest.mark.parametrize("widths", [(3, 16, 5), (3, 70, 4), (3, 6, 6, 6, 6, 6)])
+def test_the_kernels_argmax_is_torchs_argmax_of_its_outputs(device, widths):
+    """``drawn_mlp(..., argmax=True)`` (in the in-register kernel's last step for narrow
+    networks; after the launch for a wide or a deep one) equals ``torch.argmax(dim=1)`` of
+    the kernel's own outputs, also on exact ties (the first wins), NaN outputs (the first
+    NaN wins), +-inf outputs and rows that are all -inf."""
+    gen = torch.Generator().manual_seed(0)
+    n_out = widths[-1]
+    rows = 97
+    layers = []
+    for i in range(len(widths) - 1):
+        w = torch.randn(widths[i + 1], widths[i], generator=gen)
+        b = torch.randn(widths[i + 1], generator=gen)
+        last = i == len(widths) - 2
+        if last:
+            w[1] = w[n_out - 2]  # outputs 1 and n_out - 2 tie exactly
+            b[1] = b[n_out - 2] = 4.0
+            w[n_out - 1, 0], w[n_out - 1, 1] = float("inf"), float("-inf")  # inf or NaN
+        layers.append(drawn_mlp.Layer(w.to(device), b.to(device), None, None,
+                                      drawn_mlp.IDENTITY if last else drawn_mlp.TANH))
+    x = torch.randn(rows, widths[0], generator=gen)
+    x[5] = float("nan")
+    x[6, 0] = float("inf")
+    x = x.to(device)
+    ids = torch.arange(rows, device=device)
+    kw = dict(rank=1, scale=0.1, bias_scale=0.1, antithetic=False, precision="ieee")
+    out = drawn_mlp.drawn_mlp(x, layers, ids, **kw)
+    picked = drawn_mlp.drawn_mlp(x, layers, ids, argmax=True, **kw)
+    assert picked.dtype == torch.int64 and picked.shape == (rows,)
+    assert torch.equal(picked, out.argmax(dim=1))
+    kinds = (out.isnan().any(1), out.isinf().any(1), out[:, 1] == out[:, n_out - 2])
+    assert all(k.any() for k in kinds)  # the cases above occur
+    # every output -inf
+    last = layers[-1]
+    layers[-1] = drawn_mlp.Layer(last.weight, torch.full_like(last.bias, float("-inf")),
+                                 None, None, drawn_mlp.IDENTITY)
+    out = drawn_mlp.drawn_mlp(x[:8], layers, ids[:8], **kw)
+    picked = drawn_mlp.drawn_mlp(x[:8], layers, ids[:8], argmax=True, **kw)
+    assert torch.equal(picked, out.argmax(dim=1))
+    assert drawn_mlp.drawn_mlp(x[:0], layers, ids[:0], argmax=True, **kw).shape == (0,)
+
+
+def test_batched_argmax_equals_the_argmax_of_batched_forward(device):
+    """The context's argmax (what discrete-action rollouts use) equals ``argmax`` of
+    ``batched_forward``, through the one-launch kernel and through the routed path."""
+    model = _net("narrow").to(device)
+    s = EggrollStrategy(sigma=0.2, rank=1, seed=5).setup(model)
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(3)).to(device)
+    ids = torch.arange(40, device=device).flip(0)
+    with torch.no_grad(), s.perturb(40) as pop:
+        out = pop.batched_forward(model, x, member_ids=ids)
+        picked, width = pop._batched_argmax(model, x, member_ids=ids)
+        calls = []
+        real = fused_mlp.try_forward
+        fused_mlp.try_forward = lambda *a, **k: calls.append(1)
+        try:
+            routed, routed_width = pop._batched_argmax(model, x, member_ids=ids)
+        finally:
+            fused_mlp.try_forward = real
+    assert calls and width == routed_width == 2
+    assert torch.equal(picked, out.argmax(dim=1))
+    assert torch.equal(routed, out.argmax(dim=1))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 1e30 squared
 def test_the_kernels_tanh_is_accurate_to_a_millionth_over_its_whole_range(device):
     """The policy kernels' tanh (the hardware's exp2 and fast division on the GPU, the

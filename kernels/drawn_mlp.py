@@ -20,7 +20,7 @@ Factor layout: each layer's drawn block is the factor block of
 ``B0`` row ``i`` at block row ``i``, ``A0`` row ``i`` at block row ``N_IN + i``), the layout
 that the device helpers of :mod:`evotorch_eggroll.kernels.philox` (``factor_block_rows``,
 ``factor_b_row``, ``factor_a_row``) spell for every other kernel. This kernel writes those
-offsets inline: it runs near the register limit with spills, and routing its addresses
+offsets inline: it runs at its register budget, and routing its addresses
 through the helpers (the same arithmetic) changes ptxas's register allocation and
 instruction count for sm_90 (``scripts/sm90_compile_check.py --only drawn_mlp``), so the
 code is kept as it was measured. ``tests/torch_tests/test_fused_mlp.py`` checks its results

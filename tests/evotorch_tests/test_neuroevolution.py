@@ -861,11 +861,16 @@ def test_interaction_count_kept_on_the_device_is_read_when_asked_for(device):
     first = problem.interaction_count
     assert 8 <= first <= 48 and state["interactions"] == first
     assert searcher.status["total_interaction_count"] == first
-    searcher.step()
-    clone = pickle.loads(pickle.dumps(problem))  # before anything read the second count
+    searcher.step()  # its status (read by the searcher at the end of the step) settles it
     second = problem.interaction_count
-    assert clone.interaction_count == second > first
-    assert problem.status["total_interaction_count"] == second
+    assert second > first and problem.status["total_interaction_count"] == second
+    # a count still on the device (as EGGROLL's evaluation leaves it until the status is
+    # read) is settled by a pickle, which then holds the plain count
+    problem._pending_interactions = torch.tensor(5, dtype=torch.int64, device=device)
+    clone = pickle.loads(pickle.dumps(problem))
+    assert problem._pending_interactions is None and clone._pending_interactions is None
+    assert type(clone._interaction_count) is int
+    assert clone.interaction_count == problem.interaction_count == second + 5
     problem.restore_generation_state(state)
     assert problem.interaction_count == first and problem.status["total_interaction_count"] == first
 

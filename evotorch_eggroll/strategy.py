@@ -555,10 +555,13 @@ class EvolutionStrategy:
 
     # -- fitness shaping ------------------------------------------------------------------
 
+    def _shaping(self) -> dict:
+        """The shaping settings, as :func:`shape_fitnesses` takes them after the transform."""
+        return dict(baseline=self.baseline, eps=self.fitness_eps, group_size=self.group_size,
+                    nonfinite=self.nonfinite_fitness)
+
     def _shape(self, f: torch.Tensor) -> torch.Tensor:
-        return shape_fitnesses(f, self.fitness_transform, baseline=self.baseline,
-                               eps=self.fitness_eps, group_size=self.group_size,
-                               nonfinite=self.nonfinite_fitness)
+        return shape_fitnesses(f, self.fitness_transform, **self._shaping())
 
     def normalize_fitnesses(self, fitnesses: torch.Tensor) -> torch.Tensor:
         """The configured fitness transform (works before setup, on any device), with the
@@ -858,8 +861,7 @@ class EvolutionStrategy:
         """
         f64 = f.detach().to(torch.float64)
         w = f64 if prenormalized else _shape_fitnesses_unchecked(
-            f.detach(), self.fitness_transform, baseline=self.baseline, eps=self.fitness_eps,
-            group_size=self.group_size, nonfinite=self.nonfinite_fitness)
+            f.detach(), self.fitness_transform, **self._shaping())
         if lean:
             bad = (~torch.isfinite(f64)).sum(dtype=torch.float64)
             bad_w = bad if prenormalized else (~torch.isfinite(w)).sum(dtype=torch.float64)

@@ -908,7 +908,7 @@ class EGGROLL(SearchAlgorithm):
             refusal = StepRefusal(~finite.any(), lambda: ValueError(
                 f"all {n} fitnesses are NaN or inf; the center was not updated (nonfinite_fitness='worst' "
                 "needs at least one finite fitness to rank them below)"))
-            f = shaping._replace_nonfinite_unchecked(f)
+            f = shaping._replace_nonfinite_unchecked(f, finite)
         else:
             refusal = StepRefusal(~finite.all(), lambda: ValueError(_NONFINITE_MESSAGE))
         return _ranked(f, _ranking_method(self._ranking_method)), refusal

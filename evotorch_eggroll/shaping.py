@@ -32,7 +32,7 @@ finite.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -138,13 +138,15 @@ def replace_nonfinite(fitnesses: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _replace_nonfinite_unchecked(f), count
 
 
-def _replace_nonfinite_unchecked(fitnesses: torch.Tensor) -> torch.Tensor:
+def _replace_nonfinite_unchecked(fitnesses: torch.Tensor,
+                                 finite: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`replace_nonfinite` computed on the fitnesses' device with no host read: the
     same values where at least one fitness is finite (the input's values where none is
     not finite), unspecified values where none is finite (the caller checks that).
 
     Args:
         fitnesses: ``(N,)`` real fitnesses, higher is better.
+        finite: ``torch.isfinite(fitnesses)`` when the caller has it already.
 
     Returns:
         A new ``(N,)`` tensor of the input's dtype and device (the input itself for an
@@ -153,7 +155,7 @@ def _replace_nonfinite_unchecked(fitnesses: torch.Tensor) -> torch.Tensor:
     f = torch.as_tensor(fitnesses)
     if not f.is_floating_point():
         return f
-    bad = ~torch.isfinite(f)
+    bad = ~(torch.isfinite(f) if finite is None else finite)
     f64 = f.to(torch.float64)
     inf = torch.full((), float("inf"), dtype=torch.float64, device=f.device)  # no copy
     lo = torch.where(bad, inf, f64).amin()

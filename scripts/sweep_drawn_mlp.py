@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--block-n", default="32,64")
     parser.add_argument("--block-k", default="16,32,64")
     parser.add_argument("--precisions", default="ieee,tf32x3")
+    parser.add_argument("--maxnreg", default="0,128",
+                        help="register caps of the in-register kernel at rank 1 (0: none)")
     args = parser.parse_args()
     ints = lambda s: [int(v) for v in s.split(",")]
     for task, n in itertools.product(args.tasks.split(","), ints(args.populations)):
@@ -69,13 +71,15 @@ def main() -> None:
             results = []
             regs = max(obs, act, *(m.out_features for m in model if isinstance(m, nn.Linear))) \
                 <= drawn_mlp.REGS_MAX_FEATURES
-            grid = (itertools.product(ints(args.block_m), ints(args.warps), [0], [0],
-                                      args.precisions.split(",")) if regs else
+            # for the in-register kernel the BN column holds the register cap
+            grid = (itertools.product(ints(args.block_m), ints(args.warps), ints(args.maxnreg),
+                                      [0], args.precisions.split(",")) if regs else
                     itertools.product(ints(args.block_m), ints(args.warps), ints(args.block_n),
                                       ints(args.block_k), args.precisions.split(",")))
             for bm, w, bn, bk, prec in grid:
                 if regs:
                     drawn_mlp.REGS_BLOCK_M, drawn_mlp.REGS_NUM_WARPS = bm, w
+                    drawn_mlp.REGS_MAXNREG = bn or None
                 else:
                     drawn_mlp.BLOCK_M = drawn_mlp.SMALL_BLOCK_M = bm
                     drawn_mlp.NUM_WARPS = w
@@ -91,8 +95,9 @@ def main() -> None:
                           f"{type(e).__name__}: {e}"[:200])
             results.sort()
         for r in results[:5]:
+            third = f"maxnreg={r[3] or None}" if regs else f"BN={r[3]} BK={r[4]}"
             print(f"{task:8s} N={n:7d} fused {r[0]:8.1f} us  BLOCK_M={r[1]} warps={r[2]} "
-                  f"BN={r[3]} BK={r[4]} {r[5]} max|diff|={r[6]:.2e}")
+                  f"{third} {r[5]} max|diff|={r[6]:.2e}")
         print(f"{task:8s} N={n:7d} plain {plain:8.1f} us  per-layer {per_layer:8.1f} us  worst fused {results[-1][0]:.1f} us")
 
 

@@ -807,12 +807,9 @@ class EvolutionStrategy:
         except BaseException:
             self._roll_back(*snapshot)
             raise
-        if lean:
-            self._advance(n, epoch)
-            return None
-        result = self._step_metrics(checked, n, epoch)
+        result = None if lean else self._step_metrics(checked, n, epoch)
         self._advance(n, epoch)
-        for fn in self._callbacks["on_step"]:
+        for fn in self._callbacks["on_step"]:  # none when lean
             fn(dict(result))
         return result
 

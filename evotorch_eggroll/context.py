@@ -286,10 +286,7 @@ class PerturbationContext:
         outputs per row. A plain MLP served by the one-launch kernel computes the indices in
         that launch (discrete-action policies: no separate reduction per step)."""
         out, fused = self._forward(model, x, member_ids, True)
-        if fused:
-            return out
-        scores = out.reshape(out.shape[0], -1)
-        return scores.argmax(dim=1), scores.shape[1]
+        return out if fused else fused_mlp.argmax_rows(out)
 
     def _forward(self, model: nn.Module, x: torch.Tensor,
                  member_ids: Optional[Union[torch.Tensor, Sequence[int]]], argmax: bool

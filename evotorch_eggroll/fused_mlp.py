@@ -23,7 +23,7 @@ from . import ops
 from .evolved import EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache
 
-__all__ = ["try_forward"]
+__all__ = ["argmax_rows", "try_forward"]
 
 _ACTIVATIONS = {nn.Tanh: 1, nn.ReLU: 2, nn.Sigmoid: 3}
 MAX_RANK = 16
@@ -80,6 +80,14 @@ def plan(model: nn.Module) -> Optional[list[tuple[nn.Linear, int]]]:
             return None  # a subclass, an activation first, or two in a row
         layers[-1][1] = act
     return [(lin, act) for lin, act in layers] or None
+
+
+def argmax_rows(out: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """What :func:`try_forward` returns with ``argmax``, from a forward's outputs
+    ``out (rows, ...)``: ``(indices, width)``, each row's ``torch.argmax`` over its flattened
+    outputs and their count."""
+    scores = out.reshape(out.shape[0], -1)
+    return scores.argmax(dim=1), scores.shape[1]
 
 
 def try_forward(model: nn.Module, x: torch.Tensor, member_ids: torch.Tensor,

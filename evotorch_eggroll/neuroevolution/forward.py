@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..fused_mlp import argmax_rows
+
 __all__ = ["PopulationForward"]
 
 
@@ -87,8 +89,7 @@ class PopulationForward:
         ids = self._ids(x, member_ids)
         if self._argmax_fn is not None:
             return self._argmax_fn(x, ids)
-        scores = self._fn(x, ids).reshape(x.shape[0], -1)
-        return scores.argmax(dim=1), scores.shape[1]
+        return argmax_rows(self._fn(x, ids))
 
     def _ids(self, x: torch.Tensor, member_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """The ids of a call's rows, checked (see :meth:`__call__`)."""

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from gymnasium.vector.utils import batch_space
 
+from .noise import philox4x32
+
 try:  # Gymnasium >= 1.1 names its autoreset modes; 1.0 always resets on the next step.
     from gymnasium.vector import AutoresetMode
 except ImportError:  # pragma: no cover - Gymnasium 1.0
@@ -65,16 +67,20 @@ class CartPole(gym.vector.VectorEnv):
     others keep theirs, and the returned observation holds every environment's current
     observation.
 
-    Randomness comes from a ``torch.Generator`` on the environment's device, seeded by
-    ``reset(seed=...)`` (or by the constructor's ``seed``); the same seed on the same
-    device gives the same initial states.
+    Initial states are a pure function of the seed, the environment's index and how many
+    initial states that environment has drawn since it was seeded (:attr:`starts`):
+    Philox4x32-10 keyed by the seed gives four 32-bit words ``w`` per start, and the state is
+    ``low + (high - low) * (w * 2**-32)`` (see :mod:`evotorch_eggroll.kernels.cartpole`).
+    ``reset(seed=...)`` (or the first ``reset``, with the constructor's ``seed``) restarts
+    every count at zero. So the same seed gives the same initial states on every device and
+    in every mode, and an environment's starts do not depend on when the others ended.
 
     On a CUDA device a step of the (default) float64 state is one fused kernel (the same
     expressions, rounded the same way, as the torch code that runs elsewhere). The state, step counters and episode-end
-    flags are updated in place and keep their addresses for the environment's lifetime,
-    and the generator is listed in :attr:`cuda_graph_generators`, so that a rollout can
-    capture steps in a CUDA graph and replay them (see
-    :class:`~evotorch_eggroll.neuroevolution.EggrollVecGymNE`).
+    flags, the start counts and the seed are updated in place and keep their addresses for
+    the environment's lifetime, and a step draws from no ``torch.Generator``
+    (:attr:`cuda_graph_generators` is empty), so that a rollout can capture steps in a CUDA
+    graph and replay them (see :class:`~evotorch_eggroll.neuroevolution.EggrollVecGymNE`).
 
     Example:
         >>> env = CartPole(4, device="cpu")
@@ -89,6 +95,13 @@ class CartPole(gym.vector.VectorEnv):
         autoreset_mode: ``"next_step"`` or ``"disabled"`` (see above).
         seed: Seed used by the first ``reset`` when that call gives none. ``None`` draws
             one from the operating system.
+
+    Attributes:
+        state: ``(num_envs, 4)`` physical state (x, x_dot, theta, theta_dot) in ``dtype``.
+        steps: ``(num_envs,)`` int64 steps of each environment's current episode.
+        prev_done: ``(num_envs,)`` bool: the environment's episode ended on its last step.
+        starts: ``(num_envs,)`` int64 initial states drawn by each environment since the
+            environment was last seeded.
     """
 
     metadata = {"render_modes": [], "autoreset_mode": _autoreset_value("next_step")}
@@ -146,46 +159,72 @@ class CartPole(gym.vector.VectorEnv):
         self.action_space = batch_space(self.single_action_space, self.num_envs)
 
         self._initial_seed = seed
-        self._generator: Optional[torch.Generator] = None
+        self._seed_value: Optional[int] = None  # the start stream's seed, once seeded
+        # the seed's two 32-bit words on the device, rewritten in place by reset(seed=...)
+        self._key = torch.zeros(2, dtype=torch.int64, device=self.device)
         self._low, self._high = -0.05, 0.05
         self.state: Optional[torch.Tensor] = None  # (num_envs, 4): x, x_dot, theta, theta_dot
         self.steps = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
         self.prev_done = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        self.starts = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
         # One fused kernel per step for a float64 state on a CUDA device (the torch code
         # elsewhere; Triton's float32 sine and cosine round differently from torch's).
         self._use_kernel = self.device.type == "cuda" and dtype == torch.float64
+        # Initial states of resets in one launch on a CUDA device (any dtype).
+        self._use_start_kernel = self.device.type == "cuda"
         self._consts: Optional[torch.Tensor] = None
         self._consts_values: list = []
 
     # ------------------------------------------------------------------ randomness
 
     def _seed(self, seed: Optional[int]) -> None:
+        """Key the start stream with ``seed`` (taken modulo 2**64; None draws one from the
+        operating system) and restart every environment's start count."""
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
-        if self._generator is None:  # reseeded in place later (a CUDA graph may hold it)
-            self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(int(seed))
+        self._seed_value = int(seed) & 0xFFFFFFFFFFFFFFFF
+        lo, hi = self._seed_value & 0xFFFFFFFF, self._seed_value >> 32
+        self._key.copy_(torch.tensor([lo, hi], dtype=torch.int64))  # in place: graphs read it
+        self.starts.zero_()
 
-    def _uniforms(self) -> torch.Tensor:
-        """``(num_envs, 4)`` uniforms in [0, 1) from the environment's generator."""
-        return torch.rand(
-            (self.num_envs, 4), generator=self._generator, dtype=self.dtype, device=self.device
-        )
+    def _initial_states(self, where: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The next initial state of every environment where ``where`` is True (all of them
+        when None): ``(num_envs, 4)`` in the state's dtype, those rows filled (the others are
+        unspecified), and those environments' start counts advanced.
 
-    def _initial_states(self) -> torch.Tensor:
-        """Fresh initial states for every environment: ``(num_envs, 4)`` uniform in [low, high)."""
-        return self._low + (self._high - self._low) * self._uniforms()
+        On a CUDA device one kernel launch draws them (no host synchronisation); on the CPU
+        the torch code draws only the rows asked for.
+        """
+        from .kernels import cartpole as kernel
+
+        e = self.num_envs
+        consts = self._constants()
+        if self._use_start_kernel:
+            out = torch.empty((e, 4), dtype=self.dtype, device=self.device)
+            return kernel.start_states_(self._key, self.starts, where, consts, out)
+        rows = torch.arange(e, device=self.device) if where is None else where.nonzero()[:, 0]
+        words = philox4x32(rows, self.starts[rows], 0, kernel.START_STREAM_TAG,
+                           self._seed_value)
+        u = torch.stack(words, dim=1).to(torch.float64) * 2.0**-32
+        low, span = consts[-2:]  # rounded to the state's dtype, as in the kernels
+        values = low + span * u.to(self.dtype)
+        self.starts[rows] += 1
+        if where is None:
+            return values
+        out = torch.zeros((e, 4), dtype=self.dtype, device=self.device)
+        out[rows] = values
+        return out
 
     @property
     def cuda_graph_generators(self) -> list:
-        """The CUDA generators a step draws from (to register with a CUDA graph that
-        captures steps); empty on other devices."""
-        gen = self._generator
-        return [gen] if gen is not None and gen.device.type == "cuda" else []
+        """The CUDA generators a step draws from, to register with a CUDA graph that captures
+        steps: none (initial states come from the counter-based start stream, whose key and
+        counts are device tensors updated in place)."""
+        return []
 
     def _constants(self) -> torch.Tensor:
-        """The kernel's constants (see ``kernels.cartpole.CONSTANT_NAMES``), updated in place
-        when the initial-state bounds change."""
+        """The kernel's constants (see ``kernels.cartpole.CONSTANT_NAMES``) in the state's
+        dtype on the device, updated in place when the initial-state bounds change."""
         values = [self.gravity, self.masspole, self.total_mass, self.length,
                   self.polemass_length, self.force_mag, self.tau, self.theta_threshold_radians,
                   self.x_threshold, 4.0 / 3.0, self._low, self._high - self._low]
@@ -220,8 +259,9 @@ class CartPole(gym.vector.VectorEnv):
         """Draw initial states.
 
         Args:
-            seed: Reseeds the environment's generator first (None keeps the current one; the
-                very first reset without a seed uses the constructor's ``seed``).
+            seed: Reseeds the start stream first and restarts every environment's start
+                count (None continues the current stream; the very first reset without a
+                seed uses the constructor's ``seed``).
             options: Optional ``"low"``/``"high"`` bounds of the initial-state distribution
                 (kept for later autoresets, as in Gymnasium) and ``"reset_mask"`` (bool array
                 ``(num_envs,)``, torch or numpy): reset only those environments.
@@ -237,26 +277,24 @@ class CartPole(gym.vector.VectorEnv):
             raise ValueError(f"unknown reset options: {sorted(options)}")
         if low > high:
             raise ValueError(f"Lower bound ({low}) must be lower than higher bound ({high}).")
+        if mask is not None:  # checked before anything changes
+            if self.state is None:
+                raise RuntimeError("reset_mask needs a full reset() first")
+            mask = self._as_mask(mask)
         if seed is not None:
             self._seed(seed)
-        elif self._generator is None:
+        elif self._seed_value is None:
             self._seed(self._initial_seed)
         self._low, self._high = low, high
-        if self._use_kernel:
-            self._constants()
 
-        fresh = self._initial_states()
-        if mask is None or self.state is None:
-            if mask is not None:
-                raise RuntimeError("reset_mask needs a full reset() first")
-            self._write_state(fresh)
+        if mask is None:
+            self._write_state(self._initial_states())
             self.steps.zero_()
             self.prev_done.zero_()
         else:
-            m = self._as_mask(mask)
-            self._write_state(torch.where(m[:, None], fresh, self.state))
-            self.steps.masked_fill_(m, 0)
-            self.prev_done.masked_fill_(m, False)
+            self._write_state(torch.where(mask[:, None], self._initial_states(mask), self.state))
+            self.steps.masked_fill_(mask, 0)
+            self.prev_done.masked_fill_(mask, False)
         return self.state.to(torch.float32), {}
 
     def _as_actions(self, actions: TensorLike) -> torch.Tensor:
@@ -289,13 +327,15 @@ class CartPole(gym.vector.VectorEnv):
         if self.state is None:
             raise RuntimeError("call reset() before step()")
         a = self._as_actions(actions)
+        if self._seed_value is None:  # a state given by set_state() before any reset()
+            self._seed(self._initial_seed)
         if self._use_kernel:
             from .kernels.cartpole import cartpole_step_
 
-            fresh = self._uniforms() if self.autoreset_mode == "next_step" else None
+            starts = self.starts if self.autoreset_mode == "next_step" else None
             obs, reward, terminated, truncated = cartpole_step_(
-                self.state, self.steps, self.prev_done, a, fresh, self._constants(),
-                self.max_episode_steps)
+                self.state, self.steps, self.prev_done, a, starts, self._key,
+                self._constants(), self.max_episode_steps)
             return obs, reward, terminated, truncated, {}
         x, x_dot, theta, theta_dot = self.state.unbind(dim=1)
         force = torch.where(a > 0, self.force_mag, -self.force_mag).to(self.dtype)
@@ -327,10 +367,8 @@ class CartPole(gym.vector.VectorEnv):
 
         if self.autoreset_mode == "next_step":
             # Environments whose episode ended on the previous step start a new one now.
-            # A fresh draw for every environment keeps the generator's stream independent of
-            # which ones ended (and avoids a device-to-host synchronisation).
             restart = self.prev_done
-            state = torch.where(restart[:, None], self._initial_states(), state)
+            state = torch.where(restart[:, None], self._initial_states(restart), state)
             self.steps.masked_fill_(restart, 0)
             reward.masked_fill_(restart, 0.0)
             terminated = terminated & ~restart

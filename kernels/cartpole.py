@@ -8,6 +8,11 @@ constants arrive in a tensor of the state's dtype (a Python float literal would 
 float32 constant inside a Triton kernel). The state, step counters and end-of-episode flags
 are updated in place, so their addresses never change (a captured CUDA graph can step the
 environment again and again).
+
+Autoreset draws an environment's next initial state inside the kernel from the
+environment's start stream (:data:`START_STREAM_TAG`): the stream's key and each
+environment's count of drawn starts live in device tensors, so a replayed graph draws what
+an eager step would.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evotorch_eggroll.kernels.philox import device_guard
+from evotorch_eggroll.kernels.philox import PHILOX_ROUNDS, device_guard, stream_seed
 
 # One environment per thread: the step is a chain of dependent float64 operations (sine,
 # cosine, divisions), so more threads in flight beat more environments per thread (on an
@@ -24,10 +29,32 @@ from evotorch_eggroll.kernels.philox import device_guard
 BLOCK = 128
 NUM_WARPS = 4
 
+# Initial states: Philox4x32-10 keyed by the environment's 64-bit seed, counter
+# (environment index, start count, 0, START_STREAM_TAG); word v gives state variable v as
+# low + (high - low) * (w_v * 2**-32). The tag keeps these counters apart from the noise
+# stream's (whose last word is an epoch).
+START_STREAM_TAG = 0x43415254
+_START_TAG = tl.constexpr(START_STREAM_TAG)
+
 # Order of the constants in the ``consts`` tensor.
 CONSTANT_NAMES = ("gravity", "masspole", "total_mass", "length", "polemass_length",
                   "force_mag", "tau", "theta_threshold_radians", "x_threshold", "four_thirds",
                   "low", "span")
+
+
+@triton.jit
+def start_words(seed, env, start):
+    """The four Philox words of environment ``env``'s start number ``start`` (int64 blocks)."""
+    c0 = env.to(tl.uint32)
+    c1 = start.to(tl.uint32)
+    zero = c0 * 0
+    return tl.philox(seed, c0, c1, zero, zero + _START_TAG, PHILOX_ROUNDS)
+
+
+@triton.jit
+def _start_value(w, low, span):
+    # w * 2**-32 is exact in float64 (2**-32 is exact as Triton's float32 literal)
+    return low + span * (w.to(tl.float64) * 2.3283064365386963e-10).to(low.dtype)
 
 
 @triton.jit
@@ -37,7 +64,8 @@ def _cartpole_step_kernel(
     prev_done_ptr,
     act_ptr,
     stride_act,
-    fresh_ptr,
+    key_ptr,
+    starts_ptr,
     consts_ptr,
     obs_ptr,
     reward_ptr,
@@ -90,14 +118,14 @@ def _cartpole_step_kernel(
         # an environment whose episode ended on the previous step starts a new one now
         low = tl.load(consts_ptr + 10)
         span = tl.load(consts_ptr + 11)
-        x = tl.where(prev, low + span * tl.load(fresh_ptr + env * 4 + 0, mask=ok, other=0.0), x)
-        x_dot = tl.where(prev, low + span * tl.load(fresh_ptr + env * 4 + 1, mask=ok, other=0.0),
-                         x_dot)
-        theta = tl.where(prev, low + span * tl.load(fresh_ptr + env * 4 + 2, mask=ok, other=0.0),
-                         theta)
-        theta_dot = tl.where(prev,
-                             low + span * tl.load(fresh_ptr + env * 4 + 3, mask=ok, other=0.0),
-                             theta_dot)
+        seed = stream_seed(tl.load(key_ptr), tl.load(key_ptr + 1))
+        start = tl.load(starts_ptr + env, mask=ok, other=0)
+        w0, w1, w2, w3 = start_words(seed, env, start)
+        x = tl.where(prev, _start_value(w0, low, span), x)
+        x_dot = tl.where(prev, _start_value(w1, low, span), x_dot)
+        theta = tl.where(prev, _start_value(w2, low, span), theta)
+        theta_dot = tl.where(prev, _start_value(w3, low, span), theta_dot)
+        tl.store(starts_ptr + env, start + 1, mask=ok & prev)
         steps = tl.where(prev, 0, steps)
         reward = tl.where(prev, 0.0, reward)
         terminated = terminated & ~prev
@@ -122,25 +150,73 @@ def _cartpole_step_kernel(
     tl.store(trunc_ptr + env, truncated.to(tl.int8), mask=ok)
 
 
+@triton.jit
+def _start_states_kernel(key_ptr, starts_ptr, where_ptr, consts_ptr, out_ptr, num_envs,
+                         HAS_WHERE: tl.constexpr, BLOCK: tl.constexpr):
+    env = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ok = env < num_envs
+    if HAS_WHERE:
+        ok = ok & (tl.load(where_ptr + env, mask=ok, other=0) != 0)
+    low = tl.load(consts_ptr + 10)
+    span = tl.load(consts_ptr + 11)
+    seed = stream_seed(tl.load(key_ptr), tl.load(key_ptr + 1))
+    start = tl.load(starts_ptr + env, mask=ok, other=0)
+    w0, w1, w2, w3 = start_words(seed, env, start)
+    tl.store(out_ptr + env * 4 + 0, _start_value(w0, low, span), mask=ok)
+    tl.store(out_ptr + env * 4 + 1, _start_value(w1, low, span), mask=ok)
+    tl.store(out_ptr + env * 4 + 2, _start_value(w2, low, span), mask=ok)
+    tl.store(out_ptr + env * 4 + 3, _start_value(w3, low, span), mask=ok)
+    tl.store(starts_ptr + env, start + 1, mask=ok)
+
+
+def start_states_(key: torch.Tensor, starts: torch.Tensor, where: torch.Tensor | None,
+                  consts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write the next initial state of every environment where ``where`` is True (all when
+    None) into the rows of ``out`` and advance those environments' ``starts``, in one launch.
+
+    Args:
+        key: ``(2,)`` int64: the low and high 32-bit words of the start stream's seed.
+        starts: ``(E,)`` int64 counts of the initial states drawn for each environment.
+        where: ``(E,)`` bool, or None for every environment.
+        consts: the constants of :data:`CONSTANT_NAMES` in ``out``'s dtype.
+        out: ``(E, 4)`` contiguous floating tensor; the other rows are left as they are.
+
+    Returns:
+        ``out``.
+    """
+    e = starts.shape[0]
+    if e:
+        with device_guard(out):
+            _start_states_kernel[(triton.cdiv(e, BLOCK),)](
+                key, starts, starts if where is None else where.view(torch.int8), consts, out,
+                e, HAS_WHERE=where is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                enable_fp_fusion=False,
+            )
+    return out
+
+
 def cartpole_step_(
     state: torch.Tensor,
     steps: torch.Tensor,
     prev_done: torch.Tensor,
     actions: torch.Tensor,
-    fresh: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    key: torch.Tensor,
     consts: torch.Tensor,
     max_steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Advance every environment by one step, updating ``state``, ``steps`` and
-    ``prev_done`` in place.
+    """Advance every environment by one step, updating ``state``, ``steps``,
+    ``prev_done`` and (with autoreset) ``starts`` in place.
 
     Args:
         state: ``(E, 4)`` contiguous floating state (x, x_dot, theta, theta_dot).
         steps: ``(E,)`` int64 step counters.
         prev_done: ``(E,)`` bool: the episode ended on the previous step.
         actions: ``(E,)`` integer actions (positive pushes right).
-        fresh: ``(E, 4)`` uniforms in the state's dtype for next-step autoreset, or None
-            without autoreset.
+        starts: ``(E,)`` int64 counts of the initial states drawn for each environment, for
+            next-step autoreset (an environment that restarts draws start number
+            ``starts[i]`` and counts it), or None without autoreset.
+        key: ``(2,)`` int64: the low and high 32-bit words of the start stream's seed.
         consts: the constants of :data:`CONSTANT_NAMES` in the state's dtype.
         max_steps: truncation length.
 
@@ -156,11 +232,11 @@ def cartpole_step_(
     truncated = torch.empty((e,), dtype=torch.bool, device=dev)
     if e == 0:
         return obs, reward, terminated, truncated
-    next_step = fresh is not None
+    next_step = starts is not None
     with device_guard(state):
         _cartpole_step_kernel[(triton.cdiv(e, BLOCK),)](
-            state, steps, prev_done.view(torch.int8), actions, actions.stride(0),
-            fresh if next_step else state, consts, obs, reward, terminated.view(torch.int8),
+            state, steps, prev_done.view(torch.int8), actions, actions.stride(0), key,
+            starts if next_step else steps, consts, obs, reward, terminated.view(torch.int8),
             truncated.view(torch.int8), e, int(max_steps),
             NEXT_STEP=next_step, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
         )

@@ -6,8 +6,8 @@ for the benchmark shapes (4096 x 4096 at r = 1/4/16, the RL MLP 17->256->256->6 
 in fp32 and bf16, and every other kernel (dense noise and its update, the update's factor
 matrices, the normal block, the Philox words) at its launcher's configuration, the
 drawn-factor variant (``_drawn``) of each project/expand configuration, the one-launch
-narrow-layer kernel at the rollout benchmark's layer shapes and the one-launch MLP kernels
-(in registers and through scratch), with
+narrow-layer kernel at the rollout benchmark's layer shapes, the one-launch MLP kernels
+(in registers and through scratch) and the environment kernels of a rollout step, with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and the launch options
 of ``evotorch_eggroll.kernels.compat``, and prints per configuration: SASS instructions,
 registers, local memory (spill/stack), shared memory, barriers (BAR), warp shuffles (SHFL),
@@ -31,9 +31,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from evotorch_eggroll.kernels import cartpole as cp  # noqa: E402
 from evotorch_eggroll.kernels import dense_noise as dn  # noqa: E402
 from evotorch_eggroll.kernels import drawn_linear as dl  # noqa: E402
 from evotorch_eggroll.kernels import drawn_mlp as dm  # noqa: E402
+from evotorch_eggroll.kernels import episode_step as es  # noqa: E402
 from evotorch_eggroll.kernels import lowrank_expand as ex  # noqa: E402
 from evotorch_eggroll.kernels import lowrank_project as pr  # noqa: E402
 from evotorch_eggroll.kernels import lowrank_update as up  # noqa: E402
@@ -49,7 +51,7 @@ DTYPES = {"fp32": "*fp32", "bf16": "*bf16"}
 CACHE_SIG = dict(cache_ptr="*fp32", cache_base="i32", cache_rows="i32")
 
 
-def _compile(fn, signature: dict, constexprs: dict, num_warps: int, **options):
+def _compile(fn, signature: dict, constexprs: dict, options: dict):
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
@@ -61,7 +63,7 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int, **options):
              if isinstance(sig[n], str) and sig[n].startswith("*")}
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET,
-                          options={"num_warps": num_warps, **LAUNCH_OPTIONS, **options})
+                          options={**LAUNCH_OPTIONS, **options})
 
 
 def _sass_summary(cubin: bytes, dump_to: str | None, label: str) -> dict:
@@ -119,27 +121,31 @@ def expand_configs():
 
 def other_rows():
     """The remaining kernels, one configuration each (fp32, plus bf16 where the output dtype
-    follows the parameter's): ``(label, plan, signature, constexprs, kernel, num_warps)``."""
+    follows the parameter's): ``(label, plan, signature, constexprs, kernel, options)``, the
+    options those a launcher passes (``num_warps``, ...)."""
     seeds = dict(seed_lo="i64", seed_hi="i64", key="i64", epoch="i64")
     for dname, ptr in DTYPES.items():
         sig = dict(out_ptr=ptr, ids_ptr="*i64", n_rows="i32", D="i32", stride_om="i32",
                    stride_od="i32", stride_ids="i32", **seeds, scale="fp32")
         yield (f"dense_add_{dname}_br16", None, sig,
                dict(BLOCK_E=dn.BLOCK_E, BLOCK_ROWS=16, ANTITHETIC=True),
-               dn._dense_noise_add_kernel, dn.NUM_WARPS)
+               dn._dense_noise_add_kernel, dict(num_warps=dn.NUM_WARPS))
         sig = dict(idx_ptr="*i64", coef_ptr="*fp32", a_ptr=ptr, b_ptr=ptr, m="i32", n="i32",
                    stride_am="i32", stride_bn="i32", **seeds)
         yield (f"factors_{dname}_r4", None, sig, dict(R=4, BLOCK_E=up.BLOCK_E),
-               up._factor_matrices_kernel, up.NUM_WARPS)
+               up._factor_matrices_kernel, dict(num_warps=up.NUM_WARPS))
     sig = dict(idx_ptr="*i64", coef_ptr="*fp32", partial_ptr="*fp32", K="i32",
                k_per_split="i32", numel="i32", **seeds)
     yield ("dense_update_fp32", None, sig, dict(BLOCK_E=dn.BLOCK_E), dn._dense_update_kernel,
-           dn.NUM_WARPS)
+           dict(num_warps=dn.NUM_WARPS))
     sig = dict(idx_ptr="*i64", out_ptr="*fp32", numel="i32", first_quad="i64", **seeds)
-    yield ("normal_block_fp32", None, sig, dict(BLOCK_E=nb.BLOCK_E), nb._normal_block_kernel, 4)
+    yield ("normal_block_fp32", None, sig, dict(BLOCK_E=nb.BLOCK_E), nb._normal_block_kernel,
+           dict(num_warps=4))
     sig = dict(idx_ptr="*i64", out_ptr="*i64", numel="i32", first_quad="i64", **seeds)
-    yield ("philox_words", None, sig, dict(BLOCK_Q=64), ph._philox_words_kernel, 4)
+    yield ("philox_words", None, sig, dict(BLOCK_Q=64), ph._philox_words_kernel,
+           dict(num_warps=4))
     yield from drawn_mlp_rows()
+    yield from environment_rows()
 
 
 def _drawn_mlp_signature(fn, constexprs: dict) -> dict:
@@ -176,6 +182,28 @@ def drawn_mlp_rows():
         yield label, None, _drawn_mlp_signature(fn, const), const, fn, options
 
 
+def environment_rows():
+    """The environment kernels of a rollout: CartPole's step with and without next-step
+    autoreset and its reset's initial states (float64 state, no floating-point
+    contraction), and the episode counters."""
+    sig = dict(state_ptr="*fp64", steps_ptr="*i64", prev_done_ptr="*i8", act_ptr="*i64",
+               stride_act="i32", key_ptr="*i64", starts_ptr="*i64", consts_ptr="*fp64",
+               obs_ptr="*fp32", reward_ptr="*fp32", term_ptr="*i8", trunc_ptr="*i8",
+               num_envs="i32", max_steps="i32")
+    for next_step in (True, False):
+        yield (f"cartpole_step{'_autoreset' if next_step else ''}", None, sig,
+               dict(NEXT_STEP=next_step, BLOCK=cp.BLOCK), cp._cartpole_step_kernel,
+               dict(num_warps=cp.NUM_WARPS, enable_fp_fusion=False))
+    sig = dict(key_ptr="*i64", starts_ptr="*i64", where_ptr="*i8", consts_ptr="*fp64",
+               out_ptr="*fp64", num_envs="i32")
+    yield ("cartpole_start_states", None, sig, dict(HAS_WHERE=True, BLOCK=cp.BLOCK),
+           cp._start_states_kernel, dict(num_warps=cp.NUM_WARPS, enable_fp_fusion=False))
+    sig = dict(returns_ptr="*fp64", alive_ptr="*i64", active_ptr="*i8", done_ptr="*i8",
+               reward_ptr="*fp32", term_ptr="*i8", trunc_ptr="*i8", n="i32")
+    yield ("episode_step", None, sig, dict(BLOCK=es.BLOCK), es._episode_step_kernel,
+           dict(num_warps=es.NUM_WARPS))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sass", default=None, help="folder to write the SASS listings to")
@@ -197,7 +225,7 @@ def main() -> int:
                 const = dict(plan, BLOCK_ROWS=br, ANTITHETIC=True, CACHED=cached)
                 const.update(getattr(pr, "extra_constexprs", lambda p, b: {})(plan, br))
                 rows.append((label + ("_drawn" if cached else ""), plan, sig, const,
-                             pr._lowrank_project_kernel, pr.NUM_WARPS))
+                             pr._lowrank_project_kernel, dict(num_warps=pr.NUM_WARPS)))
         for label, d, r, off, br, bias in expand_configs():
             label = f"expand_{dname}_{label}"
             if args.only not in label:
@@ -214,7 +242,7 @@ def main() -> int:
                              BLOCK_ROWS=br, ANTITHETIC=True, CACHED=cached,
                              BIAS_CACHED=cached and bias)
                 rows.append((label + ("_drawn" if cached else ""), plan, sig, const,
-                             ex._lowrank_expand_kernel, ex.NUM_WARPS))
+                             ex._lowrank_expand_kernel, dict(num_warps=ex.NUM_WARPS)))
         for n, m, r in ((4, 64, 1), (64, 64, 1), (64, 2, 1), (17, 256, 4), (256, 256, 4)):
             label = f"drawn_linear_{dname}_{n}x{m}_r{r}"
             if dname != "fp32" or args.only not in label:
@@ -228,16 +256,15 @@ def main() -> int:
             const = dict(R=r, RP=rp, BLOCK_M=dl.BLOCK_M, **dl.block_sizes(n, m), HAS_BIAS=True,
                          WEIGHT_NOISE=True, BIAS_NOISE=True, ANTITHETIC=True, PRECISION="ieee")
             plan = dict(R=r, RP=rp, TILE_ROWS=dl.BLOCK_M, BLOCK_Q=0, DIRECT=False)
-            rows.append((label, plan, sig, const, dl._drawn_linear_kernel, dl.NUM_WARPS))
+            rows.append((label, plan, sig, const, dl._drawn_linear_kernel,
+                         dict(num_warps=dl.NUM_WARPS)))
     rows += [r for r in other_rows() if args.only in r[0]]
     print(f"{'kernel':44s} {'plan':34s} instr regs stack local smem BAR SHFL LDS STS LDL STL MUFU")
-    for label, plan, sig, const, fn, warps in rows:
+    for label, plan, sig, const, fn, options in rows:
         p = "-" if plan is None else (
             f"R{plan['R']} T{plan['TILE_ROWS']}x{plan['RP']} Q{plan['BLOCK_Q']} D{int(plan['DIRECT'])}")
         try:
-            # a row's last field: its warps, or (one-launch MLP) the launcher's options
-            k = _compile(fn, sig, const, **(warps if isinstance(warps, dict)
-                                            else {"num_warps": warps}))
+            k = _compile(fn, sig, const, options)
         except Exception as exc:  # noqa: BLE001
             failures += 1
             print(f"{label:44s} {p:34s} COMPILE FAILED: {type(exc).__name__}: {exc}"[:400])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from evotorch_eggroll.envs import CartPole
+from evotorch_eggroll.kernels.cartpole import START_STREAM_TAG
 
 
 def _gym_single(max_episode_steps=500):
@@ -160,8 +161,11 @@ def test_bad_inputs():
         env.step([0, 1, 1])
     with pytest.raises(TypeError, match="integers"):
         env.step(torch.tensor([0.0, 1.0]))
+    before = (env.state.clone(), env.starts.clone(), env._seed_value)
     with pytest.raises(ValueError, match="reset_mask"):
-        env.reset(options={"reset_mask": np.array([1, 0])})
+        env.reset(seed=7, options={"reset_mask": np.array([1, 0])})
+    assert torch.equal(env.state, before[0]) and torch.equal(env.starts, before[1])
+    assert env._seed_value == before[2]  # the seed was not taken either
 
 
 @pytest.mark.gpu
@@ -216,4 +220,103 @@ def test_state_keeps_its_storage():
     env.set_state(torch.zeros(4, 4))
     env.step([0, 0, 0, 0])
     assert (env.state.data_ptr(), env.steps.data_ptr(), env.prev_done.data_ptr()) == ptrs
-    assert env.cuda_graph_generators == []  # a CPU generator needs no registration
+    assert env.cuda_graph_generators == []  # a step draws from no generator
+
+
+def _philox4x32_10(key: int, counter: tuple) -> list:
+    """Philox4x32-10 (Salmon et al., 2011) on Python integers: the four output words."""
+    m0, m1, w0, w1, mask = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85, 0xFFFFFFFF
+    c0, c1, c2, c3 = counter
+    k0, k1 = key & mask, (key >> 32) & mask
+    for _ in range(10):
+        p0, p1 = m0 * c0, m1 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + w0) & mask, (k1 + w1) & mask
+    return [c0, c1, c2, c3]
+
+
+def _start(seed: int, env: int, start: int, low: float = -0.05, high: float = 0.05) -> list:
+    """Environment ``env``'s initial state number ``start`` under ``seed``, from the stream's
+    definition: low + (high - low) * (w * 2**-32), the words of Philox4x32-10 keyed by the
+    seed at counter (env, start, 0, START_STREAM_TAG), in float64."""
+    words = _philox4x32_10(seed, (env, start, 0, START_STREAM_TAG))
+    return [low + (high - low) * (w * 2.0**-32) for w in words]
+
+
+def test_philox_reference_matches_the_published_vectors():
+    """The test's own Philox against Random123's known-answer vectors (kat_vectors)."""
+    assert _philox4x32_10(0, (0, 0, 0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    pi_key = 0xA4093822 | (0x299F31D0 << 32)
+    assert _philox4x32_10(pi_key, (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_initial_states_follow_the_start_stream(device, fused):
+    """Every initial state, from reset(seed), a masked reset or an autoreset, is exactly the
+    stream's value for (seed, environment, start count), and only the environments that
+    start count: through the torch code, and through the kernels (the one-kernel step and
+    the resets' launch; on the CPU through Triton's interpreter)."""
+    seed = 3 + (7 << 32)  # both key words matter
+    n = 5
+    env = CartPole(n, device=device, seed=0)
+    env._use_kernel = env._use_start_kernel = fused
+    env.reset(seed=seed)
+    want = torch.tensor([_start(seed, i, 0) for i in range(n)], dtype=torch.float64)
+    assert torch.equal(env.state.cpu(), want)
+    assert env.starts.tolist() == [1] * n
+    # environments 1 and 3 end on the next step and start again on the one after
+    state = env.state.clone()
+    state[1, :2] = torch.tensor([2.39999, 1.0])
+    state[3, 2:] = torch.tensor([-0.2094, -1.0])
+    env.set_state(state)
+    _, _, term, _, _ = env.step(torch.ones(n, dtype=torch.int64, device=device))
+    assert term.tolist() == [False, True, False, True, False]
+    obs, reward, _, _, _ = env.step(torch.ones(n, dtype=torch.int64, device=device))
+    for i in (1, 3):
+        assert env.state[i].cpu().tolist() == _start(seed, i, 1)
+    assert reward.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert env.starts.tolist() == [1, 2, 1, 2, 1]
+    env.reset(options={"reset_mask": torch.tensor([True, False, False, True, False]),
+                       "low": -0.1, "high": 0.2})
+    assert env.state[0].cpu().tolist() == _start(seed, 0, 1, -0.1, 0.2)
+    assert env.state[3].cpu().tolist() == _start(seed, 3, 2, -0.1, 0.2)
+    assert env.starts.tolist() == [2, 2, 1, 3, 1]
+    env.reset()  # no seed: the stream goes on
+    assert env.state[1].cpu().tolist() == _start(seed, 1, 2, -0.1, 0.2)
+    assert env.starts.tolist() == [3, 3, 2, 4, 2]
+
+
+def test_initial_states_do_not_depend_on_the_batch():
+    """Environment i's starts depend on the seed and i only: a larger batch begins with
+    the same states, and they cover [low, high) evenly."""
+    small, large = CartPole(3, device="cpu"), CartPole(4096, device="cpu")
+    small.reset(seed=9)
+    large.reset(seed=9)
+    assert torch.equal(large.state[:3], small.state)
+    s = large.state
+    assert float(s.min()) >= -0.05 and float(s.max()) < 0.05
+    assert abs(float(s.mean())) < 1e-3
+    assert abs(float(s.std()) - 0.1 / 12 ** 0.5) < 1e-3
+    other = CartPole(4096, device="cpu")
+    other.reset(seed=9 + (1 << 32))
+    assert not torch.equal(other.state, large.state)
+
+
+@pytest.mark.gpu
+def test_initial_states_are_the_same_on_every_device():
+    """The same seed gives the same starts on the GPU (one-kernel autoreset) as on the CPU."""
+    n = 1000
+    gpu, cpu = CartPole(n, device="cuda", seed=4), CartPole(n, device="cpu", seed=4)
+    assert torch.equal(gpu.reset()[0].cpu(), cpu.reset()[0])
+    state = cpu.state.clone()
+    state[::3, :2] = torch.tensor([2.39999, 1.0])  # a third of them end, then start again
+    gpu.set_state(state)
+    cpu.set_state(state)
+    for _ in range(2):
+        act = torch.ones(n, dtype=torch.int64)
+        gpu.step(act.cuda())
+        cpu.step(act)
+    assert torch.equal(gpu.starts.cpu(), cpu.starts)
+    restarted = torch.arange(n) % 3 == 0
+    assert torch.equal(gpu.state.cpu()[restarted], cpu.state[restarted])

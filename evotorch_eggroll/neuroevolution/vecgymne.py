@@ -55,8 +55,9 @@ class EggrollVecGymNE(EggrollNEProblem):
     and pickled problems resume exactly. With Gymnasium's per-sub-environment seeding
     (``seed + i`` for sub-environment ``i``, e.g. ``vectorization_mode="sync"``) member
     ``m`` then always starts from the same state, whichever rank of a distributed EGGROLL
-    run evaluates it; an environment drawing all initial states from one generator (such
-    as :class:`~evotorch_eggroll.envs.CartPole`) gives each rank's slice its own states.
+    run evaluates it; an environment seeded once for the whole batch (such as
+    :class:`~evotorch_eggroll.envs.CartPole`, whose starts follow from the seed and the
+    sub-environment's index) gives each rank's slice its own states.
     In a distributed run the interaction and episode counters and the observation
     statistics are summed over the ranks after each generation, so they are global and
     identical on every rank (within a generation each rank normalises with the statistics

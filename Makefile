@@ -9,7 +9,9 @@
 # release it was built with), e.g. make test TRITON_SPEC=triton==3.9.0; a venv whose pair
 # differs from the one asked for is reinstalled.
 #   make test-newest   a shorter pass (kernels, native API, EvoTorch) in .venv-newest with
-#                      the newest torch CPU build and the newest Triton
+#                      the newest torch CPU build and the newest Triton (test extras only)
+# Without a GPU the tests run in one process per core (PYTEST_WORKERS=auto, pytest-xdist);
+# PYTEST_WORKERS=0 runs them in one process.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,6 +24,13 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 TRITON_SPEC ?= triton==3.6.0
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): without a GPU the interpreter-bound suite runs on every
+# core; with one, in a single process (the GPU tier's tests share one device).
+ifeq ($(HAVE_GPU),1)
+PYTEST_WORKERS ?= 0
+else
+PYTEST_WORKERS ?= auto
+endif
 # MuJoCo (HalfCheetah tests) and CPU JAX (the JAX environment adapter's tests); Brax is left
 # out: it brings ~35 packages and its physics takes tens of seconds to compile on the CPU.
 EXTRAS ?= test,notebooks,mujoco,jax
@@ -68,11 +77,11 @@ demo: $(VENV)/.base
 	PYTHONUNBUFFERED=1 $(PY) -m evotorch_eggroll.demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-newest:
 	$(MAKE) test VENV=$(NEWEST_VENV) TORCH_SPEC=$(NEWEST_TORCH_SPEC) \
-		TRITON_SPEC=$(NEWEST_TRITON_SPEC) PYTEST_ARGS="$(NEWEST_TESTS) $(PYTEST_ARGS)"
+		TRITON_SPEC=$(NEWEST_TRITON_SPEC) EXTRAS=test PYTEST_ARGS="$(NEWEST_TESTS) $(PYTEST_ARGS)"
 
 clean:
 	rm -rf $(VENV) $(NEWEST_VENV) build dist *.egg-info .pytest_cache

@@ -120,7 +120,7 @@ def test_sphere_improves_in_both_senses(sense):
     searcher = EGGROLL(problem, popsize=20, sigma=0.3, lr=0.1)
     searcher.step()
     first = searcher.status["mean_eval"]
-    searcher.run(80)
+    searcher.run(40)  # the mean reaches about 0.03 of its start, the center's norm² 0.17
     last = searcher.status["mean_eval"]
     if sense == "min":
         assert last < 0.2 * first

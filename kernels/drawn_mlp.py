@@ -450,6 +450,44 @@ def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
             dict(num_warps=NUM_WARPS, **LAUNCH_OPTIONS), False)
 
 
+def layer_operands(layers: Sequence[Layer], dummy: torch.Tensor) -> tuple[list, tuple, tuple, bool]:
+    """The per-layer kernel arguments of up to :data:`MAX_LAYERS` layers: ``(args, dims,
+    flags, off32)``: each slot's weight, its strides, bias, factor block and bias noise
+    (unused slots and absent tensors point at ``dummy`` and are never read), the feature
+    counts padded with 1 to ``MAX_LAYERS + 1``, each slot's ``(HB, WN, BZ, ACT)``, and
+    whether every noise block has fewer than 2**31 elements."""
+    args, dims, flags, off32 = [], [layers[0].weight.shape[1]], [], True
+    for lay in layers:
+        w, b, c, bc = lay.weight, lay.bias, lay.cache, lay.bias_cache
+        if (c is not None and c[0].numel() >= 2**31) or (
+                bc is not None and bc[0].numel() >= 2**31):
+            off32 = False
+        sw = w.stride()
+        args += (w, sw[0], sw[1], dummy if b is None else b, dummy if c is None else c[0],
+                 dummy if bc is None else bc[0])
+        dims.append(w.shape[0])
+        flags.append((b is not None, c is not None, bc is not None, int(lay.act)))
+    for _ in range(len(layers), MAX_LAYERS):
+        args += (dummy, 0, 0, dummy, dummy, dummy)
+        flags.append(_UNUSED_FLAGS)
+    dims += [1] * (MAX_LAYERS + 1 - len(dims))
+    return args, tuple(dims), tuple(flags), off32
+
+
+def launch_config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
+                  precision: str, libdevice: bool, small: bool, off32: bool,
+                  argmax: bool) -> tuple[tuple, int, dict, bool]:
+    """:func:`_config`, remembered for each combination of its arguments and the module's
+    tuning knobs."""
+    key = (dims, flags, layers, rank, antithetic, precision, libdevice, small, off32, argmax,
+           _tuning())
+    config = _configs.get(key)
+    if config is None:
+        config = _configs[key] = _config(dims, flags, layers, rank, antithetic, precision,
+                                         libdevice, small, off32, argmax)
+    return config
+
+
 def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic, precision,
             argmax):
     rows, n0 = x.shape
@@ -457,34 +495,13 @@ def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic,
     out = torch.empty((rows, layers[-1].weight.shape[0]), dtype=torch.float32, device=device)
     if rows == 0:
         return out.argmax(dim=1) if argmax else out
-    # each layer slot: weight, its strides, bias, factor block, bias noise (unused slots and
-    # absent tensors point at ``out`` and are never read) and its flags
-    args, dims, flags, off32 = [], [n0], [], True
-    for lay in layers:
-        w, b, c, bc = lay.weight, lay.bias, lay.cache, lay.bias_cache
-        if (c is not None and c[0].numel() >= 2**31) or (
-                bc is not None and bc[0].numel() >= 2**31):
-            off32 = False
-        sw = w.stride()
-        args += (w, sw[0], sw[1], out if b is None else b, out if c is None else c[0],
-                 out if bc is None else bc[0])
-        dims.append(w.shape[0])
-        flags.append((b is not None, c is not None, bc is not None, int(lay.act)))
+    args, dims, flags, off32 = layer_operands(layers, out)
     n_layers = len(layers)
-    for _ in range(n_layers, MAX_LAYERS):
-        args += (out, 0, 0, out, out, out)
-        flags.append(_UNUSED_FLAGS)
-    n_out = dims[-1]
-    hidden = max(dims[1:-1], default=1)
-    dims += [1] * (MAX_LAYERS - n_layers)
-    dims, flags = tuple(dims), tuple(flags)
+    n_out = dims[n_layers]
+    hidden = max(dims[1:n_layers], default=1)
     libdevice = x.is_cuda and _libdevice is not None
-    key = (dims, flags, rank, antithetic, precision, libdevice, rows <= SMALL_ROWS, off32,
-           argmax, _tuning())
-    config = _configs.get(key)
-    if config is None:
-        config = _configs[key] = _config(dims, flags, n_layers, rank, antithetic, precision,
-                                         libdevice, rows <= SMALL_ROWS, off32, argmax)
+    config = launch_config(dims, flags, n_layers, rank, antithetic, precision, libdevice,
+                           rows <= SMALL_ROWS, off32, argmax)
     constexprs, block_m, options, regs = config
     sx = x.stride()
     grid = (-(-rows // block_m),)

@@ -23,24 +23,7 @@ import triton.language as tl
 
 from evotorch_eggroll.kernels import drawn_mlp as dm
 from evotorch_eggroll.kernels.cartpole import cartpole_advance
-from evotorch_eggroll.kernels.philox import device_guard, row_noise_index, stream_seed
-
-
-@triton.jit
-def _actions(h, n_out, PL: tl.constexpr, ARGMAX: tl.constexpr):
-    """Each row's action from the last layer's ``(PL, BLOCK_M)`` outputs: the index of the
-    largest (as ``torch.argmax``: the first of equal values, the first NaN above all), or
-    without ``ARGMAX`` whether the single output is positive."""
-    cols = tl.arange(0, PL)
-    if ARGMAX:
-        valid = (cols < n_out)[:, None]
-        nan = (h != h) & valid
-        first_nan = tl.min(tl.where(nan, cols[:, None], PL), axis=0)
-        top = tl.argmax(tl.where(valid & ~nan, h, float("-inf")), axis=0, tie_break_left=True)
-        act = tl.where(first_nan < PL, first_nan, top)
-    else:
-        act = (tl.sum(tl.where(cols[:, None] == 0, h, 0.0), axis=0) > 0.0).to(tl.int32)
-    return act
+from evotorch_eggroll.kernels.philox import device_guard, stream_seed
 
 
 @triton.jit
@@ -60,14 +43,8 @@ def _cartpole_episode_kernel(
     PL: tl.constexpr, ANTITHETIC: tl.constexpr, PRECISION: tl.constexpr,
     LIBDEVICE: tl.constexpr, OFF32: tl.constexpr, ARGMAX: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < n_rows
-    index, sign = row_noise_index(ids_ptr, rows, stride_ids, row_ok, ANTITHETIC)
-    sign = sign + tl.zeros((BLOCK_M,), tl.float32)
-    rel = index - base
-    if OFF32:
-        rel = rel.to(tl.int32)
+    rows, row_ok, rel, sign = dm.program_rows(ids_ptr, stride_ids, n_rows, base, BLOCK_M,
+                                              ANTITHETIC, OFF32)
 
     x = tl.load(state_ptr + rows * 4 + 0, mask=row_ok, other=0.0)
     x_dot = tl.load(state_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
@@ -98,22 +75,17 @@ def _cartpole_episode_kernel(
                               tl.where(ks == 2, theta.to(tl.float32)[None, :],
                                        tl.where(ks == 3, theta_dot.to(tl.float32)[None, :],
                                                 0.0))))
-        h = dm._layer_regs(h, row_ok, rel, sign, w0, sw0m, sw0k, b0, f0, e0, D0, D1, scale,
-                           bias_scale, R, BLOCK_M, P0, P1, HB0, WN0, BZ0, ACT0, PRECISION,
-                           LIBDEVICE)
-        if LAYERS > 1:
-            h = dm._layer_regs(h, row_ok, rel, sign, w1, sw1m, sw1k, b1, f1, e1, D1, D2, scale,
-                               bias_scale, R, BLOCK_M, P1, P2, HB1, WN1, BZ1, ACT1, PRECISION,
-                               LIBDEVICE)
-        if LAYERS > 2:
-            h = dm._layer_regs(h, row_ok, rel, sign, w2, sw2m, sw2k, b2, f2, e2, D2, D3, scale,
-                               bias_scale, R, BLOCK_M, P2, P3, HB2, WN2, BZ2, ACT2, PRECISION,
-                               LIBDEVICE)
-        if LAYERS > 3:
-            h = dm._layer_regs(h, row_ok, rel, sign, w3, sw3m, sw3k, b3, f3, e3, D3, D4, scale,
-                               bias_scale, R, BLOCK_M, P3, P4, HB3, WN3, BZ3, ACT3, PRECISION,
-                               LIBDEVICE)
-        a = _actions(h, n_out, PL, ARGMAX)
+        h = dm.mlp_regs(h, row_ok, rel, sign, scale, bias_scale,
+                        w0, sw0m, sw0k, b0, f0, e0, w1, sw1m, sw1k, b1, f1, e1,
+                        w2, sw2m, sw2k, b2, f2, e2, w3, sw3m, sw3k, b3, f3, e3,
+                        D0, D1, D2, D3, D4, LAYERS, R, BLOCK_M, P0, P1, P2, P3, P4,
+                        HB0, WN0, BZ0, ACT0, HB1, WN1, BZ1, ACT1, HB2, WN2, BZ2, ACT2,
+                        HB3, WN3, BZ3, ACT3, PRECISION, LIBDEVICE)
+        if ARGMAX:
+            a = dm.argmax_features(h, n_out, PL)
+        else:  # one output: whether it is positive
+            first = tl.sum(tl.where(tl.arange(0, PL)[:, None] == 0, h, 0.0), axis=0)
+            a = (first > 0.0).to(tl.int32)
         restart = prev
         x, x_dot, theta, theta_dot, steps, done, reward, terminated, truncated = (
             cartpole_advance(x, x_dot, theta, theta_dot, steps, prev, a, rows, start + drawn,
@@ -136,7 +108,7 @@ def _cartpole_episode_kernel(
     tl.store(returns_ptr + rows, returns + earned.to(tl.float64), mask=row_ok)
     tl.store(alive_ptr + rows, alive + taken, mask=row_ok)
     tl.store(active_ptr + rows, active.to(tl.int8), mask=row_ok)
-    tl.store(ran_ptr + pid, t)
+    tl.store(ran_ptr + tl.program_id(0), t)
 
 
 def fits(layers: Sequence[dm.Layer]) -> bool:

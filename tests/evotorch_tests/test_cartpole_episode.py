@@ -24,7 +24,12 @@ def _kernel_cartpole(num_envs, device=None):
     return env
 
 
-def _run(device, monkeypatch, fused, outputs, popsize, generations, episode_length):
+def _run(device, monkeypatch, fused, *, env, hidden, outputs, popsize, generations,
+         episode_length, rank, sigma):
+    """``generations`` EGGROLL steps on CartPole with a Tanh policy of two ``hidden``-wide
+    layers, whole-episode kernel on or off: every evaluation's fitnesses, the center, the
+    interaction count, the steps of the last rollout and the kernel's launches (their
+    ``t_max``)."""
     launches, fitnesses = [], []
     real = cartpole_episode.cartpole_episode_
     evaluate = EggrollVecGymNE._evaluate_members
@@ -37,12 +42,11 @@ def _run(device, monkeypatch, fused, outputs, popsize, generations, episode_leng
         torch.manual_seed(0)
 
         def policy(obs_length, act_length):
-            return nn.Sequential(nn.Linear(obs_length, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                                 nn.Linear(8, outputs))
+            return nn.Sequential(nn.Linear(obs_length, hidden), nn.Tanh(), nn.Linear(hidden, hidden),
+                                 nn.Tanh(), nn.Linear(hidden, outputs))
 
-        problem = EggrollVecGymNE(_kernel_cartpole, policy, episode_length=episode_length, seed=2,
-                                  device=device)
-        searcher = EGGROLL(problem, popsize=popsize, sigma=0.5, lr=0.1, rank=2)
+        problem = EggrollVecGymNE(env, policy, episode_length=episode_length, seed=2, device=device)
+        searcher = EGGROLL(problem, popsize=popsize, sigma=sigma, lr=0.1, rank=rank)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _ in range(generations):
@@ -57,8 +61,10 @@ def test_fused_episodes_equal_the_step_by_step_rollout(device, monkeypatch, outp
     """Two programs (40 members), a three-layer policy, rank 2, antithetic pairs; two
     scores (argmax) or one output (its sign). Episodes of up to 40 steps: some end early
     (and their environments restart, unobserved), so the programs stop at different steps."""
-    fused = _run(device, monkeypatch, True, outputs, popsize=40, generations=2, episode_length=40)
-    plain = _run(device, monkeypatch, False, outputs, popsize=40, generations=2, episode_length=40)
+    kw = dict(env=_kernel_cartpole, hidden=8, outputs=outputs, popsize=40, generations=2,
+              episode_length=40, rank=2, sigma=0.5)
+    fused = _run(device, monkeypatch, True, **kw)
+    plain = _run(device, monkeypatch, False, **kw)
     assert fused["launches"] == [40, 40] and plain["launches"] == []
     assert torch.equal(fused["fitnesses"], plain["fitnesses"])
     assert torch.equal(fused["center"], plain["center"])
@@ -100,27 +106,11 @@ def test_fused_episodes_equal_the_captured_rollout_at_real_size(monkeypatch, ran
     """4,096 members, the 4 -> 64 -> 64 -> 2 Tanh policy, 200-step episodes on the GPU:
     the same fitnesses, interaction counts and center as the rollout captured in CUDA
     graphs (CartPole's default one-kernel step)."""
-    def run(fused):
-        launches, fitnesses = [], []
-        real = cartpole_episode.cartpole_episode_
-        evaluate = EggrollVecGymNE._evaluate_members
-        with monkeypatch.context() as m:
-            m.setattr(vecgymne, "FUSED_EPISODES", fused)
-            m.setattr(cartpole_episode, "cartpole_episode_",
-                      lambda *a, **k: launches.append(1) or real(*a, **k))
-            m.setattr(EggrollVecGymNE, "_evaluate_members",
-                      lambda self, fwd: fitnesses.append(evaluate(self, fwd)) or fitnesses[-1])
-            torch.manual_seed(0)
-            problem = EggrollVecGymNE(
-                CartPole, "Linear(obs_length, 64) >> Tanh() >> Linear(64, 64) >> Tanh() >> "
-                "Linear(64, act_length)", episode_length=200, seed=5, device="cuda")
-            searcher = EGGROLL(problem, popsize=4096, sigma=0.1, lr=0.05, rank=rank)
-            for _ in range(3):
-                searcher.step()
-        return (torch.stack(fitnesses), searcher.status["center"].clone(),
-                problem.interaction_count, launches)
-
-    fit_f, center_f, count_f, launches_f = run(True)
-    fit_c, center_c, count_c, launches_c = run(False)
-    assert len(launches_f) == 3 and not launches_c
-    assert torch.equal(fit_f, fit_c) and torch.equal(center_f, center_c) and count_f == count_c
+    kw = dict(env=CartPole, hidden=64, outputs=2, popsize=4096, generations=3,
+              episode_length=200, rank=rank, sigma=0.1)
+    fused = _run("cuda", monkeypatch, True, **kw)
+    captured = _run("cuda", monkeypatch, False, **kw)
+    assert fused["launches"] == [200] * 3 and captured["launches"] == []
+    assert torch.equal(fused["fitnesses"], captured["fitnesses"])
+    assert torch.equal(fused["center"], captured["center"])
+    assert fused["interactions"] == captured["interactions"]

@@ -59,19 +59,19 @@ def _run(device, monkeypatch, fused, *, env, hidden, outputs, popsize, generatio
 @pytest.mark.parametrize("outputs", [2, 1])
 def test_fused_episodes_equal_the_step_by_step_rollout(device, monkeypatch, outputs):
     """Two programs (40 members), a three-layer policy, rank 2, antithetic pairs; two
-    scores (argmax) or one output (its sign). Episodes of up to 40 steps: some end early
+    scores (argmax) or one output (its sign). Episodes of up to 24 steps: some end early
     (and their environments restart, unobserved), so the programs stop at different steps."""
     kw = dict(env=_kernel_cartpole, hidden=8, outputs=outputs, popsize=40, generations=2,
-              episode_length=40, rank=2, sigma=0.5)
+              episode_length=24, rank=2, sigma=0.5)
     fused = _run(device, monkeypatch, True, **kw)
     plain = _run(device, monkeypatch, False, **kw)
-    assert fused["launches"] == [40, 40] and plain["launches"] == []
+    assert fused["launches"] == [24, 24] and plain["launches"] == []
     assert torch.equal(fused["fitnesses"], plain["fitnesses"])
     assert torch.equal(fused["center"], plain["center"])
     assert fused["interactions"] == plain["interactions"]
-    assert 0 < fused["steps"] <= 40
+    assert 0 < fused["steps"] <= 24
     returns = fused["fitnesses"]
-    assert float(returns.min()) < 40 and float(returns.max()) > float(returns.min())
+    assert float(returns.min()) < 24 and float(returns.max()) > float(returns.min())
 
 
 def test_fused_episodes_step_aside_when_the_rollout_does_not_allow_them(device, monkeypatch):

@@ -59,8 +59,8 @@ def _run(device, monkeypatch, fused, *, env, hidden, outputs, popsize, generatio
 @pytest.mark.parametrize("outputs", [2, 1])
 def test_fused_episodes_equal_the_step_by_step_rollout(device, monkeypatch, outputs):
     """Two programs (40 members), a three-layer policy, rank 2, antithetic pairs; two
-    scores (argmax) or one output (its sign). Episodes of up to 24 steps: some end early
-    (and their environments restart, unobserved), so the programs stop at different steps."""
+    scores (argmax) or one output (its sign). Episodes of up to 24 steps, some of which end
+    early (their environments then restart, unobserved)."""
     kw = dict(env=_kernel_cartpole, hidden=8, outputs=outputs, popsize=40, generations=2,
               episode_length=24, rank=2, sigma=0.5)
     fused = _run(device, monkeypatch, True, **kw)

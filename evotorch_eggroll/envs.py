@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from gymnasium.vector.utils import batch_space
 
-from .noise import philox4x32
+from .noise import philox4x32, philox4x32_numpy
 
 try:  # Gymnasium >= 1.1 names its autoreset modes; 1.0 always resets on the next step.
     from gymnasium.vector import AutoresetMode
@@ -167,6 +167,8 @@ class CartPole(gym.vector.VectorEnv):
         self.steps = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
         self.prev_done = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
         self.starts = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
+        self._cpu_words: Optional[np.ndarray] = None
+        self._cpu_words_base: Optional[np.ndarray] = None
         # One fused kernel per step for a float64 state on a CUDA device (the torch code
         # elsewhere; Triton's float32 sine and cosine round differently from torch's).
         self._use_kernel = self.device.type == "cuda" and dtype == torch.float64
@@ -186,6 +188,7 @@ class CartPole(gym.vector.VectorEnv):
         lo, hi = self._seed_value & 0xFFFFFFFF, self._seed_value >> 32
         self._key.copy_(torch.tensor([lo, hi], dtype=torch.int64))  # in place: graphs read it
         self.starts.zero_()
+        self._cpu_words = self._cpu_words_base = None  # see _cpu_start_words
 
     def _initial_states(self, where: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The next initial state of every environment where ``where`` is True (all of them
@@ -193,7 +196,7 @@ class CartPole(gym.vector.VectorEnv):
         unspecified), and those environments' start counts advanced.
 
         On a CUDA device one kernel launch draws them (no host synchronisation); on the CPU
-        the torch code draws only the rows asked for.
+        the rows asked for come from :meth:`_cpu_start_words`.
         """
         from .kernels import cartpole as kernel
 
@@ -202,18 +205,46 @@ class CartPole(gym.vector.VectorEnv):
         if self._use_start_kernel:
             out = torch.empty((e, 4), dtype=self.dtype, device=self.device)
             return kernel.start_states_(self._key, self.starts, where, consts, out)
-        rows = torch.arange(e, device=self.device) if where is None else where.nonzero()[:, 0]
-        words = philox4x32(rows, self.starts[rows], 0, kernel.START_STREAM_TAG,
-                           self._seed_value)
-        u = torch.stack(words, dim=1).to(torch.float64) * 2.0**-32
         low, span = consts[-2:]  # rounded to the state's dtype, as in the kernels
-        values = low + span * u.to(self.dtype)
-        self.starts[rows] += 1
-        if where is None:
-            return values
-        out = torch.zeros((e, 4), dtype=self.dtype, device=self.device)
-        out[rows] = values
-        return out
+        if self.device.type == "cpu":
+            idx = np.arange(e) if where is None else np.flatnonzero(where.numpy())
+            u = torch.from_numpy(self._cpu_start_words(idx).astype(np.float64) * 2.0**-32)
+            values = low + span * u.to(self.dtype)
+            self.starts.numpy()[idx] += 1
+            if where is None:
+                return values
+            out = torch.zeros((e, 4), dtype=self.dtype)
+            out[torch.from_numpy(idx)] = values
+            return out
+        # another device without the kernel: every row drawn, ``where`` picks (no sync)
+        rows = torch.arange(e, device=self.device)
+        words = philox4x32(rows, self.starts, 0, kernel.START_STREAM_TAG, self._seed_value)
+        values = low + span * (torch.stack(words, dim=1).to(torch.float64) * 2.0**-32).to(self.dtype)
+        self.starts += 1 if where is None else where
+        return values
+
+    def _cpu_start_words(self, idx: np.ndarray) -> np.ndarray:
+        """The start stream's words ``(len(idx), 4)`` of the next start of environments
+        ``idx`` (on the CPU). They come from a block of every environment's next few starts,
+        drawn at once and drawn again when an environment has used its share (the stream is
+        a pure function of the counts, so this changes no value; it saves drawing a few
+        rows at every step)."""
+        starts = self.starts.numpy()
+        words, base = self._cpu_words, self._cpu_words_base
+        if words is not None:
+            j = starts[idx] - base[idx]
+            if not j.size or (j.min() >= 0 and j.max() < words.shape[1]):
+                return words[idx, j]
+        from .kernels.cartpole import START_STREAM_TAG
+
+        e = self.num_envs
+        per_env = max(2, min(16, (1 << 18) // e))
+        base = starts.copy()
+        counts = (base[:, None] + np.arange(per_env)).reshape(-1)
+        words = philox4x32_numpy(np.repeat(np.arange(e), per_env), counts, 0, START_STREAM_TAG,
+                                 self._seed_value).reshape(e, per_env, 4)
+        self._cpu_words, self._cpu_words_base = words, base
+        return words[idx, starts[idx] - base[idx]]
 
     @property
     def cuda_graph_generators(self) -> list:

@@ -36,6 +36,7 @@ import math
 import zlib
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -209,6 +210,27 @@ def philox4x32(
         k0 = (k0 + PHILOX_W0) & MASK32
         k1 = (k1 + PHILOX_W1) & MASK32
     return c0, c1, c2, c3
+
+
+def philox4x32_numpy(c0: np.ndarray, c1: np.ndarray, c2: int, c3: int, seed: int,
+                     rounds: int = PHILOX_ROUNDS) -> np.ndarray:
+    """:func:`philox4x32` on numpy: counters ``c0``, ``c1`` (arrays of unsigned 32-bit
+    values) and the scalars ``c2``, ``c3``; returns the words as a ``(len, 4)`` uint64
+    array. For CPU-side streams of modest size, where torch's per-operation overhead
+    (about a hundred operations per call) would dominate."""
+    mask = np.uint64(MASK32)
+    x0, x1 = np.asarray(c0, np.uint64) & mask, np.asarray(c1, np.uint64) & mask
+    x2 = np.full_like(x0, c2 & MASK32)
+    x3 = np.full_like(x0, c3 & MASK32)
+    k0, k1 = int(seed) & MASK32, (int(seed) >> 32) & MASK32
+    m0, m1, s32 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1), np.uint64(32)
+    for _ in range(rounds):
+        p0, p1 = m0 * x0, m1 * x2  # below 2**64: exact
+        x0, x1, x2, x3 = ((p1 >> s32) ^ x1 ^ np.uint64(k0), p1 & mask,
+                          (p0 >> s32) ^ x3 ^ np.uint64(k1), p0 & mask)
+        k0 = (k0 + PHILOX_W0) & MASK32
+        k1 = (k1 + PHILOX_W1) & MASK32
+    return np.stack([x0, x1, x2, x3], axis=-1)
 
 
 def uniform_from_words(x: torch.Tensor) -> torch.Tensor:

@@ -251,6 +251,32 @@ def test_philox_reference_matches_the_published_vectors():
         0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
+def test_numpy_philox_equals_the_torch_one():
+    """The CPU start stream's numpy Philox gives the words of the package's torch Philox."""
+    from evotorch_eggroll.noise import philox4x32, philox4x32_numpy
+
+    g = torch.Generator().manual_seed(0)
+    c0 = torch.randint(0, 2**32, (257,), generator=g, dtype=torch.int64)
+    c1 = torch.randint(0, 2**32, (257,), generator=g, dtype=torch.int64)
+    seed = 0xFEDCBA9876543210
+    want = torch.stack(philox4x32(c0, c1, 7, START_STREAM_TAG, seed), dim=1)
+    got = philox4x32_numpy(c0.numpy(), c1.numpy(), 7, START_STREAM_TAG, seed)
+    assert torch.equal(torch.from_numpy(got.astype(np.int64)), want)
+
+
+def test_cpu_starts_are_drawn_ahead_without_changing_them():
+    """On the CPU the words of the next few starts are drawn for every environment at once
+    and drawn again when one has used its share: an environment that restarts 40 times
+    (two refills) still gets exactly the stream's starts."""
+    env = CartPole(3, device="cpu", seed=0)
+    env.reset(seed=11)
+    for k in range(1, 41):
+        env.reset(options={"reset_mask": np.array([True, False, k % 20 == 0])})
+        assert env.state[0].tolist() == _start(11, 0, k)
+    assert env.state[1].tolist() == _start(11, 1, 0) and env.state[2].tolist() == _start(11, 2, 2)
+    assert env.starts.tolist() == [41, 1, 3]
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_initial_states_follow_the_start_stream(device, fused):
     """Every initial state, from reset(seed), a masked reset or an autoreset, is exactly the

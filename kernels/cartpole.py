@@ -58,6 +58,17 @@ def _start_value(w, low, span):
 
 
 @triton.jit
+def start_state(seed, env, start, consts_ptr):
+    """Start number ``start`` of environments ``env`` (int64 blocks) under the stream key
+    ``seed``: ``(x, x_dot, theta, theta_dot)`` in the constants' dtype."""
+    low = tl.load(consts_ptr + 10)
+    span = tl.load(consts_ptr + 11)
+    w0, w1, w2, w3 = start_words(seed, env, start)
+    return (_start_value(w0, low, span), _start_value(w1, low, span),
+            _start_value(w2, low, span), _start_value(w3, low, span))
+
+
+@triton.jit
 def cartpole_advance(x, x_dot, theta, theta_dot, steps, prev, a, env, start, seed, consts_ptr,
                      max_steps, NEXT_STEP: tl.constexpr):
     """One step of a block of environments held in registers (the expressions of
@@ -102,13 +113,11 @@ def cartpole_advance(x, x_dot, theta, theta_dot, steps, prev, a, env, start, see
     reward = tl.full(x.shape, 1.0, tl.float32)
     if NEXT_STEP:
         # an environment whose episode ended on the previous step starts a new one now
-        low = tl.load(consts_ptr + 10)
-        span = tl.load(consts_ptr + 11)
-        w0, w1, w2, w3 = start_words(seed, env, start)
-        x = tl.where(prev, _start_value(w0, low, span), x)
-        x_dot = tl.where(prev, _start_value(w1, low, span), x_dot)
-        theta = tl.where(prev, _start_value(w2, low, span), theta)
-        theta_dot = tl.where(prev, _start_value(w3, low, span), theta_dot)
+        x0, x_dot0, theta0, theta_dot0 = start_state(seed, env, start, consts_ptr)
+        x = tl.where(prev, x0, x)
+        x_dot = tl.where(prev, x_dot0, x_dot)
+        theta = tl.where(prev, theta0, theta)
+        theta_dot = tl.where(prev, theta_dot0, theta_dot)
         steps = tl.where(prev, 0, steps)
         reward = tl.where(prev, 0.0, reward)
         terminated = terminated & ~prev
@@ -181,15 +190,13 @@ def _start_states_kernel(key_ptr, starts_ptr, where_ptr, consts_ptr, out_ptr, nu
     ok = env < num_envs
     if HAS_WHERE:
         ok = ok & (tl.load(where_ptr + env, mask=ok, other=0) != 0)
-    low = tl.load(consts_ptr + 10)
-    span = tl.load(consts_ptr + 11)
     seed = stream_seed(tl.load(key_ptr), tl.load(key_ptr + 1))
     start = tl.load(starts_ptr + env, mask=ok, other=0)
-    w0, w1, w2, w3 = start_words(seed, env, start)
-    tl.store(out_ptr + env * 4 + 0, _start_value(w0, low, span), mask=ok)
-    tl.store(out_ptr + env * 4 + 1, _start_value(w1, low, span), mask=ok)
-    tl.store(out_ptr + env * 4 + 2, _start_value(w2, low, span), mask=ok)
-    tl.store(out_ptr + env * 4 + 3, _start_value(w3, low, span), mask=ok)
+    x, x_dot, theta, theta_dot = start_state(seed, env, start, consts_ptr)
+    tl.store(out_ptr + env * 4 + 0, x, mask=ok)
+    tl.store(out_ptr + env * 4 + 1, x_dot, mask=ok)
+    tl.store(out_ptr + env * 4 + 2, theta, mask=ok)
+    tl.store(out_ptr + env * 4 + 3, theta_dot, mask=ok)
     tl.store(starts_ptr + env, start + 1, mask=ok)
 
 

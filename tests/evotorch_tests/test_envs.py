@@ -224,7 +224,7 @@ def test_state_keeps_its_storage():
 
 
 def _philox4x32_10(key: int, counter: tuple) -> list:
-    """Philox4x32-10 (Salmon et al., 2011) on Python integers: the four output words."""
+    """Philox4x32-10 on Python integers: the four output words."""
     m0, m1, w0, w1, mask = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85, 0xFFFFFFFF
     c0, c1, c2, c3 = counter
     k0, k1 = key & mask, (key >> 32) & mask
@@ -244,7 +244,8 @@ def _start(seed: int, env: int, start: int, low: float = -0.05, high: float = 0.
 
 
 def test_philox_reference_matches_the_published_vectors():
-    """The test's own Philox against Random123's known-answer vectors (kat_vectors)."""
+    """The test's own Philox against two known-answer values of Philox4x32-10 (zero key
+    and counter; the digits of pi as key and counter)."""
     assert _philox4x32_10(0, (0, 0, 0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     pi_key = 0xA4093822 | (0x299F31D0 << 32)
     assert _philox4x32_10(pi_key, (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)) == [

@@ -288,31 +288,6 @@ class PerturbationContext:
         out, fused = self._forward(model, x, member_ids, True)
         return out if fused else fused_mlp.argmax_rows(out)
 
-    def _launch_plan(self, model: nn.Module, x: torch.Tensor) -> Optional[tuple[list, dict]]:
-        """The one-launch MLP plan (:func:`fused_mlp.launch_plan`) of ``model`` on inputs
-        like ``x`` for this rank's members with the drawn factors, for a caller that runs
-        the drawn-MLP kernels itself (a whole rollout in one kernel) with
-        :meth:`local_member_ids` as the rows' members; None when the model or the input
-        does not qualify. Marks the context evaluated when it returns a plan."""
-        self._require_active("batched_forward")
-        if self._iter_token is not None or not isinstance(x, torch.Tensor):
-            return None
-        self._check_devices(x)
-        if not self._cache_decided:
-            self._owned(model)
-            self._cache_decided = True
-            if self._cache is None:
-                self.cache_factors()
-        cache = self._cache
-        if cache is None or not len(self._local) or not cache.covers(self._local.start,
-                                                                     self._local.stop - 1):
-            return None
-        found = fused_mlp.launch_plan(model, x, self._evolved, self.coords, cache)
-        if found is not None:
-            self._last_generated = False
-            self.evaluated = True
-        return found
-
     def _forward(self, model: nn.Module, x: torch.Tensor,
                  member_ids: Optional[Union[torch.Tensor, Sequence[int]]], argmax: bool
                  ) -> tuple[Any, bool]:

@@ -7,8 +7,7 @@ in fp32 and bf16, and every other kernel (dense noise and its update, the update
 matrices, the normal block, the Philox words) at its launcher's configuration, the
 drawn-factor variant (``_drawn``) of each project/expand configuration, the one-launch
 narrow-layer kernel at the rollout benchmark's layer shapes, the one-launch MLP kernels
-(in registers and through scratch), the environment kernels of a rollout step and the
-whole-episode CartPole kernel, with
+(in registers and through scratch) and the environment kernels of a rollout step, with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and the launch options
 of ``evotorch_eggroll.kernels.compat``, and prints per configuration: SASS instructions,
 registers, local memory (spill/stack), shared memory, barriers (BAR), warp shuffles (SHFL),
@@ -33,7 +32,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from evotorch_eggroll.kernels import cartpole as cp  # noqa: E402
-from evotorch_eggroll.kernels import cartpole_episode as ce  # noqa: E402
 from evotorch_eggroll.kernels import dense_noise as dn  # noqa: E402
 from evotorch_eggroll.kernels import drawn_linear as dl  # noqa: E402
 from evotorch_eggroll.kernels import drawn_mlp as dm  # noqa: E402
@@ -148,7 +146,6 @@ def other_rows():
            dict(num_warps=4))
     yield from drawn_mlp_rows()
     yield from environment_rows()
-    yield from cartpole_episode_rows()
 
 
 def _drawn_mlp_signature(fn, constexprs: dict) -> dict:
@@ -183,30 +180,6 @@ def drawn_mlp_rows():
         const = dict(zip(names, values))
         fn = dm._drawn_mlp_regs_kernel if regs else dm._drawn_mlp_kernel
         yield label, None, _drawn_mlp_signature(fn, const), const, fn, options
-
-
-def cartpole_episode_rows():
-    """The whole-episode CartPole kernel with the 4 -> 64 -> 64 -> 2 Tanh policy (every
-    layer with bias, factors and bias noise) at ranks 1 and 4, at the launcher's
-    configuration (that of the in-register MLP kernel with its argmax)."""
-    widths = (4, 64, 64, 2)
-    layers = len(widths) - 1
-    flags = tuple((used, used, used, dm.TANH if used and i < layers - 1 else dm.IDENTITY)
-                  for i in range(dm.MAX_LAYERS) for used in [i < layers])
-    dims = tuple(widths) + (1,) * (dm.MAX_LAYERS + 1 - len(widths))
-    for rank in (1, 4):
-        values, _, options, _ = dm.launch_config(dims, flags, layers, rank, True, "ieee", True,
-                                                 False, True, True)
-        const = dict(zip(dm._REGS_CONSTEXPRS, values))
-        fn = ce._cartpole_episode_kernel
-        ptrs = {f"{p}{i}" for p in "wbfe" for i in range(dm.MAX_LAYERS)}
-        types = dict(ids_ptr="*i64", state_ptr="*fp64", steps_ptr="*i64", prev_done_ptr="*i8",
-                     key_ptr="*i64", starts_ptr="*i64", consts_ptr="*fp64", returns_ptr="*fp64",
-                     alive_ptr="*i64", active_ptr="*i8", ran_ptr="*i64", scale="fp32",
-                     bias_scale="fp32")
-        sig = {n: types.get(n, "*fp32" if n in ptrs else "i32") for n in fn.arg_names
-               if n not in const}
-        yield f"cartpole_episode_4x64x64x2_r{rank}", None, sig, const, fn, options
 
 
 def environment_rows():

@@ -472,7 +472,6 @@ class EggrollNEProblem(BaseNEProblem):
                     lambda x, rid: pop.batched_forward(network, x, member_ids=rid), ids, pop.population_size,
                     replay=(pop._prepare_replay, pop._replay_key) if own_slice else None,
                     argmax=lambda x, rid: pop._batched_argmax(network, x, member_ids=rid),
-                    launch_plan=(lambda x: pop._launch_plan(network, x)) if own_slice else None,
                 )
                 fit = self._as_fitness(self._evaluate_members(fwd), ids.shape[0])
             else:

@@ -43,20 +43,12 @@ class PopulationForward:
         population_size: Optional[int] = None,
         replay: Optional[tuple[Callable[[], Any], Callable[[], Optional[tuple]]]] = None,
         argmax: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]] = None,
-        launch_plan: Optional[Callable[[torch.Tensor], Optional[tuple[list, dict]]]] = None,
     ):
         self._fn = fn
         self.member_ids = member_ids
         self.population_size = int(member_ids.shape[0]) if population_size is None else int(population_size)
         self._replay = replay
         self._argmax_fn = argmax
-        self._launch_plan_fn = launch_plan
-
-    def _launch_plan(self, x: torch.Tensor) -> Optional[tuple[list, dict]]:
-        """The one-launch MLP plan of the network for every member (row ``j`` member
-        ``member_ids[j]``) on inputs like ``x``, when EGGROLL's drawn-MLP kernel can run it
-        (see :meth:`PerturbationContext._launch_plan`), else None."""
-        return None if self._launch_plan_fn is None else self._launch_plan_fn(x)
 
     def prepare_replay(self) -> bool:
         """Get ready for calls captured in a CUDA graph and replayed in later evaluations

@@ -20,18 +20,12 @@ from evotorch import Solution
 from torch import nn
 
 from .._validation import check_int, check_optional_int
-from ..envs import CartPole
 from .baseneproblem import DeviceLike, EggrollNEProblem, NetworkLike, _mix_seed, _resolve_device
 from .forward import PopulationForward
 from .obsnorm import RunningObsNorm, _ObsNormPolicy
 from .rollout import _REPLAY_CHUNK, _REPLAY_WARMUP, _CapturedRollout, _episode_step, _RolloutBuffers
 
 __all__ = ["EggrollVecGymNE"]
-
-# Whole episodes of the package's CartPole in one kernel launch (see
-# EggrollVecGymNE._episode_fused). Off by default until its speed and results have been
-# measured on a GPU against the captured step-by-step rollout.
-FUSED_EPISODES = False
 
 
 def _autoreset_disabled(env: gym.vector.VectorEnv) -> bool:
@@ -200,22 +194,8 @@ class EggrollVecGymNE(EggrollNEProblem):
             self._env = self._make_env(num_members)
         return self._env
 
-    @property
-    def last_rollout_steps(self) -> int:
-        """Steps run in the latest evaluation (every environment, ended or not); read from
-        the device when a rollout left it there."""
-        value = self._last_rollout_steps
-        if isinstance(value, torch.Tensor):
-            value = self._last_rollout_steps = int(value)
-        return value
-
-    @last_rollout_steps.setter
-    def last_rollout_steps(self, value: Any) -> None:
-        self._last_rollout_steps = value
-
     def _get_cloned_state(self, *, memo: dict) -> dict:
-        self._settle_interactions()  # a copy or a pickle holds the plain counts
-        self.last_rollout_steps  # noqa: B018 - reads a count left on the device
+        self._settle_interactions()  # a copy or a pickle holds the plain count
         return super()._get_cloned_state(memo=memo)
 
     @property
@@ -553,54 +533,6 @@ class EggrollVecGymNE(EggrollNEProblem):
         buf.obs = rollout.obs
         return True
 
-    def _episode_fused(self, env: gym.vector.VectorEnv, forward: PopulationForward,
-                       buf: "_RolloutBuffers") -> bool:
-        """Run one episode of the package's CartPole in a single kernel launch (policy,
-        action, environment step and counters for every step; see
-        :mod:`evotorch_eggroll.kernels.cartpole_episode`), when the rollout allows it: the
-        one-kernel CartPole with next-step autoreset and one environment per member, no
-        observation normalisation, and a policy that EGGROLL's in-register MLP kernel runs
-        (at most four layers of at most 64 features, two scores or one output). False, with
-        nothing run, otherwise."""
-        if not (FUSED_EPISODES and isinstance(env, CartPole) and env._use_kernel
-                and env.autoreset_mode == "next_step" and env.num_envs == buf.num_members
-                and not self._observation_normalization and not getattr(self, "_fused_disabled", False)):
-            return False
-        space = self._act_space
-        if not (isinstance(space, gym.spaces.Discrete) and space.n == 2 and not space.start):
-            return False
-        obs = buf.obs
-        if not (isinstance(obs, torch.Tensor) and obs.dtype == torch.float32 and obs.shape == (buf.num_members, 4)):
-            return False
-        found = forward._launch_plan(obs)
-        if found is None:
-            return False
-        from ..kernels import cartpole_episode
-
-        layers, settings = found
-        width = layers[-1].weight.shape[0]
-        if not cartpole_episode.fits(layers) or width not in (1, 2):
-            return False
-        limit = self._episode_length if self._episode_length is not None else env.max_episode_steps
-        try:
-            ran = cartpole_episode.cartpole_episode_(
-                layers, forward.member_ids, argmax=width == 2, **settings, state=env.state, steps=env.steps,
-                prev_done=env.prev_done, key=env._key, starts=env.starts, consts=env._constants(),
-                max_steps=env.max_episode_steps, returns=buf.returns, alive=buf.alive, active=buf.active,
-                t_max=limit)
-        except Exception as err:  # noqa: BLE001 - a kernel that fails to build falls back to the other loops
-            self._fused_disabled = True
-            warnings.warn(
-                f"running CartPole episodes in one kernel failed ({type(err).__name__}: {err}); rollouts of "
-                "this problem take the step-by-step path from now on",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return False
-        buf.executed = ran.max()
-        buf.obs = env.state.to(torch.float32)
-        return True
-
     def _finish_eagerly(self, env: gym.vector.VectorEnv, forward: PopulationForward, buf: "_RolloutBuffers",
                         t: int) -> bool:
         """Continue an episode step by step from step ``t`` (checking the alive mask every 8 steps)."""
@@ -630,15 +562,13 @@ class EggrollVecGymNE(EggrollNEProblem):
             self._num_resets += 1
             obs, _ = env.reset(seed=seed)
             buf = _RolloutBuffers(e, k, device, dtype, obs)
-            if self._episode_fused(env, forward, buf):
-                pass
-            elif self._replayable(env, obs, forward):
+            if self._replayable(env, obs, forward):
                 self._episode_replayed(env, obs, forward, buf)
             else:
                 self._episode_eager(env, forward, buf)
             returns += buf.returns
             steps_taken += buf.alive.sum()
-            self._last_rollout_steps = self._last_rollout_steps + buf.executed  # no read here
+            self.last_rollout_steps += buf.executed
         pending = getattr(self, "_pending_interactions", None)
         self._pending_interactions = steps_taken if pending is None else pending + steps_taken
         self._episode_count += k * self._num_episodes

@@ -1,7 +1,8 @@
 """``batched_forward`` of a plain MLP in one kernel launch, when its factors are drawn.
 
 RL policies are mostly ``nn.Sequential`` stacks of ``nn.Linear`` layers and elementwise
-activations, a few hundred features wide, evaluated for every environment step. When
+activations (or EvoTorch's ``MultiLayered`` stacks, which its network strings such as
+``"Linear(obs_length, 64) >> Tanh() >> Linear(64, act_length)"`` build), a few hundred features wide, evaluated for every environment step. When
 such a model's evolved parameters are all served by the perturbation context's drawn
 factors (see :meth:`PerturbationContext.cache_factors`) and no autograd graph is needed,
 the whole forward runs as one launch of the drawn-MLP kernel instead of one routed op per
@@ -13,6 +14,7 @@ returns None here and takes the general routed path.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import torch
@@ -44,12 +46,30 @@ def _global_hooks() -> bool:
 _LEAVES = (nn.Linear, nn.Identity, *_ACTIVATIONS)
 
 
+def _stack_children(model: nn.Module) -> Optional[list]:
+    """The modules that ``model`` calls one after the other, when it is an ``nn.Sequential``
+    or an EvoTorch ``MultiLayered`` (a network string's stack; with stateless layers alone,
+    which :func:`_flatten` requires, it returns its last layer's tensor) whose ``forward`` is
+    not overridden; else None."""
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+        return list(model._modules.values())
+    # a model can only be a MultiLayered once EvoTorch's module has been imported
+    multilayered = getattr(sys.modules.get("evotorch.neuroevolution.net.multilayered"),
+                           "MultiLayered", None)
+    if (multilayered is not None and isinstance(model, multilayered)
+            and type(model).forward is multilayered.forward):
+        stack = model._submodules
+        return None if _has_hooks(stack) else list(stack)
+    return None
+
+
 def _flatten(model: nn.Module, out: list) -> bool:
     """Append ``model``'s leaf modules in call order; False when it is not a plain stack."""
     if _has_hooks(model):
         return False
-    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
-        for child in model._modules.values():
+    children = _stack_children(model)
+    if children is not None:
+        for child in children:
             if child is None or not _flatten(child, out):
                 return False
         return True

@@ -1,7 +1,7 @@
 """``batched_forward`` of a plain MLP through the one-launch drawn-MLP kernel.
 
-Under ``torch.no_grad()``, with the context's factors drawn, an ``nn.Sequential`` of
-``nn.Linear`` layers and Tanh/ReLU/Sigmoid activations runs as one kernel launch. Its
+Under ``torch.no_grad()``, with the context's factors drawn, an ``nn.Sequential`` (or an
+EvoTorch ``MultiLayered``, what its network strings build) of ``nn.Linear`` layers and Tanh/ReLU/Sigmoid activations runs as one kernel launch. Its
 output equals each member's materialised network (``pop.iterate()``) to float32 rounding,
 equals the routed per-layer path, is bit-equal across repeated calls, and the fast path
 steps aside for everything else (gradients, hooks, other modules, other dtypes).
@@ -159,6 +159,34 @@ def test_plan_recognises_plain_stacks():
     assert fused_mlp.plan(nn.Linear(2, 2)) is not None
     assert fused_mlp.plan(nn.Sequential(nn.Linear(2, 2), nn.Dropout())) is None
     assert drawn_mlp.fits([4, 64, 2]) and not drawn_mlp.fits([4, 1024, 2])
+
+
+def test_evotorch_network_strings_take_the_one_launch_path(device, monkeypatch):
+    """EvoTorch's network strings build ``MultiLayered`` stacks: those of linear layers and
+    the kernel's activations run in one launch and equal each member's network; a stack
+    with another EvoTorch layer, or a ``MultiLayered`` subclass with its own forward, does
+    not qualify."""
+    from evotorch.neuroevolution.net import MultiLayered, str_to_net
+
+    torch.manual_seed(3)
+    model = str_to_net("Linear(4, 12) >> Tanh() >> Linear(12, 7) >> ReLU() >> Linear(7, 2)").to(device)
+    assert isinstance(model, MultiLayered)
+    assert [a for _, a in fused_mlp.plan(model)] == [1, 2, 0]
+    assert fused_mlp.plan(str_to_net("Linear(4, 3) >> Tanh() >> Clip(-0.5, 0.5)")) is None
+
+    class Doubled(MultiLayered):
+        def forward(self, x, h=None):
+            return 2 * super().forward(x, h)
+
+    assert fused_mlp.plan(Doubled(nn.Linear(2, 2))) is None
+    s = EggrollStrategy(sigma=0.3, rank=2, seed=5).setup(model)
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(4)).to(device)
+    calls = _launches(monkeypatch)
+    with torch.no_grad(), s.perturb(10) as pop:
+        out = pop.batched_forward(model, x)
+        want = torch.stack([model(x[k:k + 1])[0] for k in pop.iterate()])
+    assert calls == [3]
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
 
 
 def test_model_without_evolved_parameters_is_refused(device):

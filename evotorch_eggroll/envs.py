@@ -355,18 +355,11 @@ class CartPole(gym.vector.VectorEnv):
             ``obs (num_envs, 4)`` float32, ``reward (num_envs,)`` float32, ``terminated`` and
             ``truncated`` ``(num_envs,)`` bool, and an empty info dict; all on the device.
         """
-        if self.state is None:
-            raise RuntimeError("call reset() before step()")
-        a = self._as_actions(actions)
-        if self._seed_value is None:  # a state given by set_state() before any reset()
-            self._seed(self._initial_seed)
+        a = self._ready_to_step(actions)
         if self._use_kernel:
             from .kernels.cartpole import cartpole_step_
 
-            starts = self.starts if self.autoreset_mode == "next_step" else None
-            obs, reward, terminated, truncated = cartpole_step_(
-                self.state, self.steps, self.prev_done, a, starts, self._key,
-                self._constants(), self.max_episode_steps)
+            obs, reward, terminated, truncated = cartpole_step_(*self._kernel_operands(a))
             return obs, reward, terminated, truncated, {}
         x, x_dot, theta, theta_dot = self.state.unbind(dim=1)
         force = torch.where(a > 0, self.force_mag, -self.force_mag).to(self.dtype)
@@ -412,6 +405,37 @@ class CartPole(gym.vector.VectorEnv):
 
         self.state.copy_(state)
         return state.to(torch.float32), reward, terminated, truncated, {}
+
+    def _ready_to_step(self, actions: TensorLike) -> torch.Tensor:
+        """The checked actions on the device, once a reset (or ``set_state``) has given a
+        state and the start stream a seed."""
+        if self.state is None:
+            raise RuntimeError("call reset() before step()")
+        a = self._as_actions(actions)
+        if self._seed_value is None:  # a state given by set_state() before any reset()
+            self._seed(self._initial_seed)
+        return a
+
+    def _kernel_operands(self, a: torch.Tensor) -> tuple:
+        """The step kernel's operands (see :func:`kernels.cartpole.cartpole_step_`)."""
+        starts = self.starts if self.autoreset_mode == "next_step" else None
+        return (self.state, self.steps, self.prev_done, a, starts, self._key, self._constants(),
+                self.max_episode_steps)
+
+    def _step_counting(self, actions: TensorLike, returns: torch.Tensor, alive: torch.Tensor,
+                       active: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`step` and a rollout's per-environment counters in one launch, for
+        :class:`~evotorch_eggroll.neuroevolution.EggrollVecGymNE`: ``(obs, ended)``, where
+        ``ended`` is this step's ``terminated | truncated``, with ``returns`` (float64),
+        ``alive`` (int64) and ``active`` (bool) updated in place while ``active``, as the
+        rollout's own counters do it (:mod:`kernels.episode_step`; the values are
+        bit-equal). None, with nothing done, when the step does not run in the kernel."""
+        if not self._use_kernel:
+            return None
+        a = self._ready_to_step(actions)
+        from .kernels.cartpole import cartpole_step_counting_
+
+        return cartpole_step_counting_(*self._kernel_operands(a), returns, alive, active)
 
     def set_state(self, state: TensorLike) -> None:
         """Overwrite the physical state ``(num_envs, 4)`` (x, x_dot, theta, theta_dot).

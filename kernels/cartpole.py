@@ -13,6 +13,10 @@ Autoreset draws an environment's next initial state inside the kernel from the
 environment's start stream (:data:`START_STREAM_TAG`): the stream's key and each
 environment's count of drawn starts live in device tensors, so a replayed graph draws what
 an eager step would.
+
+A rollout of :class:`~evotorch_eggroll.neuroevolution.EggrollVecGymNE` updates its episode
+counters (returns, steps taken alive, the alive mask) in the same launch
+(:func:`cartpole_step_counting_`), one launch per step fewer than the counters' own kernel.
 """
 
 from __future__ import annotations
@@ -143,9 +147,13 @@ def _cartpole_step_kernel(
     reward_ptr,
     term_ptr,
     trunc_ptr,
+    returns_ptr,
+    alive_ptr,
+    active_ptr,
     num_envs,
     max_steps,
     NEXT_STEP: tl.constexpr,
+    COUNT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     env = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -178,9 +186,20 @@ def _cartpole_step_kernel(
     tl.store(obs_ptr + env * 4 + 3, theta_dot.to(tl.float32), mask=ok)
     tl.store(steps_ptr + env, steps, mask=ok)
     tl.store(prev_done_ptr + env, done.to(tl.int8), mask=ok)
-    tl.store(reward_ptr + env, reward, mask=ok)
-    tl.store(term_ptr + env, terminated.to(tl.int8), mask=ok)
-    tl.store(trunc_ptr + env, truncated.to(tl.int8), mask=ok)
+    if COUNT:  # the rollout's counters (kernels/episode_step.py's arithmetic); ended in term_ptr
+        ended = terminated | truncated
+        active = tl.load(active_ptr + env, mask=ok, other=0) != 0
+        returns = tl.load(returns_ptr + env, mask=ok, other=0.0)
+        alive = tl.load(alive_ptr + env, mask=ok, other=0)
+        tl.store(returns_ptr + env, tl.where(active, returns + reward.to(tl.float64), returns),
+                 mask=ok)
+        tl.store(alive_ptr + env, alive + active.to(tl.int64), mask=ok)
+        tl.store(active_ptr + env, (active & ~ended).to(tl.int8), mask=ok)
+        tl.store(term_ptr + env, ended.to(tl.int8), mask=ok)
+    else:
+        tl.store(reward_ptr + env, reward, mask=ok)
+        tl.store(term_ptr + env, terminated.to(tl.int8), mask=ok)
+        tl.store(trunc_ptr + env, truncated.to(tl.int8), mask=ok)
 
 
 @triton.jit
@@ -257,18 +276,67 @@ def cartpole_step_(
     """
     e = state.shape[0]
     dev = state.device
-    obs = torch.empty((e, 4), dtype=torch.float32, device=dev)
     reward = torch.empty((e,), dtype=torch.float32, device=dev)
-    terminated = torch.empty((e,), dtype=torch.bool, device=dev)
     truncated = torch.empty((e,), dtype=torch.bool, device=dev)
+    obs, terminated = _launch_step(state, steps, prev_done, actions, starts, key, consts,
+                                   max_steps, reward, truncated, None)
+    return obs, reward, terminated, truncated
+
+
+def cartpole_step_counting_(
+    state: torch.Tensor,
+    steps: torch.Tensor,
+    prev_done: torch.Tensor,
+    actions: torch.Tensor,
+    starts: torch.Tensor | None,
+    key: torch.Tensor,
+    consts: torch.Tensor,
+    max_steps: int,
+    returns: torch.Tensor,
+    alive: torch.Tensor,
+    active: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cartpole_step_` and a rollout's episode counters in the same launch: for every
+    environment ``i``, with this step's ``reward``, ``terminated`` and ``truncated``,
+    ``returns[i] += reward[i]`` (float64) and ``alive[i] += 1`` while ``active[i]``, then
+    ``active[i] &= ~(terminated[i] | truncated[i])`` -- the arithmetic of
+    :func:`episode_step.episode_step_`, with bit-equal results.
+
+    Args:
+        state, steps, prev_done, actions, starts, key, consts, max_steps: as
+            :func:`cartpole_step_` takes them.
+        returns, alive, active: ``(E,)`` contiguous float64, int64 and bool counters,
+            updated in place.
+
+    Returns:
+        ``obs (E, 4)`` float32 and the ``(E,)`` bool flags ``terminated | truncated``.
+    """
+    return _launch_step(state, steps, prev_done, actions, starts, key, consts, max_steps,
+                        None, None, (returns, alive, active))
+
+
+def _launch_step(state, steps, prev_done, actions, starts, key, consts, max_steps, reward,
+                 truncated, counters):
+    """One launch of the step kernel; ``(obs, terminated)``, where with ``counters``
+    (``returns, alive, active``) ``terminated`` holds ``terminated | truncated`` and
+    ``reward``/``truncated`` are not written (None)."""
+    e = state.shape[0]
+    dev = state.device
+    obs = torch.empty((e, 4), dtype=torch.float32, device=dev)
+    terminated = torch.empty((e,), dtype=torch.bool, device=dev)
     if e == 0:
-        return obs, reward, terminated, truncated
+        return obs, terminated
     next_step = starts is not None
+    count = counters is not None
+    returns, alive, active = counters if count else (obs, steps, terminated)  # unread
     with device_guard(state):
         _cartpole_step_kernel[(triton.cdiv(e, BLOCK),)](
             state, steps, prev_done.view(torch.int8), actions, actions.stride(0), key,
-            starts if next_step else steps, consts, obs, reward, terminated.view(torch.int8),
-            truncated.view(torch.int8), e, int(max_steps),
-            NEXT_STEP=next_step, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            starts if next_step else steps, consts, obs, obs if reward is None else reward,
+            terminated.view(torch.int8),
+            terminated.view(torch.int8) if truncated is None else truncated.view(torch.int8),
+            returns, alive, active.view(torch.int8), e, int(max_steps),
+            NEXT_STEP=next_step, COUNT=count, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
         )
-    return obs, reward, terminated, truncated
+    return obs, terminated

@@ -184,16 +184,18 @@ def drawn_mlp_rows():
 
 def environment_rows():
     """The environment kernels of a rollout: CartPole's step with and without next-step
-    autoreset and its reset's initial states (float64 state, no floating-point
-    contraction), and the episode counters."""
+    autoreset, alone and with the rollout's counters, and its reset's initial states
+    (float64 state, no floating-point contraction), and the episode counters."""
     sig = dict(state_ptr="*fp64", steps_ptr="*i64", prev_done_ptr="*i8", act_ptr="*i64",
                stride_act="i32", key_ptr="*i64", starts_ptr="*i64", consts_ptr="*fp64",
                obs_ptr="*fp32", reward_ptr="*fp32", term_ptr="*i8", trunc_ptr="*i8",
-               num_envs="i32", max_steps="i32")
+               returns_ptr="*fp64", alive_ptr="*i64", active_ptr="*i8", num_envs="i32",
+               max_steps="i32")
     for next_step in (True, False):
-        yield (f"cartpole_step{'_autoreset' if next_step else ''}", None, sig,
-               dict(NEXT_STEP=next_step, BLOCK=cp.BLOCK), cp._cartpole_step_kernel,
-               dict(num_warps=cp.NUM_WARPS, enable_fp_fusion=False))
+        for count in (False, True):
+            yield (f"cartpole_step{'_autoreset' if next_step else ''}{'_counting' if count else ''}",
+                   None, sig, dict(NEXT_STEP=next_step, COUNT=count, BLOCK=cp.BLOCK),
+                   cp._cartpole_step_kernel, dict(num_warps=cp.NUM_WARPS, enable_fp_fusion=False))
     sig = dict(key_ptr="*i64", starts_ptr="*i64", where_ptr="*i8", consts_ptr="*fp64",
                out_ptr="*fp64", num_envs="i32")
     yield ("cartpole_start_states", None, sig, dict(HAS_WHERE=True, BLOCK=cp.BLOCK),

@@ -20,6 +20,7 @@ from evotorch import Solution
 from torch import nn
 
 from .._validation import check_int, check_optional_int
+from ..envs import CartPole
 from .baseneproblem import DeviceLike, EggrollNEProblem, NetworkLike, _mix_seed, _resolve_device
 from .forward import PopulationForward
 from .obsnorm import RunningObsNorm, _ObsNormPolicy
@@ -449,8 +450,15 @@ class EggrollVecGymNE(EggrollNEProblem):
         k, e = buf.num_members, buf.active.shape[0]
         x = self._normalize(self._obs_tensor(buf.obs, buf.dtype), buf.active)
         torch_env = isinstance(buf.obs, torch.Tensor)
-        obs, reward, terminated, truncated, _ = env.step(
-            self._policy_actions(forward, x[:k], member_ids, e, torch_env))
+        actions = self._policy_actions(forward, x[:k], member_ids, e, torch_env)
+        if (isinstance(env, CartPole) and type(env).step is CartPole.step
+                and buf.returns.device == env.steps.device):
+            # the package's CartPole on its kernel: the counters in the step's own launch
+            stepped = env._step_counting(actions, buf.returns, buf.alive, buf.active)
+            if stepped is not None:
+                buf.obs, ended = stepped
+                return ended
+        obs, reward, terminated, truncated, _ = env.step(actions)
         buf.obs = obs
         if buf.returns.is_cuda and _episode_step().supports(buf.returns, buf.alive, buf.active, reward,
                                                              terminated, truncated):

@@ -207,6 +207,49 @@ def test_fused_step_matches_the_torch_step(device, mode, dtype):
             torch.testing.assert_close(fused.state, plain.state, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("mode", ["next_step", "disabled"])
+def test_the_counting_step_equals_a_step_and_the_rollouts_counters(device, mode):
+    """``CartPole._step_counting`` (the step kernel that also updates a rollout's returns,
+    alive counts and active mask) gives bit for bit what a kernel step followed by the
+    counters' own kernel gives: the same state, counters, observations and end flags, with
+    members that end at different steps and some that start inactive. Without the kernel
+    step it declines and changes nothing."""
+    from evotorch_eggroll.kernels.episode_step import episode_step_
+
+    n = 37
+    envs = [CartPole(n, device=device, seed=4, autoreset_mode=mode, max_episode_steps=30)
+            for _ in range(2)]
+    counters = []
+    for env in envs:
+        env._use_kernel = True
+        env.reset()
+        active = torch.ones(n, dtype=torch.bool, device=device)
+        active[::5] = False
+        counters.append((torch.zeros(n, dtype=torch.float64, device=device),
+                         torch.zeros(n, dtype=torch.int64, device=device), active))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        act = torch.randint(0, 2, (n,), generator=gen).to(device)
+        obs, ended = envs[0]._step_counting(act, *counters[0])
+        want_obs, reward, terminated, truncated, _ = envs[1].step(act)
+        want_ended = episode_step_(*counters[1], reward, terminated, truncated)
+        assert torch.equal(obs, want_obs) and torch.equal(ended, want_ended)
+        for got, want in zip(counters[0], counters[1]):
+            assert torch.equal(got, want)
+        for name in ("state", "steps", "prev_done", "starts"):
+            assert torch.equal(getattr(envs[0], name), getattr(envs[1], name))
+    returns, alive, active = counters[0]
+    # every episode ended: some terminated, the others were truncated at 30 steps
+    assert int(alive[alive > 0].min()) < 30 and int(alive.max()) == 30 and not bool(active.any())
+    assert torch.equal(returns, alive.double()) and int(alive[::5].max()) == 0
+    plain = CartPole(n, device=device, seed=4, autoreset_mode=mode)
+    plain._use_kernel = False
+    plain.reset()
+    before = plain.state.clone()
+    assert plain._step_counting(act, *counters[0]) is None
+    assert torch.equal(plain.state, before) and torch.equal(counters[0][1], alive)
+
+
 def test_state_keeps_its_storage():
     """State, step counters and end flags are updated in place (a captured CUDA graph keeps
     reading them), through steps, resets, masked resets and set_state."""

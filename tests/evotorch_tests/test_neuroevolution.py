@@ -536,6 +536,83 @@ def test_replayed_rollouts_equal_the_step_by_step_loop(kwargs):
         assert fa == fb and torch.equal(ca, cb) and ia == ib
 
 
+def _counting_run(device, monkeypatch, counting, maker, **kwargs):
+    """EGGROLL generations on CartPole with the counters in CartPole's step launch or in
+    their own (``CartPole._step_counting`` declining): per generation the mean fitness, the
+    center and the interaction count, and the counting steps taken."""
+    import warnings
+
+    from evotorch_eggroll.algorithms import EGGROLL
+    from evotorch_eggroll.kernels import cartpole as cartpole_kernels
+
+    calls, history = [], []
+    popsize = kwargs.pop("popsize", 16)
+    real = cartpole_kernels.cartpole_step_counting_
+    with monkeypatch.context() as m:
+        m.setattr(cartpole_kernels, "cartpole_step_counting_",
+                  lambda *a: calls.append(1) or real(*a))
+        if not counting:
+            m.setattr(CartPole, "_step_counting", lambda self, *a: None)
+        torch.manual_seed(0)
+        problem = EggrollVecGymNE(maker, _policy, device=device, seed=3, **kwargs)
+        searcher = EGGROLL(problem, popsize=popsize, sigma=0.3, lr=0.05, rank=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(2):
+                searcher.step()
+                history.append((searcher.status["mean_eval"], searcher.status["center"].clone(),
+                                problem.interaction_count))
+    return history, len(calls)
+
+
+def _kernel_cartpole(num_envs, device=None):
+    env = CartPole(num_envs, device=device)
+    env._use_kernel = True  # the CUDA float64 default; on the CPU through the interpreter
+    return env
+
+
+@pytest.mark.parametrize("kwargs", [{"episode_length": 30}, {"episode_length": 25, "observation_normalization": True}])
+def test_counters_in_cartpoles_step_launch_change_nothing(device, monkeypatch, kwargs):
+    """The rollout's counters updated in CartPole's step kernel give the same fitnesses,
+    centers and interaction counts, bit for bit, as the counters' own launch."""
+    fused, fused_calls = _counting_run(device, monkeypatch, True, _kernel_cartpole, **kwargs)
+    plain, plain_calls = _counting_run(device, monkeypatch, False, _kernel_cartpole, **kwargs)
+    assert fused_calls > 0 and plain_calls == 0
+    for (fa, ca, ia), (fb, cb, ib) in zip(fused, plain):
+        assert fa == fb and torch.equal(ca, cb) and ia == ib
+    assert fused[0][0] != fused[1][0]  # the center moved between the generations
+
+
+def test_a_cartpole_subclass_with_its_own_step_is_stepped_through_it(monkeypatch):
+    """A subclass that overrides ``step`` is never bypassed by the counting step."""
+    stepped = []
+
+    class Logged(CartPole):
+        def step(self, actions):
+            stepped.append(1)
+            return super().step(actions)
+
+    def maker(num_envs, device=None):
+        env = Logged(num_envs, device=device)
+        env._use_kernel = True
+        return env
+
+    _, calls = _counting_run("cpu", monkeypatch, True, maker, episode_length=5, popsize=4)
+    assert calls == 0 and len(stepped) >= 10
+
+
+@pytest.mark.gpu
+def test_counters_in_cartpoles_step_launch_change_nothing_at_real_size(monkeypatch):
+    """4,096 members on the GPU, rollouts captured in CUDA graphs: the same results with
+    the counters in CartPole's step launch as in their own."""
+    kw = dict(episode_length=200, popsize=4096)
+    fused, fused_calls = _counting_run("cuda", monkeypatch, True, CartPole, **kw)
+    plain, plain_calls = _counting_run("cuda", monkeypatch, False, CartPole, **kw)
+    assert fused_calls > 0 and plain_calls == 0
+    for (fa, ca, ia), (fb, cb, ib) in zip(fused, plain):
+        assert fa == fb and torch.equal(ca, cb) and ia == ib
+
+
 @pytest.mark.gpu
 def test_env_without_in_place_declaration_runs_step_by_step_with_one_warning():
     from evotorch_eggroll.algorithms import EGGROLL

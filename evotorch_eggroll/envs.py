@@ -435,7 +435,7 @@ class CartPole(gym.vector.VectorEnv):
         a = self._ready_to_step(actions)
         from .kernels.cartpole import cartpole_step_counting_
 
-        return cartpole_step_counting_(*self._kernel_operands(a), returns, alive, active)
+        return cartpole_step_counting_(returns, alive, active, *self._kernel_operands(a))
 
     def set_state(self, state: TensorLike) -> None:
         """Overwrite the physical state ``(num_envs, 4)`` (x, x_dot, theta, theta_dot).

@@ -21,6 +21,8 @@ counters (returns, steps taken alive, the alive mask) in the same launch
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -284,17 +286,7 @@ def cartpole_step_(
 
 
 def cartpole_step_counting_(
-    state: torch.Tensor,
-    steps: torch.Tensor,
-    prev_done: torch.Tensor,
-    actions: torch.Tensor,
-    starts: torch.Tensor | None,
-    key: torch.Tensor,
-    consts: torch.Tensor,
-    max_steps: int,
-    returns: torch.Tensor,
-    alive: torch.Tensor,
-    active: torch.Tensor,
+    returns: torch.Tensor, alive: torch.Tensor, active: torch.Tensor, *step: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cartpole_step_` and a rollout's episode counters in the same launch: for every
     environment ``i``, with this step's ``reward``, ``terminated`` and ``truncated``,
@@ -303,16 +295,15 @@ def cartpole_step_counting_(
     :func:`episode_step.episode_step_`, with bit-equal results.
 
     Args:
-        state, steps, prev_done, actions, starts, key, consts, max_steps: as
-            :func:`cartpole_step_` takes them.
         returns, alive, active: ``(E,)`` contiguous float64, int64 and bool counters,
             updated in place.
+        step: ``state, steps, prev_done, actions, starts, key, consts, max_steps``, as
+            :func:`cartpole_step_` takes them.
 
     Returns:
         ``obs (E, 4)`` float32 and the ``(E,)`` bool flags ``terminated | truncated``.
     """
-    return _launch_step(state, steps, prev_done, actions, starts, key, consts, max_steps,
-                        None, None, (returns, alive, active))
+    return _launch_step(*step, None, None, (returns, alive, active))
 
 
 def _launch_step(state, steps, prev_done, actions, starts, key, consts, max_steps, reward,

@@ -571,7 +571,8 @@ def _kernel_cartpole(num_envs, device=None):
     return env
 
 
-@pytest.mark.parametrize("kwargs", [{"episode_length": 30}, {"episode_length": 25, "observation_normalization": True}])
+@pytest.mark.parametrize("kwargs", [{"episode_length": 20, "popsize": 8},
+                                    {"episode_length": 16, "popsize": 8, "observation_normalization": True}])
 def test_counters_in_cartpoles_step_launch_change_nothing(device, monkeypatch, kwargs):
     """The rollout's counters updated in CartPole's step kernel give the same fitnesses,
     centers and interaction counts, bit for bit, as the counters' own launch."""

@@ -2,11 +2,12 @@
 
 RL policies are mostly ``nn.Sequential`` stacks of ``nn.Linear`` layers and elementwise
 activations (or EvoTorch's ``MultiLayered`` stacks, which its network strings such as
-``"Linear(obs_length, 64) >> Tanh() >> Linear(64, act_length)"`` build), a few hundred features wide, evaluated for every environment step. When
-such a model's evolved parameters are all served by the perturbation context's drawn
-factors (see :meth:`PerturbationContext.cache_factors`) and no autograd graph is needed,
-the whole forward runs as one launch of the drawn-MLP kernel instead of one routed op per
-layer and activation: the same per-row arithmetic as the per-layer path (the outputs agree
+``"Linear(obs_length, 64) >> Tanh() >> Linear(64, act_length)"`` build), a few hundred
+features wide, evaluated for every environment step. When such a model's evolved
+parameters are all served by the perturbation context's drawn factors (see
+:meth:`PerturbationContext.cache_factors`) and no autograd graph is needed, the whole
+forward runs as one launch of the drawn-MLP kernel instead of one routed op per layer and
+activation: the same per-row arithmetic as the per-layer path (the outputs agree
 to float32 rounding), without the per-op dispatch or the round trips between launches.
 Anything else -- other module types, hooks, gradients, other dtypes, wide layers --
 returns None here and takes the general routed path.

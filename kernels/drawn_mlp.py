@@ -261,68 +261,6 @@ def _layer_regs(
 
 
 @triton.jit
-def program_rows(ids_ptr, stride_ids, n_rows, base, BLOCK_M: tl.constexpr,
-                 ANTITHETIC: tl.constexpr, OFF32: tl.constexpr):
-    """A program's ``BLOCK_M`` batch rows: ``(rows, row_ok, rel, sign)``, the rows (int64),
-    which exist, each row's noise index relative to the drawn blocks' ``base`` (32-bit with
-    ``OFF32``) and its antithetic sign (float32)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < n_rows
-    index, sign = row_noise_index(ids_ptr, rows, stride_ids, row_ok, ANTITHETIC)
-    sign = sign + tl.zeros((BLOCK_M,), tl.float32)  # (BLOCK_M,) also when it is a scalar
-    rel = index - base
-    if OFF32:
-        rel = rel.to(tl.int32)
-    return rows, row_ok, rel, sign
-
-
-@triton.jit
-def mlp_regs(
-    h, row_ok, rel, sign, scale, bias_scale,
-    w0, sw0m, sw0k, b0, f0, e0, w1, sw1m, sw1k, b1, f1, e1,
-    w2, sw2m, sw2k, b2, f2, e2, w3, sw3m, sw3k, b3, f3, e3,
-    D0, D1, D2, D3, D4,
-    LAYERS: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr,
-    HB0: tl.constexpr, WN0: tl.constexpr, BZ0: tl.constexpr, ACT0: tl.constexpr,
-    HB1: tl.constexpr, WN1: tl.constexpr, BZ1: tl.constexpr, ACT1: tl.constexpr,
-    HB2: tl.constexpr, WN2: tl.constexpr, BZ2: tl.constexpr, ACT2: tl.constexpr,
-    HB3: tl.constexpr, WN3: tl.constexpr, BZ3: tl.constexpr, ACT3: tl.constexpr,
-    PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
-):
-    """The network's layers on the feature-major input tile ``h (P0, BLOCK_M)``: the last
-    layer's ``(P_LAYERS, BLOCK_M)`` outputs (see :func:`_layer_regs`)."""
-    h = _layer_regs(h, row_ok, rel, sign, w0, sw0m, sw0k, b0, f0, e0, D0, D1, scale,
-                    bias_scale, R, BLOCK_M, P0, P1, HB0, WN0, BZ0, ACT0, PRECISION, LIBDEVICE)
-    if LAYERS > 1:
-        h = _layer_regs(h, row_ok, rel, sign, w1, sw1m, sw1k, b1, f1, e1, D1, D2, scale,
-                        bias_scale, R, BLOCK_M, P1, P2, HB1, WN1, BZ1, ACT1, PRECISION,
-                        LIBDEVICE)
-    if LAYERS > 2:
-        h = _layer_regs(h, row_ok, rel, sign, w2, sw2m, sw2k, b2, f2, e2, D2, D3, scale,
-                        bias_scale, R, BLOCK_M, P2, P3, HB2, WN2, BZ2, ACT2, PRECISION,
-                        LIBDEVICE)
-    if LAYERS > 3:
-        h = _layer_regs(h, row_ok, rel, sign, w3, sw3m, sw3k, b3, f3, e3, D3, D4, scale,
-                        bias_scale, R, BLOCK_M, P3, P4, HB3, WN3, BZ3, ACT3, PRECISION,
-                        LIBDEVICE)
-    return h
-
-
-@triton.jit
-def argmax_features(h, n_out, PL: tl.constexpr):
-    """Each row's index of its largest output in the ``(PL, BLOCK_M)`` tile ``h`` (the
-    first ``n_out`` features), as ``torch.argmax`` picks it: the first of equal values; a
-    NaN counts as larger than everything, the first NaN wins."""
-    cols = tl.arange(0, PL)
-    valid = (cols < n_out)[:, None]
-    nan = (h != h) & valid
-    first_nan = tl.min(tl.where(nan, cols[:, None], PL), axis=0)
-    top = tl.argmax(tl.where(valid & ~nan, h, float("-inf")), axis=0, tie_break_left=True)
-    return tl.where(first_nan < PL, first_nan, top)
-
-
-@triton.jit
 def _drawn_mlp_regs_kernel(
     x_ptr, stride_xm, stride_xk, out_ptr, stride_om, stride_on,
     ids_ptr, stride_ids, n_rows, base, scale, bias_scale,
@@ -343,22 +281,42 @@ def _drawn_mlp_regs_kernel(
     BLOCK_M)`` tile): no scratch, no barriers. ``OFF32``: every factor and bias-noise block
     has fewer than 2**31 elements, so offsets into them fit 32 bits (fewer address
     instructions than 64-bit ones). ``ARGMAX``: ``out`` is ``(rows,)`` int64 and receives
-    the index of each row's largest output (:func:`argmax_features`)."""
-    rows, row_ok, rel, sign = program_rows(ids_ptr, stride_ids, n_rows, base, BLOCK_M,
-                                           ANTITHETIC, OFF32)
+    the index of each row's largest output, as ``torch.argmax`` picks it (the first of equal
+    values; a NaN counts as larger than everything, the first NaN wins)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < n_rows
+    index, sign = row_noise_index(ids_ptr, rows, stride_ids, row_ok, ANTITHETIC)
+    sign = sign + tl.zeros((BLOCK_M,), tl.float32)
+    rel = index - base
+    if OFF32:
+        rel = rel.to(tl.int32)
     ks = tl.arange(0, P0)
     h = tl.load(x_ptr + rows[None, :] * stride_xm + ks[:, None] * stride_xk,
                 mask=row_ok[None, :] & (ks < D0)[:, None], other=0.0).to(tl.float32)
-    h = mlp_regs(h, row_ok, rel, sign, scale, bias_scale,
-                 w0, sw0m, sw0k, b0, f0, e0, w1, sw1m, sw1k, b1, f1, e1,
-                 w2, sw2m, sw2k, b2, f2, e2, w3, sw3m, sw3k, b3, f3, e3, D0, D1, D2, D3, D4,
-                 LAYERS, R, BLOCK_M, P0, P1, P2, P3, P4, HB0, WN0, BZ0, ACT0, HB1, WN1, BZ1,
-                 ACT1, HB2, WN2, BZ2, ACT2, HB3, WN3, BZ3, ACT3, PRECISION, LIBDEVICE)
+    h = _layer_regs(h, row_ok, rel, sign, w0, sw0m, sw0k, b0, f0, e0, D0, D1, scale,
+                    bias_scale, R, BLOCK_M, P0, P1, HB0, WN0, BZ0, ACT0, PRECISION, LIBDEVICE)
+    if LAYERS > 1:
+        h = _layer_regs(h, row_ok, rel, sign, w1, sw1m, sw1k, b1, f1, e1, D1, D2, scale,
+                        bias_scale, R, BLOCK_M, P1, P2, HB1, WN1, BZ1, ACT1, PRECISION,
+                        LIBDEVICE)
+    if LAYERS > 2:
+        h = _layer_regs(h, row_ok, rel, sign, w2, sw2m, sw2k, b2, f2, e2, D2, D3, scale,
+                        bias_scale, R, BLOCK_M, P2, P3, HB2, WN2, BZ2, ACT2, PRECISION,
+                        LIBDEVICE)
+    if LAYERS > 3:
+        h = _layer_regs(h, row_ok, rel, sign, w3, sw3m, sw3k, b3, f3, e3, D3, D4, scale,
+                        bias_scale, R, BLOCK_M, P3, P4, HB3, WN3, BZ3, ACT3, PRECISION,
+                        LIBDEVICE)
+    cols = tl.arange(0, PL)
     if ARGMAX:
-        tl.store(out_ptr + rows * stride_om, argmax_features(h, n_out, PL).to(tl.int64),
-                 mask=row_ok)
+        valid = (cols < n_out)[:, None]
+        nan = (h != h) & valid
+        first_nan = tl.min(tl.where(nan, cols[:, None], PL), axis=0)
+        top = tl.argmax(tl.where(valid & ~nan, h, float("-inf")), axis=0,
+                        tie_break_left=True)
+        pick = tl.where(first_nan < PL, first_nan, top)
+        tl.store(out_ptr + rows * stride_om, pick.to(tl.int64), mask=row_ok)
     else:
-        cols = tl.arange(0, PL)
         tl.store(out_ptr + rows[None, :] * stride_om + cols[:, None] * stride_on, h,
                  mask=row_ok[None, :] & (cols < n_out)[:, None])
 
@@ -492,44 +450,6 @@ def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
             dict(num_warps=NUM_WARPS, **LAUNCH_OPTIONS), False)
 
 
-def layer_operands(layers: Sequence[Layer], dummy: torch.Tensor) -> tuple[list, tuple, tuple, bool]:
-    """The per-layer kernel arguments of up to :data:`MAX_LAYERS` layers: ``(args, dims,
-    flags, off32)``: each slot's weight, its strides, bias, factor block and bias noise
-    (unused slots and absent tensors point at ``dummy`` and are never read), the feature
-    counts padded with 1 to ``MAX_LAYERS + 1``, each slot's ``(HB, WN, BZ, ACT)``, and
-    whether every noise block has fewer than 2**31 elements."""
-    args, dims, flags, off32 = [], [layers[0].weight.shape[1]], [], True
-    for lay in layers:
-        w, b, c, bc = lay.weight, lay.bias, lay.cache, lay.bias_cache
-        if (c is not None and c[0].numel() >= 2**31) or (
-                bc is not None and bc[0].numel() >= 2**31):
-            off32 = False
-        sw = w.stride()
-        args += (w, sw[0], sw[1], dummy if b is None else b, dummy if c is None else c[0],
-                 dummy if bc is None else bc[0])
-        dims.append(w.shape[0])
-        flags.append((b is not None, c is not None, bc is not None, int(lay.act)))
-    for _ in range(len(layers), MAX_LAYERS):
-        args += (dummy, 0, 0, dummy, dummy, dummy)
-        flags.append(_UNUSED_FLAGS)
-    dims += [1] * (MAX_LAYERS + 1 - len(dims))
-    return args, tuple(dims), tuple(flags), off32
-
-
-def launch_config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
-                  precision: str, libdevice: bool, small: bool, off32: bool,
-                  argmax: bool) -> tuple[tuple, int, dict, bool]:
-    """:func:`_config`, remembered for each combination of its arguments and the module's
-    tuning knobs."""
-    key = (dims, flags, layers, rank, antithetic, precision, libdevice, small, off32, argmax,
-           _tuning())
-    config = _configs.get(key)
-    if config is None:
-        config = _configs[key] = _config(dims, flags, layers, rank, antithetic, precision,
-                                         libdevice, small, off32, argmax)
-    return config
-
-
 def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic, precision,
             argmax):
     rows, n0 = x.shape
@@ -537,13 +457,34 @@ def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic,
     out = torch.empty((rows, layers[-1].weight.shape[0]), dtype=torch.float32, device=device)
     if rows == 0:
         return out.argmax(dim=1) if argmax else out
-    args, dims, flags, off32 = layer_operands(layers, out)
+    # each layer slot: weight, its strides, bias, factor block, bias noise (unused slots and
+    # absent tensors point at ``out`` and are never read) and its flags
+    args, dims, flags, off32 = [], [n0], [], True
+    for lay in layers:
+        w, b, c, bc = lay.weight, lay.bias, lay.cache, lay.bias_cache
+        if (c is not None and c[0].numel() >= 2**31) or (
+                bc is not None and bc[0].numel() >= 2**31):
+            off32 = False
+        sw = w.stride()
+        args += (w, sw[0], sw[1], out if b is None else b, out if c is None else c[0],
+                 out if bc is None else bc[0])
+        dims.append(w.shape[0])
+        flags.append((b is not None, c is not None, bc is not None, int(lay.act)))
     n_layers = len(layers)
-    n_out = dims[n_layers]
-    hidden = max(dims[1:n_layers], default=1)
+    for _ in range(n_layers, MAX_LAYERS):
+        args += (out, 0, 0, out, out, out)
+        flags.append(_UNUSED_FLAGS)
+    n_out = dims[-1]
+    hidden = max(dims[1:-1], default=1)
+    dims += [1] * (MAX_LAYERS - n_layers)
+    dims, flags = tuple(dims), tuple(flags)
     libdevice = x.is_cuda and _libdevice is not None
-    config = launch_config(dims, flags, n_layers, rank, antithetic, precision, libdevice,
-                           rows <= SMALL_ROWS, off32, argmax)
+    key = (dims, flags, rank, antithetic, precision, libdevice, rows <= SMALL_ROWS, off32,
+           argmax, _tuning())
+    config = _configs.get(key)
+    if config is None:
+        config = _configs[key] = _config(dims, flags, n_layers, rank, antithetic, precision,
+                                         libdevice, rows <= SMALL_ROWS, off32, argmax)
     constexprs, block_m, options, regs = config
     sx = x.stride()
     grid = (-(-rows // block_m),)

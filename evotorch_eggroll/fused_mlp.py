@@ -26,7 +26,7 @@ from . import ops
 from .evolved import EvolvedSet, NoiseCoords
 from .factor_cache import FactorCache
 
-__all__ = ["argmax_rows", "launch_plan", "try_forward"]
+__all__ = ["argmax_rows", "try_forward"]
 
 _ACTIVATIONS = {nn.Tanh: 1, nn.ReLU: 2, nn.Sigmoid: 3}
 MAX_RANK = 16
@@ -120,20 +120,6 @@ def try_forward(model: nn.Module, x: torch.Tensor, member_ids: torch.Tensor,
     With ``argmax``: ``(indices, width)``, the ``(rows,)`` int64 index of each row's largest
     output (as ``torch.argmax(out, dim=1)``; in the same launch for networks that run in
     registers) and the outputs per row."""
-    found = launch_plan(model, x, evolved, coords, cache)
-    if found is None:
-        return None
-    layers, settings = found
-    out = ops._kernels().drawn_mlp.drawn_mlp(x, layers, member_ids, argmax=argmax, **settings)
-    return (out, layers[-1].weight.shape[0]) if argmax else out
-
-
-def launch_plan(model: nn.Module, x: torch.Tensor, evolved: EvolvedSet, coords: NoiseCoords,
-                cache: Optional[FactorCache]) -> Optional[tuple[list, dict]]:
-    """What one drawn-MLP launch of ``model`` on inputs like ``x`` takes: ``(layers,
-    settings)``, the kernel's :class:`Layer` list and the keywords of its ``drawn_mlp``
-    (rank, scales, antithetic sampling, precision), or None when the model or the call does
-    not qualify (see :func:`try_forward`)."""
     if (cache is None or x.dim() != 2 or x.dtype != torch.float32 or coords.sigma == 0.0
             or coords.rank > MAX_RANK
             or ops.resolve_backend(coords.backend, x.device) != "triton"
@@ -179,5 +165,8 @@ def launch_plan(model: nn.Module, x: torch.Tensor, evolved: EvolvedSet, coords: 
     if not noisy or not kern.fits(widths):
         return None
     tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    return specs, dict(rank=coords.rank, scale=coords.lowrank_scale, bias_scale=coords.sigma,
-                       antithetic=coords.antithetic, precision="tf32" if tf32 else "ieee")
+    out = kern.drawn_mlp(x, specs, member_ids, rank=coords.rank,
+                          scale=coords.lowrank_scale, bias_scale=coords.sigma,
+                          antithetic=coords.antithetic, precision="tf32" if tf32 else "ieee",
+                          argmax=argmax)
+    return (out, widths[-1]) if argmax else out

@@ -75,67 +75,6 @@ def start_state(seed, env, start, consts_ptr):
 
 
 @triton.jit
-def cartpole_advance(x, x_dot, theta, theta_dot, steps, prev, a, env, start, seed, consts_ptr,
-                     max_steps, NEXT_STEP: tl.constexpr):
-    """One step of a block of environments held in registers (the expressions of
-    Gymnasium's CartPole in the state's dtype): ``x .. theta_dot`` the state, ``steps`` the
-    step counters, ``prev`` the episode-ended-on-the-previous-step flags, ``a`` the actions
-    (positive pushes right); with ``NEXT_STEP`` an environment with ``prev`` set draws start
-    number ``start`` of its start stream (``env`` its index, ``seed`` the stream's key) and
-    starts again (the caller counts the start where ``prev``).
-
-    Returns ``(x, x_dot, theta, theta_dot, steps, done, reward, terminated, truncated)``
-    (``done``: the episode ended on this step, or, without ``NEXT_STEP``, on any earlier
-    one)."""
-    gravity = tl.load(consts_ptr + 0)
-    masspole = tl.load(consts_ptr + 1)
-    total_mass = tl.load(consts_ptr + 2)
-    length = tl.load(consts_ptr + 3)
-    polemass_length = tl.load(consts_ptr + 4)
-    force_mag = tl.load(consts_ptr + 5)
-    tau = tl.load(consts_ptr + 6)
-    theta_limit = tl.load(consts_ptr + 7)
-    x_limit = tl.load(consts_ptr + 8)
-    four_thirds = tl.load(consts_ptr + 9)
-
-    force = tl.where(a > 0, force_mag, -force_mag)
-    costheta = tl.cos(theta)
-    sintheta = tl.sin(theta)
-
-    temp = (force + polemass_length * (theta_dot * theta_dot) * sintheta) / total_mass
-    thetaacc = (gravity * sintheta - costheta * temp) / (
-        length * (four_thirds - masspole * (costheta * costheta) / total_mass)
-    )
-    xacc = temp - polemass_length * thetaacc * costheta / total_mass
-
-    x = x + tau * x_dot
-    x_dot = x_dot + tau * xacc
-    theta = theta + tau * theta_dot
-    theta_dot = theta_dot + tau * thetaacc
-
-    terminated = (x < -x_limit) | (x > x_limit) | (theta < -theta_limit) | (theta > theta_limit)
-    steps = steps + 1
-    truncated = steps >= max_steps
-    reward = tl.full(x.shape, 1.0, tl.float32)
-    if NEXT_STEP:
-        # an environment whose episode ended on the previous step starts a new one now
-        x0, x_dot0, theta0, theta_dot0 = start_state(seed, env, start, consts_ptr)
-        x = tl.where(prev, x0, x)
-        x_dot = tl.where(prev, x_dot0, x_dot)
-        theta = tl.where(prev, theta0, theta)
-        theta_dot = tl.where(prev, theta_dot0, theta_dot)
-        steps = tl.where(prev, 0, steps)
-        reward = tl.where(prev, 0.0, reward)
-        terminated = terminated & ~prev
-        truncated = truncated & ~prev
-        done = terminated | truncated
-    else:
-        reward = tl.where(prev, 0.0, reward)
-        done = prev | terminated | truncated
-    return x, x_dot, theta, theta_dot, steps, done, reward, terminated, truncated
-
-
-@triton.jit
 def _cartpole_step_kernel(
     state_ptr,
     steps_ptr,
@@ -160,23 +99,60 @@ def _cartpole_step_kernel(
 ):
     env = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     ok = env < num_envs
+    gravity = tl.load(consts_ptr + 0)
+    masspole = tl.load(consts_ptr + 1)
+    total_mass = tl.load(consts_ptr + 2)
+    length = tl.load(consts_ptr + 3)
+    polemass_length = tl.load(consts_ptr + 4)
+    force_mag = tl.load(consts_ptr + 5)
+    tau = tl.load(consts_ptr + 6)
+    theta_limit = tl.load(consts_ptr + 7)
+    x_limit = tl.load(consts_ptr + 8)
+    four_thirds = tl.load(consts_ptr + 9)
+
     x = tl.load(state_ptr + env * 4 + 0, mask=ok, other=0.0)
     x_dot = tl.load(state_ptr + env * 4 + 1, mask=ok, other=0.0)
     theta = tl.load(state_ptr + env * 4 + 2, mask=ok, other=0.0)
     theta_dot = tl.load(state_ptr + env * 4 + 3, mask=ok, other=0.0)
     a = tl.load(act_ptr + env * stride_act, mask=ok, other=0)
-    steps = tl.load(steps_ptr + env, mask=ok, other=0)
+    force = tl.where(a > 0, force_mag, -force_mag)
+    costheta = tl.cos(theta)
+    sintheta = tl.sin(theta)
+
+    temp = (force + polemass_length * (theta_dot * theta_dot) * sintheta) / total_mass
+    thetaacc = (gravity * sintheta - costheta * temp) / (
+        length * (four_thirds - masspole * (costheta * costheta) / total_mass)
+    )
+    xacc = temp - polemass_length * thetaacc * costheta / total_mass
+
+    x = x + tau * x_dot
+    x_dot = x_dot + tau * xacc
+    theta = theta + tau * theta_dot
+    theta_dot = theta_dot + tau * thetaacc
+
+    terminated = (x < -x_limit) | (x > x_limit) | (theta < -theta_limit) | (theta > theta_limit)
+    steps = tl.load(steps_ptr + env, mask=ok, other=0) + 1
+    truncated = steps >= max_steps
+    reward = tl.full((BLOCK,), 1.0, tl.float32)
     prev = tl.load(prev_done_ptr + env, mask=ok, other=0) != 0
     if NEXT_STEP:
+        # an environment whose episode ended on the previous step starts a new one now
         seed = stream_seed(tl.load(key_ptr), tl.load(key_ptr + 1))
         start = tl.load(starts_ptr + env, mask=ok, other=0)
+        x0, x_dot0, theta0, theta_dot0 = start_state(seed, env, start, consts_ptr)
+        x = tl.where(prev, x0, x)
+        x_dot = tl.where(prev, x_dot0, x_dot)
+        theta = tl.where(prev, theta0, theta)
+        theta_dot = tl.where(prev, theta_dot0, theta_dot)
         tl.store(starts_ptr + env, start + 1, mask=ok & prev)
+        steps = tl.where(prev, 0, steps)
+        reward = tl.where(prev, 0.0, reward)
+        terminated = terminated & ~prev
+        truncated = truncated & ~prev
+        done = terminated | truncated
     else:
-        seed = 0
-        start = steps
-    x, x_dot, theta, theta_dot, steps, done, reward, terminated, truncated = cartpole_advance(
-        x, x_dot, theta, theta_dot, steps, prev, a, env, start, seed, consts_ptr, max_steps,
-        NEXT_STEP)
+        reward = tl.where(prev, 0.0, reward)
+        done = prev | terminated | truncated
 
     tl.store(state_ptr + env * 4 + 0, x, mask=ok)
     tl.store(state_ptr + env * 4 + 1, x_dot, mask=ok)

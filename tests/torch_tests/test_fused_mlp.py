@@ -2,9 +2,10 @@
 
 Under ``torch.no_grad()``, with the context's factors drawn, an ``nn.Sequential`` (or an
 EvoTorch ``MultiLayered``, what its network strings build) of ``nn.Linear`` layers and
-Tanh/ReLU/Sigmoid activations runs as one kernel launch. Its output equals each member's materialised network (``pop.iterate()``) to float32 rounding,
-equals the routed per-layer path, is bit-equal across repeated calls, and the fast path
-steps aside for everything else (gradients, hooks, other modules, other dtypes).
+Tanh/ReLU/Sigmoid activations runs as one kernel launch. Its output equals each member's
+materialised network (``pop.iterate()``) to float32 rounding, equals the routed per-layer
+path, is bit-equal across repeated calls, and the fast path steps aside for everything
+else (gradients, hooks, other modules, other dtypes).
 """
 
 from __future__ import annotations

@@ -224,6 +224,14 @@ def _drawn_mlp_kernel(
 
 
 @triton.jit
+def _tf32_part(x):
+    """``x`` rounded to TF32 (10 mantissa bits, to nearest, ties away from zero; inf stays
+    inf, a NaN stays NaN unless its payload lies only in the 13 dropped bits): the leading
+    part of the three-product split of a float32 operand."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _layer_regs(
     h, row_ok, rel, sign, w_ptr, stride_wm, stride_wk, b_ptr, f_ptr, e_ptr,
     N_IN, M_OUT, scale, bias_scale,
@@ -240,9 +248,25 @@ def _layer_regs(
     k_ok = ks < N_IN
     col_ok = cols < M_OUT
     out_mask = col_ok[:, None] & row_ok[None, :]
-    w = tl.load(w_ptr + cols[:, None] * stride_wm + ks[None, :] * stride_wk,
-                mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (POUT, PIN): W
-    acc = tl.dot(w, h, input_precision=PRECISION)
+    w_ptrs = w_ptr + cols[:, None] * stride_wm + ks[None, :] * stride_wk  # (POUT, PIN): W
+    w_ok = col_ok[:, None] & k_ok[None, :]
+    if PRECISION == "tf32x3":
+        # the three TF32 products written out, W loaded again (from L1) for each one, so that
+        # W and its two parts are never all live at once (Triton's own tf32x3 holds them all
+        # and spills under the register cap)
+        h_big = _tf32_part(h)
+        h_small = h - h_big
+        acc = tl.dot(_tf32_part(tl.load(w_ptrs, mask=w_ok, other=0.0)), h_small,
+                     input_precision="tf32")
+        w = tl.load(w_ptrs, mask=w_ok, other=0.0)
+        acc = tl.dot(w - _tf32_part(w), h_big, acc, input_precision="tf32")
+        # an infinite operand's remainder is NaN: the small products then count as 0 (as in
+        # Triton's own split), and the product of the leading parts carries inf and NaN
+        acc = tl.where(acc == acc, acc, 0.0)
+        acc = tl.dot(_tf32_part(tl.load(w_ptrs, mask=w_ok, other=0.0)), h_big, acc,
+                     input_precision="tf32")
+    else:
+        acc = tl.dot(tl.load(w_ptrs, mask=w_ok, other=0.0), h, input_precision=PRECISION)
     if WEIGHT_NOISE:
         block = rel * ((N_IN + M_OUT) * R)
         for r in tl.static_range(R):

@@ -231,14 +231,15 @@ class PerturbationContext:
         device = next(iter(self._evolved)).param.device
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False  # allocations and draws belong before a capture, not inside it
-        budget = getattr(self._owner, "factor_cache_bytes", None)
-        if budget is None:
-            budget = default_budget_bytes(device)
-        if FactorCache.size_bytes(self._evolved, self.coords, self._local) > budget:
-            return False
         storage = getattr(self._owner, "_factor_storage", None)
         if storage is None:
             storage = {}
+        budget = getattr(self._owner, "factor_cache_bytes", None)
+        if budget is None:
+            allocates = not FactorCache.holds(self._evolved, self.coords, self._local, storage)
+            budget = default_budget_bytes(device, allocates)
+        if FactorCache.size_bytes(self._evolved, self.coords, self._local) > budget:
+            return False
         self._cache = FactorCache.draw(self._evolved, self.coords, self._local, storage)
         self._cache_decided = True
         return True

@@ -538,6 +538,33 @@ def test_drawn_factors_are_the_stream_and_respect_the_budget(device):
         assert torch.equal(a, b)
 
 
+def test_the_default_budget_asks_for_free_memory_only_when_a_draw_allocates(device, monkeypatch):
+    """A context whose draw fits the buffers the strategy already holds (the same
+    population as the last one) reuses them and takes the default budget without asking
+    the device how much memory is free; a new population size allocates and asks."""
+    from evotorch_eggroll import EggrollStrategy
+    from evotorch_eggroll import context as context_module
+    from evotorch_eggroll.factor_cache import FactorCache
+
+    asked = []
+    real = context_module.default_budget_bytes
+    monkeypatch.setattr(context_module, "default_budget_bytes",
+                        lambda dev, allocates=True: asked.append(allocates) or real(dev, allocates))
+    model = _mlp(device)
+    s = EggrollStrategy(sigma=0.2, rank=2).setup(model)
+    x = torch.randn(6, 5, device=device)
+    for n in (6, 6, 4):
+        with torch.no_grad(), s.perturb(n) as pop:
+            holds = FactorCache.holds(s._evolved, pop.coords, range(n), s._factor_storage)
+            assert holds == (n == 6 and bool(asked))
+            held = [b.data_ptr() for b in s._factor_storage.values()]
+            pop.batched_forward(model, x[:n])
+            assert pop._cache is not None
+            if n == 6 and len(asked) == 2:
+                assert [b.data_ptr() for b in s._factor_storage.values()] == held  # reused
+    assert asked == [True, False, True]
+
+
 def test_factor_cache_covers_only_the_local_slice():
     from evotorch_eggroll.factor_cache import FactorCache, noise_index_range
 

@@ -584,7 +584,7 @@ def test_counters_in_cartpoles_step_launch_change_nothing(device, monkeypatch, k
     assert not torch.equal(fused[0][1], fused[1][1])  # the center moved between the generations
 
 
-def test_a_cartpole_subclass_with_its_own_step_is_stepped_through_it(monkeypatch):
+def test_a_cartpole_subclass_with_its_own_step_is_stepped_through_it(device, monkeypatch):
     """A subclass that overrides ``step`` is never bypassed by the counting step."""
     stepped = []
 
@@ -598,8 +598,10 @@ def test_a_cartpole_subclass_with_its_own_step_is_stepped_through_it(monkeypatch
         env._use_kernel = True
         return env
 
-    _, calls = _counting_run("cpu", monkeypatch, True, maker, episode_length=5, popsize=4)
-    assert calls == 0 and len(stepped) >= 10
+    _, calls = _counting_run(device, monkeypatch, True, maker, episode_length=5, popsize=4)
+    # two generations of 5 steps; on a GPU the steps are captured in a CUDA graph and
+    # replayed, and the subclass's Python runs only while they are captured
+    assert calls == 0 and len(stepped) >= (10 if torch.device(device).type == "cpu" else 5)
 
 
 @pytest.mark.gpu

@@ -357,7 +357,7 @@ class _LowRankMode:
         the perturbation context's own slice, and all-gathers) and the record of the population."""
         strategy = self._strategy
         problem = self._problem
-        record = dict(center=self.center(), epoch=int(strategy.epoch), sigma=float(strategy.sigma))
+        record = dict(epoch=int(strategy.epoch), sigma=float(strategy.sigma))
         state = problem.generation_state()
 
         def evaluate() -> torch.Tensor:
@@ -369,17 +369,21 @@ class _LowRankMode:
 
         device = next(self._network.parameters()).device
         fitnesses = gather(evaluate, record["epoch"], device, lambda: problem.restore_generation_state(state))
+        # taken after the evaluation (which leaves the center as it was), so that its launches
+        # are queued behind the rollout rather than before it
+        record["center"] = self.center()
         if self._strategy_kwargs["distributed"]:
             problem.distributed_merge(state)
         return fitnesses, record
 
-    def update(self, weights: torch.Tensor, refusal: StepRefusal) -> None:
+    def update(self, weights: torch.Tensor, refusal: StepRefusal, extra: torch.Tensor) -> list:
         """One strategy step from the N weights (the same on every rank), queued on the
-        device before ``refusal`` is read (with the step's metrics); a refused step is
-        rolled back and raises."""
+        device before ``refusal`` and ``extra`` are read (with the step's checks, in a copy
+        that does not wait for the update); a refused step is rolled back and raises.
+        Returns the values of ``extra``."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", _STRATEGY_TIED_WEIGHTS, UserWarning)
-            self._strategy._step(weights, True, (refusal,), metrics=False)
+            return self._strategy._step(weights, True, (refusal,), metrics=False, extra=extra)[1]
 
     def member_vector(self, record: dict) -> torch.Tensor:
         """The decision vector of ``record["member"]`` in the generation ``record`` describes."""
@@ -521,10 +525,12 @@ class _DenseMode:
 
         return gather(evaluate, self._epoch, device), record
 
-    def update(self, weights: torch.Tensor, refusal: StepRefusal) -> None:
+    def update(self, weights: torch.Tensor, refusal: StepRefusal, extra: torch.Tensor) -> list:
         """The ES step from the N weights: the gradient from regenerated noise, in chunks
-        (``refusal`` is read first: a refused generation changes nothing)."""
-        if bool(refusal.flag):
+        (``refusal`` is read first, with ``extra``: a refused generation changes nothing).
+        Returns the values of ``extra``."""
+        flag, *values = torch.cat([refusal.flag.reshape(1).to(extra), extra.reshape(-1)]).tolist()
+        if flag:
             raise refusal.error()
         n = self._popsize
         epoch = _noise.effective_epoch(self._epoch, self._noise_reuse)
@@ -541,6 +547,7 @@ class _DenseMode:
         self._optimizer.step()
         self._center.grad = None
         self._epoch += 1
+        return values
 
     def member_vector(self, record: dict) -> torch.Tensor:
         """The decision vector of ``record["member"]`` in the generation ``record`` describes."""
@@ -868,9 +875,11 @@ class EGGROLL(SearchAlgorithm):
         # nothing below reads the fitnesses back to the host before the update is queued
         # (the checks that can refuse the generation are read with the step's metrics)
         weights, refusal = self._weights(fitnesses)
-        self._mode.update(weights.to(fitnesses.device), refusal)
-        self._warn_if_equal(fitnesses)
-        self._remember(fitnesses, record)
+        # what the warning and the record need is computed now and read with the step's checks
+        values = self._mode.update(weights.to(fitnesses.device), refusal, self._summary(fitnesses))
+        all_equal, first, nonfinite, member, value = values
+        self._warn_if_equal(fitnesses.numel(), bool(all_equal), first)
+        self._remember(fitnesses, record, int(nonfinite), int(member), value)
 
     def _gather(self, evaluate: Any, epoch: int, device: Any, restore: Any = None) -> torch.Tensor:
         """``evaluate()`` (this rank's fitnesses) and, distributed, the N fitnesses of all ranks
@@ -913,15 +922,28 @@ class EGGROLL(SearchAlgorithm):
             refusal = StepRefusal(~finite.all(), lambda: ValueError(_NONFINITE_MESSAGE))
         return _ranked(f, _ranking_method(self._ranking_method)), refusal
 
-    def _warn_if_equal(self, fitnesses: torch.Tensor) -> None:
+    def _summary(self, fitnesses: torch.Tensor) -> torch.Tensor:
+        """What the equal-fitness warning and the generation's record need, computed on the
+        fitnesses' device with no host read (the step reads it with its checks): a float64
+        vector of whether all fitnesses are equal, the first one, the count of non-finite
+        ones, the best member (a finite one: a diverged member is the worst, whatever its
+        value) and its fitness."""
+        f = fitnesses.detach()
+        finite = torch.isfinite(f)
+        worst = float("-inf") if self._higher_is_better else float("inf")
+        ranked = torch.where(finite, f, worst)
+        best = torch.argmax(ranked) if self._higher_is_better else torch.argmin(ranked)
+        parts = [(f == f[0]).all(), f[0], f.numel() - finite.sum(), best, f.take(best)]
+        return torch.stack([p.to(torch.float64) for p in parts])
+
+    def _warn_if_equal(self, n: int, all_equal: bool, first: float) -> None:
         """Warn once per searcher when every fitness of a generation is the same (the ranks
         are then all tied and the center does not move), naming the fitness itself."""
-        n = fitnesses.numel()
-        if getattr(self, "_warned_equal", False) or n < 2 or not bool((fitnesses == fitnesses[0]).all()):
+        if getattr(self, "_warned_equal", False) or n < 2 or not all_equal:
             return
         self._warned_equal = True
         warnings.warn(
-            f"all {n} fitnesses are equal ({float(fitnesses[0])!r}): the ES gradient is zero and the "
+            f"all {n} fitnesses are equal ({first!r}): the ES gradient is zero and the "
             f"center does not change (warned once per searcher)",
             UserWarning,
             stacklevel=3,
@@ -940,15 +962,10 @@ class EGGROLL(SearchAlgorithm):
     def _better(self, a: float, b: float) -> bool:
         return a > b if self._higher_is_better else a < b
 
-    def _remember(self, fitnesses: torch.Tensor, record: dict) -> None:
+    def _remember(self, fitnesses: torch.Tensor, record: dict, nonfinite: int, i: int, value: float) -> None:
+        """Records the generation: its fitnesses, the count of non-finite ones and its best
+        member ``i`` with fitness ``value`` (see :meth:`_summary`)."""
         fitnesses = fitnesses.detach()
-        finite = torch.isfinite(fitnesses)
-        nonfinite = int(finite.numel() - finite.sum())
-        # the best member is a finite one: a diverged member is the worst, whatever its value
-        worst = float("-inf") if self._higher_is_better else float("inf")
-        ranked = torch.where(finite, fitnesses, torch.full_like(fitnesses, worst)) if nonfinite else fitnesses
-        i = int(torch.argmax(ranked) if self._higher_is_better else torch.argmin(ranked))
-        value = float(fitnesses[i])
         self._last = dict(record, fitnesses=fitnesses, member=i, eval=value, nonfinite=nonfinite)
         if self._best_record is None or self._better(value, self._best_record["eval"]):
             self._best_record = self._last

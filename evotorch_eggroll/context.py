@@ -58,6 +58,15 @@ def _remember_validated(t: object, n: int, bounds: tuple[int, int]) -> None:
     if key is not None:
         _validated_ids = (weakref.ref(t), key, bounds)
 
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Bit-exact copies of ``tensors`` (one multi-tensor copy per device and dtype instead
+    of a clone each)."""
+    out = [torch.empty_like(t) for t in tensors]
+    if out:
+        torch._foreach_copy_(out, tensors)
+    return out
+
+
 class PerturbationContext:
     """Evaluation of one population. Built by ``strategy.perturb``; enter once.
 
@@ -119,7 +128,7 @@ class PerturbationContext:
         self._owner._context_enter(self)
         self._used = True
         with torch.no_grad():
-            self._saved = [e.param.detach().clone() for e in self._evolved]
+            self._saved = _copies([e.param.detach() for e in self._evolved])
         self._active = True
         return self
 
@@ -139,11 +148,10 @@ class PerturbationContext:
     def _restore(self) -> None:
         """Write the saved base values back (bit-exact copy; ``.data`` so that autograd
         graphs recorded inside the context stay valid)."""
-        if self._saved is None:
+        if not self._saved:
             return
         with torch.no_grad():
-            for e, saved in zip(self._evolved, self._saved):
-                e.param.data.copy_(saved)
+            torch._foreach_copy_([e.param.data for e in self._evolved], self._saved)
 
     def _require_active(self, what: str) -> None:
         if not self._active:

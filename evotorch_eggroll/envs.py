@@ -186,7 +186,9 @@ class CartPole(gym.vector.VectorEnv):
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         self._seed_value = int(seed) & 0xFFFFFFFFFFFFFFFF
         lo, hi = self._seed_value & 0xFFFFFFFF, self._seed_value >> 32
-        self._key.copy_(torch.tensor([lo, hi], dtype=torch.int64))  # in place: graphs read it
+        # in place (graphs read it), by fills: a copy from the host would wait for the device
+        self._key[0].fill_(lo)
+        self._key[1].fill_(hi)
         self.starts.zero_()
         self._cpu_words = self._cpu_words_base = None  # see _cpu_start_words
 

@@ -37,9 +37,10 @@ from . import checkpoint
 from . import distributed as _dist
 from . import noise as _noise
 from . import ops
+from ._host import start_read
 from ._validation import (MAX_POPULATION, as_value_tensor, check_int, check_population_size,
                           check_real, check_seed, optimizer_class)
-from .context import PerturbationContext, _check_member, _lookup_name, member_perturbation
+from .context import PerturbationContext, _check_member, _copies, _lookup_name, member_perturbation
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .module import ESModule
 from .perturbation import Perturbation, PerturbationSequence
@@ -75,9 +76,10 @@ class StepRefusal(NamedTuple):
     error: Callable[[], BaseException]
 
 
-def _host_values(t: torch.Tensor) -> list:
-    """The values of a 1-D tensor as Python numbers: the step's one device-to-host read."""
-    return t.tolist()
+def _host_values(read: Callable[[], list]) -> list:
+    """The step's one device-to-host read: the values of a copy started by
+    :func:`~evotorch_eggroll._host.start_read`, as Python numbers."""
+    return read()
 
 
 # -- argument checks ---------------------------------------------------------------------------
@@ -95,15 +97,6 @@ def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
     dev = norms[0].device
     return torch.linalg.vector_norm(torch.stack([v.to(dev) for v in norms]))
-
-
-def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Bit-exact copies of ``tensors`` (one multi-tensor copy per device and dtype instead
-    of a clone each)."""
-    out = [torch.empty_like(t) for t in tensors]
-    if out:
-        torch._foreach_copy_(out, tensors)
-    return out
 
 
 def _tensor_leaves(obj: Any, leaves: list[torch.Tensor]) -> None:
@@ -767,23 +760,29 @@ class EvolutionStrategy:
         exception from a callback propagates (later callbacks do not run) and the update
         is kept.
         """
-        return self._step(fitnesses, prenormalized)
+        return self._step(fitnesses, prenormalized)[0]
 
     def _step(self, fitnesses: Any, prenormalized: bool,
-              refusals: Sequence[StepRefusal] = (), metrics: bool = True) -> Optional[dict]:
+              refusals: Sequence[StepRefusal] = (), metrics: bool = True,
+              extra: Optional[torch.Tensor] = None) -> tuple[Optional[dict], list]:
         """:meth:`step`, with ``refusals``: conditions computed by the caller on the device
         (EGGROLL's checks of the raw fitnesses) that refuse the step like the strategy's own
-        checks, read with them; and ``metrics=False`` for a caller that does not use the
+        checks, read with them; ``metrics=False`` for a caller that does not use the
         metrics (EGGROLL): then, unless an ``on_step`` callback wants them, the step computes
         only what its checks need (no fitness statistics, no norms unless clipping needs
-        one) and returns None. The update is the same either way.
+        one) and gives None for the metrics; and ``extra``, a 1-D tensor that the caller
+        computed on the device, read in the same copy as the checks. The update is the same
+        either way. Returns ``(metrics, values of extra)`` (an empty list without it).
 
         No stage before the update reads a value of the fitnesses back to the host: the
         update is queued on the device behind the evaluation, and the checks that depend
-        on the values (non-finite fitnesses, the warnings) are read in one copy with the
-        metrics afterwards. A refused step is rolled back from the snapshots the update
-        takes (the parameters and the optimizer state bit-exactly as before) and raises;
-        ``epoch`` does not advance and the perturb context stays available.
+        on the values (non-finite fitnesses, the warnings) are read in one copy. With the
+        metrics that copy follows the update (it holds the norms); without them it starts
+        before the update is queued and waits for the checks only, so that on a GPU the
+        host goes on while the device runs the update. A refused step is rolled back from
+        the snapshots the update takes (the parameters and the optimizer state bit-exactly
+        as before) and raises; ``epoch`` does not advance and the perturb context stays
+        available.
         """
         n, epoch, coords = self._step_population(fitnesses)
         f = self._collect_fitnesses(fitnesses, n, epoch)
@@ -792,18 +791,22 @@ class EvolutionStrategy:
                              f"{self.group_size}")
         lean = not metrics and not self._callbacks["on_step"]
         w, checks = self._step_weights(f, prenormalized, lean)
+        names = _LEAN_CHECKS if lean else _CHECKS + ("grad_norm", "param_delta_norm")
+        flags = [r.flag.reshape(1).to(checks) for r in refusals]
+        late = [] if extra is None else [extra.reshape(-1).to(checks)]
+        # without the norms the copy starts before the update is queued: it does not wait for it
+        read = start_read(torch.cat([checks, *flags, *late])) if lean else None
         neg_grads, norm = self._clip_gradients(self._negative_gradients(w, n, coords),
                                                need_norm=not lean)
         delta, snapshot = self._apply_update(neg_grads, need_delta=not lean)
         try:
-            names = _LEAN_CHECKS if lean else _CHECKS + ("grad_norm", "param_delta_norm")
-            parts = [checks]
             if not lean:
-                parts.append(torch.stack([norm.to(delta.device), delta]).to(checks))
-            parts += [r.flag.reshape(1).to(checks) for r in refusals]
-            values = _host_values(torch.cat(parts))
+                norms = torch.stack([norm.to(delta.device), delta]).to(checks)
+                read = start_read(torch.cat([checks, norms, *flags, *late]))
+            values = _host_values(read)
             checked = dict(zip(names, values))
-            self._refuse_or_warn(checked, values[len(names):], refusals, n, prenormalized)
+            self._refuse_or_warn(checked, values[len(names):len(names) + len(flags)],
+                                 refusals, n, prenormalized)
         except BaseException:
             self._roll_back(*snapshot)
             raise
@@ -811,7 +814,7 @@ class EvolutionStrategy:
         self._advance(n, epoch)
         for fn in self._callbacks["on_step"]:  # none when lean
             fn(dict(result))
-        return result
+        return result, values[len(names) + len(flags):]
 
     def _step_population(self, fitnesses: Any) -> tuple[int, int, NoiseCoords]:
         """First stage of :meth:`step`: ``(N, epoch, noise coordinates)`` of the population

@@ -458,20 +458,27 @@ class EggrollNEProblem(BaseNEProblem):
             ``(K,)`` fitnesses in the problem's own sense (not negated), float32 on the
             network's device, one per member id.
         """
-        local = pop.local_member_ids()
-        if member_ids is None:
-            member_ids = local
         device = next(network.parameters()).device
-        ids = torch.as_tensor(list(member_ids) if not isinstance(member_ids, torch.Tensor) else member_ids)
-        # the context's own slice (the usual case) can be captured and replayed
-        own_slice = member_ids is local or (ids.device.type == "cpu" and torch.equal(ids.to(torch.int64), local))
-        ids = ids.to(device=device, dtype=torch.int64)
+        span = pop._local
+        first: Optional[int] = span.start if len(span) else None
+        if member_ids is None:
+            # the context's own slice (the usual case; it can be captured and replayed), made on
+            # the device: no copy from the host that would wait for the work queued before it
+            ids = torch.arange(span.start, span.stop, dtype=torch.int64, device=device)
+            own_slice = True
+        else:
+            ids = torch.as_tensor(list(member_ids) if not isinstance(member_ids, torch.Tensor) else member_ids)
+            on_cpu = ids.device.type == "cpu"
+            own_slice = on_cpu and torch.equal(ids.to(torch.int64), pop.local_member_ids())
+            first = int(ids[0]) if on_cpu and ids.numel() else None
+            ids = ids.to(device=device, dtype=torch.int64)
         with torch.no_grad():
             if self._has_batched_evaluation():
                 fwd = PopulationForward(
                     lambda x, rid: pop.batched_forward(network, x, member_ids=rid), ids, pop.population_size,
                     replay=(pop._prepare_replay, pop._replay_key) if own_slice else None,
                     argmax=lambda x, rid: pop._batched_argmax(network, x, member_ids=rid),
+                    first_member=first,
                 )
                 fit = self._as_fitness(self._evaluate_members(fwd), ids.shape[0])
             else:

@@ -43,9 +43,11 @@ class PopulationForward:
         population_size: Optional[int] = None,
         replay: Optional[tuple[Callable[[], Any], Callable[[], Optional[tuple]]]] = None,
         argmax: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]] = None,
+        first_member: Optional[int] = None,
     ):
         self._fn = fn
         self.member_ids = member_ids
+        self._first_member = first_member
         self.population_size = int(member_ids.shape[0]) if population_size is None else int(population_size)
         self._replay = replay
         self._argmax_fn = argmax
@@ -67,6 +69,14 @@ class PopulationForward:
     @property
     def num_members(self) -> int:
         return int(self.member_ids.shape[0])
+
+    @property
+    def first_member(self) -> int:
+        """``member_ids[0]`` as a Python int: given at construction by a caller that knows it
+        on the host, else read from the ids (one device-to-host copy, then kept)."""
+        if self._first_member is None:
+            self._first_member = int(self.member_ids[0])
+        return self._first_member
 
     def __call__(self, x: torch.Tensor, member_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Forward ``x`` with row ``j`` computed by member ``member_ids[j]``.

@@ -19,6 +19,7 @@ import torch
 from evotorch import Solution
 from torch import nn
 
+from .._host import start_read
 from .._validation import check_int, check_optional_int
 from ..envs import CartPole
 from .baseneproblem import DeviceLike, EggrollNEProblem, NetworkLike, _mix_seed, _resolve_device
@@ -135,7 +136,7 @@ class EggrollVecGymNE(EggrollNEProblem):
             raise TypeError(f"only Discrete and Box action spaces are supported, got {self._act_space}")
         self._obs_stats: Optional[RunningObsNorm] = None
         self._interaction_count = 0
-        self._pending_interactions: Optional[torch.Tensor] = None  # see _settle_interactions
+        self._pending_interactions: Optional[list] = None  # see _settle_interactions
         self._episode_count = 0
         self._num_resets = 0
         self.last_rollout_steps = 0
@@ -259,13 +260,14 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     def _settle_interactions(self) -> int:
         """Adds the steps that evaluations counted on the device to the interaction count
-        (one host read, when there are any) and returns the count. An evaluation leaves its
-        count on the device, so that nothing after a rollout waits for the rollout to
-        finish before the update is queued."""
+        and returns the count. An evaluation starts copying its count to the host as soon as
+        its rollout is queued (:func:`~evotorch_eggroll._host.start_read`), so that nothing
+        after a rollout waits for it before the update is queued, and reading the count
+        later waits for that rollout only, not for the update queued behind it."""
         pending = getattr(self, "_pending_interactions", None)
         if pending is not None:
             self._pending_interactions = None
-            self._interaction_count += int(pending)
+            self._interaction_count += sum(int(read()[0]) for read in pending)
         return self._interaction_count
 
     @property
@@ -555,7 +557,7 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     def _evaluate_members(self, forward: PopulationForward) -> torch.Tensor:
         k = forward.num_members
-        first_member = int(forward.member_ids[0]) if k else 0
+        first_member = forward.first_member if k else 0
         env = self._get_env(k)
         e = env.num_envs
         device = self.network_device
@@ -578,7 +580,7 @@ class EggrollVecGymNE(EggrollNEProblem):
             steps_taken += buf.alive.sum()
             self.last_rollout_steps += buf.executed
         pending = getattr(self, "_pending_interactions", None)
-        self._pending_interactions = steps_taken if pending is None else pending + steps_taken
+        self._pending_interactions = [*(pending or ()), start_read(steps_taken.reshape(1))]
         self._episode_count += k * self._num_episodes
         return (returns[:k] / self._num_episodes).to(torch.float32)
 

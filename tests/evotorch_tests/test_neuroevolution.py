@@ -10,6 +10,7 @@ from evotorch import SolutionBatch
 from evotorch.algorithms import PGPE, SNES
 from torch import nn
 
+from evotorch_eggroll._host import start_read
 from evotorch_eggroll.envs import CartPole
 from evotorch_eggroll.neuroevolution import (
     EggrollNEProblem,
@@ -944,9 +945,9 @@ def test_interaction_count_kept_on_the_device_is_read_when_asked_for(device):
     searcher.step()  # its status (read by the searcher at the end of the step) settles it
     second = problem.interaction_count
     assert second > first and problem.status["total_interaction_count"] == second
-    # a count still on the device (as EGGROLL's evaluation leaves it until the status is
+    # a count still being copied (as EGGROLL's evaluation leaves it until the status is
     # read) is settled by a pickle, which then holds the plain count
-    problem._pending_interactions = torch.tensor(5, dtype=torch.int64, device=device)
+    problem._pending_interactions = [start_read(torch.tensor([5], dtype=torch.int64, device=device))]
     clone = pickle.loads(pickle.dumps(problem))
     assert problem._pending_interactions is None and clone._pending_interactions is None
     assert type(clone._interaction_count) is int
@@ -970,10 +971,10 @@ def test_the_update_is_queued_without_reading_the_rollout_back():
     reads = []
     host_values, evaluate = strategy_module._host_values, searcher._mode.evaluate
 
-    def read(t):
+    def read(values):
         torch.cuda.set_sync_debug_mode(0)
-        reads.append(t.numel())
-        return host_values(t)
+        reads.append(values)
+        return host_values(values)
 
     def evaluated(*args):
         out = evaluate(*args)

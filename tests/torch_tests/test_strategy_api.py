@@ -464,7 +464,8 @@ def test_a_refused_step_is_rolled_back_and_the_run_goes_on_as_if_it_never_ran(de
 def test_a_step_without_metrics_updates_exactly_like_one_with_them(device):
     """The step EGGROLL takes (``metrics=False``: only the checks, no statistics, no norms
     unless clipping needs one) updates the parameters and the optimizer exactly as
-    ``step()``, clipping included, and still refuses non-finite weights."""
+    ``step()``, clipping included, gives back the values of ``extra`` read with its checks,
+    and still refuses non-finite weights."""
     x = torch.randn(4, 3, device=device)
     fits = [torch.tensor(v, device=device) for v in ([1.0, 3.0, 0.0, 2.0], [0.5, -1.0, 2.0, 0.0])]
     params = []
@@ -474,7 +475,11 @@ def test_a_step_without_metrics_updates_exactly_like_one_with_them(device):
         for f in fits:
             with s.perturb(4) as pop:
                 pop.batched_forward(model, x)
-            out = s._step(f, True, metrics=False) if lean else s.step(f, prenormalized=True)
+            if lean:
+                out, values = s._step(f, True, metrics=False, extra=f * 2)
+                assert values == (f * 2).tolist()
+            else:
+                out = s.step(f, prenormalized=True)
             assert (out is None) == lean
         params.append(snapshot(model))
         if lean:

@@ -167,8 +167,6 @@ def _exchange(local: Optional[torch.Tensor], population_size: int, like: DeviceL
     device (meaningful only when every rank sent a slice of the right length), ``rows`` one
     ``(count, stage, epoch, text)`` tuple per rank.
     """
-    import torch.distributed as dist
-
     rank, world = process_group_info()
     n = int(population_size)
     if n % world:

@@ -38,8 +38,8 @@ from . import distributed as _dist
 from . import noise as _noise
 from . import ops
 from ._host import start_read
-from ._validation import (MAX_POPULATION, as_value_tensor, check_int, check_population_size,
-                          check_real, check_seed, optimizer_class)
+from ._validation import (as_value_tensor, check_int, check_population_size, check_real,
+                          check_seed, optimizer_class)
 from .context import PerturbationContext, _check_member, _copies, _lookup_name, member_perturbation
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .module import ESModule

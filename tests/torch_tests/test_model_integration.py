@@ -6,8 +6,6 @@ unsupported uses are errors, never silently unperturbed; a supervised model lear
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn

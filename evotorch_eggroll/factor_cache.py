@@ -148,7 +148,8 @@ class FactorCache:
 
     def release(self) -> None:
         """Zero every buffer: the noise does not outlive its context."""
-        with torch.no_grad():
-            for block in self._blocks.values():
-                block.zero_()
+        blocks = list(self._blocks.values())
+        if blocks:
+            with torch.no_grad():
+                torch._foreach_zero_(blocks)  # one multi-tensor launch, not one per buffer
         self._blocks = {}

@@ -872,10 +872,10 @@ class EGGROLL(SearchAlgorithm):
         self._warn_if_odd_popsize()
         fitnesses, record = self._mode.evaluate(self._gather, self._local_members())
         # all N weights, identical on every rank: the update needs no communication
-        # nothing below reads the fitnesses back to the host before the update is queued
-        # (the checks that can refuse the generation are read with the step's metrics)
+        # nothing below reads the fitnesses back to the host before the update is queued:
+        # what can refuse the generation, and what the warning and the record need, are
+        # computed on the device and read in one copy with the step's checks
         weights, refusal = self._weights(fitnesses)
-        # what the warning and the record need is computed now and read with the step's checks
         values = self._mode.update(weights.to(fitnesses.device), refusal, self._summary(fitnesses))
         all_equal, first, nonfinite, member, value = values
         self._warn_if_equal(fitnesses.numel(), bool(all_equal), first)

@@ -35,6 +35,10 @@ def _autoreset_disabled(env: gym.vector.VectorEnv) -> bool:
     mode = env.metadata.get("autoreset_mode")
     return str(getattr(mode, "value", mode)).lower() == "disabled"
 
+# Evaluations whose step counts may wait, being copied, for a read of the interaction count.
+_MAX_PENDING_COUNTS = 64
+
+
 class EggrollVecGymNE(EggrollNEProblem):
     """Maximise the mean episode return in a vectorised environment, one environment per member.
 
@@ -580,6 +584,9 @@ class EggrollVecGymNE(EggrollNEProblem):
             steps_taken += buf.alive.sum()
             self.last_rollout_steps += buf.executed
         pending = getattr(self, "_pending_interactions", None)
+        if pending is not None and len(pending) >= _MAX_PENDING_COUNTS:
+            self._settle_interactions()  # when nothing reads the count: the older copies arrived long ago
+            pending = None
         self._pending_interactions = [*(pending or ()), start_read(steps_taken.reshape(1))]
         self._episode_count += k * self._num_episodes
         return (returns[:k] / self._num_episodes).to(torch.float32)

@@ -956,6 +956,29 @@ def test_interaction_count_kept_on_the_device_is_read_when_asked_for(device):
     assert problem.interaction_count == first and problem.status["total_interaction_count"] == first
 
 
+def test_step_counts_waiting_for_a_read_are_bounded(device, monkeypatch):
+    """Evaluations whose interaction count nobody reads keep at most a bounded number of
+    counts being copied (the older ones are added up), and the count stays exact."""
+    from evotorch_eggroll import EggrollStrategy
+    from evotorch_eggroll.neuroevolution import vecgymne
+
+    monkeypatch.setattr(vecgymne, "_MAX_PENDING_COUNTS", 3)
+    counts = []
+    for read_each_time in (True, False):
+        problem = _cartpole(device, episode_length=30)
+        network = problem.network.to(device)
+        strategy = EggrollStrategy(sigma=0.5, rank=1, seed=1).setup(network)
+        for _ in range(7):
+            with torch.no_grad(), strategy.perturb(4) as pop:
+                problem.evaluate_population(pop, network)
+            if read_each_time:
+                assert problem.interaction_count > 0 and problem._pending_interactions is None
+            else:
+                assert 1 <= len(problem._pending_interactions) <= 3
+        counts.append(problem.interaction_count)
+    assert counts[0] == counts[1] > 7 * 4
+
+
 @pytest.mark.gpu
 def test_the_update_is_queued_without_reading_the_rollout_back():
     """After the rollout is queued, nothing reads a device value back to the host before

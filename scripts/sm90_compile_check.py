@@ -7,7 +7,8 @@ in fp32 and bf16, and every other kernel (dense noise and its update, the update
 matrices, the normal block, the Philox words) at its launcher's configuration, the
 drawn-factor variant (``_drawn``) of each project/expand configuration, the one-launch
 narrow-layer kernel at the rollout benchmark's layer shapes, the one-launch MLP kernels
-(in registers and through scratch) and the environment kernels of a rollout step, with
+(in registers and through scratch, their integer arguments specialised as Triton's
+launcher specialises them at run time) and the environment kernels of a rollout step, with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` and the launch options
 of ``evotorch_eggroll.kernels.compat``, and prints per configuration: SASS instructions,
 registers, local memory (spill/stack), shared memory, barriers (BAR), warp shuffles (SHFL),
@@ -51,7 +52,12 @@ DTYPES = {"fp32": "*fp32", "bf16": "*bf16"}
 CACHE_SIG = dict(cache_ptr="*fp32", cache_base="i32", cache_rows="i32")
 
 
-def _compile(fn, signature: dict, constexprs: dict, options: dict):
+def _compile(fn, signature: dict, constexprs: dict, options: dict, ints: dict | None = None):
+    """sm_90 build of ``fn``. ``ints``: representative run-time values of integer arguments,
+    specialised as Triton's launcher specialises them (a value of 1 becomes a constant, a
+    nonzero multiple of 16 is marked divisible by 16); other integers stay generic."""
+    ints = ints or {}
+    constexprs = dict(constexprs, **{n: 1 for n, v in ints.items() if v == 1})
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
@@ -60,7 +66,8 @@ def _compile(fn, signature: dict, constexprs: dict, options: dict):
     consts = {(names.index(k),): v for k, v in constexprs.items()}
     # pointers 16-byte aligned, as torch allocations are
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if isinstance(sig[n], str) and sig[n].startswith("*")}
+             if isinstance(sig[n], str) and sig[n].startswith("*")
+             or sig[n] != "constexpr" and ints.get(n, 0) % 16 == 0 and ints.get(n, 0)}
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET,
                           options={**LAUNCH_OPTIONS, **options})
@@ -164,22 +171,30 @@ def _drawn_mlp_signature(fn, constexprs: dict) -> dict:
 
 def drawn_mlp_rows():
     """The one-launch MLP kernels at the launcher's configuration for the rollout policies:
-    4 -> 64 -> 64 -> 2 in registers and 17 -> 256 -> 256 -> 6 through scratch, Tanh between
-    the layers, every layer with bias, factors and bias noise, rank 4."""
-    for widths in ((4, 64, 64, 2), (17, 256, 256, 6)):
+    4 -> 64 -> 64 -> 2 in registers (rank 1, with the action's argmax, as a CartPole rollout
+    launches it, and rank 4) and 17 -> 256 -> 256 -> 6 through scratch (rank 4), Tanh between
+    the layers, every layer with bias, factors and bias noise, the integer arguments
+    specialised for contiguous inputs and 65,536 rows."""
+    for widths, rank, argmax in (((4, 64, 64, 2), 1, True), ((4, 64, 64, 2), 4, False),
+                                 ((17, 256, 256, 6), 4, False)):
         layers = len(widths) - 1
         flags = tuple((used, used, used, dm.TANH if used and i < layers - 1 else dm.IDENTITY)
                       for i in range(dm.MAX_LAYERS) for used in [i < layers])
         dims = tuple(widths) + (1,) * (dm.MAX_LAYERS + 1 - len(widths))
-        label = "drawn_mlp_fp32_" + "x".join(map(str, widths)) + "_r4"
+        label = "drawn_mlp_fp32_" + "x".join(map(str, widths)) + f"_r{rank}"
         # the launcher's own configuration (float32 products, the device's tanh, a large
         # batch, 32-bit noise offsets)
-        values, _, options, regs = dm._config(dims, flags, layers, 4, True, "ieee", True,
-                                              False, True, False)
+        values, _, options, regs = dm._config(dims, flags, layers, rank, True, "ieee", True,
+                                              False, True, argmax)
         names = dm._REGS_CONSTEXPRS if regs else dm._MLP_CONSTEXPRS
         const = dict(zip(names, values))
         fn = dm._drawn_mlp_regs_kernel if regs else dm._drawn_mlp_kernel
-        yield label, None, _drawn_mlp_signature(fn, const), const, fn, options
+        ints = dict(stride_xm=widths[0], stride_xk=1, stride_om=widths[-1], stride_on=1,
+                    stride_ids=1, n_rows=65536, n_out=widths[-1],
+                    **{f"D{i}": d for i, d in enumerate(dims)},
+                    **{f"sw{i}m": widths[i] for i in range(layers)},
+                    **{f"sw{i}k": 1 for i in range(layers)})
+        yield label, None, _drawn_mlp_signature(fn, const), const, fn, options, ints
 
 
 def environment_rows():
@@ -262,11 +277,11 @@ def main() -> int:
                          dict(num_warps=dl.NUM_WARPS)))
     rows += [r for r in other_rows() if args.only in r[0]]
     print(f"{'kernel':44s} {'plan':34s} instr regs stack local smem BAR SHFL LDS STS LDL STL MUFU")
-    for label, plan, sig, const, fn, options in rows:
+    for label, plan, sig, const, fn, options, *ints in rows:
         p = "-" if plan is None else (
             f"R{plan['R']} T{plan['TILE_ROWS']}x{plan['RP']} Q{plan['BLOCK_Q']} D{int(plan['DIRECT'])}")
         try:
-            k = _compile(fn, sig, const, options)
+            k = _compile(fn, sig, const, options, *ints)
         except Exception as exc:  # noqa: BLE001
             failures += 1
             print(f"{label:44s} {p:34s} COMPILE FAILED: {type(exc).__name__}: {exc}"[:400])

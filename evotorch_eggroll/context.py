@@ -58,6 +58,7 @@ def _remember_validated(t: object, n: int, bounds: tuple[int, int]) -> None:
     if key is not None:
         _validated_ids = (weakref.ref(t), key, bounds)
 
+
 def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Bit-exact copies of ``tensors`` (one multi-tensor copy per device and dtype instead
     of a clone each)."""

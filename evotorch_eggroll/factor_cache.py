@@ -58,6 +58,15 @@ def _row_width(e: EvolvedParam, rank: int) -> tuple[int, ...]:
     return (e.layout(rank).rows, rank) if e.lowrank else (e.param.numel(),)
 
 
+def _held_buffer(storage: dict, e: EvolvedParam, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
+    """The buffer ``storage`` holds for ``e`` when it has ``shape`` and ``e``'s device (a
+    draw reuses it), else None."""
+    buf = storage.get(e.name)
+    if buf is None or buf.shape != shape or buf.device != e.param.device:
+        return None
+    return buf
+
+
 class FactorCache:
     """The drawn noise of every cached parameter for one range of noise indices.
 
@@ -88,12 +97,8 @@ class FactorCache:
         """Whether ``storage`` already holds every buffer that :meth:`draw` fills for
         ``members`` (same shape and device): the draw then allocates nothing."""
         k = len(noise_index_range(members, coords.antithetic))
-        for e in _cached_entries(evolved):
-            buf = storage.get(e.name)
-            shape = (k, *_row_width(e, coords.rank))
-            if buf is None or buf.shape != shape or buf.device != e.param.device:
-                return False
-        return True
+        return all(_held_buffer(storage, e, (k, *_row_width(e, coords.rank))) is not None
+                   for e in _cached_entries(evolved))
 
     @classmethod
     def draw(cls, evolved: EvolvedSet, coords: NoiseCoords, members: range,
@@ -109,8 +114,8 @@ class FactorCache:
             device = e.param.device
             width = _row_width(e, rank)
             shape = (k, *width)
-            buf = storage.get(e.name)
-            if buf is None or buf.shape != shape or buf.device != device:
+            buf = _held_buffer(storage, e, shape)
+            if buf is None:
                 buf = torch.empty(shape, dtype=torch.float32, device=device)
                 storage[e.name] = buf
             idx = index_tensors.get(device)

@@ -793,16 +793,16 @@ class EvolutionStrategy:
         w, checks = self._step_weights(f, prenormalized, lean)
         names = _LEAN_CHECKS if lean else _CHECKS + ("grad_norm", "param_delta_norm")
         flags = [r.flag.reshape(1).to(checks) for r in refusals]
-        late = [] if extra is None else [extra.reshape(-1).to(checks)]
+        extras = [] if extra is None else [extra.reshape(-1).to(checks)]
         # without the norms the copy starts before the update is queued: it does not wait for it
-        read = start_read(torch.cat([checks, *flags, *late])) if lean else None
+        read = start_read(torch.cat([checks, *flags, *extras])) if lean else None
         neg_grads, norm = self._clip_gradients(self._negative_gradients(w, n, coords),
                                                need_norm=not lean)
         delta, snapshot = self._apply_update(neg_grads, need_delta=not lean)
         try:
             if not lean:
                 norms = torch.stack([norm.to(delta.device), delta]).to(checks)
-                read = start_read(torch.cat([checks, norms, *flags, *late]))
+                read = start_read(torch.cat([checks, norms, *flags, *extras]))
             values = _host_values(read)
             checked = dict(zip(names, values))
             self._refuse_or_warn(checked, values[len(names):len(names) + len(flags)],

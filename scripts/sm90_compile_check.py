@@ -66,8 +66,8 @@ def _compile(fn, signature: dict, constexprs: dict, options: dict, ints: dict | 
     consts = {(names.index(k),): v for k, v in constexprs.items()}
     # pointers 16-byte aligned, as torch allocations are
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if isinstance(sig[n], str) and sig[n].startswith("*")
-             or sig[n] != "constexpr" and ints.get(n, 0) % 16 == 0 and ints.get(n, 0)}
+             if (isinstance(sig[n], str) and sig[n].startswith("*"))
+             or (sig[n] != "constexpr" and ints.get(n, 0) and ints[n] % 16 == 0)}
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET,
                           options={**LAUNCH_OPTIONS, **options})

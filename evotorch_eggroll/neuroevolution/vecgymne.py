@@ -35,6 +35,7 @@ def _autoreset_disabled(env: gym.vector.VectorEnv) -> bool:
     mode = env.metadata.get("autoreset_mode")
     return str(getattr(mode, "value", mode)).lower() == "disabled"
 
+
 # Evaluations whose step counts may wait, being copied, for a read of the interaction count.
 _MAX_PENDING_COUNTS = 64
 

@@ -249,7 +249,8 @@ class PerturbationContext:
             budget = default_budget_bytes(device, allocates)
         if FactorCache.size_bytes(self._evolved, self.coords, self._local) > budget:
             return False
-        self._cache = FactorCache.draw(self._evolved, self.coords, self._local, storage)
+        self._cache = FactorCache.draw(self._evolved, self.coords, self._local, storage,
+                                       getattr(self._owner, "_draw_graphs", None))
         self._cache_decided = True
         return True
 

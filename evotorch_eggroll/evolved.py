@@ -187,6 +187,10 @@ class EvolvedSet:
         self.by_id: dict[int, EvolvedParam] = {id(e.param): e for e in self.entries}
         self.by_name: dict[str, EvolvedParam] = {e.name: e for e in self.entries}
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.by_id = {id(e.param): e for e in self.entries}  # a copy's parameters are new objects
+
     def __iter__(self):
         return iter(self.entries)
 

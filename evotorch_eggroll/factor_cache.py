@@ -67,6 +67,48 @@ def _held_buffer(storage: dict, e: EvolvedParam, shape: tuple[int, ...]) -> Opti
     return buf
 
 
+def _replay_draws(draws: list, seed: int, epoch: int, indices: range, backend: str,
+                  graphs: dict) -> bool:
+    """Draw ``draws`` by replaying a CUDA graph of their launches, the epoch read from
+    device memory: one fill and one graph launch instead of a kernel launch per parameter.
+    The graph is captured (after one draw of its own, which compiles the launches and
+    draws this epoch) the second time in a row that the same draws, into the same buffers,
+    are asked for; until then, and wherever a graph cannot serve (the CPU, the plain-torch
+    backend, parameters on several devices, a capture or a compilation under way), False:
+    the caller launches the draws itself."""
+    if not draws or draws[0][2] == 0 or backend == "torch":
+        return False
+    device = draws[0][3].device
+    if (device.type != "cuda" or any(out.device != device for *_, out in draws)
+            or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
+        return False
+    plan = (seed, indices, tuple((e.key, numel, out.data_ptr(), idx.data_ptr())
+                                 for e, idx, numel, out in draws))
+    graph = graphs.pop(("draw graph", device), None)
+    if graph is not None and graph[0] == plan:
+        graphs[("draw graph", device)] = graph
+        graph[2].fill_(epoch)
+        graph[1].replay()
+        return True
+    if graphs.get(("draw plan", device)) != plan:  # the first time: the caller draws
+        graphs[("draw plan", device)] = plan
+        return False
+    from .kernels.normal_block import normal_block_epoch_in_memory
+
+    epoch_t = torch.full((1,), epoch, dtype=torch.int64, device=device)
+
+    def launch() -> None:
+        for e, idx, numel, out in draws:
+            normal_block_epoch_in_memory(seed, e.key, epoch_t, idx, numel, out)
+
+    launch()  # this epoch's draws, and the launches compiled before the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        launch()
+    graphs[("draw graph", device)] = (plan, g, epoch_t)
+    return True
+
+
 class FactorCache:
     """The drawn noise of every cached parameter for one range of noise indices.
 
@@ -102,14 +144,18 @@ class FactorCache:
 
     @classmethod
     def draw(cls, evolved: EvolvedSet, coords: NoiseCoords, members: range,
-             storage: dict) -> "FactorCache":
+             storage: dict, graphs: Optional[dict] = None) -> "FactorCache":
         """Draw the noise of ``members`` into buffers of ``storage`` (a dict kept by the
-        strategy: buffers of matching shape and device are reused, others replaced)."""
+        strategy: buffers of matching shape and device are reused, others replaced).
+        ``graphs``: a dict kept by the strategy for the captured draws of later contexts
+        (see :func:`_replay_draws`); without it every draw is launched."""
+        if graphs is None:
+            graphs = {}
         indices = noise_index_range(members, coords.antithetic)
         k = len(indices)
         seed, epoch, rank, backend = coords.seed, coords.epoch, coords.rank, coords.backend
         blocks: dict[int, torch.Tensor] = {}
-        index_tensors: dict[torch.device, torch.Tensor] = {}  # one per device, not per parameter
+        draws = []  # (entry, noise indices, numel, output view)
         for e in _cached_entries(evolved):
             device = e.param.device
             width = _row_width(e, rank)
@@ -118,16 +164,21 @@ class FactorCache:
             if buf is None:
                 buf = torch.empty(shape, dtype=torch.float32, device=device)
                 storage[e.name] = buf
-            idx = index_tensors.get(device)
-            if idx is None:
+            # one index tensor per device (kept while the range stays: a captured draw reads it)
+            held = graphs.get(("indices", device))
+            if held is not None and held[0] == indices:
+                idx = held[1]
+            else:
                 idx = torch.arange(indices.start, indices.stop, dtype=torch.int64, device=device)
-                index_tensors[device] = idx
+                graphs[("indices", device)] = (indices, idx)
             numel = width[0] * width[1] if len(width) == 2 else width[0]
             if not k:
                 numel = 0
-            ops.normal_block(seed, e.key, epoch, idx, numel, out=buf.view(k, numel),
-                             backend=backend)
+            draws.append((e, idx, numel, buf.view(k, numel)))
             blocks[id(e.param)] = buf
+        if not _replay_draws(draws, seed, epoch, indices, backend, graphs):
+            for e, idx, numel, out in draws:
+                ops.normal_block(seed, e.key, epoch, idx, numel, out=out, backend=backend)
         return cls(members, indices, blocks)
 
     @property

@@ -212,6 +212,12 @@ class EvolutionStrategy:
         # across contexts.
         self.factor_cache_bytes: Optional[int] = None
         self._factor_storage: dict[str, torch.Tensor] = {}
+        self._draw_graphs: dict = {}  # captured factor draws (factor_cache._replay_draws)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_draw_graphs"] = {}  # captured CUDA graphs neither pickle nor copy: captured again
+        return state
 
     # -- construction -------------------------------------------------------------------
 
@@ -423,6 +429,7 @@ class EvolutionStrategy:
         self._evolved = evolved
         self._optimizer = optimizer
         self._factor_storage = {}
+        self._draw_graphs = {}
         self.epoch = 0
         self.total_steps = 0
         self._last = None

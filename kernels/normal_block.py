@@ -36,10 +36,13 @@ def _normal_block_kernel(
     key,
     epoch,
     BLOCK_E: tl.constexpr,
+    EPOCH_IN_MEMORY: tl.constexpr = False,
 ):
     pid_k = tl.program_id(0)
     pid_e = tl.program_id(1)
     seed = stream_seed(seed_lo, seed_hi)
+    if EPOCH_IN_MEMORY:  # ``epoch`` is a pointer to it (a graph replays with the value of the day)
+        epoch = tl.load(epoch)
     noise_index = tl.load(idx_ptr + pid_k)
     first = pid_e.to(tl.int64) * BLOCK_E  # position in the output row
     z = normal_run(seed, first_quad + first // 4, noise_index, key, epoch, BLOCK_E // 4)
@@ -76,3 +79,15 @@ def normal_block(
     block_e = min(BLOCK_E, max(16, next_power_of_2(numel)))
     return launch_per_index(_normal_block_kernel, idx, out, first_quad, seed, key, epoch,
                             block_e, block_e)
+
+
+def normal_block_epoch_in_memory(seed: int, key: int, epoch: torch.Tensor,
+                                 noise_indices: torch.Tensor, numel: int,
+                                 out: torch.Tensor) -> torch.Tensor:
+    """:func:`normal_block` from element 0 with the epoch read from the one-element int64
+    tensor ``epoch`` when the kernel runs (a launch captured in a CUDA graph then draws
+    the epoch that tensor holds at each replay). Same numbers, bit for bit."""
+    idx = index_operand(noise_indices)
+    block_e = min(BLOCK_E, max(16, next_power_of_2(numel)))
+    return launch_per_index(_normal_block_kernel, idx, out, 0, seed, key, epoch, block_e,
+                            block_e, True)

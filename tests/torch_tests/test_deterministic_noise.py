@@ -130,6 +130,19 @@ def test_normal_block_large_elements(device, first_element):
     torch.testing.assert_close(got.cpu(), want, **NORMAL_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("epoch", [0, 7, 2**32 - 1])
+def test_normal_block_with_the_epoch_in_memory_is_the_same_stream(device, epoch):
+    """The draw that reads its epoch from device memory (what a captured draw replays)
+    gives the stream's normals bit for bit, over odd lengths and large noise indices."""
+    idx = torch.tensor([0, 3, 9, 2**31 + 5], device=device)
+    for numel in (1, 5, 130, 1100):
+        want = ops.normal_block(12345678901234, 77, epoch, idx, numel)
+        got = normal_block_kernel.normal_block_epoch_in_memory(
+            12345678901234, 77, torch.tensor([epoch], dtype=torch.int64, device=device), idx,
+            numel, torch.empty(4, numel, device=device))
+        assert torch.equal(got, want), numel
+
+
 def test_normal_block_is_deterministic_and_batch_independent(device):
     """Same coordinates, same bits: twice in a row and whatever the other noise indices."""
     idx = torch.tensor([7, 0, 2**32 - 1, 7], device=device)

@@ -565,6 +565,52 @@ def test_the_default_budget_asks_for_free_memory_only_when_a_draw_allocates(devi
     assert asked == [True, False, True]
 
 
+@pytest.mark.gpu
+def test_captured_factor_draws_are_each_contexts_stream():
+    """From the second context of the same population on, the factors are drawn by
+    replaying a captured graph of the draws with the epoch read from device memory: every
+    context's blocks are its epoch's stream bit for bit, a new population size draws by
+    launches again and is captured on its second context."""
+    from evotorch_eggroll import EggrollStrategy
+
+    model = _mlp("cuda")
+    s = EggrollStrategy(sigma=0.2, rank=2, antithetic=True).setup(model)
+    x = torch.randn(10, 5, device="cuda")
+    for n in (10, 10, 10, 10, 6, 6, 6):
+        with torch.no_grad(), s.perturb(n) as pop:
+            pop.batched_forward(model, x[:n])
+            epoch, k = pop.coords.epoch, (n + 1) // 2
+            for name, e in s._evolved.by_name.items():
+                numel = s._factor_storage[name][0].numel()
+                want = ops.normal_block(pop.coords.seed, e.key, epoch,
+                                        torch.arange(k, device="cuda"), numel)
+                assert torch.equal(s._factor_storage[name].reshape(k, numel), want), (n, name)
+        s.step(torch.arange(float(n), device="cuda"))
+        captured = s._draw_graphs.get(("draw graph", torch.device("cuda", 0)))
+        assert (captured is not None) == (n == 10 and s.epoch >= 2 or n == 6 and s.epoch >= 6)
+
+
+def test_a_strategy_with_captured_draws_pickles_and_copies_without_them(device):
+    """The captured draws (CUDA graphs, which neither pickle nor copy) are left out of a
+    pickled or copied strategy; the copy draws the same factors, capturing them anew."""
+    import copy
+    import pickle
+    import threading
+
+    from evotorch_eggroll import EggrollStrategy
+
+    model = _mlp(device)
+    s = EggrollStrategy(sigma=0.2, rank=2).setup(model)
+    x = torch.randn(4, 5, device=device)
+    with torch.no_grad(), s.perturb(4) as pop:
+        want = pop.batched_forward(model, x)
+    s._draw_graphs[("draw graph", torch.device(device))] = threading.Lock()  # as unpicklable as a graph
+    for clone in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s)):
+        assert clone._draw_graphs == {} and ("draw graph", torch.device(device)) in s._draw_graphs
+        with torch.no_grad(), clone.perturb(4, epoch=0) as pop:
+            assert torch.equal(pop.batched_forward(clone.model, x), want)
+
+
 def test_factor_cache_covers_only_the_local_slice():
     from evotorch_eggroll.factor_cache import FactorCache, noise_index_range
 

@@ -59,7 +59,8 @@ class _CapturedRollout:
         self._any_active = torch.zeros((), dtype=torch.bool, device=buf.active.device)
         self._any_active_host = torch.zeros(2, dtype=torch.bool, pin_memory=True)
         self._any_active_ready = [torch.cuda.Event(), torch.cuda.Event()]
-        self.lag = 1
+        self.lag: Optional[int] = 1
+        self._unread: Optional[int] = None  # the slot of the last run's newest flag, not read yet
 
     @staticmethod
     def _key(problem: "EggrollVecGymNE", env: gym.vector.VectorEnv, buf: _RolloutBuffers,
@@ -119,16 +120,19 @@ class _CapturedRollout:
         Whether every environment ended is known :attr:`lag` chunks late: after a chunk, the
         flag is computed and copied to pinned host memory behind it on the stream, and read
         once ``lag`` more chunks have been queued. The device therefore never idles while
-        the host decides, and after the last chunk the host goes on without waiting. A chunk
-        that runs after every environment ended changes no result (ended environments are
-        masked out of the returns, the step counts and the observation statistics); it is
-        counted in the steps run.
+        the host decides. A flag is never waited for once the last chunk is queued (it could
+        stop nothing): the newest one is read when the next rollout starts, long after it
+        arrived. A chunk that runs after every environment ended changes no result (ended
+        environments are masked out of the returns, the step counts and the observation
+        statistics); it is counted in the steps run.
 
-        The lag is one chunk, and two after a capped rollout that ran to its cap (its
-        episodes outlived every check, so a later check rarely runs a chunk for nothing,
-        while the host is free one chunk sooner for the work that follows the rollout, such
-        as queueing the update); the first rollout that stops early sets it back to one."""
-        lag = self.lag
+        The lag is one chunk, and None (no flag waited for: the host queues every chunk at
+        once and is free for the work that follows, such as queueing the update) after a
+        capped rollout that ran to its cap. A rollout whose newest flag says that every
+        environment had ended before its last chunk sets it back to one, as does an
+        uncapped rollout."""
+        self._settle_lag()
+        lag = self.lag if limit is not None else 1  # without a cap, only a flag ends the episode
         pending: list[int] = []  # host slots of the flags in flight, oldest first
         queued = 0
         stopped = False
@@ -136,18 +140,30 @@ class _CapturedRollout:
             steps = chunk if limit is None or limit - t >= chunk else 1
             self.graphs[steps].replay()
             t += steps
-            if len(pending) == lag:
+            more = limit is None or t < limit
+            if more and len(pending) == lag:
                 slot = pending.pop(0)
                 self._any_active_ready[slot].synchronize()
                 if not bool(self._any_active_host[slot]):
                     stopped = True
                     break
-            if steps == chunk and (limit is None or t < limit):
+            if steps == chunk and more:
                 slot = queued % 2  # the slot read (or never needed) two flags ago
                 queued += 1
                 torch.any(self.buf.active, out=self._any_active)
                 self._any_active_host[slot].copy_(self._any_active, non_blocking=True)
                 self._any_active_ready[slot].record()
                 pending.append(slot)
-        self.lag = 1 if stopped or limit is None else 2
+                del pending[:-2]  # unread flags older than the two slots say no more than the newest
+        self._unread = None if stopped or not pending else pending[-1]
+        self.lag = 1 if stopped or limit is None else None
         return t
+
+    def _settle_lag(self) -> None:
+        """Read the previous run's newest unread flag: if every environment had ended by then,
+        that rollout ran chunks for nothing, and the lag goes back to one chunk."""
+        slot, self._unread = self._unread, None
+        if slot is not None:
+            self._any_active_ready[slot].synchronize()  # copied behind a chunk long since done
+            if not bool(self._any_active_host[slot]):
+                self.lag = 1

@@ -882,52 +882,69 @@ def _fake_rollout(end, chunk):
     rollout._any_active_host = torch.zeros(2, dtype=torch.bool)
     rollout._any_active_ready = [_HostEvent(), _HostEvent()]
     rollout.lag = 1
+    rollout._unread = None
     return rollout, clock
 
 
 @pytest.mark.parametrize("start, limit, end, replays", [
     (2, 200, None, [50, 50, 50] + [1] * 48),  # capped: full chunks, then single steps
     (2, 200, 70, [50, 50, 50]),  # all ended in chunk 2: read after chunk 3 was queued
-    (0, 200, 120, [50, 50, 50, 50]),  # ended in chunk 3, read after chunk 4 was queued
+    (0, 200, 120, [50, 50, 50, 50]),  # ended in chunk 3: its flag could stop nothing more
     (0, None, 60, [50, 50, 50]),  # no cap: ended in chunk 2, read after chunk 3
     (0, 100, 10, [50, 50]),  # the cap ends it; no flag is computed after the last chunk
 ])
 def test_replay_loop_reads_the_all_ended_flag_one_chunk_late(start, limit, end, replays):
     """The captured rollout's loop queues the next chunk before it reads whether every
     environment ended after the previous one; it stops at the first chunk queued after the
-    flag says so, never reads a flag after the last chunk, and returns the steps run."""
+    flag says so, never waits for a flag once the last chunk is queued, and returns the
+    steps run. The next rollout starts without a lag after one that ran to its cap (read
+    from its newest flag then), else with a lag of one chunk."""
     rollout, clock = _fake_rollout(end, 50)
     clock["t"] = start
     t = rollout.run(start, limit, 50)
     assert clock["replays"] == replays
     assert t == start + sum(replays) == clock["t"]
-    assert rollout.lag == (2 if limit is not None and (end is None or end >= limit) else 1)
+    rollout._settle_lag()
+    assert rollout.lag == (None if limit is not None and (end is None or end >= limit) else 1)
+
+
+class _CountingEvent(_HostEvent):
+    def __init__(self, waits: list) -> None:
+        self.waits = waits
+
+    def synchronize(self) -> None:
+        self.waits.append(1)
 
 
 @pytest.mark.parametrize("limit, end, replays, lag_after", [
-    (200, None, [50, 50, 50, 50], 2),  # capped, ran to the cap: the lag stays at two
-    (200, 70, [50, 50, 50, 50], 1),  # all ended in chunk 2: read after chunk 4 was queued
-    (200, 20, [50, 50, 50], 1),  # ended in chunk 1: read after chunk 3 was queued
-    (120, 20, [50, 50, 1], 1),  # the first single step reads chunk 1's flag
-    (300, 20, [50, 50, 50], 1),
+    (200, None, [50, 50, 50, 50], None),  # ran to the cap again: still no lag
+    (200, 70, [50, 50, 50, 50], 1),  # all ended in chunk 2: the newest flag (chunk 3) says so
+    (200, 20, [50, 50, 50, 50], 1),
+    (120, 20, [50, 50] + [1] * 20, 1),
+    (300, 20, [50] * 6, 1),
 ])
-def test_after_a_rollout_that_ran_to_its_cap_the_flag_is_read_two_chunks_late(limit, end, replays,
-                                                                              lag_after):
-    """A capped rollout that ran to its cap sets the lag to two chunks: the next rollout
-    queues two chunks past the one whose flag it reads (the host is free a chunk sooner),
-    runs at most one chunk more than with a lag of one, and a rollout that stopped early
-    sets the lag back to one; an uncapped rollout always reads one chunk late."""
+def test_after_a_rollout_that_ran_to_its_cap_no_flag_is_waited_for(limit, end, replays, lag_after):
+    """A capped rollout that ran to its cap drops the lag: the next rollout queues all its
+    chunks without waiting for the device (the host is free at once for the update). Its
+    newest flag, read when the rollout after it starts, sets the lag back to one chunk if
+    every environment had ended before the last chunk. An uncapped rollout always reads
+    one chunk late (nothing else would end it)."""
     rollout, clock = _fake_rollout(None, 50)
     rollout.run(0, 200, 50)  # ran to its cap
-    assert rollout.lag == 2
+    rollout._settle_lag()
+    assert rollout.lag is None
     rollout, clock = _fake_rollout(end, 50)
-    rollout.lag = 2
+    waits = []
+    rollout._any_active_ready = [_CountingEvent(waits), _CountingEvent(waits)]
+    rollout.lag = None
     t = rollout.run(0, limit, 50)
     assert clock["replays"] == replays and t == sum(replays)
-    assert rollout.lag == lag_after
+    assert waits == []  # nothing waited for during the rollout
+    rollout._settle_lag()
+    assert waits == [1] and rollout.lag == lag_after
     rollout, clock = _fake_rollout(60, 50)
-    rollout.lag = 2
-    assert rollout.run(0, None, 50) == 200 and rollout.lag == 1
+    rollout.lag = None
+    assert rollout.run(0, None, 50) == 150 and rollout.lag == 1
 
 
 def test_interaction_count_kept_on_the_device_is_read_when_asked_for(device):

@@ -57,6 +57,7 @@ from evotorch.tools.hook import Hook
 from . import distributed as _dist
 from . import noise as _noise
 from . import ops, shaping
+from ._graphs import GraphedCall
 from ._validation import check_int, check_population_size, check_real, check_seed, optimizer_class
 from .protocol import LowRankProblem, missing_members
 from .strategy import StepRefusal
@@ -875,11 +876,26 @@ class EGGROLL(SearchAlgorithm):
         # nothing below reads the fitnesses back to the host before the update is queued:
         # what can refuse the generation, and what the warning and the record need, are
         # computed on the device and read in one copy with the step's checks
-        weights, refusal = self._weights(fitnesses)
-        values = self._mode.update(weights.to(fitnesses.device), refusal, self._summary(fitnesses))
+        weights, refusal, summary = self._fitness_stage(fitnesses)
+        values = self._mode.update(weights.to(fitnesses.device), refusal, summary)
         all_equal, first, nonfinite, member, value = values
         self._warn_if_equal(fitnesses.numel(), bool(all_equal), first)
         self._remember(fitnesses, record, int(nonfinite), int(member), value)
+
+    def _fitness_stage(self, fitnesses: torch.Tensor) -> tuple[torch.Tensor, StepRefusal, torch.Tensor]:
+        """:meth:`_weights` and :meth:`_summary` of the N fitnesses, on CUDA replayed from a
+        CUDA graph from the second generation of a population size on (some twenty small
+        launches become one copy and one graph launch; the values are the same, bit for bit)."""
+        graphed = self.__dict__.get("_graphed_fitness")
+        if graphed is None:
+            graphed = self._graphed_fitness = GraphedCall("the fitness ranking")
+
+        def stage(f: torch.Tensor) -> tuple[torch.Tensor, StepRefusal, torch.Tensor]:
+            weights, refusal = self._weights(f)
+            return weights, refusal, self._summary(f)
+
+        key = (self._nonfinite_fitness, self._ranking_method, self._higher_is_better)
+        return graphed(stage, key, fitnesses)
 
     def _gather(self, evaluate: Any, epoch: int, device: Any, restore: Any = None) -> torch.Tensor:
         """``evaluate()`` (this rank's fitnesses) and, distributed, the N fitnesses of all ranks
@@ -1037,6 +1053,7 @@ class EGGROLL(SearchAlgorithm):
         state = self.__dict__.copy()
         for name in ("_before_step_hook", "_after_step_hook", "_log_hook", "_end_of_run_hook"):
             state[name] = Hook()
+        state.pop("_graphed_fitness", None)  # a CUDA graph neither pickles nor copies: captured again
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -104,7 +104,7 @@ def timeline(searcher, problem) -> None:
                 events.append((t0, time.perf_counter() - t0, depth[0], name))
         return wrapper
 
-    patches = [(EGGROLL, "_step"), (EGGROLL, "_weights"), (EGGROLL, "_warn_if_equal"),
+    patches = [(EGGROLL, "_step"), (EGGROLL, "_fitness_stage"), (EGGROLL, "_warn_if_equal"),
                (EGGROLL, "_remember"), (strategy.EvolutionStrategy, "perturb"),
                (strategy.EvolutionStrategy, "_step"), (strategy.EvolutionStrategy, "_step_weights"),
                (strategy.EvolutionStrategy, "_negative_gradients"),

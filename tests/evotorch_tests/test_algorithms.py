@@ -506,3 +506,37 @@ def test_steps_skip_the_metrics_eggroll_does_not_read_and_move_the_center_alike(
         centers.append(searcher.status["center"].clone())
     assert torch.equal(centers[0], centers[1])
     assert len(seen) == 3 and seen[0]["population_size"] == 8 and seen[0]["grad_norm"] > 0
+
+
+@pytest.mark.gpu
+def test_graphed_call_replays_what_the_eager_call_computes():
+    """GraphedCall runs a signature eagerly first, captures it the second time and replays
+    it after that, with each call's own inputs; a new signature starts over; a function
+    that cannot be captured warns once and stays eager, with the right values."""
+    from evotorch_eggroll._graphs import GraphedCall
+
+    def fn(x):
+        return torch.sort(x).values * 2, x.sum()
+
+    graphed = GraphedCall("the test function")
+    for n in (7, 7, 7, 7, 300, 300, 300, 7, 7):
+        x = torch.randn(n, device="cuda")
+        got = graphed(fn, "key", x)
+        want = fn(x)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), n
+    assert graphed._graph is not None and graphed._graph[0][1][0][0] == (7,)
+    replayed = graphed(fn, "key", torch.zeros(7, device="cuda"))
+    assert replayed is graphed._graph[3]  # the graph's own outputs
+    assert graphed(fn, "other key", torch.ones(7, device="cuda"))[1].item() == 7  # eager again
+
+    def refuses_capture(x):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("not capturable")
+        return x * 3
+
+    stubborn = GraphedCall("the stubborn function")
+    with pytest.warns(RuntimeWarning, match="capturing the stubborn function in a CUDA graph failed"):
+        for _ in range(3):
+            x = torch.randn(5, device="cuda")
+            assert torch.equal(stubborn(refuses_capture, None, x), x * 3)
+    assert stubborn._disabled and stubborn._graph is None

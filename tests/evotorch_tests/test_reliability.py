@@ -237,6 +237,57 @@ def test_nonfinite_fitnesses_raise_by_default_and_all_nonfinite_always(device, m
         _assert_unchanged(searcher, before)
 
 
+class _Eager:
+    """Stands in for a searcher's graphed fitness stage: always eager."""
+
+    def __call__(self, fn, key, *inputs):
+        return fn(*inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["dense", "lowrank"])
+@pytest.mark.parametrize("policy", ["raise", "worst"])
+def test_the_graphed_fitness_stage_ranks_checks_and_refuses_as_the_eager_one(mode, policy):
+    """From its second generation on, a searcher on the GPU ranks and checks the fitnesses
+    by replaying a captured graph: every center is bit-identical to a searcher that never
+    captures, diverged members count the same, and a replayed generation with a NaN is
+    refused under "raise" (nothing changed) or ranked last under "worst", as eagerly."""
+    runs = []
+    for graphed in (True, False):
+        if mode == "dense":
+            evaluator = Diverging(_sphere, [])
+            problem = Problem("min", evaluator, solution_length=6, initial_bounds=(-3, 3), vectorized=True,
+                              seed=0, store_solution_stats=False, device="cuda")
+            searcher = EGGROLL(problem, popsize=8, sigma=0.3, lr=0.1, seed=4, nonfinite_fitness=policy)
+        else:
+            searcher = _lowrank_diverging("cuda", bad=[], nonfinite_fitness=policy)
+            evaluator = searcher.problem._batched_eval_func
+        if not graphed:
+            searcher._graphed_fitness = _Eager()
+        centers = []
+        for generation in range(6):
+            evaluator.bad = [1] if generation == 3 else []
+            if generation == 3 and policy == "raise":
+                center = searcher.status["center"].clone()
+                opt = {k: {name: v.clone() for name, v in state.items()}  # the live tensors change
+                       for k, state in searcher.optimizer.state_dict()["state"].items()}
+                with pytest.raises(ValueError, match="NaN or inf"):
+                    searcher.step()
+                assert torch.equal(searcher.status["center"], center) and searcher.step_count == 3
+                after = searcher.optimizer.state_dict()["state"]
+                assert after.keys() == opt.keys() and all(
+                    torch.equal(after[k][name], opt[k][name]) for k in opt for name in opt[k])
+            else:
+                searcher.step()
+            centers.append((searcher.status["center"].clone(), searcher.status["nonfinite_count"]))
+        if graphed:
+            assert searcher._graphed_fitness._graph is not None  # replayed, not eager
+        runs.append(centers)
+    for (a, count_a), (b, count_b) in zip(*runs):
+        assert torch.equal(a, b) and count_a == count_b
+    assert runs[0][3][1] == (1 if policy == "worst" else 0)
+
+
 def test_worst_refuses_a_plain_problem_that_keeps_evotorchs_solution_stats():
     """EvoTorch's best/worst tracking fails on NaN evaluations: a plain problem that keeps it
     is refused with nonfinite_fitness="worst", before anything is built, and says how to

@@ -362,7 +362,7 @@ def test_update_launches_pass_the_constexprs_that_end_each_signature():
 
     for kernel, names in ((lowrank_update_kernel._factor_matrices_kernel, ("R", "BLOCK_E")),
                           (dense_noise._dense_update_kernel, ("BLOCK_E",)),
-                          (normal_block._normal_block_kernel, ("BLOCK_E",)),
+                          (normal_block._normal_block_kernel, ("BLOCK_E", "EPOCH_IN_MEMORY")),
                           (philox._philox_words_kernel, ("BLOCK_Q",))):
         params = list(inspect.signature(kernel.fn).parameters.values())
         constexprs = [p.name for p in params if "constexpr" in str(p.annotation)]

@@ -138,6 +138,61 @@ def _clone_tensors(obj: Any) -> Any:
     return _with_leaves(obj, iter(_copies(leaves)))
 
 
+def _held_copies(held: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Bit-exact copies of ``tensors`` in the buffers of ``held`` (replaced when their
+    shapes, dtypes or devices no longer match): one multi-tensor copy, and no allocation
+    from one step to the next."""
+    if len(held) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype or b.device != t.device
+                                        for b, t in zip(held, tensors)):
+        held[:] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+    if tensors:
+        with torch.no_grad():
+            torch._foreach_copy_(held, tensors)
+    return list(held)
+
+
+# values an optimizer's per-parameter state may hold besides tensors for the snapshot below
+_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _optimizer_snapshot(optimizer: torch.optim.Optimizer, held: list[torch.Tensor]) -> Any:
+    """What :func:`_restore_optimizer` needs to put ``optimizer`` back as it is now: each
+    parameter's state dict and a shallow copy of it (the same tensor objects), the values
+    of those tensors copied into the buffers of ``held``, and each param group's settings.
+    An optimizer whose state holds other mutable values gets a copy of its ``state_dict()``
+    instead (what it costs: the dict built, and a new buffer for every tensor)."""
+    entries = {p: (d, dict(d)) for p, d in optimizer.state.items()}
+    values = [v for _, saved in entries.values() for v in saved.values()]
+    if not all(isinstance(v, (torch.Tensor, *_IMMUTABLE)) for v in values):
+        return _clone_tensors(optimizer.state_dict())
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return entries, tensors, _held_copies(held, tensors), groups
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, snapshot: Any) -> None:
+    """Put ``optimizer`` back to an :func:`_optimizer_snapshot`: the tensors it held get
+    their values back in place (a tensor the step changed in place and one it replaced by
+    a new object both come back), each parameter's state dict its entries, state that the
+    step created goes, and the param groups get their settings back."""
+    if isinstance(snapshot, dict):  # a state_dict copy
+        optimizer.load_state_dict(snapshot)
+        return
+    entries, tensors, copies, groups = snapshot
+    if tensors:
+        with torch.no_grad():
+            torch._foreach_copy_(tensors, copies)
+    state = optimizer.state
+    for p in [p for p in state if p not in entries]:
+        del state[p]
+    for p, (d, saved) in entries.items():
+        d.clear()
+        d.update(saved)
+        state[p] = d
+    for g, saved in zip(optimizer.param_groups, groups):
+        g.update(saved)
+
+
 class EvolutionStrategy:
     """The shared implementation of :class:`EggrollStrategy` and :class:`OpenESStrategy`.
 
@@ -213,10 +268,14 @@ class EvolutionStrategy:
         self.factor_cache_bytes: Optional[int] = None
         self._factor_storage: dict[str, torch.Tensor] = {}
         self._draw_graphs: dict = {}  # captured factor draws (factor_cache._replay_draws)
+        # a step's copies of the parameters and of the optimizer's tensors, for a rollback
+        # (kept from one step to the next so that a step allocates nothing for them)
+        self._rollback_buffers: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_draw_graphs"] = {}  # captured CUDA graphs neither pickle nor copy: captured again
+        state["_rollback_buffers"] = ([], [])  # scratch space of a step
         return state
 
     # -- construction -------------------------------------------------------------------
@@ -430,6 +489,7 @@ class EvolutionStrategy:
         self._optimizer = optimizer
         self._factor_storage = {}
         self._draw_graphs = {}
+        self._rollback_buffers = ([], [])
         self.epoch = 0
         self.total_steps = 0
         self._last = None
@@ -1001,10 +1061,10 @@ class EvolutionStrategy:
             :meth:`_roll_back` restores.
         """
         params = [e.param for e in self._evolved]
-        with torch.no_grad():
-            before = _copies([p.detach() for p in params])
+        held_params, held_state = self._rollback_buffers
+        before = _held_copies(held_params, [p.detach() for p in params])
         own_grads = [p.grad for p in params]
-        snapshot = (params, before, _clone_tensors(self._optimizer.state_dict()))
+        snapshot = (params, before, _optimizer_snapshot(self._optimizer, held_state))
         try:
             for p, g in zip(params, neg_grads):
                 p.grad = g.to(p.dtype).view_as(p)
@@ -1025,13 +1085,13 @@ class EvolutionStrategy:
         return delta, snapshot
 
     def _roll_back(self, params: list[torch.Tensor], before: list[torch.Tensor],
-                   optimizer_state: dict) -> None:
+                   optimizer_state: Any) -> None:
         """Puts the parameters and the optimizer state back to an :meth:`_apply_update`
         snapshot."""
         with torch.no_grad():
             for p, b in zip(params, before):
                 p.copy_(b)
-        self._optimizer.load_state_dict(optimizer_state)
+        _restore_optimizer(self._optimizer, optimizer_state)
 
     def _step_metrics(self, checked: dict, n: int, epoch: int) -> dict:
         """Metrics stage of :meth:`step` (plain Python numbers; see its Returns) from the

@@ -461,6 +461,57 @@ def test_a_refused_step_is_rolled_back_and_the_run_goes_on_as_if_it_never_ran(de
             assert torch.equal(torch.as_tensor(opt_b[i][k]), torch.as_tensor(v)), (i, k)
 
 
+class _HistorySGD(torch.optim.SGD):
+    """SGD that also keeps a list in each parameter's state (a mutable value that the
+    rollback cannot restore by copying tensors)."""
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                history = self.state[p].setdefault("history", [])
+                history.append(len(history))
+        return out
+
+
+def test_a_refused_step_restores_the_optimizer_state_in_place_with_buffers_kept(device):
+    """The rollback's snapshot copies the optimizer's tensors into buffers the strategy
+    keeps (the same ones at every step), and a refused step gives the values back to the
+    very tensors the optimizer held (Adam changes its moments and step counts in place);
+    an optimizer whose state holds a list is restored through a copy of its state_dict."""
+    x = torch.randn(4, 3, device=device)
+    nan = torch.tensor([1.0, 3.0, float("nan"), 2.0], device=device)
+    good = torch.tensor([1.0, 3.0, 0.0, 2.0], device=device)
+    model = make_mlp(device)
+    s = EggrollStrategy(seed=5, lr=0.05, optimizer="adam").setup(model)
+    generation(s, model, x, 4)
+    generation(s, model, x, 4)
+    buffers = [b.data_ptr() for b in s._rollback_buffers[1]]
+    held = {p: dict(state) for p, state in s.optimizer.state.items()}
+    values = {p: {k: v.clone() for k, v in state.items()} for p, state in held.items()}
+    with s.perturb(4) as pop:
+        pop.batched_forward(model, x)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        s.step(nan)
+    assert s.optimizer.state.keys() == held.keys()
+    for p, state in s.optimizer.state.items():
+        assert state.keys() == held[p].keys()
+        assert all(v is held[p][k] and torch.equal(v, values[p][k]) for k, v in state.items())
+    s.step(good)
+    assert [b.data_ptr() for b in s._rollback_buffers[1]] == buffers and len(buffers) == 12
+
+    model = make_mlp(device)
+    s = EggrollStrategy(seed=5, lr=0.05, optimizer=_HistorySGD).setup(model)
+    generation(s, model, x, 4)
+    with s.perturb(4) as pop:
+        pop.batched_forward(model, x)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        s.step(nan)
+    assert [state["history"] for state in s.optimizer.state.values()] == [[0]] * 4
+    s.step(good)
+    assert [state["history"] for state in s.optimizer.state.values()] == [[0, 1]] * 4
+
+
 def test_a_step_without_metrics_updates_exactly_like_one_with_them(device):
     """The step EGGROLL takes (``metrics=False``: only the checks, no statistics, no norms
     unless clipping needs one) updates the parameters and the optimizer exactly as

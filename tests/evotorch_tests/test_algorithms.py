@@ -512,7 +512,7 @@ def test_steps_skip_the_metrics_eggroll_does_not_read_and_move_the_center_alike(
 def test_graphed_call_replays_what_the_eager_call_computes():
     """GraphedCall runs a signature eagerly first, captures it the second time and replays
     it after that, with each call's own inputs; a new signature starts over; a function
-    that cannot be captured warns once and stays eager, with the right values."""
+    whose capture raises warns once and stays eager, with the right values."""
     from evotorch_eggroll._graphs import GraphedCall
 
     def fn(x):

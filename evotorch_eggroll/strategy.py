@@ -142,11 +142,11 @@ def _held_copies(held: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[
     """Bit-exact copies of ``tensors`` in the buffers of ``held`` (replaced when their
     shapes, dtypes or devices no longer match): one multi-tensor copy, and no allocation
     from one step to the next."""
-    if len(held) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype or b.device != t.device
-                                        for b, t in zip(held, tensors)):
-        held[:] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-    if tensors:
-        with torch.no_grad():
+    with torch.no_grad():
+        if len(held) != len(tensors) or any(b.shape != t.shape or b.dtype != t.dtype or b.device != t.device
+                                            for b, t in zip(held, tensors)):
+            held[:] = _copies(tensors)
+        elif tensors:
             torch._foreach_copy_(held, tensors)
     return list(held)
 
@@ -1088,9 +1088,9 @@ class EvolutionStrategy:
                    optimizer_state: Any) -> None:
         """Puts the parameters and the optimizer state back to an :meth:`_apply_update`
         snapshot."""
-        with torch.no_grad():
-            for p, b in zip(params, before):
-                p.copy_(b)
+        if params:
+            with torch.no_grad():
+                torch._foreach_copy_(params, before)
         _restore_optimizer(self._optimizer, optimizer_state)
 
     def _step_metrics(self, checked: dict, n: int, epoch: int) -> dict:

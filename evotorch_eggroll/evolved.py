@@ -148,7 +148,7 @@ class EvolvedParam:
 
     def gradient(
         self, coords: NoiseCoords, noise_indices: torch.Tensor, coeffs: torch.Tensor,
-        scaled: bool = False,
+        scaled: bool = False, epoch: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``sum_k coeffs[k] * P0_k`` with ``P0_k`` draw k's unsigned perturbation.
 
@@ -158,13 +158,25 @@ class EvolvedParam:
             coeffs: ``(K,)`` float32 coefficients (signs already folded in).
             scaled: ``coeffs`` already include :meth:`noise_scale` (callers updating many
                 parameters multiply once per scale).
+            epoch: ``coords.epoch`` as a one-element int64 tensor on the parameter's CUDA
+                device, read by the Triton kernels when they run (a captured update replays
+                with the epoch that tensor holds); the inputs are not checked again.
 
         Returns:
             float32 tensor of the parameter's shape.
         """
         if not scaled:
             coeffs = coeffs * self.noise_scale(coords)
-        if self.lowrank:
+        if epoch is not None:
+            kernels = ops._kernels()
+            if self.lowrank:
+                g = kernels.lowrank_update.lowrank_update(
+                    self.m, self.n, seed=coords.seed, key=self.key, epoch=epoch, rank=coords.rank,
+                    noise_indices=noise_indices, coeffs=coeffs, precision=ops.update_precision(self.param))
+            else:
+                g = kernels.dense_noise.dense_update(self.param.numel(), seed=coords.seed, key=self.key,
+                                                     epoch=epoch, noise_indices=noise_indices, coeffs=coeffs)
+        elif self.lowrank:
             g = ops.lowrank_update(self.m, self.n, seed=coords.seed, key=self.key,
                                    epoch=coords.epoch, rank=coords.rank,
                                    noise_indices=noise_indices, coeffs=coeffs,

@@ -37,6 +37,7 @@ from . import checkpoint
 from . import distributed as _dist
 from . import noise as _noise
 from . import ops
+from ._graphs import GraphedCall
 from ._host import start_read
 from ._validation import (as_value_tensor, check_int, check_population_size, check_real,
                           check_seed, optimizer_class)
@@ -276,6 +277,7 @@ class EvolutionStrategy:
         state = self.__dict__.copy()
         state["_draw_graphs"] = {}  # captured CUDA graphs neither pickle nor copy: captured again
         state["_rollback_buffers"] = ([], [])  # scratch space of a step
+        state.pop("_graphed_gradients", None)
         return state
 
     # -- construction -------------------------------------------------------------------
@@ -1004,7 +1006,37 @@ class EvolutionStrategy:
         the weights' device (exact in float64 there as anywhere); the draws and the
         coefficients are copied once per parameter device, the coefficients times each
         noise scale formed once per device and scale.
+
+        On one CUDA device with the Triton kernels, the stage is replayed from a captured
+        CUDA graph from the second step of the same population and settings on (the kernels
+        read the epoch from device memory): one copy of the weights and one graph launch
+        instead of a few launches per parameter, the same numbers bit for bit.
         """
+        if self._gradients_graphable(w, coords):
+            graphed = self.__dict__.get("_graphed_gradients")
+            if graphed is None:
+                graphed = self._graphed_gradients = GraphedCall("the update's gradient stage")
+            scales = tuple(e.noise_scale(coords) for e in self._evolved)
+            key = (n, coords.seed, coords.sigma, coords.rank, coords.antithetic, coords.backend,
+                   self.antithetic, scales,
+                   tuple((e.key, e.param.data_ptr(), e.param.dtype, e.param.shape, e.lowrank,
+                          ops.update_precision(e.param)) for e in self._evolved))
+            epoch = torch.full((1,), coords.epoch, dtype=torch.int64, device=w.device)
+            return graphed(lambda w_, epoch_: self._gradient_stage(w_, n, coords, epoch_), key, w, epoch)
+        return self._gradient_stage(w, n, coords, None)
+
+    def _gradients_graphable(self, w: torch.Tensor, coords: NoiseCoords) -> bool:
+        """Whether the gradient stage can be captured: every evolved parameter on ``w``'s
+        CUDA device, the Triton kernels computing, no compilation under way."""
+        if not w.is_cuda or torch.compiler.is_compiling() or not len(self._evolved):
+            return False
+        if any(e.param.device != w.device for e in self._evolved):
+            return False
+        return not ops._runs_torch_fast(coords.backend, w)
+
+    def _gradient_stage(self, w: torch.Tensor, n: int, coords: NoiseCoords,
+                        epoch: Optional[torch.Tensor]) -> list[torch.Tensor]:
+        """The body of :meth:`_negative_gradients` (``epoch``: see ``EvolvedParam.gradient``)."""
         idx, coeffs = antithetic_fold(w, self.antithetic)
         neg_coeffs = -(coeffs / math.sqrt(n))
         on_device: dict = {}
@@ -1018,7 +1050,7 @@ class EvolutionStrategy:
             if (dev, scale) not in scaled:
                 scaled[dev, scale] = on_device[dev][1] * scale
             neg_grads.append(e.gradient(coords, on_device[dev][0], scaled[dev, scale],
-                                        scaled=True))
+                                        scaled=True, epoch=epoch))
         return neg_grads
 
     def _clip_gradients(self, neg_grads: list[torch.Tensor], need_norm: bool = True

@@ -87,10 +87,13 @@ def _dense_update_kernel(
     key,
     epoch,
     BLOCK_E: tl.constexpr,
+    EPOCH_IN_MEMORY: tl.constexpr = False,
 ):
     first = tl.program_id(0).to(tl.int64) * BLOCK_E
     split = tl.program_id(1).to(tl.int64)
     seed = stream_seed(seed_lo, seed_hi)
+    if EPOCH_IN_MEMORY:  # ``epoch`` points at it (a captured launch replays with its current value)
+        epoch = tl.load(epoch)
     elem = first + tl.arange(0, BLOCK_E).to(tl.int64)
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
     k = split * k_per_split
@@ -154,7 +157,7 @@ def dense_update(
     *,
     seed: int,
     key: int,
-    epoch: int,
+    epoch: int | torch.Tensor,
     noise_indices: torch.Tensor,
     coeffs: torch.Tensor,
 ) -> torch.Tensor:
@@ -162,7 +165,8 @@ def dense_update(
 
     Args:
         numel: elements of the parameter.
-        seed, key, epoch: stream coordinates of the parameter.
+        seed, key, epoch: stream coordinates of the parameter; ``epoch`` may be a
+            one-element int64 tensor on the device, read when the kernel runs.
         noise_indices: ``(K,)`` integer tensor.
         coeffs: ``(K,)`` floating tensor.
 
@@ -187,6 +191,6 @@ def dense_update(
     with device_guard(partial):
         _dense_update_kernel[(-(-numel // block_e), splits)](
             idx, coef, partial, k, k_per_split, numel, seed_lo, seed_hi, key, epoch,
-            block_e, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
+            block_e, isinstance(epoch, torch.Tensor), num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )
     return partial[0] if splits == 1 else partial.sum(dim=0)

@@ -68,10 +68,13 @@ def _factor_matrices_kernel(
     epoch,
     R: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    EPOCH_IN_MEMORY: tl.constexpr = False,
 ):
     pid_k = tl.program_id(0)
     first = tl.program_id(1).to(tl.int64) * BLOCK_E
     seed = stream_seed(seed_lo, seed_hi)
+    if EPOCH_IN_MEMORY:  # ``epoch`` points at it (a captured launch replays with its current value)
+        epoch = tl.load(epoch)
     noise_index = tl.load(idx_ptr + pid_k)
     coef = tl.load(coef_ptr + pid_k).to(tl.float32)
     z = normal_run(seed, first // 4, noise_index, key, epoch, BLOCK_E // 4)  # (BLOCK_E,)
@@ -143,7 +146,7 @@ def factor_matrices(
     *,
     seed: int,
     key: int,
-    epoch: int,
+    epoch: int | torch.Tensor,
     rank: int,
     noise_indices: torch.Tensor,
     coeffs: torch.Tensor,
@@ -153,7 +156,9 @@ def factor_matrices(
 
     Args:
         m, n: weight shape ``(m, n)``.
-        seed, key, epoch: stream coordinates of the weight.
+        seed, key, epoch: stream coordinates of the weight; ``epoch`` may be a one-element
+            int64 tensor on the device, read when the kernel runs (a launch captured in a
+            CUDA graph then draws the epoch that tensor holds at each replay).
         rank: factor rank ``R``.
         noise_indices: ``(K,)`` integer tensor.
         coeffs: ``(K,)`` floating tensor.
@@ -181,7 +186,7 @@ def factor_matrices(
     with device_guard(a):
         _factor_matrices_kernel[(k, -(-numel // block_e))](
             idx, coef, a, b, m, n, k * rank, k * rank, seed_lo, seed_hi, key, epoch,
-            rank, block_e, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
+            rank, block_e, isinstance(epoch, torch.Tensor), num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
         )
     return a, b
 
@@ -192,7 +197,7 @@ def lowrank_update(
     *,
     seed: int,
     key: int,
-    epoch: int,
+    epoch: int | torch.Tensor,
     rank: int,
     noise_indices: torch.Tensor,
     coeffs: torch.Tensor,
@@ -203,7 +208,8 @@ def lowrank_update(
 
     Args:
         m, n: weight shape ``(m, n)``.
-        seed, key, epoch: stream coordinates of the weight.
+        seed, key, epoch: stream coordinates of the weight (``epoch``: as in
+            :func:`factor_matrices`).
         rank: factor rank ``R``.
         noise_indices: ``(K,)`` integer tensor.
         coeffs: ``(K,)`` floating tensor.

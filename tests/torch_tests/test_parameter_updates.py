@@ -210,6 +210,29 @@ def test_dense_update_matches_reference(device, numel, k):
     torch.testing.assert_close(g.cpu().double(), want, atol=1e-5 * scale, rtol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("epoch", [0, EPOCH, 2**32 - 1])
+def test_update_kernels_with_the_epoch_in_memory_are_the_same_stream(device, epoch):
+    """The update kernels reading their epoch from a one-element device tensor (what a
+    captured update replays) give the same bits as with the epoch passed as an argument:
+    factor matrices in both dtypes, chunked low-rank updates and dense updates."""
+    from evotorch_eggroll.kernels import dense_noise
+
+    held = torch.tensor([epoch], dtype=torch.int64, device=device)
+    idx, c = noise_indices(7).to(device), coefficients(7, 3).to(device)
+    for dtype in (torch.float32, torch.bfloat16):
+        common = dict(seed=SEED, key=KEY, rank=3, noise_indices=idx, coeffs=c, dtype=dtype)
+        want = lowrank_update_kernel.factor_matrices(5, 9, epoch=epoch, **common)
+        got = lowrank_update_kernel.factor_matrices(5, 9, epoch=held, **common)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), dtype
+    common = dict(seed=SEED, key=KEY, rank=2, noise_indices=idx, coeffs=c, chunk=3)
+    assert torch.equal(lowrank_update_kernel.lowrank_update(6, 4, epoch=held, **common),
+                       lowrank_update_kernel.lowrank_update(6, 4, epoch=epoch, **common))
+    for numel in (1, 33, 1030):
+        common = dict(seed=SEED, key=KEY, noise_indices=idx, coeffs=c)
+        assert torch.equal(dense_noise.dense_update(numel, epoch=held, **common),
+                           dense_noise.dense_update(numel, epoch=epoch, **common)), numel
+
+
 def test_update_input_errors(device):
     idx = torch.arange(3, device=device)
     with pytest.raises(ValueError, match="coeffs"):
@@ -268,6 +291,40 @@ def test_negative_es_gradient_is_handed_to_the_optimizer(device):
     _, _, s = _delta_after_step(device, fit, 6, sigma=0.2, lr=0.01, optimizer="adam", seed=2)
     state = s.optimizer.state[s.parameters()[0]]
     torch.testing.assert_close(state["exp_avg"], 0.1 * -g, rtol=1e-5, atol=1e-7)
+
+
+class _Eager:
+    """Stands in for a strategy's captured gradient stage: always eager."""
+
+    def __call__(self, fn, key, *inputs):
+        return fn(*inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_the_captured_gradient_stage_updates_as_the_eager_one(antithetic):
+    """From the second step of the same population on, the strategy replays its gradient
+    stage from a captured graph (the update kernels read the epoch from device memory):
+    after steps with new epochs, the same and then another population size, the
+    parameters and Adam's state are bit-identical to a strategy that never captures."""
+    runs = []
+    for graphed in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).cuda()
+        s = EggrollStrategy(sigma=0.1, lr=0.05, rank=2, antithetic=antithetic, optimizer="adam",
+                            seed=3).setup(model)
+        if not graphed:
+            s._graphed_gradients = _Eager()
+        x = torch.randn(8, 5, device="cuda")
+        for n in (8, 8, 8, 8, 6, 6, 6):
+            with torch.no_grad(), s.perturb(n) as pop:
+                out = pop.batched_forward(model, x[:n])
+            s.step(-(out - 0.5).pow(2).sum(1))
+        if graphed:
+            assert s._graphed_gradients._graph is not None  # replayed, not eager
+        state = [t for p in s.parameters() for t in s.optimizer.state[p].values()]
+        runs.append([p.detach().clone() for p in s.parameters()] + [t.clone() for t in state])
+    assert len(runs[0]) == len(runs[1]) and all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_steps_ascend_the_fitness(device):
@@ -360,9 +417,10 @@ def test_update_launches_pass_the_constexprs_that_end_each_signature():
 
     from evotorch_eggroll.kernels import dense_noise, normal_block, philox
 
-    for kernel, names in ((lowrank_update_kernel._factor_matrices_kernel, ("R", "BLOCK_E")),
-                          (dense_noise._dense_update_kernel, ("BLOCK_E",)),
-                          (normal_block._normal_block_kernel, ("BLOCK_E", "EPOCH_IN_MEMORY")),
+    flag = "EPOCH_IN_MEMORY"
+    for kernel, names in ((lowrank_update_kernel._factor_matrices_kernel, ("R", "BLOCK_E", flag)),
+                          (dense_noise._dense_update_kernel, ("BLOCK_E", flag)),
+                          (normal_block._normal_block_kernel, ("BLOCK_E", flag)),
                           (philox._philox_words_kernel, ("BLOCK_Q",))):
         params = list(inspect.signature(kernel.fn).parameters.values())
         constexprs = [p.name for p in params if "constexpr" in str(p.annotation)]

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from . import ops
+from ._graphs import GraphedCall
 from .evolved import EvolvedParam, EvolvedSet, NoiseCoords
 from .noise import noise_index_range  # re-exported: its home is noise.py
 
@@ -69,43 +70,28 @@ def _held_buffer(storage: dict, e: EvolvedParam, shape: tuple[int, ...]) -> Opti
 
 def _replay_draws(draws: list, seed: int, epoch: int, indices: range, backend: str,
                   graphs: dict) -> bool:
-    """Draw ``draws`` by replaying a CUDA graph of their launches, the epoch read from
-    device memory: one fill and one graph launch instead of a kernel launch per parameter.
-    The graph is captured (after one draw of its own, which compiles the launches and
-    draws this epoch) the second time in a row that the same draws, into the same buffers,
-    are asked for; until then, and wherever a graph cannot serve (the CPU, the plain-torch
-    backend, parameters on several devices, a capture or a compilation under way), False:
-    the caller launches the draws itself."""
-    if not draws or draws[0][2] == 0 or backend == "torch":
+    """Draw ``draws`` through a :class:`GraphedCall` kept in ``graphs``, the epoch read from
+    device memory: from the second time in a row that the same draws into the same buffers
+    are asked for, one copy and one graph launch instead of a kernel launch per parameter.
+    False where a graph cannot serve (the CPU, the plain-torch backend, parameters on
+    several devices, a compilation under way): the caller launches the draws itself."""
+    if not draws or draws[0][2] == 0 or backend == "torch" or torch.compiler.is_compiling():
         return False
     device = draws[0][3].device
-    if (device.type != "cuda" or any(out.device != device for *_, out in draws)
-            or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
-        return False
-    plan = (seed, indices, tuple((e.key, numel, out.data_ptr(), idx.data_ptr())
-                                 for e, idx, numel, out in draws))
-    graph = graphs.pop(("draw graph", device), None)
-    if graph is not None and graph[0] == plan:
-        graphs[("draw graph", device)] = graph
-        graph[2].fill_(epoch)
-        graph[1].replay()
-        return True
-    if graphs.get(("draw plan", device)) != plan:  # the first time: the caller draws
-        graphs[("draw plan", device)] = plan
+    if device.type != "cuda" or any(out.device != device for *_, out in draws):
         return False
     from .kernels.normal_block import normal_block_epoch_in_memory
 
-    epoch_t = torch.full((1,), epoch, dtype=torch.int64, device=device)
-
-    def launch() -> None:
+    def launch(epoch_t: torch.Tensor) -> None:
         for e, idx, numel, out in draws:
             normal_block_epoch_in_memory(seed, e.key, epoch_t, idx, numel, out)
 
-    launch()  # this epoch's draws, and the launches compiled before the capture
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        launch()
-    graphs[("draw graph", device)] = (plan, g, epoch_t)
+    plan = (seed, indices, tuple((e.key, numel, out.data_ptr(), idx.data_ptr())
+                                 for e, idx, numel, out in draws))
+    graphed = graphs.get(("draws", device))
+    if graphed is None:
+        graphed = graphs[("draws", device)] = GraphedCall("the factor draws")
+    graphed(launch, plan, torch.full((1,), epoch, dtype=torch.int64, device=device))
     return True
 
 

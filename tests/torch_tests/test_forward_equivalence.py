@@ -586,8 +586,9 @@ def test_captured_factor_draws_are_each_contexts_stream():
                                         torch.arange(k, device="cuda"), numel)
                 assert torch.equal(s._factor_storage[name].reshape(k, numel), want), (n, name)
         s.step(torch.arange(float(n), device="cuda"))
-        captured = s._draw_graphs.get(("draw graph", torch.device("cuda", 0)))
-        assert (captured is not None) == (n == 10 and s.epoch >= 2 or n == 6 and s.epoch >= 6)
+        graphed = s._draw_graphs.get(("draws", torch.device("cuda", 0)))
+        captured = graphed is not None and graphed._graph is not None
+        assert captured == (n == 10 and s.epoch >= 2 or n == 6 and s.epoch >= 6)
 
 
 def test_a_strategy_with_captured_draws_pickles_and_copies_without_them(device):
@@ -604,9 +605,9 @@ def test_a_strategy_with_captured_draws_pickles_and_copies_without_them(device):
     x = torch.randn(4, 5, device=device)
     with torch.no_grad(), s.perturb(4) as pop:
         want = pop.batched_forward(model, x)
-    s._draw_graphs[("draw graph", torch.device(device))] = threading.Lock()  # as unpicklable as a graph
+    s._draw_graphs[("draws", torch.device(device))] = threading.Lock()  # as unpicklable as a graph
     for clone in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s)):
-        assert clone._draw_graphs == {} and ("draw graph", torch.device(device)) in s._draw_graphs
+        assert clone._draw_graphs == {} and ("draws", torch.device(device)) in s._draw_graphs
         with torch.no_grad(), clone.perturb(4, epoch=0) as pop:
             assert torch.equal(pop.batched_forward(clone.model, x), want)
 

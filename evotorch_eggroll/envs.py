@@ -179,18 +179,21 @@ class CartPole(gym.vector.VectorEnv):
 
     # ------------------------------------------------------------------ randomness
 
-    def _seed(self, seed: Optional[int]) -> None:
+    def _seed(self, seed: Optional[int], on_device: bool = True) -> None:
         """Key the start stream with ``seed`` (taken modulo 2**64; None draws one from the
-        operating system) and restart every environment's start count."""
+        operating system) and restart every environment's start count (``on_device=False``:
+        the host's record only, for a reset whose kernel writes the key and the counts)."""
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         self._seed_value = int(seed) & 0xFFFFFFFFFFFFFFFF
+        self._cpu_words = self._cpu_words_base = None  # see _cpu_start_words
+        if not on_device:
+            return
         lo, hi = self._seed_value & 0xFFFFFFFF, self._seed_value >> 32
         # in place (graphs read it), by fills: a copy from the host would wait for the device
         self._key[0].fill_(lo)
         self._key[1].fill_(hi)
         self.starts.zero_()
-        self._cpu_words = self._cpu_words_base = None  # see _cpu_start_words
 
     def _initial_states(self, where: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The next initial state of every environment where ``where`` is True (all of them
@@ -314,12 +317,19 @@ class CartPole(gym.vector.VectorEnv):
             if self.state is None:
                 raise RuntimeError("reset_mask needs a full reset() first")
             mask = self._as_mask(mask)
-        if seed is not None:
-            self._seed(seed)
-        elif self._seed_value is None:
-            self._seed(self._initial_seed)
+        reseed = seed is not None or self._seed_value is None
+        if reseed:
+            self._seed(self._initial_seed if seed is None else seed, on_device=not self._use_start_kernel)
         self._low, self._high = low, high
 
+        if self._use_start_kernel:  # the whole reset in one launch
+            from .kernels import cartpole as kernel
+
+            if self.state is None:
+                self.state = torch.empty((self.num_envs, 4), dtype=self.dtype, device=self.device)
+            obs = kernel.reset_(self._key, self.starts, mask, self._constants(), self.state, self.steps,
+                                self.prev_done, self._seed_value if reseed else None)
+            return obs, {}
         if mask is None:
             self._write_state(self._initial_states())
             self.steps.zero_()

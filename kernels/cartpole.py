@@ -197,6 +197,80 @@ def _start_states_kernel(key_ptr, starts_ptr, where_ptr, consts_ptr, out_ptr, nu
     tl.store(starts_ptr + env, start + 1, mask=ok)
 
 
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _reset_kernel(seed_lo, seed_hi, key_ptr, starts_ptr, where_ptr, consts_ptr, state_ptr,
+                  steps_ptr, prev_done_ptr, obs_ptr, num_envs,
+                  HAS_WHERE: tl.constexpr, RESEED: tl.constexpr, BLOCK: tl.constexpr):
+    env = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ok = env < num_envs
+    chosen = ok
+    if HAS_WHERE:
+        chosen = ok & (tl.load(where_ptr + env, mask=ok, other=0) != 0)
+    if RESEED:  # a new key: every start count restarts at 0
+        lo = seed_lo.to(tl.uint32, bitcast=True).to(tl.int64)
+        hi = seed_hi.to(tl.uint32, bitcast=True).to(tl.int64)
+        if tl.program_id(0) == 0:
+            tl.store(key_ptr, lo)
+            tl.store(key_ptr + 1, hi)
+        seed = stream_seed(lo, hi)
+        start = env * 0
+        tl.store(starts_ptr + env, chosen.to(tl.int64), mask=ok)
+    else:
+        seed = stream_seed(tl.load(key_ptr), tl.load(key_ptr + 1))
+        start = tl.load(starts_ptr + env, mask=chosen, other=0)
+        tl.store(starts_ptr + env, start + 1, mask=chosen)
+    x, x_dot, theta, theta_dot = start_state(seed, env, start, consts_ptr)
+    if HAS_WHERE:  # the others keep their state (and show it in the observations)
+        x = tl.where(chosen, x, tl.load(state_ptr + env * 4 + 0, mask=ok, other=0.0))
+        x_dot = tl.where(chosen, x_dot, tl.load(state_ptr + env * 4 + 1, mask=ok, other=0.0))
+        theta = tl.where(chosen, theta, tl.load(state_ptr + env * 4 + 2, mask=ok, other=0.0))
+        theta_dot = tl.where(chosen, theta_dot,
+                             tl.load(state_ptr + env * 4 + 3, mask=ok, other=0.0))
+    tl.store(state_ptr + env * 4 + 0, x, mask=chosen)
+    tl.store(state_ptr + env * 4 + 1, x_dot, mask=chosen)
+    tl.store(state_ptr + env * 4 + 2, theta, mask=chosen)
+    tl.store(state_ptr + env * 4 + 3, theta_dot, mask=chosen)
+    tl.store(steps_ptr + env, env * 0, mask=chosen)
+    tl.store(prev_done_ptr + env, (env * 0).to(tl.int8), mask=chosen)
+    tl.store(obs_ptr + env * 4 + 0, x.to(tl.float32), mask=ok)
+    tl.store(obs_ptr + env * 4 + 1, x_dot.to(tl.float32), mask=ok)
+    tl.store(obs_ptr + env * 4 + 2, theta.to(tl.float32), mask=ok)
+    tl.store(obs_ptr + env * 4 + 3, theta_dot.to(tl.float32), mask=ok)
+
+
+def reset_(key: torch.Tensor, starts: torch.Tensor, where: torch.Tensor | None,
+           consts: torch.Tensor, state: torch.Tensor, steps: torch.Tensor,
+           prev_done: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """A whole reset in one launch: the next initial state of every environment where
+    ``where`` is True (all when None) written into ``state``, those environments' ``starts``
+    advanced and their ``steps`` and ``prev_done`` cleared, and the observations of every
+    environment returned. With ``seed`` (an unsigned 64-bit integer), the stream is keyed
+    with it first: ``key`` receives its two words and every start count restarts at 0 (as
+    fills of ``key`` and a zeroed ``starts`` before the draw would do, in the same launch).
+
+    Args:
+        key, starts, where, consts: as in :func:`start_states_`.
+        state: ``(E, 4)`` contiguous floating tensor in ``consts``' dtype.
+        steps: ``(E,)`` int64; prev_done: ``(E,)`` bool.
+
+    Returns:
+        ``obs (E, 4)`` float32: ``state`` after the reset, rounded to float32.
+    """
+    e = starts.shape[0]
+    obs = torch.empty((e, 4), dtype=torch.float32, device=state.device)
+    if e:
+        # each word as the int32 of its bits: one compiled kernel whatever the values
+        lo, hi = ((w - (1 << 32) if w >= 1 << 31 else w) for w in
+                  ((0, 0) if seed is None else (seed & 0xFFFFFFFF, seed >> 32)))
+        with device_guard(state):
+            _reset_kernel[(triton.cdiv(e, BLOCK),)](
+                lo, hi, key, starts, starts if where is None else where.view(torch.int8), consts,
+                state, steps, prev_done.view(torch.int8), obs, e, HAS_WHERE=where is not None,
+                RESEED=seed is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            )
+    return obs
+
+
 def start_states_(key: torch.Tensor, starts: torch.Tensor, where: torch.Tensor | None,
                   consts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write the next initial state of every environment where ``where`` is True (all when

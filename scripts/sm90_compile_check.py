@@ -199,8 +199,8 @@ def drawn_mlp_rows():
 
 def environment_rows():
     """The environment kernels of a rollout: CartPole's step with and without next-step
-    autoreset, alone and with the rollout's counters, and its reset's initial states
-    (float64 state, no floating-point contraction), and the episode counters."""
+    autoreset, alone and with the rollout's counters, its reset's initial states and its
+    one-launch reset (float64 state, no floating-point contraction), and the episode counters."""
     sig = dict(state_ptr="*fp64", steps_ptr="*i64", prev_done_ptr="*i8", act_ptr="*i64",
                stride_act="i32", key_ptr="*i64", starts_ptr="*i64", consts_ptr="*fp64",
                obs_ptr="*fp32", reward_ptr="*fp32", term_ptr="*i8", trunc_ptr="*i8",
@@ -215,6 +215,13 @@ def environment_rows():
                out_ptr="*fp64", num_envs="i32")
     yield ("cartpole_start_states", None, sig, dict(HAS_WHERE=True, BLOCK=cp.BLOCK),
            cp._start_states_kernel, dict(num_warps=cp.NUM_WARPS, enable_fp_fusion=False))
+    sig = dict(seed_lo="i32", seed_hi="i32", key_ptr="*i64", starts_ptr="*i64", where_ptr="*i8",
+               consts_ptr="*fp64", state_ptr="*fp64", steps_ptr="*i64", prev_done_ptr="*i8",
+               obs_ptr="*fp32", num_envs="i32")
+    for reseed in (True, False):
+        yield (f"cartpole_reset{'_reseed' if reseed else ''}", None, sig,
+               dict(HAS_WHERE=True, RESEED=reseed, BLOCK=cp.BLOCK), cp._reset_kernel,
+               dict(num_warps=cp.NUM_WARPS, enable_fp_fusion=False))
     sig = dict(returns_ptr="*fp64", alive_ptr="*i64", active_ptr="*i8", done_ptr="*i8",
                reward_ptr="*fp32", term_ptr="*i8", trunc_ptr="*i8", n="i32")
     yield ("episode_step", None, sig, dict(BLOCK=es.BLOCK), es._episode_step_kernel,

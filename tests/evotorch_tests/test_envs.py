@@ -357,6 +357,33 @@ def test_initial_states_follow_the_start_stream(device, fused):
     assert env.starts.tolist() == [3, 3, 2, 4, 2]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_reset_in_one_launch_is_the_step_by_step_reset(device, dtype):
+    """A reset through the one-launch kernel (the CUDA default; on the CPU through Triton's
+    interpreter) leaves the environment exactly as the step-by-step reset does: state, start
+    counts, step counters, end flags, the stream's key and the observations, through seeded
+    and unseeded, full and masked resets after steps, with key words of 2**31 and above."""
+    n = 9
+    envs = [CartPole(n, device=device, seed=5, dtype=dtype, autoreset_mode="disabled",
+                     max_episode_steps=3) for _ in range(2)]
+    envs[0]._use_start_kernel, envs[1]._use_start_kernel = True, False
+    mask = torch.tensor([i % 3 == 1 for i in range(n)], device=device)
+    resets = [{}, dict(seed=0xFFFFFFFF80000001), {}, dict(options={"reset_mask": mask}),
+              dict(seed=7 + (0x9ABCDEF0 << 32), options={"reset_mask": mask}),
+              dict(options={"low": -0.2, "high": 0.3}), dict(seed=2)]
+    for kwargs in resets:
+        got, want = (env.reset(**kwargs)[0] for env in envs)
+        assert got.dtype == torch.float32 and torch.equal(got, want), kwargs
+        for name in ("state", "starts", "steps", "prev_done", "_key"):
+            assert torch.equal(getattr(envs[0], name), getattr(envs[1], name)), (kwargs, name)
+        assert envs[0]._seed_value == envs[1]._seed_value
+        for _ in range(4):  # ends every episode (3 steps at most) and moves the counters
+            act = torch.ones(n, dtype=torch.int64, device=device)
+            for env in envs:
+                env.step(act)
+        assert bool(envs[0].prev_done.all())
+
+
 def test_initial_states_do_not_depend_on_the_batch():
     """Environment i's starts depend on the seed and i only: a larger batch begins with
     the same states, and they cover [low, high) evenly."""

@@ -26,17 +26,38 @@ def _episode_step():
 
 class _RolloutBuffers:
     """The per-episode state of a rollout: alive mask, returns, steps taken alive, current
-    observations."""
+    observations. A problem keeps one and :meth:`restart` s it for each episode (the same
+    addresses: a captured rollout reads and writes them)."""
 
     def __init__(self, num_envs: int, num_members: int, device: torch.device, dtype: torch.dtype, obs: Any) -> None:
         self.num_members = num_members
         self.dtype = dtype
         self.returns = torch.zeros(num_envs, dtype=torch.float64, device=device)
         self.alive = torch.zeros(num_envs, dtype=torch.int64, device=device)  # steps taken alive
-        self.active = torch.zeros(num_envs, dtype=torch.bool, device=device)
-        self.active[:num_members] = True
+        self.active = torch.empty(num_envs, dtype=torch.bool, device=device)
+        self._activate()
         self.obs = obs
         self.executed = 0  # steps run (every environment, ended or not)
+
+    def _activate(self) -> None:
+        """The members' environments active, the others (padding) not."""
+        if self.num_members == self.active.shape[0]:
+            self.active.fill_(True)
+        else:
+            self.active.fill_(False)
+            self.active[: self.num_members] = True
+
+    def fits(self, num_envs: int, num_members: int, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether these buffers serve an episode of that shape."""
+        return (self.active.shape[0] == num_envs and self.num_members == num_members
+                and self.returns.device == device and self.dtype == dtype)
+
+    def restart(self, obs: Any) -> None:
+        """Start a new episode from ``obs`` in the same buffers."""
+        torch._foreach_zero_([self.returns, self.alive])
+        self._activate()
+        self.obs = obs
+        self.executed = 0
 
 
 class _CapturedRollout:
@@ -106,7 +127,11 @@ class _CapturedRollout:
         return cls(key, env, buf, obs, ids, graphs)
 
     def start(self, buf: _RolloutBuffers, obs: torch.Tensor) -> None:
-        """Point at a new episode: reset the buffers and load the first observations."""
+        """Point at a new episode: reset the buffers and load the first observations (only
+        the observations when ``buf`` is the restarted buffers the graphs were captured with)."""
+        if buf is self.buf:
+            self.obs.copy_(obs)
+            return
         self.buf.returns.zero_()
         self.buf.alive.zero_()
         self.buf.active.copy_(buf.active)

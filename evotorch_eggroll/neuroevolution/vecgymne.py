@@ -207,7 +207,7 @@ class EggrollVecGymNE(EggrollNEProblem):
 
     @property
     def _nonserialized_attribs(self) -> list[str]:
-        return super()._nonserialized_attribs + ["_env", "_captured", "_bounds_cache"]
+        return super()._nonserialized_attribs + ["_env", "_captured", "_buffers", "_bounds_cache"]
 
     def get_env(self) -> Optional[gym.vector.VectorEnv]:
         """The environment of the most recent evaluation (None before the first)."""
@@ -567,22 +567,28 @@ class EggrollVecGymNE(EggrollNEProblem):
         e = env.num_envs
         device = self.network_device
         dtype = next(self._network.parameters()).dtype
-        returns = torch.zeros(e, dtype=torch.float64, device=device)
-        steps_taken = torch.zeros((), dtype=torch.int64, device=device)
+        episodes = self._num_episodes
+        returns: Optional[torch.Tensor] = None  # float64 sums over the episodes, (k,)
+        steps_taken: Optional[torch.Tensor] = None
         self.last_rollout_steps = 0
-        for _ in range(self._num_episodes):
+        for _ in range(episodes):
             # + the first member's id: member m gets the same start on whichever rank
             # evaluates it (with per-sub-environment seeding); 0 in a single process
             seed = _mix_seed(self._seed_value, self._num_resets) + first_member
             self._num_resets += 1
             obs, _ = env.reset(seed=seed)
-            buf = _RolloutBuffers(e, k, device, dtype, obs)
+            buf = self._rollout_buffers(e, k, device, dtype, obs)
             if self._replayable(env, obs, forward):
                 self._episode_replayed(env, obs, forward, buf)
             else:
                 self._episode_eager(env, forward, buf)
-            returns += buf.returns
-            steps_taken += buf.alive.sum()
+            alive = buf.alive.sum()
+            if returns is None:  # a copy unless it is the only episode (the buffers restart)
+                returns = buf.returns[:k] if episodes == 1 else buf.returns[:k].clone()
+                steps_taken = alive
+            else:
+                returns += buf.returns[:k]
+                steps_taken += alive
             self.last_rollout_steps += buf.executed
         pending = getattr(self, "_pending_interactions", None)
         if pending is not None and len(pending) >= _MAX_PENDING_COUNTS:
@@ -590,7 +596,19 @@ class EggrollVecGymNE(EggrollNEProblem):
             pending = None
         self._pending_interactions = [*(pending or ()), start_read(steps_taken.reshape(1))]
         self._episode_count += k * self._num_episodes
-        return (returns[:k] / self._num_episodes).to(torch.float32)
+        # a new tensor either way (float64 to float32): the buffers restart in the next episode
+        return (returns if episodes == 1 else returns / episodes).to(torch.float32)
+
+    def _rollout_buffers(self, num_envs: int, num_members: int, device: torch.device, dtype: torch.dtype,
+                         obs: Any) -> _RolloutBuffers:
+        """The problem's rollout buffers, restarted for an episode from ``obs`` (new ones when
+        the shape, device or dtype changed)."""
+        buf = getattr(self, "_buffers", None)
+        if buf is None or not buf.fits(num_envs, num_members, device, dtype):
+            buf = self._buffers = _RolloutBuffers(num_envs, num_members, device, dtype, obs)
+        else:
+            buf.restart(obs)
+        return buf
 
     def _episode_eager(self, env: gym.vector.VectorEnv, forward: PopulationForward, buf: "_RolloutBuffers") -> None:
         """One episode step by step. A torch-native environment on a CUDA device is checked for

@@ -240,6 +240,28 @@ def test_torch_and_gymnasium_cartpole_returns_stay_in_range_over_multiple_episod
     assert problem.episode_count == 12
 
 
+def test_the_return_over_episodes_is_the_mean_of_each_episodes_return():
+    """With two episodes per evaluation, each member's fitness is exactly the mean of its
+    returns in the two episodes that a one-episode problem runs in two evaluations from the
+    same starts (the episodes' buffers restart in place between episodes), and the counts
+    agree."""
+    two = EggrollVecGymNE(CartPole, _policy, device="cpu", seed=3, num_episodes=2, episode_length=60)
+    one = EggrollVecGymNE(CartPole, _policy, device="cpu", seed=3, episode_length=60)
+    torch.manual_seed(1)
+    vectors = [torch.randn(two.solution_length) for _ in range(5)]
+    batch = _batch(two, vectors)
+    two.evaluate(batch)
+    each = []
+    for _ in range(2):
+        b = _batch(one, vectors)
+        one.evaluate(b)
+        each.append(b.evals[:, 0].double())
+    assert len(set(each[0].tolist() + each[1].tolist())) > 2  # the members and episodes differ
+    assert torch.equal(batch.evals[:, 0], ((each[0] + each[1]) / 2).float())
+    assert two.episode_count == one.episode_count == 10
+    assert two.status["total_interaction_count"] == one.status["total_interaction_count"]
+
+
 def test_episode_length_cap_and_observation_normalization():
     problem = EggrollVecGymNE(
         CartPole, _policy, device="cpu", seed=0, episode_length=5, observation_normalization=True

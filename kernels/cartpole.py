@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from evotorch_eggroll.kernels.compat import dependent_launch, wait_for_previous
 from evotorch_eggroll.kernels.philox import PHILOX_ROUNDS, device_guard, stream_seed
 
 # One environment per thread: the step is a chain of dependent float64 operations (sine,
@@ -96,7 +97,9 @@ def _cartpole_step_kernel(
     NEXT_STEP: tl.constexpr,
     COUNT: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)  # a rollout step launches it right behind the policy's kernel
     env = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     ok = env < num_envs
     gravity = tl.load(consts_ptr + 0)
@@ -378,6 +381,6 @@ def _launch_step(state, steps, prev_done, actions, starts, key, consts, max_step
             terminated.view(torch.int8) if truncated is None else truncated.view(torch.int8),
             returns, alive, active.view(torch.int8), e, int(max_steps),
             NEXT_STEP=next_step, COUNT=count, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
+            enable_fp_fusion=False, **dependent_launch(dev),
         )
     return obs, terminated

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS
+from evotorch_eggroll.kernels.compat import LAUNCH_OPTIONS, dependent_launch, wait_for_previous
 from evotorch_eggroll.kernels.philox import device_guard, next_power_of_2, row_noise_index
 
 try:  # the device's own tanh (the one torch uses); Triton's interpreter lacks it
@@ -298,7 +298,7 @@ def _drawn_mlp_regs_kernel(
     HB2: tl.constexpr, WN2: tl.constexpr, BZ2: tl.constexpr, ACT2: tl.constexpr,
     HB3: tl.constexpr, WN3: tl.constexpr, BZ3: tl.constexpr, ACT3: tl.constexpr,
     PL: tl.constexpr, ANTITHETIC: tl.constexpr, PRECISION: tl.constexpr,
-    LIBDEVICE: tl.constexpr, OFF32: tl.constexpr, ARGMAX: tl.constexpr,
+    LIBDEVICE: tl.constexpr, OFF32: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The whole network with the activations in registers (every width at most
     ``REGS_MAX_FEATURES``), feature-major (a program's activations are a ``(features,
@@ -306,7 +306,9 @@ def _drawn_mlp_regs_kernel(
     has fewer than 2**31 elements, so offsets into them fit 32 bits (fewer address
     instructions than 64-bit ones). ``ARGMAX``: ``out`` is ``(rows,)`` int64 and receives
     the index of each row's largest output, as ``torch.argmax`` picks it (the first of equal
-    values; a NaN counts as larger than everything, the first NaN wins)."""
+    values; a NaN counts as larger than everything, the first NaN wins). ``PDL``: launched
+    as a programmatic dependent launch (see ``compat.dependent_launch``)."""
+    wait_for_previous(PDL)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n_rows
     index, sign = row_noise_index(ids_ptr, rows, stride_ids, row_ok, ANTITHETIC)
@@ -519,7 +521,7 @@ def _launch(x, layers, member_ids, base, *, rank, scale, bias_scale, antithetic,
             _drawn_mlp_regs_kernel[grid](
                 x, sx[0], sx[1], dst, stride, 1, member_ids, member_ids.stride(0), rows,
                 int(base), float(scale), float(bias_scale), *args, *dims, n_out, *constexprs,
-                **options)
+                **options, **dependent_launch(device))
         return dst
     # the two scratch buffers in one allocation, each starting on a 16-byte boundary
     # (as separate allocations would)

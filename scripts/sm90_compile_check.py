@@ -19,6 +19,7 @@ configuration does not compile.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -57,7 +58,10 @@ def _compile(fn, signature: dict, constexprs: dict, options: dict, ints: dict | 
     specialised as Triton's launcher specialises them (a value of 1 becomes a constant, a
     nonzero multiple of 16 is marked divisible by 16); other integers stay generic."""
     ints = ints or {}
-    constexprs = dict(constexprs, **{n: 1 for n, v in ints.items() if v == 1})
+    # constexprs left out take their defaults, as at a launch that does not pass them
+    defaults = {p.name: p.default for p in inspect.signature(fn.fn).parameters.values()
+                if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty}
+    constexprs = dict(defaults, **constexprs, **{n: 1 for n, v in ints.items() if v == 1})
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
@@ -195,6 +199,9 @@ def drawn_mlp_rows():
                     **{f"sw{i}m": widths[i] for i in range(layers)},
                     **{f"sw{i}k": 1 for i in range(layers)})
         yield label, None, _drawn_mlp_signature(fn, const), const, fn, options, ints
+        if argmax:  # as a rollout on sm_90 launches it: a programmatic dependent launch
+            yield (label + "_pdl", None, _drawn_mlp_signature(fn, const), dict(const, PDL=True), fn,
+                   dict(options, launch_pdl=True), ints)
 
 
 def environment_rows():
@@ -211,6 +218,9 @@ def environment_rows():
             yield (f"cartpole_step{'_autoreset' if next_step else ''}{'_counting' if count else ''}",
                    None, sig, dict(NEXT_STEP=next_step, COUNT=count, BLOCK=cp.BLOCK),
                    cp._cartpole_step_kernel, dict(num_warps=cp.NUM_WARPS, enable_fp_fusion=False))
+    yield ("cartpole_step_autoreset_counting_pdl", None, sig,
+           dict(NEXT_STEP=True, COUNT=True, BLOCK=cp.BLOCK, PDL=True), cp._cartpole_step_kernel,
+           dict(num_warps=cp.NUM_WARPS, enable_fp_fusion=False, launch_pdl=True))
     sig = dict(key_ptr="*i64", starts_ptr="*i64", where_ptr="*i8", consts_ptr="*fp64",
                out_ptr="*fp64", num_envs="i32")
     yield ("cartpole_start_states", None, sig, dict(HAS_WHERE=True, BLOCK=cp.BLOCK),

@@ -1099,3 +1099,30 @@ def test_discrete_actions_from_the_policys_own_argmax_equal_those_from_its_outpu
     else:
         assert launches_f[0] is True and not any(launches_f[1:])  # tried once, then remembered
         assert problem_f._sign_actions is True
+
+
+@pytest.mark.gpu
+def test_dependent_launches_change_no_result(monkeypatch):
+    """On compute capability 9.0 and later, a rollout step's policy and CartPole kernels are
+    programmatic dependent launches (each waits for the kernel before it before its first
+    memory access): the centers after generations of captured rollouts are bit-identical
+    to those of ordinary launches."""
+    from evotorch_eggroll.algorithms import EGGROLL
+    from evotorch_eggroll.kernels import compat
+    from evotorch_eggroll.rollout_benchmark import cartpole_policy
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 or later")
+    centers = []
+    for dependent in (True, False):
+        monkeypatch.setattr(compat, "_dependent", {})
+        monkeypatch.setattr(compat, "_HAS_PDL", dependent and compat._HAS_PDL)
+        assert bool(compat.dependent_launch(torch.device("cuda"))) == dependent
+        torch.manual_seed(0)
+        problem = EggrollVecGymNE(CartPole, cartpole_policy, device="cuda", seed=2, episode_length=120)
+        searcher = EGGROLL(problem, popsize=2048, rank=1)
+        for _ in range(4):
+            searcher.step()
+        assert problem._captured is not None  # the rollouts were replayed
+        centers.append(searcher.status["center"].clone())
+    assert torch.equal(*centers)

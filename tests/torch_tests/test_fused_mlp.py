@@ -208,11 +208,12 @@ def test_model_without_evolved_parameters_is_refused(device):
 def test_launch_lists_the_kernels_constexprs_in_signature_order():
     """The launcher passes each kernel's constexprs positionally, in the order of
     ``_MLP_CONSTEXPRS``/``_REGS_CONSTEXPRS``: those must be the constexpr parameters that
-    end the kernel's signature, in that order."""
+    end the kernel's signature, in that order (the in-register kernel's ``PDL`` after them,
+    passed by keyword)."""
     import inspect
 
     for kernel, names in ((drawn_mlp._drawn_mlp_kernel, drawn_mlp._MLP_CONSTEXPRS),
-                          (drawn_mlp._drawn_mlp_regs_kernel, drawn_mlp._REGS_CONSTEXPRS)):
+                          (drawn_mlp._drawn_mlp_regs_kernel, drawn_mlp._REGS_CONSTEXPRS + ("PDL",))):
         params = list(inspect.signature(kernel.fn).parameters.values())
         constexprs = [p.name for p in params if "constexpr" in str(p.annotation)]
         assert tuple(constexprs) == names
@@ -387,3 +388,14 @@ def test_device_guard_makes_the_tensors_device_current():
         assert torch.cuda.current_device() == current
     with device_guard(torch.empty(1)):
         assert torch.cuda.current_device() == current
+
+
+def test_dependent_launch_is_asked_for_on_compiled_cuda_launches_only(monkeypatch):
+    """Programmatic dependent launch (the rollout kernels' ``PDL``) is never asked for on
+    the CPU or in Triton's interpreter, whatever the device (the GPU tier checks that it
+    changes no result where it is used)."""
+    from evotorch_eggroll.kernels import compat
+
+    assert compat.dependent_launch(torch.device("cpu")) == {}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert compat.dependent_launch(torch.device("cuda", 0)) == {}

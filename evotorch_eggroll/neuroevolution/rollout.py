@@ -26,8 +26,8 @@ def _episode_step():
 
 class _RolloutBuffers:
     """The per-episode state of a rollout: alive mask, returns, steps taken alive, current
-    observations. A problem keeps one and :meth:`restart` s it for each episode (the same
-    addresses: a captured rollout reads and writes them)."""
+    observations. A problem keeps one set and restarts it for each episode
+    (:meth:`restart`), so the addresses stay those a captured rollout reads and writes."""
 
     def __init__(self, num_envs: int, num_members: int, device: torch.device, dtype: torch.dtype, obs: Any) -> None:
         self.num_members = num_members

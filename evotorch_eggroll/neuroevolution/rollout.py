@@ -95,7 +95,7 @@ class _CapturedRollout:
 
     def matches(self, env: gym.vector.VectorEnv, buf: _RolloutBuffers, forward: PopulationForward,
                 problem: "EggrollVecGymNE") -> bool:
-        if env is not self.env_ref:
+        if env is not self.env_ref or buf is not self.buf:  # the graphs read these very buffers
             return False
         return self._key(problem, env, buf, forward) == self.key
 
@@ -126,17 +126,10 @@ class _CapturedRollout:
         buf.obs = obs
         return cls(key, env, buf, obs, ids, graphs)
 
-    def start(self, buf: _RolloutBuffers, obs: torch.Tensor) -> None:
-        """Point at a new episode: reset the buffers and load the first observations (only
-        the observations when ``buf`` is the restarted buffers the graphs were captured with)."""
-        if buf is self.buf:
-            self.obs.copy_(obs)
-            return
-        self.buf.returns.zero_()
-        self.buf.alive.zero_()
-        self.buf.active.copy_(buf.active)
+    def start(self, obs: torch.Tensor) -> None:
+        """Point at a new episode whose buffers (the ones the graphs were captured with, see
+        :meth:`matches`) were restarted: load the first observations."""
         self.obs.copy_(obs)
-        buf.returns, buf.alive, buf.active = self.buf.returns, self.buf.alive, self.buf.active
 
     def run(self, t: int, limit: Optional[int], chunk: int) -> int:
         """Replay from step ``t`` until ``limit`` steps or until every environment ended;

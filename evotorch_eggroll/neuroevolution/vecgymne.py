@@ -543,7 +543,7 @@ class EggrollVecGymNE(EggrollNEProblem):
                 return self._finish_eagerly(env, forward, buf, t)
             self._captured = rollout
         else:
-            rollout.start(buf, obs)
+            rollout.start(obs)
         buf.executed = rollout.run(t, limit, chunk)
         buf.obs = rollout.obs
         return True

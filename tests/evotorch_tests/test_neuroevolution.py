@@ -908,6 +908,24 @@ def _fake_rollout(end, chunk):
     return rollout, clock
 
 
+def test_a_captured_rollout_serves_only_the_buffers_it_was_captured_with():
+    """Its graphs read and write one set of buffers at fixed addresses: another set, even of
+    the same shape, does not match (the rollout is captured again), and a new episode in the
+    same, restarted buffers only loads the first observations."""
+    from evotorch_eggroll.neuroevolution.rollout import _RolloutBuffers
+
+    rollout, _ = _fake_rollout(None, 50)
+    rollout.env_ref = env = object()
+    other = _RolloutBuffers(4, 4, torch.device("cpu"), torch.float32, None)
+    assert not rollout.matches(env, other, None, None)
+    rollout.obs = torch.zeros(4, 4)
+    rollout.buf.returns.fill_(3.0)
+    rollout.buf.restart(torch.ones(4, 4))
+    rollout.start(rollout.buf.obs)
+    assert torch.equal(rollout.obs, torch.ones(4, 4)) and not bool(rollout.buf.returns.any())
+    assert bool(rollout.buf.active.all())
+
+
 @pytest.mark.parametrize("start, limit, end, replays", [
     (2, 200, None, [50, 50, 50] + [1] * 48),  # capped: full chunks, then single steps
     (2, 200, 70, [50, 50, 50]),  # all ended in chunk 2: read after chunk 3 was queued

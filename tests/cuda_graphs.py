@@ -1,4 +1,5 @@
-"""Test helper: capture a function in a CUDA graph the way PyTorch recommends."""
+"""Test helpers: capture a function in a CUDA graph the way PyTorch recommends, and a
+stand-in for the package's captured stages that always runs them eagerly."""
 
 from __future__ import annotations
 
@@ -20,3 +21,11 @@ def capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+class Eager:
+    """Stands in for a ``GraphedCall`` (a searcher's fitness stage, a strategy's gradient
+    stage): always eager, so a run with it is the never-captured twin of one without."""
+
+    def __call__(self, fn: Callable[..., Any], key: Any, *inputs: torch.Tensor) -> Any:
+        return fn(*inputs)

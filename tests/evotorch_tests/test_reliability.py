@@ -237,13 +237,6 @@ def test_nonfinite_fitnesses_raise_by_default_and_all_nonfinite_always(device, m
         _assert_unchanged(searcher, before)
 
 
-class _Eager:
-    """Stands in for a searcher's graphed fitness stage: always eager."""
-
-    def __call__(self, fn, key, *inputs):
-        return fn(*inputs)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["dense", "lowrank"])
 @pytest.mark.parametrize("policy", ["raise", "worst"])
@@ -252,6 +245,8 @@ def test_the_graphed_fitness_stage_ranks_checks_and_refuses_as_the_eager_one(mod
     by replaying a captured graph: every center is bit-identical to a searcher that never
     captures, diverged members count the same, and a replayed generation with a NaN is
     refused under "raise" (nothing changed) or ranked last under "worst", as eagerly."""
+    from cuda_graphs import Eager  # tests/ is on sys.path (not in the subprocesses that import this module)
+
     runs = []
     for graphed in (True, False):
         if mode == "dense":
@@ -263,7 +258,7 @@ def test_the_graphed_fitness_stage_ranks_checks_and_refuses_as_the_eager_one(mod
             searcher = _lowrank_diverging("cuda", bad=[], nonfinite_fitness=policy)
             evaluator = searcher.problem._batched_eval_func
         if not graphed:
-            searcher._graphed_fitness = _Eager()
+            searcher._graphed_fitness = Eager()
         centers = []
         for generation in range(6):
             evaluator.bad = [1] if generation == 3 else []

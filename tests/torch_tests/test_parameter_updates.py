@@ -254,6 +254,7 @@ def test_update_input_errors(device):
 import torch.nn as nn  # noqa: E402
 
 from evotorch_eggroll import EggrollStrategy  # noqa: E402
+from cuda_graphs import Eager  # noqa: E402  (tests/ is on sys.path)
 
 
 def _delta_after_step(device, fitness_of, population, **kwargs):
@@ -293,13 +294,6 @@ def test_negative_es_gradient_is_handed_to_the_optimizer(device):
     torch.testing.assert_close(state["exp_avg"], 0.1 * -g, rtol=1e-5, atol=1e-7)
 
 
-class _Eager:
-    """Stands in for a strategy's captured gradient stage: always eager."""
-
-    def __call__(self, fn, key, *inputs):
-        return fn(*inputs)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("antithetic", [True, False])
 def test_the_captured_gradient_stage_updates_as_the_eager_one(antithetic):
@@ -314,7 +308,7 @@ def test_the_captured_gradient_stage_updates_as_the_eager_one(antithetic):
         s = EggrollStrategy(sigma=0.1, lr=0.05, rank=2, antithetic=antithetic, optimizer="adam",
                             seed=3).setup(model)
         if not graphed:
-            s._graphed_gradients = _Eager()
+            s._graphed_gradients = Eager()
         x = torch.randn(8, 5, device="cuda")
         for n in (8, 8, 8, 8, 6, 6, 6):
             with torch.no_grad(), s.perturb(n) as pop:

@@ -17,6 +17,15 @@ _REPLAY_CHUNK = 50
 _REPLAY_WARMUP = 2
 
 
+def _resolved(device: torch.device) -> torch.device:
+    """``device`` with its index: a CUDA device without one is the current CUDA device (the
+    device of tensors allocated on it), so that it compares equal to their ``.device``."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _episode_step():
     """The counters' kernel module (imported on first use, so Triton is imported only then)."""
     from ..kernels import episode_step
@@ -50,7 +59,7 @@ class _RolloutBuffers:
     def fits(self, num_envs: int, num_members: int, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether these buffers serve an episode of that shape."""
         return (self.active.shape[0] == num_envs and self.num_members == num_members
-                and self.returns.device == device and self.dtype == dtype)
+                and self.returns.device == _resolved(device) and self.dtype == dtype)
 
     def restart(self, obs: Any) -> None:
         """Start a new episode from ``obs`` in the same buffers."""

@@ -553,7 +553,8 @@ def test_replayed_rollouts_equal_the_step_by_step_loop(kwargs):
     observation normalisation, no cap)."""
     replayed, graphs = _rl_run(True, **kwargs)
     stepped, none = _rl_run(False, **kwargs)
-    assert graphs[0] is not None and all(g is graphs[0] for g in graphs)  # captured once
+    # captured once: the problem keeps one set of buffers on "cuda" (that is, cuda:N)
+    assert graphs[0] is not None and all(g is graphs[0] for g in graphs)
     assert all(g is None for g in none)
     for (fa, ca, ia), (fb, cb, ib) in zip(replayed, stepped):
         assert fa == fb and torch.equal(ca, cb) and ia == ib
@@ -924,6 +925,23 @@ def test_a_captured_rollout_serves_only_the_buffers_it_was_captured_with():
     rollout.start(rollout.buf.obs)
     assert torch.equal(rollout.obs, torch.ones(4, 4)) and not bool(rollout.buf.returns.any())
     assert bool(rollout.buf.active.all())
+
+
+def test_the_rollout_buffers_fit_a_cuda_device_named_without_its_index(monkeypatch):
+    """A problem on ``"cuda"`` keeps one set of buffers, allocated on ``cuda:N``: the
+    device they are asked for again is resolved to the current CUDA device before it is
+    compared (else every generation would allocate new buffers and capture its rollout
+    again)."""
+    from evotorch_eggroll.neuroevolution import rollout as rollout_module
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert rollout_module._resolved(torch.device("cuda")) == torch.device("cuda", 1)
+    assert rollout_module._resolved("cuda:0") == torch.device("cuda", 0)
+    assert rollout_module._resolved(torch.device("cpu")) == torch.device("cpu")
+    buf = rollout_module._RolloutBuffers(4, 4, torch.device("cpu"), torch.float32, None)
+    assert buf.fits(4, 4, torch.device("cpu"), torch.float32) and buf.fits(4, 4, "cpu", torch.float32)
+    assert not buf.fits(4, 4, torch.device("cuda"), torch.float32)
+    assert not buf.fits(4, 3, "cpu", torch.float32) and not buf.fits(4, 4, "cpu", torch.float64)
 
 
 @pytest.mark.parametrize("start, limit, end, replays", [

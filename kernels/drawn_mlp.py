@@ -55,6 +55,12 @@ REGS_MAX_FEATURES = 64
 REGS_BLOCK_M = 32
 REGS_NUM_WARPS = 4
 REGS_MAXNREG: Optional[int] = 128
+# float32 products on the CUDA cores instead of the tensor cores (``_layer_regs``' FMA) for
+# a first layer with at most REGS_FMA_MAX_INPUTS inputs and for any other layer with at most
+# REGS_FMA_MAX_OUTPUTS outputs (the CartPole policy's 4 -> 64 and 64 -> 2; counts padded to
+# powers of two); 0 turns either off
+REGS_FMA_MAX_INPUTS = 16
+REGS_FMA_MAX_OUTPUTS = 4
 # wider networks: output features in chunks of BLOCK_N, input features in chunks of BLOCK_K;
 # BLOCK_M rows per program, SMALL_BLOCK_M up to SMALL_ROWS rows (more programs)
 BLOCK_M = 64
@@ -233,16 +239,23 @@ def _tf32_part(x):
 
 @triton.jit
 def _layer_regs(
-    h, row_ok, rel, sign, w_ptr, stride_wm, stride_wk, b_ptr, f_ptr, e_ptr,
-    N_IN, M_OUT, scale, bias_scale,
+    h, x_ptr, stride_xm, stride_xk, rows, row_ok, rel, sign, w_ptr, stride_wm, stride_wk,
+    b_ptr, f_ptr, e_ptr, N_IN, M_OUT, scale, bias_scale,
     R: tl.constexpr, BLOCK_M: tl.constexpr, PIN: tl.constexpr, POUT: tl.constexpr,
     HAS_BIAS: tl.constexpr, WEIGHT_NOISE: tl.constexpr, BIAS_NOISE: tl.constexpr,
-    ACT: tl.constexpr, PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, LIBDEVICE: tl.constexpr, FMA: tl.constexpr,
 ):
     """One layer on a feature-major register tile: ``h (PIN, BLOCK_M)`` (feature, row) ->
     ``(POUT, BLOCK_M)``. Rows of ``h`` past ``N_IN`` may hold anything: the weight and
     factor loads mask them. The product is ``W h`` (the weight as the first operand), so
-    that neither operand is held in registers in the tensor cores' operand layout."""
+    that neither operand is held in registers in the tensor cores' operand layout.
+
+    ``FMA`` picks how the product is computed: 0 on the tensor cores (``PRECISION``); in
+    float32 on the CUDA cores, 1 as one sum over the input features per output (a layer
+    with few outputs), 2 as one rank-1 update per input feature, its column read from
+    ``x_ptr`` (rows ``rows``, strides ``stride_xm``, ``stride_xk``; the first layer, few
+    inputs). Tensor-core products pad such layers to 16 features and convert their operands
+    through shared memory, with barriers; these need neither."""
     ks = tl.arange(0, PIN)
     cols = tl.arange(0, POUT)
     k_ok = ks < N_IN
@@ -250,7 +263,21 @@ def _layer_regs(
     out_mask = col_ok[:, None] & row_ok[None, :]
     w_ptrs = w_ptr + cols[:, None] * stride_wm + ks[None, :] * stride_wk  # (POUT, PIN): W
     w_ok = col_ok[:, None] & k_ok[None, :]
-    if PRECISION == "tf32x3":
+    if FMA == 2:  # the input's columns: a rank-1 update of the accumulator per input
+        acc = tl.zeros((POUT, BLOCK_M), dtype=tl.float32)
+        for k in tl.static_range(PIN):
+            kin = k < N_IN
+            xk = tl.load(x_ptr + rows * stride_xm + k * stride_xk, mask=row_ok & kin,
+                         other=0.0).to(tl.float32)
+            wk = tl.load(w_ptr + cols * stride_wm + k * stride_wk, mask=col_ok & kin, other=0.0)
+            acc += wk[:, None] * xk[None, :]
+    elif FMA:  # few outputs: one sum over the input features per output
+        acc = tl.zeros((POUT, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(POUT):
+            wj = tl.load(w_ptr + j * stride_wm + ks * stride_wk, mask=k_ok & (j < M_OUT),
+                         other=0.0)
+            acc = tl.where(cols[:, None] == j, tl.sum(wj[:, None] * h, axis=0)[None, :], acc)
+    elif PRECISION == "tf32x3":
         # the three TF32 products written out, W loaded again (from L1) for each one, so that
         # W and its two parts are never all live at once (Triton's own tf32x3 holds them all
         # and spills under the register cap)
@@ -298,7 +325,9 @@ def _drawn_mlp_regs_kernel(
     HB2: tl.constexpr, WN2: tl.constexpr, BZ2: tl.constexpr, ACT2: tl.constexpr,
     HB3: tl.constexpr, WN3: tl.constexpr, BZ3: tl.constexpr, ACT3: tl.constexpr,
     PL: tl.constexpr, ANTITHETIC: tl.constexpr, PRECISION: tl.constexpr,
-    LIBDEVICE: tl.constexpr, OFF32: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr = False,
+    LIBDEVICE: tl.constexpr, OFF32: tl.constexpr, ARGMAX: tl.constexpr,
+    FM0: tl.constexpr, FM1: tl.constexpr, FM2: tl.constexpr, FM3: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The whole network with the activations in registers (every width at most
     ``REGS_MAX_FEATURES``), feature-major (a program's activations are a ``(features,
@@ -319,20 +348,21 @@ def _drawn_mlp_regs_kernel(
     ks = tl.arange(0, P0)
     h = tl.load(x_ptr + rows[None, :] * stride_xm + ks[:, None] * stride_xk,
                 mask=row_ok[None, :] & (ks < D0)[:, None], other=0.0).to(tl.float32)
-    h = _layer_regs(h, row_ok, rel, sign, w0, sw0m, sw0k, b0, f0, e0, D0, D1, scale,
-                    bias_scale, R, BLOCK_M, P0, P1, HB0, WN0, BZ0, ACT0, PRECISION, LIBDEVICE)
+    h = _layer_regs(h, x_ptr, stride_xm, stride_xk, rows, row_ok, rel, sign, w0, sw0m, sw0k,
+                    b0, f0, e0, D0, D1, scale, bias_scale, R, BLOCK_M, P0, P1, HB0, WN0, BZ0,
+                    ACT0, PRECISION, LIBDEVICE, FM0)
     if LAYERS > 1:
-        h = _layer_regs(h, row_ok, rel, sign, w1, sw1m, sw1k, b1, f1, e1, D1, D2, scale,
-                        bias_scale, R, BLOCK_M, P1, P2, HB1, WN1, BZ1, ACT1, PRECISION,
-                        LIBDEVICE)
+        h = _layer_regs(h, x_ptr, stride_xm, stride_xk, rows, row_ok, rel, sign, w1, sw1m,
+                        sw1k, b1, f1, e1, D1, D2, scale, bias_scale, R, BLOCK_M, P1, P2,
+                        HB1, WN1, BZ1, ACT1, PRECISION, LIBDEVICE, FM1)
     if LAYERS > 2:
-        h = _layer_regs(h, row_ok, rel, sign, w2, sw2m, sw2k, b2, f2, e2, D2, D3, scale,
-                        bias_scale, R, BLOCK_M, P2, P3, HB2, WN2, BZ2, ACT2, PRECISION,
-                        LIBDEVICE)
+        h = _layer_regs(h, x_ptr, stride_xm, stride_xk, rows, row_ok, rel, sign, w2, sw2m,
+                        sw2k, b2, f2, e2, D2, D3, scale, bias_scale, R, BLOCK_M, P2, P3,
+                        HB2, WN2, BZ2, ACT2, PRECISION, LIBDEVICE, FM2)
     if LAYERS > 3:
-        h = _layer_regs(h, row_ok, rel, sign, w3, sw3m, sw3k, b3, f3, e3, D3, D4, scale,
-                        bias_scale, R, BLOCK_M, P3, P4, HB3, WN3, BZ3, ACT3, PRECISION,
-                        LIBDEVICE)
+        h = _layer_regs(h, x_ptr, stride_xm, stride_xk, rows, row_ok, rel, sign, w3, sw3m,
+                        sw3k, b3, f3, e3, D3, D4, scale, bias_scale, R, BLOCK_M, P3, P4,
+                        HB3, WN3, BZ3, ACT3, PRECISION, LIBDEVICE, FM3)
     cols = tl.arange(0, PL)
     if ARGMAX:
         valid = (cols < n_out)[:, None]
@@ -431,7 +461,8 @@ _MLP_CONSTEXPRS = ("LAYERS", "R", "RP", "BLOCK_M",
                    "ANTITHETIC", "PRECISION", "LIBDEVICE")
 _REGS_CONSTEXPRS = ("LAYERS", "R", "BLOCK_M", *(f"P{i}" for i in range(MAX_LAYERS + 1)),
                     *(f"{k}{i}" for i in range(MAX_LAYERS) for k in _LAYER_FLAGS),
-                    "PL", "ANTITHETIC", "PRECISION", "LIBDEVICE", "OFF32", "ARGMAX")
+                    "PL", "ANTITHETIC", "PRECISION", "LIBDEVICE", "OFF32", "ARGMAX",
+                    *(f"FM{i}" for i in range(MAX_LAYERS)))
 _UNUSED_FLAGS = (False, False, False, IDENTITY)
 
 # Launch configurations (constexpr values in signature order, grid rows per program, launch
@@ -442,8 +473,9 @@ _configs: dict[tuple, tuple[tuple, int, dict, bool]] = {}
 
 
 def _tuning() -> tuple:
-    return (REGS_MAX_FEATURES, REGS_BLOCK_M, REGS_NUM_WARPS, REGS_MAXNREG, BLOCK_M,
-            SMALL_BLOCK_M, SMALL_ROWS, BLOCK_N_MAX, BLOCK_K_MAX, NUM_WARPS, FLOAT32_PRECISION)
+    return (REGS_MAX_FEATURES, REGS_BLOCK_M, REGS_NUM_WARPS, REGS_MAXNREG, REGS_FMA_MAX_INPUTS,
+            REGS_FMA_MAX_OUTPUTS, BLOCK_M, SMALL_BLOCK_M, SMALL_ROWS, BLOCK_N_MAX, BLOCK_K_MAX,
+            NUM_WARPS, FLOAT32_PRECISION)
 
 
 def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
@@ -461,8 +493,16 @@ def _config(dims: tuple, flags: tuple, layers: int, rank: int, antithetic: bool,
                   LIBDEVICE=libdevice)
     meta = {f"{k}{i}": v for i, f in enumerate(flags) for k, v in zip(_LAYER_FLAGS, f)}
     if max(dims) <= REGS_MAX_FEATURES:
-        pads = [max(16, next_power_of_2(w)) for w in dims]
+        pow2 = [next_power_of_2(w) for w in dims]
+        # 2: the first layer's product from its input's columns, read from memory
+        fma = [2 if i == 0 and pow2[0] <= REGS_FMA_MAX_INPUTS
+               else 1 if i < layers and pow2[i + 1] <= REGS_FMA_MAX_OUTPUTS
+               else 0 for i in range(MAX_LAYERS)]
+        # a width next to a tensor-core product is padded to its minimum of 16
+        pads = [p if all(fma[j] for j in (i - 1, i) if 0 <= j < layers) else max(16, p)
+                for i, p in enumerate(pow2)]
         meta.update({f"P{i}": p for i, p in enumerate(pads)}, PL=pads[layers],
+                    **{f"FM{i}": f for i, f in enumerate(fma)},
                     BLOCK_M=REGS_BLOCK_M, OFF32=off32, ARGMAX=argmax, **common)
         options = dict(num_warps=REGS_NUM_WARPS, **LAUNCH_OPTIONS)
         if REGS_MAXNREG is not None and rank == 1:

@@ -2,6 +2,8 @@
 launch configurations, against the per-layer path and the plain unperturbed policy.
 
     python scripts/sweep_drawn_mlp.py --populations 4096,65536 --tasks cartpole,rl_mlp
+    python scripts/sweep_drawn_mlp.py --tasks cartpole --block-m 32 --warps 4 \
+        --maxnreg 128 --precisions tf32x3 --fma 0:0,16:4
 
 Prints microseconds per policy call (CUDA events around 50 calls of one CUDA graph) and
 the best configuration per case.
@@ -52,6 +54,10 @@ def main() -> None:
     parser.add_argument("--precisions", default="ieee,tf32x3")
     parser.add_argument("--maxnreg", default="0,128",
                         help="register caps of the in-register kernel at rank 1 (0: none)")
+    parser.add_argument("--fma", default="16:4",
+                        help="in-register kernel: INPUTS:OUTPUTS pairs, the most (padded) "
+                             "inputs of a first layer and outputs of a layer that take "
+                             "CUDA-core products (0:0: none)")
     args = parser.parse_args()
     ints = lambda s: [int(v) for v in s.split(",")]
     for task, n in itertools.product(args.tasks.split(","), ints(args.populations)):
@@ -73,13 +79,15 @@ def main() -> None:
                 <= drawn_mlp.REGS_MAX_FEATURES
             # for the in-register kernel the BN column holds the register cap
             grid = (itertools.product(ints(args.block_m), ints(args.warps), ints(args.maxnreg),
-                                      [0], args.precisions.split(",")) if regs else
+                                      args.fma.split(","), args.precisions.split(",")) if regs else
                     itertools.product(ints(args.block_m), ints(args.warps), ints(args.block_n),
                                       ints(args.block_k), args.precisions.split(",")))
             for bm, w, bn, bk, prec in grid:
                 if regs:
                     drawn_mlp.REGS_BLOCK_M, drawn_mlp.REGS_NUM_WARPS = bm, w
                     drawn_mlp.REGS_MAXNREG = bn or None
+                    drawn_mlp.REGS_FMA_MAX_INPUTS, drawn_mlp.REGS_FMA_MAX_OUTPUTS = map(
+                        int, bk.split(":"))
                 else:
                     drawn_mlp.BLOCK_M = drawn_mlp.SMALL_BLOCK_M = bm
                     drawn_mlp.NUM_WARPS = w
@@ -95,7 +103,8 @@ def main() -> None:
                           f"{type(e).__name__}: {e}"[:200])
             results.sort()
         for r in results[:5]:
-            third = f"maxnreg={r[3] or None}" if regs else f"BN={r[3]} BK={r[4]}"
+            third = (f"maxnreg={r[3] or None} fma={r[4]}" if regs
+                     else f"BN={r[3]} BK={r[4]}")
             print(f"{task:8s} N={n:7d} fused {r[0]:8.1f} us  BLOCK_M={r[1]} warps={r[2]} "
                   f"{third} {r[5]} max|diff|={r[6]:.2e}")
         print(f"{task:8s} N={n:7d} plain {plain:8.1f} us  per-layer {per_layer:8.1f} us  worst fused {results[-1][0]:.1f} us")

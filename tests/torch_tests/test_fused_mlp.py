@@ -23,6 +23,9 @@ def _net(kind: str) -> nn.Module:
     if kind == "narrow":  # every width <= 64: activations kept in registers
         return nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 33), nn.ReLU(),
                              nn.Linear(33, 2))
+    if kind == "bottleneck":  # narrow, four layers, a middle one with few outputs
+        return nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 3), nn.ReLU(),
+                             nn.Linear(3, 20), nn.Tanh(), nn.Linear(20, 2))
     if kind == "wide":  # a width above 64: chunked layers through scratch
         return nn.Sequential(nn.Linear(5, 70), nn.Sigmoid(), nn.Linear(70, 3), nn.Tanh())
     if kind == "wide3":  # three chunked layers: both scratch buffers
@@ -59,7 +62,8 @@ def _routed(pop, model, x, ids, monkeypatch):
 @pytest.mark.parametrize("kind,rank,antithetic,evolve_bias", [
     ("narrow", 1, True, True), ("narrow", 3, False, True), ("wide", 2, True, True),
     ("wide3", 2, False, True),
-    ("deep", 1, True, False), ("deep", 2, False, True)])
+    ("deep", 1, True, False), ("deep", 2, False, True), ("bottleneck", 1, True, True),
+    ("bottleneck", 2, False, True)])
 def test_fused_forward_equals_each_members_network(device, monkeypatch, kind, rank, antithetic,
                                                    evolve_bias):
     model = _net(kind).to(device)
@@ -83,6 +87,32 @@ def test_fused_forward_equals_each_members_network(device, monkeypatch, kind, ra
     assert torch.equal(out, again)
     torch.testing.assert_close(out, routed, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+def test_few_feature_layers_take_cuda_core_products(device, monkeypatch):
+    """In the in-register kernel a first layer with few inputs adds one input column at a
+    time and a layer with few outputs sums over its inputs once per output, in float32 on
+    the CUDA cores, their feature counts padded to powers of two rather than to the tensor
+    cores' 16. The outputs equal those of tensor-core products for every layer to float32
+    rounding."""
+    model = _net("bottleneck").to(device)
+    widths = (5, 32, 3, 20, 2)
+    flags = tuple((True, True, True, act) for act in
+                  (drawn_mlp.TANH, drawn_mlp.RELU, drawn_mlp.TANH, drawn_mlp.IDENTITY))
+    values = drawn_mlp._config(widths, flags, 4, 1, True, "ieee", False, False, True, False)[0]
+    const = dict(zip(drawn_mlp._REGS_CONSTEXPRS, values))
+    assert [const[f"FM{i}"] for i in range(4)] == [2, 1, 0, 1]
+    # the 3-wide activations feed a tensor-core layer: padded to 16
+    assert [const[f"P{i}"] for i in range(5)] == [8, 32, 16, 32, 2] and const["PL"] == 2
+    s = EggrollStrategy(sigma=0.2, rank=1, seed=5).setup(model)
+    x = torch.randn(19, 5, generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad(), s.perturb(8, epoch=1) as pop:
+        out = pop.batched_forward(model, x, member_ids=torch.arange(19, device=device) % 8)
+        monkeypatch.setattr(drawn_mlp, "REGS_FMA_MAX_INPUTS", 0)
+        monkeypatch.setattr(drawn_mlp, "REGS_FMA_MAX_OUTPUTS", 0)
+        cores = pop.batched_forward(model, x, member_ids=torch.arange(19, device=device) % 8)
+    assert not torch.equal(out, cores)  # another computation ...
+    torch.testing.assert_close(out, cores, atol=1e-5, rtol=1e-5)  # ... to float32 rounding
 
 
 def test_default_member_ids_and_row_order(device, monkeypatch):

@@ -15,7 +15,45 @@ from typing import Any, Callable, Hashable, Optional
 
 import torch
 
-__all__ = ["GraphedCall"]
+__all__ = ["GraphedCall", "new_graph", "release_held_graphs"]
+
+# Graphs dropped while a stream capture was under way on this thread, kept until
+# :func:`release_held_graphs` runs outside any capture.
+_HELD: list = []
+
+
+class _ReleasedOutsideCaptures:
+    """Mixin of the package's CUDA graphs: one whose last reference goes while this thread
+    captures a stream (the garbage collector may free a dropped searcher's graphs in the
+    middle of a user's ``torch.cuda.graph`` block) is kept alive instead, since destroying
+    a graph is not permitted during a capture and would invalidate it."""
+
+    def __del__(self) -> None:
+        if _capturing():
+            _HELD.append(self)  # resurrected once; freed by release_held_graphs
+
+
+def _capturing() -> bool:
+    try:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except Exception:  # noqa: BLE001 - interpreter shutdown or a broken CUDA context
+        return False
+
+
+def new_graph() -> torch.cuda.CUDAGraph:
+    """A ``torch.cuda.CUDAGraph`` that is never destroyed during a stream capture."""
+    return _Graph()
+
+
+def release_held_graphs() -> None:
+    """Free the graphs kept by :class:`_ReleasedOutsideCaptures` (nothing while a capture
+    is under way)."""
+    if _HELD and not _capturing():
+        _HELD.clear()
+
+
+class _Graph(_ReleasedOutsideCaptures, torch.cuda.CUDAGraph):
+    pass
 
 
 class GraphedCall:
@@ -39,6 +77,8 @@ class GraphedCall:
         self._disabled = False
 
     def __call__(self, fn: Callable[..., Any], key: Hashable, *inputs: torch.Tensor) -> Any:
+        if _HELD:
+            release_held_graphs()
         if (self._disabled or not inputs or any(not t.is_cuda for t in inputs)
                 or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
             return fn(*inputs)
@@ -52,7 +92,7 @@ class GraphedCall:
             self._seen, self._graph = signature, None
             return fn(*inputs)
         static = [t.clone() for t in inputs]
-        graph = torch.cuda.CUDAGraph()
+        graph = new_graph()
         try:
             with torch.cuda.graph(graph):
                 outputs = fn(*static)

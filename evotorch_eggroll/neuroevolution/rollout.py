@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import gymnasium as gym
 import torch
 
+from .._graphs import new_graph, release_held_graphs
 from .forward import PopulationForward
 
 if TYPE_CHECKING:
@@ -117,12 +118,13 @@ class _CapturedRollout:
         key = cls._key(problem, env, buf, forward)
         if key is None:
             return None
+        release_held_graphs()
         obs = buf.obs.clone()  # the static observations every replay starts from
         torch.cuda.synchronize(obs.device)
         graphs: dict[int, Any] = {}
         pool = None
         for steps in sorted({chunk, 1}, reverse=True):
-            graph = torch.cuda.CUDAGraph()
+            graph = new_graph()
             for gen in env.cuda_graph_generators:
                 graph.register_generator_state(gen)
             with torch.cuda.graph(graph, pool=pool):

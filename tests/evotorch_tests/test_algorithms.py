@@ -508,6 +508,65 @@ def test_steps_skip_the_metrics_eggroll_does_not_read_and_move_the_center_alike(
     assert len(seen) == 3 and seen[0]["population_size"] == 8 and seen[0]["grad_norm"] > 0
 
 
+def test_graphs_dropped_during_a_capture_are_freed_after_it(monkeypatch):
+    """A package graph whose last reference goes while this thread captures a stream is
+    kept (destroying it would invalidate the capture) and freed at the next call outside
+    any capture; outside a capture it is freed at once."""
+    import gc
+    import weakref
+
+    from evotorch_eggroll import _graphs
+
+    class Graph(_graphs._ReleasedOutsideCaptures):  # the mixin, without a CUDA graph
+        pass
+
+    capturing = [True]
+    monkeypatch.setattr(_graphs, "_capturing", lambda: capturing[0])
+    monkeypatch.setattr(_graphs, "_HELD", [])
+    graph = Graph()
+    ref = weakref.ref(graph)
+    del graph
+    gc.collect()
+    assert ref() is not None and _graphs._HELD == [ref()]
+    _graphs.release_held_graphs()  # still capturing: kept
+    assert ref() is not None
+    capturing[0] = False
+    _graphs.release_held_graphs()
+    gc.collect()
+    assert ref() is None and _graphs._HELD == []
+    other = weakref.ref(Graph())
+    assert other() is None and _graphs._HELD == []
+
+
+@pytest.mark.gpu
+def test_a_dropped_searchers_graphs_leave_a_users_capture_intact():
+    """The garbage collector may free a dropped searcher's captured stages in the middle of
+    a user's own ``torch.cuda.graph`` block; that capture still succeeds and replays."""
+    import gc
+
+    from evotorch_eggroll import _graphs
+    from evotorch_eggroll._graphs import GraphedCall
+
+    graphed = GraphedCall("the test function")
+    for _ in range(3):
+        graphed(lambda x: x * 2, None, torch.ones(4, device="cuda"))
+    assert graphed._graph is not None
+    cycle = [graphed]
+    cycle.append(cycle)  # freed only by the collector
+    del graphed, cycle
+    x = torch.ones(8, device="cuda")
+    user = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(user):
+        y = x + 1
+        gc.collect()  # frees the graph above during the capture
+    assert len(_graphs._HELD) == 1
+    x.fill_(2.0)
+    user.replay()
+    assert torch.equal(y, torch.full((8,), 3.0, device="cuda"))
+    _graphs.release_held_graphs()
+    assert _graphs._HELD == []
+
+
 @pytest.mark.gpu
 def test_graphed_call_replays_what_the_eager_call_computes():
     """GraphedCall runs a signature eagerly first, captures it the second time and replays

@@ -189,6 +189,9 @@ def time_plain(env_fn: Callable, policy_fn: Callable, n: int, steps: int, device
 
 def time_jax(task: str, n: int, steps: int, reps: int, sigma: float = 0.1, lr: float = 0.01) -> Optional[float]:
     """Env-steps/s of the JAX reference generation (rollout + update), or None without jax."""
+    # JAX would otherwise take 75% of the GPU's memory when it starts, out of reach of the
+    # torch cases measured after it in the same process
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         import jax
         import jax.numpy as jnp

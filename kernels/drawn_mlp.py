@@ -335,8 +335,9 @@ def _drawn_mlp_regs_kernel(
     has fewer than 2**31 elements, so offsets into them fit 32 bits (fewer address
     instructions than 64-bit ones). ``ARGMAX``: ``out`` is ``(rows,)`` int64 and receives
     the index of each row's largest output, as ``torch.argmax`` picks it (the first of equal
-    values; a NaN counts as larger than everything, the first NaN wins). ``PDL``: launched
-    as a programmatic dependent launch (see ``compat.dependent_launch``)."""
+    values; a NaN counts as larger than everything, the first NaN wins). ``FM0``..``FM3``:
+    how each layer computes its product (``_layer_regs``' ``FMA``). ``PDL``: launched as a
+    programmatic dependent launch (see ``compat.dependent_launch``)."""
     wait_for_previous(PDL)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n_rows

@@ -532,6 +532,34 @@ def test_example_script_runs_under_torchrun(tmp_path):
     assert "Done after 1 generations" in out
 
 
+def test_scaling_script_runs_under_torchrun(tmp_path):
+    """``scripts/scaling_rollout.py`` (the multi-GPU scaling run) under ``torchrun
+    --nproc_per_node=2`` on the CPU (Gloo, Triton's interpreter), weak scaling at a tiny
+    size: rank 0 prints the generation time and the phases' times, the ranks' largest."""
+    import os
+    import re
+    import subprocess
+
+    repo = HERE.parents[2]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(repo / "scripts" / "scaling_rollout.py"), "--per-rank", "4", "--steps", "3"]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s:\n{err.stdout}\n{err.stderr}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert out.count("ranks=2 device=cpu N=8 per rank=4 steps=3 generation") == 1, out[-3000:]
+    phases = re.search(r"rollout ([0-9.]+), all-gather ([0-9.]+), update ([0-9.]+), rest (-?[0-9.]+)", out)
+    assert phases is not None, out[-3000:]
+    rollout, gather, update, _ = map(float, phases.groups())
+    assert rollout > 0 and gather > 0 and update > 0
+
+
 _FAULTY_EXAMPLE = """
 import importlib.util
 import os

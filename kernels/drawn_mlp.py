@@ -266,16 +266,18 @@ def _layer_regs(
     if FMA == 2:  # the input's columns: a rank-1 update of the accumulator per input
         acc = tl.zeros((POUT, BLOCK_M), dtype=tl.float32)
         for k in tl.static_range(PIN):
-            kin = k < N_IN
-            xk = tl.load(x_ptr + rows * stride_xm + k * stride_xk, mask=row_ok & kin,
+            # block-shaped masks: a scalar one is refused by newer Triton interpreters
+            x_ok = row_ok & (tl.full(row_ok.shape, k, tl.int32) < N_IN)
+            xk = tl.load(x_ptr + rows * stride_xm + k * stride_xk, mask=x_ok,
                          other=0.0).to(tl.float32)
-            wk = tl.load(w_ptr + cols * stride_wm + k * stride_wk, mask=col_ok & kin, other=0.0)
+            wk = tl.load(w_ptr + cols * stride_wm + k * stride_wk,
+                         mask=col_ok & (tl.full(cols.shape, k, tl.int32) < N_IN), other=0.0)
             acc += wk[:, None] * xk[None, :]
     elif FMA:  # few outputs: one sum over the input features per output
         acc = tl.zeros((POUT, BLOCK_M), dtype=tl.float32)
         for j in tl.static_range(POUT):
-            wj = tl.load(w_ptr + j * stride_wm + ks * stride_wk, mask=k_ok & (j < M_OUT),
-                         other=0.0)
+            wj = tl.load(w_ptr + j * stride_wm + ks * stride_wk,
+                         mask=k_ok & (tl.full(ks.shape, j, tl.int32) < M_OUT), other=0.0)
             acc = tl.where(cols[:, None] == j, tl.sum(wj[:, None] * h, axis=0)[None, :], acc)
     elif PRECISION == "tf32x3":
         # the three TF32 products written out, W loaded again (from L1) for each one, so that

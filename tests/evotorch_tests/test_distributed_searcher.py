@@ -507,9 +507,10 @@ if __name__ == "__main__":
     worker_main(SCENARIOS, AFTER_GROUP)
 
 
-def test_example_script_runs_under_torchrun(tmp_path):
-    """``examples/distributed_cartpole.py`` under ``torchrun --nproc_per_node=2`` on the CPU
-    (Gloo; the script switches Triton's interpreter on itself), a tiny run."""
+def _torchrun_on_cpu(script: str, args: list[str], cwd) -> str:
+    """Run the repository's ``script`` under ``torchrun --nproc_per_node=2`` on the CPU (Gloo;
+    the scripts switch Triton's interpreter on themselves); its output, after checking that
+    it succeeded."""
     import os
     import subprocess
 
@@ -518,15 +519,23 @@ def test_example_script_runs_under_torchrun(tmp_path):
                PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p))
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(repo / "examples" / "distributed_cartpole.py"),
-           "--generations", "1", "--popsize", "4", "--episode-length", "4", "--hidden", "4"]
+           str(repo / script), *args]
     try:
-        proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True,
+        proc = subprocess.run(cmd, env=env, cwd=str(cwd), capture_output=True, text=True,
                               timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s:\n{err.stdout}\n{err.stderr}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def test_example_script_runs_under_torchrun(tmp_path):
+    """``examples/distributed_cartpole.py`` under ``torchrun --nproc_per_node=2`` on the CPU
+    (Gloo; the script switches Triton's interpreter on itself), a tiny run."""
+    out = _torchrun_on_cpu("examples/distributed_cartpole.py",
+                           ["--generations", "1", "--popsize", "4", "--episode-length", "4",
+                            "--hidden", "4"], tmp_path)
     assert "rank 0/2 on cpu: members 0..1" in out and "rank 1/2 on cpu: members 2..3" in out
     assert out.count("mean_eval") == 1  # rank 0's logger only
     assert "Done after 1 generations" in out
@@ -536,23 +545,10 @@ def test_scaling_script_runs_under_torchrun(tmp_path):
     """``scripts/scaling_rollout.py`` (the multi-GPU scaling run) under ``torchrun
     --nproc_per_node=2`` on the CPU (Gloo, Triton's interpreter), weak scaling at a tiny
     size: rank 0 prints the generation time and the phases' times, the ranks' largest."""
-    import os
     import re
-    import subprocess
 
-    repo = HERE.parents[2]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p))
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(repo / "scripts" / "scaling_rollout.py"), "--per-rank", "4", "--steps", "3"]
-    try:
-        proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s:\n{err.stdout}\n{err.stderr}")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
+    out = _torchrun_on_cpu("scripts/scaling_rollout.py", ["--per-rank", "4", "--steps", "3"],
+                           tmp_path)
     assert out.count("ranks=2 device=cpu N=8 per rank=4 steps=3 generation") == 1, out[-3000:]
     phases = re.search(r"rollout ([0-9.]+), all-gather ([0-9.]+), update ([0-9.]+), rest (-?[0-9.]+)", out)
     assert phases is not None, out[-3000:]

@@ -51,6 +51,15 @@ def _resolve_device(device: DeviceLike) -> torch.device:
     return dev
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its index: a CUDA device without one is the current CUDA device (the
+    device of tensors allocated on it), so that it compares equal to their ``.device``."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _mix_seed(*parts: int) -> int:
     """A 31-bit seed derived deterministically from integers (no Python ``hash``)."""
     data = b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts)
@@ -421,7 +430,7 @@ class EggrollNEProblem(BaseNEProblem):
         return PopulationForward(members, members.member_ids)
 
     def _evaluate_batch(self, batch: SolutionBatch) -> None:
-        device = self.network_device
+        device = _indexed(self.network_device)
         if next(self._network.parameters()).device != device:
             self._network.to(device)
         values = batch.values.to(device)

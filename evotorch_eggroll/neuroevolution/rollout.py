@@ -18,15 +18,6 @@ _REPLAY_CHUNK = 50
 _REPLAY_WARMUP = 2
 
 
-def _resolved(device: torch.device) -> torch.device:
-    """``device`` with its index: a CUDA device without one is the current CUDA device (the
-    device of tensors allocated on it), so that it compares equal to their ``.device``."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def _episode_step():
     """The counters' kernel module (imported on first use, so Triton is imported only then)."""
     from ..kernels import episode_step
@@ -58,9 +49,10 @@ class _RolloutBuffers:
             self.active[: self.num_members] = True
 
     def fits(self, num_envs: int, num_members: int, device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether these buffers serve an episode of that shape."""
+        """Whether these buffers serve an episode of that shape; ``device`` with its index
+        (``cuda:N``, as the buffers' tensors report theirs)."""
         return (self.active.shape[0] == num_envs and self.num_members == num_members
-                and self.returns.device == _resolved(device) and self.dtype == dtype)
+                and self.returns.device == torch.device(device) and self.dtype == dtype)
 
     def restart(self, obs: Any) -> None:
         """Start a new episode from ``obs`` in the same buffers."""

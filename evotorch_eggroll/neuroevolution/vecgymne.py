@@ -22,7 +22,7 @@ from torch import nn
 from .._host import start_read
 from .._validation import check_int, check_optional_int
 from ..envs import CartPole
-from .baseneproblem import DeviceLike, EggrollNEProblem, NetworkLike, _mix_seed, _resolve_device
+from .baseneproblem import DeviceLike, EggrollNEProblem, NetworkLike, _indexed, _mix_seed, _resolve_device
 from .forward import PopulationForward
 from .obsnorm import RunningObsNorm, _ObsNormPolicy
 from .rollout import _REPLAY_CHUNK, _REPLAY_WARMUP, _CapturedRollout, _episode_step, _RolloutBuffers
@@ -565,7 +565,7 @@ class EggrollVecGymNE(EggrollNEProblem):
         first_member = forward.first_member if k else 0
         env = self._get_env(k)
         e = env.num_envs
-        device = self.network_device
+        device = _indexed(self.network_device)  # "cuda" never equals the buffers' cuda:N
         dtype = next(self._network.parameters()).dtype
         episodes = self._num_episodes
         returns: Optional[torch.Tensor] = None  # float64 sums over the episodes, (k,)

@@ -929,15 +929,16 @@ def test_a_captured_rollout_serves_only_the_buffers_it_was_captured_with():
 
 def test_the_rollout_buffers_fit_a_cuda_device_named_without_its_index(monkeypatch):
     """A problem on ``"cuda"`` keeps one set of buffers, allocated on ``cuda:N``: the
-    device they are asked for again is resolved to the current CUDA device before it is
-    compared (else every generation would allocate new buffers and capture its rollout
-    again)."""
+    evaluation resolves its device to the current CUDA device before asking the buffers
+    whether they fit (else every generation would allocate new buffers and capture its
+    rollout again)."""
     from evotorch_eggroll.neuroevolution import rollout as rollout_module
+    from evotorch_eggroll.neuroevolution.baseneproblem import _indexed
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    assert rollout_module._resolved(torch.device("cuda")) == torch.device("cuda", 1)
-    assert rollout_module._resolved("cuda:0") == torch.device("cuda", 0)
-    assert rollout_module._resolved(torch.device("cpu")) == torch.device("cpu")
+    assert _indexed(torch.device("cuda")) == torch.device("cuda", 1)
+    assert _indexed("cuda:0") == torch.device("cuda", 0)
+    assert _indexed(torch.device("cpu")) == torch.device("cpu")
     buf = rollout_module._RolloutBuffers(4, 4, torch.device("cpu"), torch.float32, None)
     assert buf.fits(4, 4, torch.device("cpu"), torch.float32) and buf.fits(4, 4, "cpu", torch.float32)
     assert not buf.fits(4, 4, torch.device("cuda"), torch.float32)

@@ -10,13 +10,14 @@ fixed), one process per GPU::
 Each rank evaluates its slice of the population on its own GPU (NCCL; only fitness values
 are communicated); the policy is the rollout benchmark's 4 -> 64 -> 64 -> 2 tanh MLP,
 rank 1, 200-step episodes. After ``--warmup`` generations (compilation, drawing, capture;
-two by default), rank 0 prints the median generation time and env-steps/s. Then ``--phases`` more
-generations run with the device synchronised around the fitness all-gather and the update,
-and rank 0 prints the median time of each phase, the largest over the ranks: the rollout
-(from the generation's start to the all-gather), the all-gather (with any wait for a slower
-rank), the update (the step's device work and its read), and the rest (the fitness ranking between them, EvoTorch's
-bookkeeping). These synchronisations stall the queue, so the phase times add up to more
-than the generation time above.
+two by default), rank 0 prints the median generation time and env-steps/s. Then
+``--phases`` more generations run with the device synchronised around the fitness
+all-gather and the update, and rank 0 prints the median time of each phase, the largest
+over the ranks: the rollout (from the generation's start to the all-gather), the
+all-gather (with any wait for a slower rank), the update (the step's device work and its
+read), and the rest (the fitness ranking between them, EvoTorch's bookkeeping). These
+synchronisations stall the queue, so the phase times add up to more than the generation
+time above.
 
 Without a GPU the ranks run on the CPU with Gloo and Triton's interpreter (a smoke test at
 tiny sizes; by default 8 members, 3 steps, no warm-up, one generation of each kind).

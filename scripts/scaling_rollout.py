@@ -62,9 +62,9 @@ class PhaseClock:
     def __init__(self, searcher: EGGROLL, sync: Callable[[], None]) -> None:
         self.marks: dict[str, float] = {}
         self._sync = sync
-        self._gather = eggroll_dist.all_gather_population
+        self._gather = eggroll_dist.all_gather_population_deferred
         self._mode = searcher._mode
-        eggroll_dist.all_gather_population = self._timed("gather", self._gather)
+        eggroll_dist.all_gather_population_deferred = self._timed("gather", self._gather)
         self._mode.update = self._timed("update", self._mode.update)
 
     def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -93,7 +93,7 @@ class PhaseClock:
         return [rollout, gather, update, end - start - rollout - gather - update]
 
     def close(self) -> None:
-        eggroll_dist.all_gather_population = self._gather
+        eggroll_dist.all_gather_population_deferred = self._gather
         del self._mode.update  # the instance attribute; the method shows again
 
 
@@ -109,20 +109,24 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=1 if _CPU_MODE else 7)
     parser.add_argument("--phases", type=int, default=1 if _CPU_MODE else 3,
                         help="generations timed phase by phase after the others (0: none)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="take the distributed path (a process group, EGGROLL(distributed=True)) "
+                             "even with one rank, to measure what it costs beyond the one-process path")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
+    distributed = world > 1 or args.distributed
     if _CPU_MODE:
         device = torch.device("cpu")
         torch.set_num_threads(1)
-        if world > 1:
+        if distributed:
             dist.init_process_group("gloo")
     else:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        if world > 1:
+        if distributed:
             dist.init_process_group("nccl", device_id=device)
-    rank = dist.get_rank() if world > 1 else 0
+    rank = dist.get_rank() if distributed else 0
     if args.per_rank is not None:
         population = args.per_rank * world
     else:
@@ -136,7 +140,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     problem = EggrollVecGymNE(CartPole, cartpole_policy, episode_length=args.steps, device=device)
-    searcher = EGGROLL(problem, popsize=population, rank=1, distributed=world > 1)
+    searcher = EGGROLL(problem, popsize=population, rank=1, distributed=distributed)
     times = []
     for g in range(args.warmup + args.generations):
         sync()
@@ -167,14 +171,15 @@ def main() -> None:
     else:
         everyone = [mine]
     if rank == 0:
-        print(f"ranks={world} device={device.type} N={population} per rank={population // world} "
+        path = " (distributed path)" if distributed and world == 1 else ""
+        print(f"ranks={world}{path} device={device.type} N={population} per rank={population // world} "
               f"steps={steps} generation {ms:.2f} ms ({population * steps / ms / 1e3:.1f} M env-steps/s)",
               flush=True)
         if phases:
             worst = [max(r[i] for r in everyone) for i in range(len(PHASES))]
             print("phases, ms (median of " + str(len(phases)) + ", largest over the ranks): "
                   + ", ".join(f"{name} {v:.2f}" for name, v in zip(PHASES, worst)), flush=True)
-    if world > 1:
+    if distributed:
         dist.destroy_process_group()
 
 

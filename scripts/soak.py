@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import time
 import warnings
 from dataclasses import dataclass
@@ -56,17 +57,26 @@ def rss_bytes() -> int:
     return 0
 
 
+def _settled(device: torch.device) -> None:
+    """The device idle and unreachable objects collected, so that objects left by earlier
+    runs in this process (a dropped searcher's CUDA graphs and buffers, in reference
+    cycles) are not freed between this run's two measurements and counted against it."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+
+
 def _measure(part: str, iterations: int, device: torch.device, step: Callable[[], None],
              final: Callable[[], torch.Tensor]) -> SoakResult:
+    _settled(device)
     t0 = time.perf_counter()
     warm_alloc = warm_rss = 0
     for i in range(iterations):
         step()
         if i + 1 == min(WARMUP, iterations):
-            torch.cuda.synchronize(device)
+            _settled(device)
             warm_alloc, warm_rss = torch.cuda.memory_allocated(device), rss_bytes()
             torch.cuda.reset_peak_memory_stats(device)
-    torch.cuda.synchronize(device)
+    _settled(device)
     return SoakResult(part, iterations, time.perf_counter() - t0, warm_alloc,
                       torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device),
                       warm_rss, rss_bytes(), final().detach().clone().cpu())

@@ -168,6 +168,39 @@ def _ranked(f: torch.Tensor, method: str) -> torch.Tensor:
     return f
 
 
+class _GatherRefusal:
+    """The checks of a distributed generation's fitness all-gather as a step refusal (the
+    interface of :class:`~evotorch_eggroll.strategy.StepRefusal`): ``flag`` is set on the
+    device when a rank reported a failure, sent a slice of the wrong length or was at
+    another epoch; ``error()``, called when the flag was read set, puts the problem's
+    generation state back (``restore``) and gives the exception that names the cause."""
+
+    def __init__(self, flag: torch.Tensor, error: Callable[[], Optional[BaseException]],
+                 restore: Optional[Callable[[], None]]) -> None:
+        self.flag = flag
+        self._error = error
+        self._restore = restore
+        self.failed = False
+
+    def error(self) -> BaseException:
+        self.failed = True
+        if self._restore is not None:
+            self._restore()
+        err = self._error()
+        return err if err is not None else RuntimeError(
+            "the fitness all-gather's checks disagree between the device and the host; nothing was updated")
+
+    def succeeded(self) -> bool:
+        """Whether the all-gather succeeded on every rank; reads the flag when the step did
+        not get to it (then, if set, the problem's state is put back as by :meth:`error`)."""
+        if self.failed:
+            return False
+        if bool(self.flag.any()):
+            self.error()
+            return False
+        return True
+
+
 class _RankZeroHook(Hook):
     """A Hook whose callables run on process rank 0 only (elsewhere a call does nothing).
 
@@ -374,17 +407,28 @@ class _LowRankMode:
         # are queued behind the rollout rather than before it
         record["center"] = self.center()
         if self._strategy_kwargs["distributed"]:
-            problem.distributed_merge(state)
+            self._merge_state = state
         return fitnesses, record
 
-    def update(self, weights: torch.Tensor, refusal: StepRefusal, extra: torch.Tensor) -> list:
+    def merge(self, apply: bool) -> None:
+        """Distributed, at the end of a generation's step: with ``apply``, the problem's
+        ``distributed_merge`` of the generation just evaluated (the searcher calls it once
+        the all-gather is known to have succeeded on every rank, after the update was
+        queued, so that a merge that reads values back does not hold up the update);
+        without, the generation's state is dropped."""
+        state = self.__dict__.pop("_merge_state", None)
+        if apply and state is not None:
+            self._problem.distributed_merge(state)
+
+    def update(self, weights: torch.Tensor, refusals: tuple, extra: torch.Tensor) -> list:
         """One strategy step from the N weights (the same on every rank), queued on the
-        device before ``refusal`` and ``extra`` are read (with the step's checks, in a copy
-        that does not wait for the update); a refused step is rolled back and raises.
-        Returns the values of ``extra``."""
+        device before the ``refusals`` (:class:`StepRefusal`, the first that is set wins)
+        and ``extra`` are read (with the step's checks, in a copy that does not wait for
+        the update); a refused step is rolled back and raises. Returns the values of
+        ``extra``."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", _STRATEGY_TIED_WEIGHTS, UserWarning)
-            return self._strategy._step(weights, True, (refusal,), metrics=False, extra=extra)[1]
+            return self._strategy._step(weights, True, tuple(refusals), metrics=False, extra=extra)[1]
 
     def member_vector(self, record: dict) -> torch.Tensor:
         """The decision vector of ``record["member"]`` in the generation ``record`` describes."""
@@ -526,13 +570,19 @@ class _DenseMode:
 
         return gather(evaluate, self._epoch, device), record
 
-    def update(self, weights: torch.Tensor, refusal: StepRefusal, extra: torch.Tensor) -> list:
+    def merge(self, apply: bool) -> None:
+        """Nothing: the dense mode's problems keep no state that ranks share."""
+
+    def update(self, weights: torch.Tensor, refusals: tuple, extra: torch.Tensor) -> list:
         """The ES step from the N weights: the gradient from regenerated noise, in chunks
-        (``refusal`` is read first, with ``extra``: a refused generation changes nothing).
-        Returns the values of ``extra``."""
-        flag, *values = torch.cat([refusal.flag.reshape(1).to(extra), extra.reshape(-1)]).tolist()
-        if flag:
-            raise refusal.error()
+        (the ``refusals`` are read first, with ``extra``: a refused generation changes
+        nothing; the first that is set wins). Returns the values of ``extra``."""
+        k = len(refusals)
+        read = torch.cat([*(r.flag.reshape(1).to(extra) for r in refusals), extra.reshape(-1)]).tolist()
+        for refusal, flag in zip(refusals, read[:k]):
+            if flag:
+                raise refusal.error()
+        values = read[k:]
         n = self._popsize
         epoch = _noise.effective_epoch(self._epoch, self._noise_reuse)
         device = self._center.device
@@ -872,12 +922,23 @@ class EGGROLL(SearchAlgorithm):
     def _step(self) -> None:
         self._warn_if_odd_popsize()
         fitnesses, record = self._mode.evaluate(self._gather, self._local_members())
+        gathered: Optional[_GatherRefusal] = self.__dict__.pop("_gathered", None)  # distributed
         # all N weights, identical on every rank: the update needs no communication
         # nothing below reads the fitnesses back to the host before the update is queued:
-        # what can refuse the generation, and what the warning and the record need, are
-        # computed on the device and read in one copy with the step's checks
-        weights, refusal, summary = self._fitness_stage(fitnesses)
-        values = self._mode.update(weights.to(fitnesses.device), refusal, summary)
+        # what can refuse the generation (distributed: first the all-gather's checks), and
+        # what the warning and the record need, are computed on the device and read in one
+        # copy with the step's checks
+        done = False
+        try:
+            weights, refusal, summary = self._fitness_stage(fitnesses)
+            refusals = (refusal,) if gathered is None else (gathered, refusal)
+            values = self._mode.update(weights.to(fitnesses.device), refusals, summary)
+            done = True
+        finally:
+            if gathered is not None:
+                # every rank decides alike from the same gathered headers: the problem's
+                # merge (which may hold collectives of its own) runs unless a rank failed
+                self._mode.merge(done or gathered.succeeded())
         all_equal, first, nonfinite, member, value = values
         self._warn_if_equal(fitnesses.numel(), bool(all_equal), first)
         self._remember(fitnesses, record, int(nonfinite), int(member), value)
@@ -903,7 +964,13 @@ class EGGROLL(SearchAlgorithm):
         runs on every rank, a rank that raised reports its exception through the all-gather
         and re-raises it, and the other ranks raise ``RankFailedError`` naming it: no rank
         updates anything, and nobody waits for the process group's timeout. ``restore()``
-        also runs when the all-gather raises for another reason (e.g. a rank exited)."""
+        also runs when the all-gather raises for another reason (e.g. a rank exited).
+
+        Distributed, the all-gather's checks are not read here: they are left in
+        ``self._gathered``, a refusal that :meth:`_step` reads with the step's own checks
+        after the update is queued (a failure then rolls the update back, runs
+        ``restore()`` and raises), so that on a GPU the host does not wait for the
+        evaluation to finish before it queues the update."""
         try:
             fitnesses = evaluate()
         except Exception as err:
@@ -915,11 +982,13 @@ class EGGROLL(SearchAlgorithm):
         if not self._distributed:
             return fitnesses
         try:
-            return _dist.all_gather_population(fitnesses, self._popsize, epoch=epoch)
-        except Exception:  # another rank failed, or exited: nothing is updated here either
+            values, flag, error = _dist.all_gather_population_deferred(fitnesses, self._popsize, epoch=epoch)
+        except Exception:  # the collective failed (a rank exited): nothing is updated here either
             if restore is not None:
                 restore()
             raise
+        self._gathered = _GatherRefusal(flag, error, restore)
+        return values
 
     def _weights(self, fitnesses: torch.Tensor) -> tuple[torch.Tensor, StepRefusal]:
         """The ES weights of the N fitnesses (the same on every rank) under the

@@ -8,7 +8,9 @@ These helpers wrap the few collectives that needs, on the default (world) proces
 * :func:`all_gather_population`: the N fitnesses from each rank's slice, with the slice
   lengths (and the epochs) validated *collectively*, so that a wrong length on one rank
   gives the same clear error on every rank instead of leaving the others blocked in the
-  collective.
+  collective. :func:`all_gather_population_deferred` is the same collective with those
+  checks left on the device, to be read later (EGGROLL reads them with its step's own
+  checks, after the update is queued).
 * :func:`report_failure`: the same collective on a rank whose evaluation raised: it sends a
   failure flag and a short description of the exception instead of fitnesses, and the
   other ranks raise :class:`RankFailedError` at once instead of waiting for the process
@@ -29,7 +31,7 @@ import math
 import struct
 import zlib
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -39,6 +41,7 @@ __all__ = [
     "collective_device",
     "RankFailedError",
     "all_gather_population",
+    "all_gather_population_deferred",
     "report_failure",
     "check_ranks_agree",
     "sum_over_ranks",
@@ -159,13 +162,23 @@ def describe_exception(error: BaseException, limit: int = _TEXT_BYTES) -> bytes:
     return data
 
 
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (a small CPU tensor) on ``device``; to a CUDA device through pinned memory and
+    a copy that does not make the host wait for the work queued on the device."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _exchange(local: Optional[torch.Tensor], population_size: int, like: DeviceLike,
-              epoch: Optional[int], failure: Optional[tuple[int, bytes]]) -> tuple:
+              epoch: Optional[int], failure: Optional[tuple[int, bytes]]) -> tuple[torch.Tensor, int]:
     """The one per-generation collective: every rank's slice of fitnesses, or its failure.
 
-    Returns ``(values, rows)``: ``values`` the ``(N,)`` float64 fitnesses on the collective
-    device (meaningful only when every rank sent a slice of the right length), ``rows`` one
-    ``(count, stage, epoch, text)`` tuple per rank.
+    Queued without reading anything back to the host (on a GPU the host goes on while the
+    device finishes the evaluation and the all-gather). Returns ``(gathered, per)``:
+    ``gathered`` the ``(W, header + 8 * per)`` bytes of every rank's payload on the
+    collective device (:func:`_rows` reads the headers, :func:`_values` gives the
+    fitnesses), ``per = N / W``.
     """
     rank, world = process_group_info()
     n = int(population_size)
@@ -177,7 +190,7 @@ def _exchange(local: Optional[torch.Tensor], population_size: int, like: DeviceL
         like = local.device if local is not None else None
     device = collective_device(like)
     count, stage, text = -1, _OK, b""
-    values = torch.zeros(per, dtype=torch.float64, device=device)
+    values = None
     if failure is not None:
         stage, text = failure
         count = per
@@ -185,12 +198,14 @@ def _exchange(local: Optional[torch.Tensor], population_size: int, like: DeviceL
         count = int(local.shape[0]) if local.dim() == 1 else -1
         if count == per:
             values = local.detach().to(device=device, dtype=torch.float64)
+    if values is None:
+        values = torch.zeros(per, dtype=torch.float64, device=device)
     header = torch.tensor([count, stage, _NO_EPOCH if epoch is None else int(epoch), len(text)],
                           dtype=torch.int64)
     field = torch.zeros(_TEXT_BYTES, dtype=torch.uint8)
     if text:
         field[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-    head = torch.cat([header.view(torch.uint8), field]).to(device)
+    head = _on_device(torch.cat([header.view(torch.uint8), field]), device)
     payload = torch.cat([head, values.contiguous().view(torch.uint8)])
     try:
         gathered = _all_gather(payload, world)  # (W, header + 8 * per) bytes
@@ -200,27 +215,69 @@ def _exchange(local: Optional[torch.Tensor], population_size: int, like: DeviceL
             f"probably exited (its process died or was stopped: see its output), or the process "
             f"group is broken; nothing was updated on this rank ({type(err).__name__}: {err})"
         ) from err
+    return gathered, per
+
+
+def _values(gathered: torch.Tensor) -> torch.Tensor:
+    """The ``(N,)`` float64 fitnesses of an all-gathered payload (meaningful only when every
+    rank sent a slice of the right length)."""
+    return gathered[:, _HEADER_BYTES:].contiguous().view(torch.float64).reshape(-1)
+
+
+def _rows(gathered: torch.Tensor) -> list:
+    """One ``(count, stage, epoch, text)`` tuple per rank: the headers, read to the host."""
     heads = gathered[:, :_HEADER_BYTES].cpu()
     words = heads[:, : 8 * _WORDS].contiguous().view(torch.int64).tolist()
     rows = []
-    for r in range(world):
-        c, s, e, length = words[r]
+    for r, (c, s, e, length) in enumerate(words):
         msg = bytes(heads[r, 8 * _WORDS : 8 * _WORDS + length].tolist()).decode("utf-8", errors="replace")
         rows.append((c, s, e, msg))
-    return gathered[:, _HEADER_BYTES:].contiguous().view(torch.float64).reshape(n), rows
+    return rows
 
 
-def _raise_for_failures(rows: list, epoch: Optional[int]) -> None:
+def _header_flag(gathered: torch.Tensor, per: int) -> torch.Tensor:
+    """On the device, without a host read: True when :func:`_rows_error` would find an
+    error (a failure reported, a slice of the wrong length, ranks at different epochs)."""
+    words = gathered[:, : 8 * _WORDS].contiguous().view(torch.int64)
+    bad = (words[:, 0] != per) | (words[:, 1] != _OK)
+    epochs = words[:, 2]
+    given = epochs != _NO_EPOCH
+    hi = torch.where(given, epochs, torch.iinfo(torch.int64).min).amax()
+    lo = torch.where(given, epochs, torch.iinfo(torch.int64).max).amin()
+    return bad.any() | (given.any() & (hi != lo))
+
+
+def _rows_error(rows: list, n: int, per: int, epoch: Optional[int]) -> Optional[BaseException]:
+    """The error the headers ``rows`` call for, checked in this order: failures reported
+    by ranks, slices of the wrong length, ranks at different epochs; None when all is well."""
+    world = len(rows)
     failed = [(r, s, msg) for r, (_, s, _, msg) in enumerate(rows) if s != _OK]
-    if not failed:
-        return
-    what = "; ".join(f"rank {r} {_STAGE_TEXT.get(s, 'failed')}: {msg or '<no message>'}"
-                     for r, s, msg in failed)
-    at = "" if epoch is None else f" (epoch {epoch})"
-    raise RankFailedError(
-        f"{what}; no rank applied an update for this generation{at}; see the output of the "
-        f"failing rank for its traceback",
-        failures={r: msg for r, _, msg in failed}, epoch=epoch)
+    if failed:
+        what = "; ".join(f"rank {r} {_STAGE_TEXT.get(s, 'failed')}: {msg or '<no message>'}"
+                         for r, s, msg in failed)
+        at = "" if epoch is None else f" (epoch {epoch})"
+        return RankFailedError(
+            f"{what}; no rank applied an update for this generation{at}; see the output of the "
+            f"failing rank for its traceback",
+            failures={r: msg for r, _, msg in failed}, epoch=epoch)
+    bad = [(r, c) for r, (c, _, _, _) in enumerate(rows) if c != per]
+    if bad:
+        got = ", ".join(f"rank {r}: {'not 1-D' if c < 0 else f'{c} values'}" for r, c in bad)
+        return ValueError(
+            f"every rank must pass the fitnesses of its own slice of the population "
+            f"({per} values = population_size {n} / world size {world}, see "
+            f"pop.local_population_size), got {got}; nothing was updated"
+        )
+    epochs = [e for _, _, e, _ in rows]
+    if len({e for e in epochs if e != _NO_EPOCH}) > 1:
+        listed = ", ".join(f"rank {r}: {e}" for r, e in enumerate(epochs) if e != _NO_EPOCH)
+        return RuntimeError(
+            f"the ranks are at different epochs ({listed}), so they would apply different "
+            f"updates; nothing was updated. A step that failed on some ranks only after the "
+            f"fitnesses were gathered leaves the ranks out of step: restore every rank from "
+            f"the same checkpoint (state_dict) before continuing"
+        )
+    return None
 
 
 def all_gather_population(local: torch.Tensor, population_size: int, *,
@@ -234,7 +291,9 @@ def all_gather_population(local: torch.Tensor, population_size: int, *,
     raises the same error on every rank rather than blocking the others; the epoch, so that
     ranks that got out of step raise instead of applying different updates; and a failure
     flag with a short description, set by a rank that failed in this generation
-    (:func:`report_failure`), so that the others raise at once.
+    (:func:`report_failure`), so that the others raise at once. The headers are read back
+    to the host before this returns (:func:`all_gather_population_deferred` leaves that
+    read for later).
 
     Args:
         local: ``(N/W,)`` this rank's values (any real dtype, any device).
@@ -254,30 +313,43 @@ def all_gather_population(local: torch.Tensor, population_size: int, *,
         RuntimeError: the ranks passed different epochs, or the collective itself failed
             (e.g. a rank exited).
     """
-    _, world = process_group_info()
-    n = int(population_size)
-    per = n // world if n % world == 0 else 0
     local = torch.as_tensor(local)
-    values, rows = _exchange(local, n, like, epoch, None)
-    _raise_for_failures(rows, epoch)
-    bad = [(r, c) for r, (c, _, _, _) in enumerate(rows) if c != per]
-    if bad:
-        got = ", ".join(f"rank {r}: {'not 1-D' if c < 0 else f'{c} values'}" for r, c in bad)
-        raise ValueError(
-            f"every rank must pass the fitnesses of its own slice of the population "
-            f"({per} values = population_size {n} / world size {world}, see "
-            f"pop.local_population_size), got {got}; nothing was updated"
-        )
-    epochs = [e for _, _, e, _ in rows]
-    if len({e for e in epochs if e != _NO_EPOCH}) > 1:
-        listed = ", ".join(f"rank {r}: {e}" for r, e in enumerate(epochs) if e != _NO_EPOCH)
-        raise RuntimeError(
-            f"the ranks are at different epochs ({listed}), so they would apply different "
-            f"updates; nothing was updated. A step that failed on some ranks only after the "
-            f"fitnesses were gathered leaves the ranks out of step: restore every rank from "
-            f"the same checkpoint (state_dict) before continuing"
-        )
-    return values.to(device=local.device, dtype=local.dtype)
+    values, _, error = all_gather_population_deferred(local, population_size, like=like, epoch=epoch)
+    err = error()
+    if err is not None:
+        raise err
+    return values
+
+
+def all_gather_population_deferred(
+    local: torch.Tensor, population_size: int, *, like: DeviceLike = None, epoch: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[], Optional[BaseException]]]:
+    """:func:`all_gather_population` without reading anything back to the host: the
+    checks of the headers are left to the caller, who can queue work on the fitnesses
+    first (EGGROLL queues its update, then reads this flag with its own checks, and rolls
+    the update back if it is set). The same collective as :func:`all_gather_population`,
+    so ranks may mix the two.
+
+    Returns:
+        ``(values, flag, error)``: the ``(N,)`` fitnesses on ``local``'s device in its dtype
+        (meaningless when the flag is set); a one-element bool tensor on the collective
+        device, True when a rank reported a failure, a slice had the wrong length or the
+        ranks were at different epochs; and ``error()``, which reads the headers and gives
+        the exception :func:`all_gather_population` would raise (None when there is none).
+
+    Raises:
+        ValueError: ``N`` not a multiple of the world size.
+        RuntimeError: the collective itself failed (e.g. a rank exited, with Gloo).
+    """
+    local = torch.as_tensor(local)
+    gathered, per = _exchange(local, population_size, like, epoch, None)
+    n = int(population_size)
+
+    def error() -> Optional[BaseException]:
+        return _rows_error(_rows(gathered), n, per, epoch)
+
+    values = _values(gathered).to(device=local.device, dtype=local.dtype)
+    return values, _header_flag(gathered, per).reshape(1), error
 
 
 def report_failure(error: BaseException, population_size: int, *, like: DeviceLike = None,
@@ -304,7 +376,8 @@ def report_failure(error: BaseException, population_size: int, *, like: DeviceLi
     """
     if during not in _STAGES:
         raise ValueError(f"during must be one of {sorted(_STAGES)}, got {during!r}")
-    _exchange(None, population_size, like, epoch, (_STAGES[during], describe_exception(error)))
+    gathered, _ = _exchange(None, population_size, like, epoch, (_STAGES[during], describe_exception(error)))
+    _rows(gathered)  # a host read: the collective has completed before the caller raises
 
 
 # -- agreement check --------------------------------------------------------------------

@@ -20,8 +20,9 @@ A generation of the low-rank mode, as the searcher calls the methods::
     except Exception:
         problem.restore_generation_state(state)  # and the generation is not counted
         raise
-    # distributed: the N fitnesses are all-gathered (a rank that failed is reported, and
-    # every rank restores the state as above), then on every rank:
+    # distributed: the N fitnesses are all-gathered and the update is queued; a rank that
+    # failed is reported, and every rank then rolls the update back and restores the state
+    # as above; otherwise, on every rank (after the update was queued):
     problem.distributed_merge(state)
 """
 
@@ -97,8 +98,8 @@ class LowRankProblem(Protocol):
         ...
 
     def distributed_merge(self, state: Any) -> None:
-        """Distributed runs: called on every rank after the ranks evaluated their slices
-        and the fitnesses were all-gathered. ``state`` is the snapshot
+        """Distributed runs: called on every rank after the ranks evaluated their slices,
+        the fitnesses were all-gathered and the update was queued. ``state`` is the snapshot
         :meth:`generation_state` took before this generation's evaluation; the problem
         makes its running state global (the same on every rank) from what changed since."""
         ...

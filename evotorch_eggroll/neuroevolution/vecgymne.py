@@ -272,7 +272,7 @@ class EggrollVecGymNE(EggrollNEProblem):
         pending = getattr(self, "_pending_interactions", None)
         if pending is not None:
             self._pending_interactions = None
-            self._interaction_count += sum(int(read()[0]) for read in pending)
+            self._interaction_count += sum(int(read()[0]) for read, _ in pending)
         return self._interaction_count
 
     @property
@@ -408,25 +408,32 @@ class EggrollVecGymNE(EggrollNEProblem):
         from .. import distributed as _dist
 
         interactions, episodes, (_, stats) = state["interactions"], state["episodes"], state["obs_stats"]
-        parts = [torch.tensor([self._settle_interactions() - interactions, self._episode_count - episodes],
-                              dtype=torch.float64)]
+        # Nothing here reads a value back to the host: the sums stay on the device, and the
+        # global interaction count is read when first asked for (see _settle_interactions).
+        # This generation's counts: generation_state() settled the earlier ones.
+        counts = [c for _, c in getattr(self, "_pending_interactions", None) or ()]
         current = self._obs_stats
+        device = counts[0].device if counts else (current.count.device if current is not None else "cpu")
+        parts = [torch.stack(counts).sum().to(torch.float64).reshape(1) if counts
+                 else torch.zeros(1, dtype=torch.float64, device=device)]
         if current is not None:
             before = [torch.zeros_like(t) for t in (current.count, current.sum, current.sum_of_squares)]
             if stats is not None:
                 before = [t.to(current.count.device) for t in stats]
             now = (current.count, current.sum, current.sum_of_squares)
-            parts += [(a - b).reshape(-1).cpu() for a, b in zip(now, before)]
+            parts += [(a - b).reshape(-1).to(device, torch.float64) for a, b in zip(now, before)]
         total = _dist.sum_over_ranks(torch.cat(parts), like=self.device)
-        self._interaction_count = interactions + int(total[0])
-        self._episode_count = episodes + int(total[1])
+        self._interaction_count = interactions
+        self._pending_interactions = [(start_read(total[:1]), total[:1])]
+        # every rank evaluated an equal slice (the all-gather checked it): the same count each
+        self._episode_count = episodes + (self._episode_count - episodes) * _dist.process_group_info()[1]
         if current is not None:
-            offset = 2
+            offset = 1
             for name, b in zip(("count", "sum", "sum_of_squares"), before):
-                delta = total[offset : offset + b.numel()].reshape(b.shape).to(b.device)
+                delta = total[offset : offset + b.numel()].reshape(b.shape).to(b.device, b.dtype)
                 getattr(current, name).copy_(b + delta)  # in place: captured rollouts read these
                 offset += b.numel()
-        self._after_eval_status = self._lowrank_status()
+        self._lowrank_status_due = True  # formed when read: see status
 
     def generation_state(self) -> dict:
         """The base snapshot plus the reset and interaction counters and a copy of the
@@ -594,7 +601,8 @@ class EggrollVecGymNE(EggrollNEProblem):
         if pending is not None and len(pending) >= _MAX_PENDING_COUNTS:
             self._settle_interactions()  # when nothing reads the count: the older copies arrived long ago
             pending = None
-        self._pending_interactions = [*(pending or ()), start_read(steps_taken.reshape(1))]
+        count = steps_taken.reshape(1)
+        self._pending_interactions = [*(pending or ()), (start_read(count), count)]
         self._episode_count += k * self._num_episodes
         # a new tensor either way (float64 to float32): the buffers restart in the next episode
         return (returns if episodes == 1 else returns / episodes).to(torch.float32)

@@ -358,7 +358,57 @@ def scenario_exit(rank: int, world: int, device: torch.device) -> dict:
     return res
 
 
-SCENARIOS = {"searcher": scenario_searcher, "failure": scenario_failure, "exit": scenario_exit}
+def scenario_no_reads(rank: int, world: int, device: torch.device) -> dict:
+    """A generation on the torch CartPole with observation normalisation, in which the
+    step's one read (the all-gather's checks travel in it) comes before the problem's
+    merge; on CUDA checked by the synchronisation debug mode (which turns any read of a
+    device value into an error) from the end of the evaluation to that read, and again
+    through the merge."""
+    from evotorch_eggroll import strategy as strategy_module
+    from evotorch_eggroll.algorithms import EGGROLL
+
+    problem = _torch_rl(device)
+    popsize = world * (256 if device.type == "cuda" else 8)
+    searcher = EGGROLL(problem, popsize=popsize, rank=1, sigma=0.3, lr=0.05, optimizer="adam",
+                       distributed=True)
+    searcher.step()
+    searcher.step()  # kernels compiled, rollout and stages captured
+    reads = []
+    host_values, evaluate, merge = strategy_module._host_values, problem.evaluate_population, problem.distributed_merge
+    sync_debug = torch.cuda.set_sync_debug_mode if device.type == "cuda" else (lambda mode: None)
+
+    def read(values):
+        sync_debug(0)
+        reads.append("step")
+        return host_values(values)
+
+    def evaluated(*args, **kwargs):
+        out = evaluate(*args, **kwargs)
+        sync_debug("error")
+        return out
+
+    def merged(state):
+        sync_debug("error")
+        try:
+            merge(state)
+        finally:
+            sync_debug(0)
+        reads.append("merge")
+
+    strategy_module._host_values = read
+    problem.evaluate_population, problem.distributed_merge = evaluated, merged
+    try:
+        searcher.step()
+    finally:
+        sync_debug(0)
+        strategy_module._host_values = host_values
+        del problem.evaluate_population, problem.distributed_merge
+    return dict(reads=reads, interactions=problem.interaction_count, episodes=problem.episode_count,
+                count=float(problem.get_observation_stats().count), epoch=searcher.epoch, popsize=popsize)
+
+
+SCENARIOS = {"searcher": scenario_searcher, "failure": scenario_failure, "exit": scenario_exit,
+             "no_reads": scenario_no_reads}
 AFTER_GROUP = {"searcher": after_searcher}
 
 
@@ -494,6 +544,27 @@ def test_a_rank_that_exits_ends_the_job_within_seconds(tmp_path):
     assert "another rank has probably exited" in r0["exit"]["msg"]
     assert r0["exit"]["seconds"] < 60
     assert r0["epoch"] == 1
+
+
+def _check_no_reads(r0: dict) -> None:
+    n = r0["popsize"]
+    assert r0["reads"] == ["step", "merge"] and r0["epoch"] == 3
+    assert r0["episodes"] == 3 * n
+    assert 3 * n <= r0["interactions"] <= 3 * n * 4 and r0["count"] == r0["interactions"]
+
+
+def test_one_gloo_rank_reads_the_all_gathers_checks_with_the_step(tmp_path):
+    """One Gloo rank: the step's one read comes before the problem's merge (see
+    :func:`scenario_no_reads`), and the global counters come out right."""
+    _check_no_reads(launch(HERE, "no_reads", 1, "gloo", tmp_path, TIMEOUT_S)[0])
+
+
+@pytest.mark.gpu
+def test_a_distributed_generation_queues_its_update_without_reading_back(tmp_path):
+    """One NCCL rank: from the end of the evaluation to the step's one read, and in the
+    problem's merge after it, nothing reads a device value back to the host (see
+    :func:`scenario_no_reads`); the global counters come out right all the same."""
+    _check_no_reads(launch(HERE, "no_reads", 1, "nccl", tmp_path, TIMEOUT_S)[0])
 
 
 def test_distributed_needs_a_process_group():

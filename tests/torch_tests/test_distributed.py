@@ -191,6 +191,53 @@ def test_a_failure_is_described_in_a_bounded_number_of_bytes():
     assert long.decode("utf-8").startswith("RuntimeError: \u00e9")
 
 
+def _gathered(monkeypatch, sent: list) -> torch.Tensor:
+    """The all-gathered bytes of the payloads that the ranks' calls of ``_exchange``
+    (``(local, epoch, failure)`` per rank) would send, built in one process."""
+    from evotorch_eggroll import distributed as d
+
+    payloads = []
+    monkeypatch.setattr(d, "process_group_info", lambda: (0, len(sent)))
+    monkeypatch.setattr(d, "collective_device", lambda like: torch.device("cpu"))
+    monkeypatch.setattr(d, "_all_gather", lambda t, world: payloads.append(t) or t[None])
+    for local, epoch, failure in sent:
+        d._exchange(local, 2 * len(sent), "cpu", epoch, failure)
+    return torch.stack(payloads)
+
+
+@pytest.mark.parametrize("case, error", [
+    ("same epoch", None), ("epochs not given", None), ("one epoch not given", None),
+    ("a failure", "RankFailedError"), ("a long slice", "ValueError"), ("not 1-D", "ValueError"),
+    ("other epochs", "RuntimeError"), ("a failure and a long slice", "RankFailedError"),
+])
+def test_the_deferred_checks_on_the_device_agree_with_the_headers_read_back(monkeypatch, case, error):
+    """The all-gather's flag, computed on the device without a read, is set exactly when
+    the headers read back call for an error, and that error is the one the blocking
+    all-gather raises."""
+    from evotorch_eggroll import distributed as d
+
+    ok, long, flat = torch.arange(2.0), torch.arange(3.0), torch.zeros(1, 2)
+    failed = (d._STAGES["evaluation"], b"ValueError: boom")
+    sent = {
+        "same epoch": [(ok, 4, None)] * 3,
+        "epochs not given": [(ok, None, None)] * 3,
+        "one epoch not given": [(ok, 4, None), (ok, None, None), (ok, 4, None)],
+        "a failure": [(ok, 4, None), (None, 4, failed), (ok, 4, None)],
+        "a long slice": [(ok, 4, None), (ok, 4, None), (long, 4, None)],
+        "not 1-D": [(flat, 4, None), (ok, 4, None), (ok, 4, None)],
+        "other epochs": [(ok, 4, None), (ok, 5, None), (ok, 4, None)],
+        "a failure and a long slice": [(long, 4, None), (None, 4, failed), (ok, 4, None)],
+    }[case]
+    gathered = _gathered(monkeypatch, sent)
+    err = d._rows_error(d._rows(gathered), 6, 2, 4)
+    assert bool(d._header_flag(gathered, 2)) is (err is not None)
+    assert (None if err is None else type(err).__name__) == error
+    if error is None:
+        assert torch.equal(d._values(gathered), torch.arange(2.0, dtype=torch.float64).repeat(3))
+    if error == "RankFailedError":
+        assert err.failures == {1: "ValueError: boom"} and "rank 1 failed during evaluation" in str(err)
+
+
 # ======================================================================================
 # Real process groups
 # ======================================================================================

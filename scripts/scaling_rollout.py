@@ -17,7 +17,9 @@ over the ranks: the rollout (from the generation's start to the all-gather), the
 all-gather (with any wait for a slower rank), the update (the step's device work and its
 read), and the rest (the fitness ranking between them, EvoTorch's bookkeeping). These
 synchronisations stall the queue, so the phase times add up to more than the generation
-time above.
+time above. ``--distributed`` takes the distributed path with a single rank (a one-rank
+process group, ``EGGROLL(distributed=True)``): what that path costs beyond the plain
+one-process run, with no other GPU to wait for.
 
 Without a GPU the ranks run on the CPU with Gloo and Triton's interpreter (a smoke test at
 tiny sizes; by default 8 members, 3 steps, no warm-up, one generation of each kind).

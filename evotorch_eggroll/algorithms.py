@@ -168,39 +168,6 @@ def _ranked(f: torch.Tensor, method: str) -> torch.Tensor:
     return f
 
 
-class _GatherRefusal:
-    """The checks of a distributed generation's fitness all-gather as a step refusal (the
-    interface of :class:`~evotorch_eggroll.strategy.StepRefusal`): ``flag`` is set on the
-    device when a rank reported a failure, sent a slice of the wrong length or was at
-    another epoch; ``error()``, called when the flag was read set, puts the problem's
-    generation state back (``restore``) and gives the exception that names the cause."""
-
-    def __init__(self, flag: torch.Tensor, error: Callable[[], Optional[BaseException]],
-                 restore: Optional[Callable[[], None]]) -> None:
-        self.flag = flag
-        self._error = error
-        self._restore = restore
-        self.failed = False
-
-    def error(self) -> BaseException:
-        self.failed = True
-        if self._restore is not None:
-            self._restore()
-        err = self._error()
-        return err if err is not None else RuntimeError(
-            "the fitness all-gather's checks disagree between the device and the host; nothing was updated")
-
-    def succeeded(self) -> bool:
-        """Whether the all-gather succeeded on every rank; reads the flag when the step did
-        not get to it (then, if set, the problem's state is put back as by :meth:`error`)."""
-        if self.failed:
-            return False
-        if bool(self.flag.any()):
-            self.error()
-            return False
-        return True
-
-
 class _RankZeroHook(Hook):
     """A Hook whose callables run on process rank 0 only (elsewhere a call does nothing).
 
@@ -922,7 +889,7 @@ class EGGROLL(SearchAlgorithm):
     def _step(self) -> None:
         self._warn_if_odd_popsize()
         fitnesses, record = self._mode.evaluate(self._gather, self._local_members())
-        gathered: Optional[_GatherRefusal] = self.__dict__.pop("_gathered", None)  # distributed
+        gathered: Optional[_dist.GatherChecks] = self.__dict__.pop("_gathered", None)  # distributed
         # all N weights, identical on every rank: the update needs no communication
         # nothing below reads the fitnesses back to the host before the update is queued:
         # what can refuse the generation (distributed: first the all-gather's checks), and
@@ -982,12 +949,12 @@ class EGGROLL(SearchAlgorithm):
         if not self._distributed:
             return fitnesses
         try:
-            values, flag, error = _dist.all_gather_population_deferred(fitnesses, self._popsize, epoch=epoch)
+            values, self._gathered = _dist.all_gather_population_deferred(
+                fitnesses, self._popsize, epoch=epoch, on_failure=restore)
         except Exception:  # the collective failed (a rank exited): nothing is updated here either
             if restore is not None:
                 restore()
             raise
-        self._gathered = _GatherRefusal(flag, error, restore)
         return values
 
     def _weights(self, fitnesses: torch.Tensor) -> tuple[torch.Tensor, StepRefusal]:

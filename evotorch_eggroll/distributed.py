@@ -42,6 +42,7 @@ __all__ = [
     "RankFailedError",
     "all_gather_population",
     "all_gather_population_deferred",
+    "GatherChecks",
     "report_failure",
     "check_ranks_agree",
     "sum_over_ranks",
@@ -280,6 +281,57 @@ def _rows_error(rows: list, n: int, per: int, epoch: Optional[int]) -> Optional[
     return None
 
 
+class GatherChecks:
+    """The checks of one fitness all-gather, left on the device (from
+    :func:`all_gather_population_deferred`): whether a rank reported a failure, sent a slice
+    of the wrong length or was at another epoch.
+
+    It has the interface of a step refusal (:class:`~evotorch_eggroll.strategy.StepRefusal`):
+    ``flag`` is the one-element bool tensor, set on the device when any check fails, and
+    :meth:`error` gives the exception that names the cause. EGGROLL and
+    ``EggrollStrategy.step`` read the flag with their own checks after the update is queued,
+    then roll the update back and raise :meth:`error`.
+
+    Attributes:
+        flag: one-element bool tensor on the collective device.
+        failed: whether :meth:`error` was called (the generation is not to be used).
+    """
+
+    def __init__(self, gathered: torch.Tensor, population_size: int, per: int, epoch: Optional[int],
+                 on_failure: Optional[Callable[[], None]] = None) -> None:
+        self._gathered = gathered
+        self._n, self._per, self._epoch = int(population_size), per, epoch
+        self._on_failure = on_failure
+        self.flag = _header_flag(gathered, per).reshape(1)
+        self.failed = False
+
+    def read(self) -> Optional[BaseException]:
+        """Reads the headers back (waits for the all-gather): the exception they call for,
+        None when every rank sent its slice at the same epoch."""
+        return _rows_error(_rows(self._gathered), self._n, self._per, self._epoch)
+
+    def error(self) -> BaseException:
+        """For a set flag: runs ``on_failure`` (if given: e.g. putting a problem's state
+        back), marks the checks failed and gives the exception (:class:`RankFailedError`,
+        or the ValueError or RuntimeError of :func:`all_gather_population`)."""
+        self.failed = True
+        if self._on_failure is not None:
+            self._on_failure()
+        err = self.read()
+        return err if err is not None else RuntimeError(
+            "the fitness all-gather's checks disagree between the device and the host; nothing was updated")
+
+    def succeeded(self) -> bool:
+        """Whether the all-gather succeeded on every rank (reads the flag unless
+        :meth:`error` was already called; a set flag calls it)."""
+        if self.failed:
+            return False
+        if bool(self.flag.any()):
+            self.error()
+            return False
+        return True
+
+
 def all_gather_population(local: torch.Tensor, population_size: int, *,
                           like: DeviceLike = None, epoch: Optional[int] = None) -> torch.Tensor:
     """The fitnesses of the whole population from every rank's contiguous slice.
@@ -313,29 +365,30 @@ def all_gather_population(local: torch.Tensor, population_size: int, *,
         RuntimeError: the ranks passed different epochs, or the collective itself failed
             (e.g. a rank exited).
     """
-    local = torch.as_tensor(local)
-    values, _, error = all_gather_population_deferred(local, population_size, like=like, epoch=epoch)
-    err = error()
+    values, checks = all_gather_population_deferred(local, population_size, like=like, epoch=epoch)
+    err = checks.read()
     if err is not None:
         raise err
     return values
 
 
 def all_gather_population_deferred(
-    local: torch.Tensor, population_size: int, *, like: DeviceLike = None, epoch: Optional[int] = None
-) -> tuple[torch.Tensor, torch.Tensor, Callable[[], Optional[BaseException]]]:
+    local: torch.Tensor, population_size: int, *, like: DeviceLike = None, epoch: Optional[int] = None,
+    on_failure: Optional[Callable[[], None]] = None,
+) -> tuple[torch.Tensor, GatherChecks]:
     """:func:`all_gather_population` without reading anything back to the host: the
-    checks of the headers are left to the caller, who can queue work on the fitnesses
-    first (EGGROLL queues its update, then reads this flag with its own checks, and rolls
-    the update back if it is set). The same collective as :func:`all_gather_population`,
-    so ranks may mix the two.
+    checks of the headers stay on the device (:class:`GatherChecks`), so that the caller can
+    queue work on the fitnesses before it reads them. The same collective as
+    :func:`all_gather_population`, so ranks may mix the two.
+
+    Args:
+        local, population_size, like, epoch: as for :func:`all_gather_population`.
+        on_failure: called by :meth:`GatherChecks.error` (e.g. to put a problem's state
+            back).
 
     Returns:
-        ``(values, flag, error)``: the ``(N,)`` fitnesses on ``local``'s device in its dtype
-        (meaningless when the flag is set); a one-element bool tensor on the collective
-        device, True when a rank reported a failure, a slice had the wrong length or the
-        ranks were at different epochs; and ``error()``, which reads the headers and gives
-        the exception :func:`all_gather_population` would raise (None when there is none).
+        ``(values, checks)``: the ``(N,)`` fitnesses on ``local``'s device in its dtype
+        (meaningless when ``checks.flag`` is set) and the checks.
 
     Raises:
         ValueError: ``N`` not a multiple of the world size.
@@ -343,13 +396,8 @@ def all_gather_population_deferred(
     """
     local = torch.as_tensor(local)
     gathered, per = _exchange(local, population_size, like, epoch, None)
-    n = int(population_size)
-
-    def error() -> Optional[BaseException]:
-        return _rows_error(_rows(gathered), n, per, epoch)
-
     values = _values(gathered).to(device=local.device, dtype=local.dtype)
-    return values, _header_flag(gathered, per).reshape(1), error
+    return values, GatherChecks(gathered, population_size, per, epoch, on_failure)
 
 
 def report_failure(error: BaseException, population_size: int, *, like: DeviceLike = None,

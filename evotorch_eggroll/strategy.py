@@ -640,12 +640,13 @@ class EvolutionStrategy:
 
     # -- the update -------------------------------------------------------------------------
 
-    def _all_gather_fitnesses(self, local: torch.Tensor, n: int,
-                              epoch: Optional[int] = None) -> torch.Tensor:
-        """The N fitnesses from every rank's slice (one collective; a wrong slice length on
-        any rank raises the same ValueError on every rank, a failure reported by another
-        rank raises RankFailedError, ranks at different epochs raise RuntimeError)."""
-        return _dist.all_gather_population(local, n, like=self._collective_like(), epoch=epoch)
+    def _all_gather_fitnesses(self, local: torch.Tensor, n: int, epoch: Optional[int] = None
+                              ) -> tuple[torch.Tensor, Optional[_dist.GatherChecks]]:
+        """The N fitnesses from every rank's slice (one collective) and its checks, left on
+        the device: read with the step's own, they refuse the step on every rank alike (a
+        wrong slice length on any rank gives the same ValueError everywhere, a failure
+        reported by another rank RankFailedError, ranks at different epochs RuntimeError)."""
+        return _dist.all_gather_population_deferred(local, n, like=self._collective_like(), epoch=epoch)
 
     def _collective_like(self) -> Optional[torch.device]:
         return self._evolved.entries[0].param.device if self._evolved.entries else None
@@ -695,11 +696,14 @@ class EvolutionStrategy:
         except Exception:  # noqa: BLE001 - unreadable: taken for the default, a slice
             return False
 
-    def _collect_fitnesses(self, fitnesses: Any, n: int, epoch: Optional[int] = None) -> torch.Tensor:
-        """All N fitnesses: ``fitnesses`` itself, or (distributed, a slice) all-gathered.
+    def _collect_fitnesses(self, fitnesses: Any, n: int, epoch: Optional[int] = None
+                           ) -> tuple[torch.Tensor, Optional[_dist.GatherChecks]]:
+        """All N fitnesses: ``fitnesses`` itself, or (distributed, a slice) all-gathered,
+        with the all-gather's checks (None without one), which the step reads with its own.
         Distributed, an error in a slice is reported to the other ranks through the
         all-gather they wait in before it is raised here."""
         _, world = self._world_info()
+        checks = None
         try:
             f = self._local_fitnesses(fitnesses)
         except Exception as err:
@@ -708,11 +712,11 @@ class EvolutionStrategy:
                                               "step")
             raise
         if world > 1 and f.shape[0] != n:
-            f = self._all_gather_fitnesses(f, n, epoch)
+            f, checks = self._all_gather_fitnesses(f, n, epoch)
         if f.shape[0] != n:
             raise ValueError(f"got {f.shape[0]} fitness values for a population of {n} members "
                              f"(the population_size of the last perturb context)")
-        return f
+        return f, checks
 
     def report_failure(self, error: BaseException, population_size: Optional[int] = None) -> None:
         """Tell the other ranks that this rank's evaluation of the generation failed.
@@ -836,7 +840,8 @@ class EvolutionStrategy:
               extra: Optional[torch.Tensor] = None) -> tuple[Optional[dict], list]:
         """:meth:`step`, with ``refusals``: conditions computed by the caller on the device
         (EGGROLL's checks of the raw fitnesses) that refuse the step like the strategy's own
-        checks, read with them; ``metrics=False`` for a caller that does not use the
+        checks, read with them (distributed with a slice of fitnesses, the all-gather's
+        checks come first); ``metrics=False`` for a caller that does not use the
         metrics (EGGROLL): then, unless an ``on_step`` callback wants them, the step computes
         only what its checks need (no fitness statistics, no norms unless clipping needs
         one) and gives None for the metrics; and ``extra``, a 1-D tensor that the caller
@@ -854,7 +859,9 @@ class EvolutionStrategy:
         available.
         """
         n, epoch, coords = self._step_population(fitnesses)
-        f = self._collect_fitnesses(fitnesses, n, epoch)
+        f, gathered = self._collect_fitnesses(fitnesses, n, epoch)
+        if gathered is not None:  # distributed: the all-gather's checks come first
+            refusals = (gathered, *refusals)
         if self.group_size and n % self.group_size:
             raise ValueError(f"population size {n} is not a multiple of group_size="
                              f"{self.group_size}")

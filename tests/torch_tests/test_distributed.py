@@ -45,7 +45,7 @@ def fake_world(monkeypatch, strategy, rank: int, world: int, gathered=None) -> N
     monkeypatch.setattr(strategy, "_check_ranks_agree", lambda *a, **k: None, raising=False)
     if gathered is not None:
         monkeypatch.setattr(strategy, "_all_gather_fitnesses",
-                            lambda local, *a: gathered.to(local.device, local.dtype))
+                            lambda local, *a: (gathered.to(local.device, local.dtype), None))
 
 
 def test_without_distribution_the_whole_population_is_local(device):
@@ -229,13 +229,17 @@ def test_the_deferred_checks_on_the_device_agree_with_the_headers_read_back(monk
         "a failure and a long slice": [(long, 4, None), (None, 4, failed), (ok, 4, None)],
     }[case]
     gathered = _gathered(monkeypatch, sent)
-    err = d._rows_error(d._rows(gathered), 6, 2, 4)
-    assert bool(d._header_flag(gathered, 2)) is (err is not None)
+    checks = d.GatherChecks(gathered, 6, 2, 4)
+    err = checks.read()
+    assert bool(checks.flag) is (err is not None)
     assert (None if err is None else type(err).__name__) == error
     if error is None:
         assert torch.equal(d._values(gathered), torch.arange(2.0, dtype=torch.float64).repeat(3))
     if error == "RankFailedError":
         assert err.failures == {1: "ValueError: boom"} and "rank 1 failed during evaluation" in str(err)
+    restored = []
+    checks = d.GatherChecks(gathered, 6, 2, 4, on_failure=lambda: restored.append(True))
+    assert checks.succeeded() is (error is None) and restored == ([] if error is None else [True])
 
 
 # ======================================================================================

@@ -19,6 +19,9 @@ distributed searcher where no process group exists. Failing ranks, each in a lau
 own with the process group's timeout at 300 s: a rank whose evaluation raises (every rank
 raises within seconds, nothing is updated, the run continues as if that generation had
 never been evaluated) and a rank whose process dies (the other raises within seconds).
+With one rank (Gloo, and NCCL in the ``gpu`` variant): the all-gather's checks are read with
+the step's, before the problem's merge, and on a GPU nothing between the evaluation and
+that read, or in the merge, reads a device value back.
 """
 
 from __future__ import annotations

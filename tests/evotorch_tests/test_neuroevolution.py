@@ -1023,7 +1023,8 @@ def test_interaction_count_kept_on_the_device_is_read_when_asked_for(device):
     assert second > first and problem.status["total_interaction_count"] == second
     # a count still being copied (as EGGROLL's evaluation leaves it until the status is
     # read) is settled by a pickle, which then holds the plain count
-    problem._pending_interactions = [start_read(torch.tensor([5], dtype=torch.int64, device=device))]
+    count = torch.tensor([5], dtype=torch.int64, device=device)
+    problem._pending_interactions = [(start_read(count), count)]
     clone = pickle.loads(pickle.dumps(problem))
     assert problem._pending_interactions is None and clone._pending_interactions is None
     assert type(clone._interaction_count) is int

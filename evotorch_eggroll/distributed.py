@@ -27,6 +27,7 @@ tensor's own CUDA device) for NCCL, the CPU for Gloo and other CPU backends.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import zlib
@@ -293,7 +294,7 @@ class GatherChecks:
     then roll the update back and raise :meth:`error`.
 
     Attributes:
-        flag: one-element bool tensor on the collective device.
+        flag: one-element bool tensor on the collective device (its kernels queued when first accessed).
         failed: whether :meth:`error` was called (the generation is not to be used).
     """
 
@@ -302,8 +303,13 @@ class GatherChecks:
         self._gathered = gathered
         self._n, self._per, self._epoch = int(population_size), per, epoch
         self._on_failure = on_failure
-        self.flag = _header_flag(gathered, per).reshape(1)
         self.failed = False
+
+    @functools.cached_property
+    def flag(self) -> torch.Tensor:
+        """The checks' one-element bool flag, computed on the device when first asked for
+        (the blocking :func:`all_gather_population` reads the headers instead)."""
+        return _header_flag(self._gathered, self._per).reshape(1)
 
     def read(self) -> Optional[BaseException]:
         """Reads the headers back (waits for the all-gather): the exception they call for,
